@@ -1,0 +1,1 @@
+"""REST orchestration API (installed as l4lb.api)."""

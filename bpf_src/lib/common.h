@@ -1,0 +1,65 @@
+/* Shared includes, feature switches and small helpers.
+ *
+ * Compile-time switches (passed by l4lb/datapath/loader.py as -D...):
+ *   MAGLEV_M          Maglev table size (prime)
+ *   MAX_SERVICES      service slots (also Maglev outer map size)
+ *   MAX_BACKENDS      (service, backend) slots; id 0 is reserved for "none"
+ *   FLOW_TABLE_SIZE   LRU connection table entries
+ *   MAX_IFACES        attached NICs (devmap slots)
+ *   PIN_DIR           bpffs directory the maps are pinned in
+ *   BENCH_UNDO        bench-only: undo our own encapsulation after XDP_TX so
+ *                     BPF_PROG_TEST_RUN with repeat>1 measures forwarding
+ *   RECORDER          enable the n-tuple recorder observation points
+ */
+#pragma once
+
+#include <uapi/linux/bpf.h>
+#include <linux/in.h>
+#include <linux/in6.h>
+#include <linux/if_ether.h>
+#include <linux/ip.h>
+#include <linux/ipv6.h>
+#include <linux/tcp.h>
+#include <linux/udp.h>
+#include <linux/icmp.h>
+#include <linux/icmpv6.h>
+
+#ifndef MAGLEV_M
+#define MAGLEV_M 16381
+#endif
+#ifndef MAX_SERVICES
+#define MAX_SERVICES 1024
+#endif
+#ifndef MAX_BACKENDS
+#define MAX_BACKENDS 65536
+#endif
+#ifndef FLOW_TABLE_SIZE
+#define FLOW_TABLE_SIZE 1048576
+#endif
+#ifndef MAX_IFACES
+#define MAX_IFACES 64
+#endif
+#ifndef PIN_DIR
+#error "PIN_DIR must be passed by the loader"
+#endif
+
+#define L4LB_INLINE static __always_inline
+
+#define FAMILY_V4 4
+#define FAMILY_V6 6
+
+#define IPV4_HLEN ((int)sizeof(struct iphdr))
+#define IPV6_HLEN ((int)sizeof(struct ipv6hdr))
+#define OUTER_TTL 64
+
+/* IPv4 flags in host order of frag_off. */
+#define L4LB_IP_DF 0x4000
+#define L4LB_IP_MF 0x2000
+#define L4LB_IP_OFFMASK 0x1fff
+
+/* Quote sizes for ICMP too-big replies. Fixed so the verifier sees bounded
+ * checksum loops; an oversize packet is always longer than this. v4: IP+ICMP+
+ * quote = 540 <= 576 (RFC 1812); v6: 1072 <= 1280 (RFC 4443). Multiples of 4
+ * for bpf_csum_diff, chunks of at most 512 bytes. */
+#define ICMP4_QUOTE 512
+#define ICMP6_QUOTE 1024

@@ -1,0 +1,93 @@
+/* Service lookup, connection table and Maglev backend choice. */
+#pragma once
+#include "lib/maps.h"
+#include "lib/parse.h"
+#include "lib/jhash.h"
+
+L4LB_INLINE struct svc_info *service_lookup(struct pkt *p)
+{
+    struct svc_key key = {};
+    __builtin_memcpy(key.vip, p->dst, 16);
+    key.port = p->dport;
+    key.proto = p->proto;
+    key.family = p->family;
+    return services.lookup(&key);
+}
+
+/* Flow hash: client address, client port (unless client-IP affinity),
+ * service port, protocol. Not the VIP, so one client lands on the same
+ * backend index whichever box of an ECMP group sees it. */
+L4LB_INLINE __u32 flow_hash(struct pkt *p, __u32 svc_flags, __u32 seed)
+{
+    __u32 k[6];
+    __builtin_memcpy(k, p->src, 16);
+    __u16 sport = (svc_flags & SVC_F_NO_SPORT) ? 0 : p->sport;
+    k[4] = ((__u32)sport << 16) | p->dport;
+    k[5] = p->proto;
+    return jhash_6words(k, seed);
+}
+
+L4LB_INLINE void flow_key_of(struct pkt *p, struct flow_key *fk)
+{
+    __builtin_memcpy(fk->src, p->src, 16);
+    __builtin_memcpy(fk->dst, p->dst, 16);
+    fk->sport = p->sport;
+    fk->dport = p->dport;
+    fk->proto = p->proto;
+    fk->family = p->family;
+    fk->pad = 0;
+}
+
+/* A flow entry is honoured only if its backend slot still belongs to this
+ * service, is the same allocation (gen) and is not in maintenance. */
+L4LB_INLINE struct backend_info *flow_backend(struct flow_key *fk, __u32 svc_id, __u32 *id_out)
+{
+    struct flow_value *fv = flows.lookup(fk);
+    if (!fv)
+        return 0;
+    __u32 id = fv->backend_id;
+    struct backend_info *be = backends.lookup(&id);
+    if (!be || !be->family || be->gen != fv->gen || be->svc_id != svc_id || (be->flags & BE_F_DOWN))
+        return 0;
+    *id_out = id;
+    return be;
+}
+
+L4LB_INLINE struct backend_info *maglev_backend(__u32 svc_id, __u32 hash, __u32 *id_out)
+{
+    void *ring = maglev_outer.lookup(&svc_id);
+    if (!ring)
+        return 0;
+    __u32 slot = hash % MAGLEV_M;
+    __u32 *idp = bpf_map_lookup_elem(ring, &slot);
+    if (!idp || !*idp)
+        return 0;
+    __u32 id = *idp;
+    struct backend_info *be = backends.lookup(&id);
+    if (!be || !be->family || be->svc_id != svc_id)
+        return 0;
+    *id_out = id;
+    return be;
+}
+
+/* Pick the backend for this packet: established flows keep theirs (drained
+ * backends keep serving them), new flows (SYN, or unknown) go by Maglev and
+ * are remembered. */
+L4LB_INLINE struct backend_info *choose_backend(struct pkt *p, struct svc_info *svc, __u32 hash, __u32 *id_out)
+{
+    struct flow_key fk;
+    flow_key_of(p, &fk);
+    int is_syn = p->proto == IPPROTO_TCP && (p->tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN;
+    struct backend_info *be;
+    if (!is_syn) {
+        be = flow_backend(&fk, svc->id, id_out);
+        if (be)
+            return be;
+    }
+    be = maglev_backend(svc->id, hash, id_out);
+    if (!be)
+        return 0;
+    struct flow_value fv = { .backend_id = *id_out, .gen = be->gen };
+    flows.update(&fk, &fv);
+    return be;
+}

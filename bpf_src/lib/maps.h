@@ -1,0 +1,116 @@
+/* Every map layout of the datapath. These structs are the single source of
+ * truth: Python reads and writes them through BCC's generated ctypes
+ * (table.Key / table.Leaf), never through a hand-kept mirror. */
+#pragma once
+#include "lib/common.h"
+
+/* Addresses are stored as four network-order words; IPv4 uses word 0. */
+struct svc_key {
+    __u32 vip[4];
+    __u16 port;       /* network order */
+    __u8 proto;       /* IPPROTO_TCP / IPPROTO_UDP */
+    __u8 family;      /* FAMILY_V4 / FAMILY_V6 */
+};
+
+#define SVC_F_DNAT     (1U << 0)  /* rewrite the inner destination port */
+#define SVC_F_NO_SPORT (1U << 1)  /* hash without the client port (client-IP affinity) */
+
+struct svc_info {
+    __u32 id;         /* index into maglev_outer and svc_stats */
+    __u32 flags;      /* SVC_F_* */
+};
+
+#define BE_F_DOWN (1U << 0)  /* maintenance: existing flows are not honoured */
+
+struct backend_info {
+    __u32 addr[4];
+    __u16 port;       /* network order, DNAT target */
+    __u8 family;      /* 0 = free slot */
+    __u8 flags;       /* BE_F_* */
+    __u32 svc_id;     /* owning service */
+    __u32 gen;        /* bumped on every allocation; flow entries must match it */
+};
+
+struct flow_key {
+    __u32 src[4];
+    __u32 dst[4];
+    __u16 sport;
+    __u16 dport;
+    __u8 proto;
+    __u8 family;
+    __u16 pad;
+};
+
+struct flow_value {
+    __u32 backend_id;
+    __u32 gen;
+};
+
+#define CFG_F_SRC_PREFIX4 (1U << 0)  /* outer v4 source = prefix | flow-hash bits */
+#define CFG_F_SRC_PREFIX6 (1U << 1)
+
+struct lb_config {
+    __u32 hash_seed;
+    __u32 flags;             /* CFG_F_* */
+    __u32 src4_prefix;       /* network order, already masked */
+    __u32 src4_hostmask;     /* network order: the bits taken from the flow hash */
+    __u32 src6_prefix[4];
+    __u32 src6_hostmask[4];
+    __u32 icmp_rate;         /* too-big replies per second per CPU (0 = none) */
+    __u32 icmp_burst;
+};
+
+/* Per attached/egress interface: our outer source addresses and devmap slot. */
+#define IF_F_V4 (1U << 0)
+#define IF_F_V6 (1U << 1)
+struct if_info {
+    __u32 v4;
+    __u32 v6[4];
+    __u32 tx_slot;           /* index in tx_ports */
+    __u32 flags;             /* IF_F_* */
+};
+
+struct counter {
+    __u64 packets;
+    __u64 bytes;
+};
+
+struct icmp_bucket {
+    __u64 last_ns;
+    __u64 tokens_x1e9;       /* tokens scaled by 1e9 to refill without floats */
+};
+
+/* Why a packet went where it went. Python reads the names from this enum. */
+enum l4lb_reason {
+    REASON_PASS_NOT_IP = 0,      /* not IPv4/IPv6 */
+    REASON_PASS_NOT_SERVICE,     /* no service for (dst, dport, proto) */
+    REASON_PASS_MALFORMED,       /* truncated or inconsistent headers */
+    REASON_PASS_NO_NEIGH,        /* next hop unresolved: the kernel resolves it */
+    REASON_PASS_FIB,             /* no route / fib refused: handed to the kernel */
+    REASON_PASS_NO_TXPORT,       /* egress NIC has no l4lb program / source address */
+    REASON_PASS_FRAGMENT,        /* IP fragment: no ports to hash, the kernel decides */
+    REASON_DROP_NO_BACKEND,      /* service has no usable backend */
+    REASON_DROP_HEADROOM,        /* adjust_head/tail refused */
+    REASON_DROP_ICMP_RATELIMIT,  /* too big, reply suppressed by the rate limit */
+    REASON_DROP_TOO_BIG_SHORT,   /* too big for a tiny MTU, nothing to quote */
+    REASON_TX_ICMP_TOO_BIG,      /* answered with frag-needed / packet-too-big */
+    REASON_TX,                   /* encapsulated, XDP_TX */
+    REASON_REDIRECT,             /* encapsulated, XDP_REDIRECT to another NIC */
+    REASON_MAX,
+};
+
+BPF_TABLE_PINNED("hash", struct svc_key, struct svc_info, services, MAX_SERVICES, PIN_DIR "/services");
+/* Maglev: one inner array of MAGLEV_M backend ids per service. User space
+ * builds a new inner map and swaps the outer slot: atomic for packets in flight. */
+BPF_ARRAY(maglev_inner, __u32, MAGLEV_M);
+BPF_TABLE_PINNED("array_of_maps$maglev_inner", int, int, maglev_outer, MAX_SERVICES, PIN_DIR "/maglev_outer");
+BPF_TABLE_PINNED("array", __u32, struct backend_info, backends, MAX_BACKENDS, PIN_DIR "/backends");
+BPF_TABLE_PINNED("lru_hash", struct flow_key, struct flow_value, flows, FLOW_TABLE_SIZE, PIN_DIR "/flows");
+BPF_TABLE_PINNED("array", __u32, struct lb_config, config, 1, PIN_DIR "/config");
+BPF_TABLE_PINNED("hash", __u32, struct if_info, ifaces, MAX_IFACES, PIN_DIR "/ifaces");
+/* Not pinned: rebuilt from the configured interfaces before every attach. */
+BPF_DEVMAP(tx_ports, MAX_IFACES);
+BPF_TABLE_PINNED("percpu_array", __u32, struct counter, svc_stats, MAX_SERVICES, PIN_DIR "/svc_stats");
+BPF_TABLE_PINNED("percpu_array", __u32, struct counter, backend_stats, MAX_BACKENDS, PIN_DIR "/backend_stats");
+BPF_TABLE_PINNED("percpu_array", __u32, struct counter, reason_stats, REASON_MAX, PIN_DIR "/reason_stats");
+BPF_TABLE_PINNED("percpu_array", __u32, struct icmp_bucket, icmp_buckets, 1, PIN_DIR "/icmp_buckets");

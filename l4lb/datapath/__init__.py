@@ -1,0 +1,27 @@
+"""The only code that talks to BCC, bpffs and netlink.
+
+Public surface used by the daemon (and tests):
+
+    dp = Datapath(DatapathConfig(bpffs=Path("/sys/fs/bpf/l4lb"), maglev_m=16381, ...))
+    dp.load()                                # compile; reuse pinned maps
+    dp.apply(services)                       # reconcile maps to a desired service list
+    dp.attach(["eth0"], mode="auto")         # attach / atomically replace
+    dp.stats()                               # per service / backend / reason counters
+    dp.status()                              # program id, interfaces, map fill levels
+    dp.detach(["eth0"])                      # deliberate removal only
+"""
+
+from typing import Any
+
+from l4lb.datapath.config import DatapathConfig, DatapathError
+
+__all__ = ["Datapath", "DatapathConfig", "DatapathError", "DatapathStats"]
+
+
+def __getattr__(name: str) -> Any:
+    # Lazy: importing the engine pulls in bcc/libbcc; config users don't need it.
+    if name in ("Datapath", "DatapathStats"):
+        from l4lb.datapath import engine
+
+        return getattr(engine, name)
+    raise AttributeError(name)

@@ -1,0 +1,33 @@
+"""Compile-time and run-time knobs of the datapath (pure data)."""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from l4lb.models import DEFAULT_MAGLEV_M, MAGLEV_SIZES
+
+
+class DatapathError(RuntimeError):
+    """The kernel refused something (compile, load, attach, map write)."""
+
+
+@dataclass(frozen=True)
+class DatapathConfig:
+    bpffs: Path                                   # pin directory on a bpffs
+    maglev_m: int = DEFAULT_MAGLEV_M
+    maglev_seed: bytes = b"l4lb-default"          # 12 bytes; same seed => same tables on every box
+    max_services: int = 1024
+    max_backends: int = 65536                     # (service, backend) pairs
+    flow_table_size: int = 1 << 20                # LRU connection table entries
+    outer_src_v4: ipaddress.IPv4Network | None = None   # prefix + flow-hash bits as outer source
+    outer_src_v6: ipaddress.IPv6Network | None = None
+    icmp_rate: int = 1000                         # too-big replies per second per CPU
+    extra_cflags: tuple[str, ...] = field(default_factory=tuple)  # e.g. recorder masks, bench switches
+
+    def __post_init__(self) -> None:
+        if self.maglev_m not in MAGLEV_SIZES:
+            raise ValueError(f"maglev_m must be one of {MAGLEV_SIZES}, not {self.maglev_m}")
+        if len(self.maglev_seed) != 12:
+            raise ValueError("maglev_seed must be 12 bytes")

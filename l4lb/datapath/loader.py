@@ -1,0 +1,92 @@
+"""Compile the XDP program with BCC and pin/reuse its maps on a bpffs."""
+
+from __future__ import annotations
+
+import ctypes as ct
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from l4lb.datapath.config import DatapathConfig, DatapathError
+from l4lb.datapath.source import assemble, enum_names, layout_digest
+
+log = logging.getLogger(__name__)
+
+BPF_FS_MAGIC = 0xCAFE4A11
+ENTRY = "l4lb.c"
+FUNC = "l4lb_xdp"
+
+
+class _Statfs(ct.Structure):
+    _fields_ = [("f_type", ct.c_long), ("_rest", ct.c_byte * 120)]
+
+
+def is_bpffs(path: Path) -> bool:
+    libc = ct.CDLL(None, use_errno=True)
+    buf = _Statfs()
+    if libc.statfs(str(path).encode(), ct.byref(buf)) != 0:
+        return False
+    return (buf.f_type & 0xFFFFFFFF) == BPF_FS_MAGIC
+
+
+def layout_cflags(cfg: DatapathConfig) -> list[str]:
+    """Flags that change map layouts: pins are only reused when they match."""
+    return [
+        f"-DMAGLEV_M={cfg.maglev_m}",
+        f"-DMAX_SERVICES={cfg.max_services}",
+        f"-DMAX_BACKENDS={cfg.max_backends}",
+        f"-DFLOW_TABLE_SIZE={cfg.flow_table_size}",
+    ]
+
+
+@dataclass
+class Program:
+    bpf: Any            # bcc.BPF
+    fd: int
+    pin_dir: Path
+    reasons: list[str]  # REASON_* names in enum order
+    source: str
+
+
+def compile_program(cfg: DatapathConfig, *, entry: str = ENTRY, func: str = FUNC) -> Program:
+    from bcc import BPF  # imported here: only the datapath needs libbcc
+
+    if not cfg.bpffs.exists():
+        raise DatapathError(f"bpffs directory {cfg.bpffs} does not exist (mount -t bpf bpf DIR)")
+    if not is_bpffs(cfg.bpffs):
+        raise DatapathError(f"{cfg.bpffs} is not on a bpf filesystem (mount -t bpf bpf {cfg.bpffs})")
+    text = assemble(entry)
+    layout = layout_cflags(cfg)
+    pin_dir = cfg.bpffs / f"maps-{layout_digest(text, layout)}"
+    pin_dir.mkdir(mode=0o700, exist_ok=True)
+    cflags = [*layout, f'-DPIN_DIR="{pin_dir}"', *cfg.extra_cflags]
+    try:
+        bpf = BPF(text=text, cflags=cflags)
+        fn = bpf.load_func(func, BPF.XDP)
+    except Exception as e:  # BCC raises bare Exception with the verifier log on stderr
+        raise DatapathError(f"BPF compile/load of {entry} failed: {e}") from e
+    reasons = [n for n in enum_names(text, "l4lb_reason", "REASON_") if n != "max"]
+    return Program(bpf, fn.fd, pin_dir, reasons, text)
+
+
+def remove_stale_pins(cfg: DatapathConfig, keep: Path) -> list[Path]:
+    """Drop pinned map sets of other layouts once the new program is attached
+    (the old program's maps stay alive as long as anything references them)."""
+    removed = []
+    for d in cfg.bpffs.glob("maps-*"):
+        if d != keep and d.is_dir():
+            shutil.rmtree(d, ignore_errors=True)
+            removed.append(d)
+    return removed
+
+
+def pin_program(prog: Program) -> None:
+    from l4lb.datapath.libbpf import obj_pin
+
+    path = prog.pin_dir / "prog"
+    if path.exists():
+        os.unlink(path)
+    obj_pin(prog.fd, str(path))

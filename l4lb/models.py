@@ -1,0 +1,165 @@
+"""Validated desired-state models shared by the datapath, the daemon and the API.
+
+Pure: no kernel, no I/O. Everything that reaches the datapath has passed through
+these models, so the datapath can trust families, ports and limits.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from enum import Enum
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+# Prime table sizes allowed for Maglev (the paper and Cilium use primes so every
+# skip value generates a full permutation).
+MAGLEV_SIZES: tuple[int, ...] = (251, 509, 1021, 2039, 4093, 8191, 16381, 32749, 65521, 131071)
+DEFAULT_MAGLEV_M = 16381
+
+MAX_BACKENDS_PER_SERVICE = 1024
+MAX_WEIGHT = 65535
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+
+
+class FieldError(ValueError):
+    """A ValueError that knows which field it is about (relative to the model
+    that raises it). Pydantic keeps the exception in the error's ``ctx``, so the
+    API can report e.g. ``body.backends.2.address`` instead of just ``body``."""
+
+    def __init__(self, message: str, loc: tuple[str | int, ...] = ()) -> None:
+        super().__init__(message)
+        self.loc = loc
+
+
+class Protocol(str, Enum):
+    tcp = "tcp"
+    udp = "udp"
+
+    @property
+    def number(self) -> int:
+        return 6 if self is Protocol.tcp else 17
+
+
+class BackendState(str, Enum):
+    active = "active"          # takes new flows according to its weight
+    draining = "draining"      # weight 0 in Maglev: no new flows, existing flows stay
+    maintenance = "maintenance"  # out of the table and existing flows moved away
+
+
+Port = Annotated[int, Field(ge=1, le=65535)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Backend(_Strict):
+    address: IPAddress
+    port: Port | None = Field(
+        default=None, description="Backend port; used only with l4_dnat. Defaults to the service port."
+    )
+    weight: int = Field(default=100, ge=0, le=MAX_WEIGHT)
+    state: BackendState = BackendState.active
+
+    @property
+    def family(self) -> int:
+        return self.address.version
+
+    @property
+    def effective_weight(self) -> int:
+        """Weight Maglev uses: draining and maintenance backends take no new flows."""
+        return self.weight if self.state is BackendState.active else 0
+
+    def identity(self, service_port: int) -> tuple[str, int]:
+        """What the Maglev table is built from: never local IDs or insertion order."""
+        return (self.address.exploded, self.port or service_port)
+
+
+class ServiceOptions(_Strict):
+    l4_dnat: bool = Field(default=False, description="Rewrite the destination port to the backend port")
+    hash_src_port: bool = Field(
+        default=True, description="Include the client port in the flow hash (false = client-IP affinity)"
+    )
+    maglev_weights: bool = Field(default=True, description="Honour backend weights (false = all equal)")
+
+
+class Service(_Strict):
+    name: str
+    vip: IPAddress
+    port: Port
+    protocol: Protocol = Protocol.tcp
+    options: ServiceOptions = ServiceOptions()
+    backends: list[Backend] = Field(default_factory=list, max_length=MAX_BACKENDS_PER_SERVICE)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not NAME_RE.match(v):
+            raise ValueError(
+                "name must be 1-63 characters of letters, digits, '_', '.', '-', starting with a letter or digit"
+            )
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Service":
+        seen: set[tuple[str, int]] = set()
+        for i, b in enumerate(self.backends):
+            if b.address.version != self.vip.version:
+                raise FieldError(
+                    f"backend {b.address} is IPv{b.address.version} but VIP {self.vip} is IPv{self.vip.version}",
+                    ("backends", i, "address"),
+                )
+            if b.port is not None and b.port != self.port and not self.options.l4_dnat:
+                raise FieldError(
+                    f"backend {b.address} has port {b.port} but the service port is {self.port}; "
+                    "set options.l4_dnat to translate ports",
+                    ("backends", i, "port"),
+                )
+            ident = b.identity(self.port)
+            if ident in seen:
+                raise FieldError(f"backend {b.address} port {ident[1]} is listed twice", ("backends", i))
+            seen.add(ident)
+        if self.vip.is_unspecified or self.vip.is_multicast:
+            raise FieldError(f"VIP {self.vip} is not a unicast address", ("vip",))
+        return self
+
+    @property
+    def key(self) -> tuple[str, int, str]:
+        """(VIP, port, protocol): what the datapath looks services up by."""
+        return (self.vip.exploded, self.port, self.protocol.value)
+
+    def maglev_weights(self) -> dict[tuple[str, int], int]:
+        """Backend identity -> Maglev weight."""
+        return {
+            b.identity(self.port): (b.effective_weight if self.options.maglev_weights else (1 if b.effective_weight else 0))
+            for b in self.backends
+        }
+
+
+class DesiredState(_Strict):
+    """The whole service set, applied as one transaction."""
+
+    services: list[Service] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _unique(self) -> "DesiredState":
+        names: set[str] = set()
+        keys: dict[tuple[str, int, str], str] = {}
+        for i, s in enumerate(self.services):
+            if s.name in names:
+                raise FieldError(f"service name {s.name!r} is used twice", ("services", i, "name"))
+            names.add(s.name)
+            if s.key in keys:
+                raise FieldError(
+                    f"services {keys[s.key]!r} and {s.name!r} both use {s.vip} port {s.port}/{s.protocol.value}",
+                    ("services", i),
+                )
+            keys[s.key] = s.name
+        return self
+
+
+Family = Literal[4, 6]
