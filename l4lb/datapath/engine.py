@@ -89,6 +89,21 @@ class Datapath:
             self._write_config()
             self._recover()
 
+    def update_runtime(self, cfg: DatapathConfig) -> None:
+        """Apply run-time knobs (outer source prefixes, ICMP rate, seed) without
+        recompiling; layout changes need a new load()."""
+        from l4lb.datapath.loader import layout_cflags
+
+        if layout_cflags(cfg) != layout_cflags(self.cfg):
+            raise DatapathError("map layout changed (M, limits): a restart with a new program is needed")
+        with self._lock:
+            seed_changed = cfg.maglev_seed != self.cfg.maglev_seed
+            self.cfg = cfg
+            self._write_config()
+            if seed_changed:
+                self._tables.clear()
+                self._reconcile(list(self._applied))
+
     @property
     def prog_fd(self) -> int:
         assert self.prog is not None, "load() first"

@@ -64,8 +64,8 @@ def compile_program(cfg: DatapathConfig, *, entry: str = ENTRY, func: str = FUNC
     pin_dir.mkdir(mode=0o700, exist_ok=True)
     cflags = [*layout, f'-DPIN_DIR="{pin_dir}"', *cfg.extra_cflags]
     try:
-        bpf = BPF(text=text, cflags=cflags)
-        fn = bpf.load_func(func, BPF.XDP)
+        bpf = BPF(text=text.encode(), cflags=cflags)
+        fn = bpf.load_func(func.encode(), BPF.XDP)
     except Exception as e:  # BCC raises bare Exception with the verifier log on stderr
         raise DatapathError(f"BPF compile/load of {entry} failed: {e}") from e
     reasons = [n for n in enum_names(text, "l4lb_reason", "REASON_") if n != "max"]

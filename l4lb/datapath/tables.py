@@ -39,16 +39,16 @@ def port_host(port_be_value: int) -> int:
 class Tables:
     def __init__(self, bpf: Any) -> None:
         self.bpf = bpf
-        self.services = bpf["services"]
-        self.maglev_outer = bpf["maglev_outer"]
-        self.backends = bpf["backends"]
-        self.flows = bpf["flows"]
-        self.config = bpf["config"]
-        self.ifaces = bpf["ifaces"]
-        self.tx_ports = bpf["tx_ports"]
-        self.svc_stats = bpf["svc_stats"]
-        self.backend_stats = bpf["backend_stats"]
-        self.reason_stats = bpf["reason_stats"]
+        self.services = bpf[b"services"]
+        self.maglev_outer = bpf[b"maglev_outer"]
+        self.backends = bpf[b"backends"]
+        self.flows = bpf[b"flows"]
+        self.config = bpf[b"config"]
+        self.ifaces = bpf[b"ifaces"]
+        self.tx_ports = bpf[b"tx_ports"]
+        self.svc_stats = bpf[b"svc_stats"]
+        self.backend_stats = bpf[b"backend_stats"]
+        self.reason_stats = bpf[b"reason_stats"]
 
     # --- services -------------------------------------------------------------
     def svc_key(self, vip: IPAddress, port: int, proto: int) -> Any:

@@ -1,0 +1,74 @@
+"""Shared fixtures. Root-only fixtures fail loudly (never skip) without root:
+the suite is meant to run on a machine that can load BPF."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+
+def _require_root() -> None:
+    if os.geteuid() != 0:
+        pytest.fail("this test needs root (BPF, XDP, network namespaces): run `make test` as root", pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def bpffs_root() -> Iterator[Path]:
+    """A private bpffs for the session (the machine has no /sys/fs/bpf)."""
+    _require_root()
+    d = Path(tempfile.mkdtemp(prefix="l4lb-bpffs-"))
+    subprocess.run(["mount", "-t", "bpf", "bpf", str(d)], check=True)
+    try:
+        yield d
+    finally:
+        subprocess.run(["umount", "-l", str(d)], check=False)
+        d.rmdir()
+
+
+@pytest.fixture(scope="session")
+def bpffs(bpffs_root: Path) -> Iterator[Path]:
+    yield bpffs_root
+
+
+# --- network-namespace lab (l4lb.lab) -----------------------------------------------
+# lab_decap: the backends' decapsulator, compiled once per session (~2.5 s).
+# lab: a default lab (2 clients, LB, 3 backends), one per test module.
+# lab_factory: lab_factory(**Lab kwargs) -> a started Lab, torn down after the test.
+
+@pytest.fixture(scope="session")
+def lab_decap():
+    _require_root()
+    from l4lb.lab import netns
+    from l4lb.lab.decap import Decap
+
+    netns.cleanup("l4t")            # leftovers of crashed runs (live runs are spared)
+    return Decap.shared()
+
+
+@pytest.fixture(scope="module")
+def lab(lab_decap):
+    from l4lb.lab.topology import Lab
+
+    with Lab(clients=2, backends=3, decap=lab_decap) as the_lab:
+        yield the_lab
+
+
+@pytest.fixture
+def lab_factory(lab_decap):
+    from l4lb.lab.topology import Lab
+
+    made = []
+
+    def make(**kwargs):
+        kwargs.setdefault("decap", lab_decap)
+        made.append(Lab(**kwargs))
+        return made[-1].up()
+
+    yield make
+    for one in reversed(made):
+        one.teardown()
