@@ -1,0 +1,116 @@
+#!/usr/bin/env python3
+"""Datapath benchmark (not a test): ns/packet of the real XDP program.
+
+Method A: one BPF_PROG_TEST_RUN with repeat=N on a bench-only build that
+undoes its own encapsulation after XDP_TX, so every pass forwards (NOTES.md:
+the repeat trap). Method B: N calls with repeat=1 on the production build,
+mean of the kernel-reported durations (includes timer overhead).
+Floor programs (XDP_TX, bare IPIP, bare IP6IP6) are measured in the same run.
+Run as root: `make bench` or `.venv/bin/python bench/datapath.py`.
+"""
+
+from __future__ import annotations
+
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from scapy.all import IP, TCP, Ether, IPv6, Raw, raw  # noqa: E402
+
+from l4lb.datapath import Datapath  # noqa: E402
+from l4lb.datapath.libbpf import test_run  # noqa: E402
+from l4lb.lab.pktenv import PacketEnv, edge_backends_v4, edge_backends_v6  # noqa: E402
+from l4lb.models import Service  # noqa: E402
+
+VIP4, VIP6 = "198.51.100.1", "2001:db8:100::1"
+REPEAT_A = 200_000
+CALLS_B = 20_000
+
+
+def packets() -> dict[str, bytes]:
+    pad = Raw(b"x" * 18)
+    e = Ether(dst="02:11:11:11:11:11", src="02:22:22:22:22:22")
+    return {
+        "v4 SYN": raw(e / IP(src="203.0.113.7", dst=VIP4) / TCP(sport=33333, dport=80, flags="S") / pad),
+        "v4 non-SYN": raw(e / IP(src="203.0.113.7", dst=VIP4) / TCP(sport=33334, dport=80, flags="A") / pad),
+        "v6 SYN": raw(e / IPv6(src="2001:db8:77::7", dst=VIP6) / TCP(sport=33333, dport=80, flags="S") / pad),
+        "v6 non-SYN": raw(e / IPv6(src="2001:db8:77::7", dst=VIP6) / TCP(sport=33334, dport=80, flags="A") / pad),
+    }
+
+
+def method_a(env: PacketEnv, fd: int, pkt: bytes) -> float:
+    runs = [env.call(test_run, fd, pkt, ingress_ifindex=env.edge_ifindex, repeat=REPEAT_A)[2] for _ in range(3)]
+    return float(min(runs))
+
+
+def method_b(env: PacketEnv, fd: int, pkt: bytes) -> float:
+    def loop() -> list[int]:
+        return [test_run(fd, pkt, ingress_ifindex=env.edge_ifindex)[2] for _ in range(CALLS_B)]
+    return statistics.mean(env.call(loop))
+
+
+def floors(env: PacketEnv, undo: bool) -> dict[str, int]:
+    from bcc import BPF
+
+    from l4lb.datapath.source import bpf_src_dir
+
+    b = BPF(src_file=str(bpf_src_dir() / "bench_floor.c").encode(), cflags=["-DBENCH_UNDO"] if undo else [])
+    return {name: b.load_func(name.encode(), BPF.XDP).fd for name in ("floor_tx", "floor_ipip", "floor_ip6ip6")}, b
+
+
+def main() -> None:
+    import time
+
+    from l4lb import maglev
+
+    bpffs = Path(tempfile.mkdtemp(prefix="l4lb-bench-"))
+    subprocess.run(["mount", "-t", "bpf", "bpf", str(bpffs)], check=True)
+    try:
+        with PacketEnv(bpffs, n_backends=100, prefix="l4bench") as env:
+            s4 = Service(name="bench4", vip=VIP4, port=80, backends=[{"address": a} for a in edge_backends_v4(100)])
+            s6 = Service(name="bench6", vip=VIP6, port=80, backends=[{"address": a} for a in edge_backends_v6(100)])
+            env.apply([s4, s6])
+            # The bench-only build shares the pinned maps (same layout).
+            undo = Datapath(env.dp.cfg.__class__(**{**env.dp.cfg.__dict__, "extra_cflags": ("-DBENCH_UNDO",)}))
+            env.call(undo.load)
+            pk = packets()
+            for p in pk.values():  # warm the flow table for the non-SYN rows
+                env.run(p)
+            rows = []
+            for name, p in pk.items():
+                v, _, _ = env.run(p)
+                assert v == 3, f"{name}: expected XDP_TX, got {v}"
+                rows.append((f"l4lb {name}", method_a(env, undo.prog_fd, p), method_b(env, env.dp.prog_fd, p)))
+            fa, ba = floors(env, undo=True)
+            fb, bb = floors(env, undo=False)
+            v4 = pk["v4 SYN"]
+            v6 = pk["v6 SYN"]
+            for name, p in (("floor_tx", v4), ("floor_ipip", v4), ("floor_ip6ip6", v6)):
+                rows.append((f"floor {name[6:]}", method_a(env, fa[name], p), method_b(env, fb[name], p)))
+            ipip_a = next(r[1] for r in rows if r[0] == "floor ipip")
+            print(f"\nDatapath: ns/packet, 100-backend service, M={env.dp.cfg.maglev_m}, "
+                  f"A = repeat {REPEAT_A} (undo build, best of 3), B = mean of {CALLS_B} single runs")
+            print(f"{'program / packet':<22}{'method A':>10}{'method B':>10}{'A - bare IPIP':>15}")
+            for name, a, b in rows:
+                print(f"{name:<22}{a:>10.0f}{b:>10.0f}{a - ipip_a:>15.0f}")
+            env.call(undo.close)
+    finally:
+        subprocess.run(["umount", "-l", str(bpffs)], check=False)
+    print("\nMaglev table build (pure Python + numpy)")
+    try:
+        import maglev_build
+
+        for row in maglev_build.measure():
+            print("  " + "  ".join(f"{k}={v}" for k, v in row.items()))
+    except Exception as e:  # the table above is the main result
+        t0 = time.perf_counter()
+        maglev.build({(f"192.0.2.{i % 250}", 1000 + i): 1 for i in range(1000)}, 65521, b"l4lb-default")
+        print(f"  M=65521 N=1000: {1000 * (time.perf_counter() - t0):.1f} ms ({e})")
+
+
+if __name__ == "__main__":
+    main()

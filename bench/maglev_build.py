@@ -1,0 +1,62 @@
+"""Maglev table build times (pure Python + numpy, no kernel).
+
+Run: ``.venv/bin/python bench/maglev_build.py``. Importable: ``measure()``
+returns one dict per case so bench/datapath.py can fold it into its report.
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+from pathlib import Path
+
+# bench/ is a plain folder, not a package: make the repository importable when
+# this file is run directly or imported via sys.path from a sibling script.
+_ROOT = Path(__file__).resolve().parent.parent
+if str(_ROOT) not in sys.path:
+    sys.path.insert(0, str(_ROOT))
+
+from l4lb.maglev import build  # noqa: E402
+
+CASES: tuple[tuple[int, int], ...] = ((16381, 100), (65521, 1000), (131071, 3), (16381, 1000))
+SEED = bytes(range(12))
+
+
+def _weights(n: int) -> dict[tuple[str, int], int]:
+    # Equal weights over distinct 10.x.y.z backends (exploded IPv4 == dotted quad).
+    return {(f"10.{(i >> 16) & 255}.{(i >> 8) & 255}.{i & 255}", 8080): 100 for i in range(1, n + 1)}
+
+
+def measure(cases: tuple[tuple[int, int], ...] = CASES, runs: int = 7) -> list[dict]:
+    """Median wall time of ``build`` for each (m, N), after one warm-up build."""
+    results = []
+    for m, n in cases:
+        weights = _weights(n)
+        build(weights, m, SEED)  # warm-up: first call pays numpy/import costs
+        times = []
+        for _ in range(runs):
+            t0 = time.perf_counter()
+            build(weights, m, SEED)
+            times.append(time.perf_counter() - t0)
+        results.append(
+            {
+                "m": m,
+                "backends": n,
+                "runs": runs,
+                "median_ms": statistics.median(times) * 1e3,
+                "min_ms": min(times) * 1e3,
+                "max_ms": max(times) * 1e3,
+            }
+        )
+    return results
+
+
+def main() -> None:
+    print(f"{'m':>7} {'N':>5} {'median ms':>10} {'min ms':>8} {'max ms':>8}")
+    for r in measure():
+        print(f"{r['m']:>7} {r['backends']:>5} {r['median_ms']:>10.1f} {r['min_ms']:>8.1f} {r['max_ms']:>8.1f}")
+
+
+if __name__ == "__main__":
+    main()
