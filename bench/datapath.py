@@ -59,7 +59,7 @@ def floors(env: PacketEnv, undo: bool) -> dict[str, int]:
     from l4lb.datapath.source import bpf_src_dir
 
     b = BPF(src_file=str(bpf_src_dir() / "bench_floor.c").encode(), cflags=["-DBENCH_UNDO"] if undo else [])
-    return {name: b.load_func(name.encode(), BPF.XDP).fd for name in ("floor_tx", "floor_ipip", "floor_ip6ip6")}, b
+    return {name: b.load_func(name.encode(), BPF.XDP).fd for name in ("floor_tx", "floor_ipip", "floor_ip6ip6", "floor_fib")}, b
 
 
 def main() -> None:
@@ -89,7 +89,7 @@ def main() -> None:
             fb, bb = floors(env, undo=False)
             v4 = pk["v4 SYN"]
             v6 = pk["v6 SYN"]
-            for name, p in (("floor_tx", v4), ("floor_ipip", v4), ("floor_ip6ip6", v6)):
+            for name, p in (("floor_tx", v4), ("floor_ipip", v4), ("floor_ip6ip6", v6), ("floor_fib", v4)):
                 rows.append((f"floor {name[6:]}", method_a(env, fa[name], p), method_b(env, fb[name], p)))
             ipip_a = next(r[1] for r in rows if r[0] == "floor ipip")
             print(f"\nDatapath: ns/packet, 100-backend service, M={env.dp.cfg.maglev_m}, "

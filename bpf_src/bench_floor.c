@@ -80,3 +80,15 @@ int floor_ip6ip6(struct xdp_md *ctx)
 {
     return encap(ctx, sizeof(struct ipv6hdr), bpf_htons(ETH_P_IPV6));
 }
+
+/* What one bpf_fib_lookup (to backend 192.0.2.10) costs on its own. */
+int floor_fib(struct xdp_md *ctx)
+{
+    struct bpf_fib_lookup fib = {};
+    fib.family = 2; /* AF_INET */
+    fib.ifindex = ctx->ingress_ifindex;
+    fib.ipv4_dst = 0x0a0200c0;
+    fib.tot_len = 100;
+    int rc = bpf_fib_lookup(ctx, &fib, sizeof(fib), 0);
+    return rc == BPF_FIB_LKUP_RET_SUCCESS ? XDP_TX : XDP_ABORTED;
+}
