@@ -1,0 +1,430 @@
+"""Capture-file writers for one recording: pcapng (default) and classic nanosecond pcap.
+
+Written by hand with :mod:`struct` on purpose: scapy's pcapng writer keeps only microseconds,
+and dpkt's writers always write caplen == origlen (and microseconds). The recorder needs
+nanosecond timestamps, truthful caplen < origlen for truncated samples, and per-packet
+direction, XDP verdict and comments, which only pcapng can carry.
+
+pcapng layout (little-endian, one section, one interface):
+
+* SHB with ``shb_userappl`` (and an optional section comment);
+* IDB: linktype 1 (Ethernet), snaplen, ``if_name``, ``if_tsresol`` = 9 (ns);
+* one EPB per packet: ns timestamp, caplen <= origlen, options ``opt_comment``, ``epb_flags``
+  (bits 0-1 direction: 1 inbound, 2 outbound), ``epb_dropcount`` (samples lost since the
+  previous packet, when non-zero) and ``epb_verdict`` (type 2 = eBPF XDP, 8-byte verdict);
+* at close, an ISB: ``isb_starttime``, ``isb_endtime``, ``isb_ifrecv`` (written + lost),
+  ``isb_ifdrop`` (lost samples, as dumpcap reports libpcap's drops) and ``isb_usrdeliv``.
+
+Classic pcap: magic 0xA1B23C4D (ns), version 2.4, linktype 1, truthful caplen/origlen. It has no
+place for direction, verdict, comments or drops: those arguments are accepted and dropped, so
+the drain can treat both writers alike.
+
+Files are created with ``O_CREAT|O_EXCL|O_NOFOLLOW`` and mode 0600: a writer never follows a
+symlink or truncates an existing file. :func:`safe_name` and :func:`safe_join` build the paths.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import struct
+import time
+from enum import IntEnum
+from pathlib import Path
+from typing import BinaryIO
+
+LINKTYPE_ETHERNET = 1
+DEFAULT_SNAPLEN = 262144
+FORMATS = ("pcapng", "pcap")
+FILE_MODE = 0o600
+
+PCAP_MAGIC_NS = 0xA1B23C4D
+PCAPNG_BOM = 0x1A2B3C4D
+
+# pcapng block types
+BT_SHB = 0x0A0D0D0A
+BT_IDB = 0x00000001
+BT_ISB = 0x00000005
+BT_EPB = 0x00000006
+
+# option codes
+OPT_ENDOFOPT = 0
+OPT_COMMENT = 1
+SHB_USERAPPL = 4
+IF_NAME = 2
+IF_TSRESOL = 9
+EPB_FLAGS = 2
+EPB_DROPCOUNT = 4
+EPB_VERDICT = 7
+VERDICT_TYPE_XDP = 2
+ISB_STARTTIME = 2
+ISB_ENDTIME = 3
+ISB_IFRECV = 4
+ISB_IFDROP = 5
+ISB_USRDELIV = 8
+
+_U32 = 0xFFFFFFFF
+_U64 = 0xFFFFFFFFFFFFFFFF
+
+
+class Direction(IntEnum):
+    """pcapng ``epb_flags`` bits 0-1; the recorder's two observation points."""
+
+    INBOUND = 1   # before the load balancer touches the packet
+    OUTBOUND = 2  # the encapsulated packet, or a generated ICMP too-big reply
+
+
+class XdpVerdict(IntEnum):
+    ABORTED = 0
+    DROP = 1
+    PASS = 2
+    TX = 3
+    REDIRECT = 4
+
+
+def _pad4(n: int) -> int:
+    return (4 - n % 4) % 4
+
+
+def _option(code: int, value: bytes) -> bytes:
+    if len(value) > 0xFFFF:
+        raise ValueError(f"pcapng option {code}: value of {len(value)} bytes exceeds 65535")
+    return struct.pack("<HH", code, len(value)) + value + bytes(_pad4(len(value)))
+
+
+def _options(opts: list[bytes]) -> bytes:
+    if not opts:
+        return b""
+    return b"".join(opts) + struct.pack("<HH", OPT_ENDOFOPT, 0)
+
+
+def _block(block_type: int, body: bytes) -> bytes:
+    total = 12 + len(body)
+    return struct.pack("<II", block_type, total) + body + struct.pack("<I", total)
+
+
+def _ts_parts(ts_ns: int) -> tuple[int, int]:
+    return (ts_ns >> 32) & _U32, ts_ns & _U32
+
+
+def _comment_bytes(comment: str) -> bytes:
+    if not isinstance(comment, str):
+        raise ValueError(f"comment: expected a string, got {type(comment).__name__}")
+    raw = comment.encode("utf-8")
+    if len(raw) > 0xFFFF:
+        raise ValueError(f"comment: {len(raw)} bytes, pcapng allows at most 65535")
+    return raw
+
+
+def _check_ts(ts_ns: int) -> int:
+    if isinstance(ts_ns, bool) or not isinstance(ts_ns, int):
+        raise ValueError(f"ts_ns: expected an int of nanoseconds since the epoch, got {ts_ns!r}")
+    if not 0 <= ts_ns <= _U64:
+        raise ValueError(f"ts_ns: {ts_ns} out of range")
+    return ts_ns
+
+
+class _Writer:
+    """Common file handling: exclusive 0600 creation, byte accounting, flush, idempotent close."""
+
+    fmt = ""
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        snaplen: int = DEFAULT_SNAPLEN,
+        linktype: int = LINKTYPE_ETHERNET,
+        autoflush: bool = False,
+    ) -> None:
+        if isinstance(snaplen, bool) or not isinstance(snaplen, int) or not 1 <= snaplen <= _U32:
+            raise ValueError(f"snaplen: {snaplen!r} must be 1..{_U32}")
+        if not 0 <= linktype <= 0xFFFF:
+            raise ValueError(f"linktype: {linktype!r} out of range")
+        self.path = Path(path)
+        self.snaplen = snaplen
+        self.linktype = linktype
+        self.autoflush = autoflush
+        self._bytes = 0
+        self._packets = 0
+        self._lost = 0
+        self._closed = False
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+        fd = os.open(self.path, flags, FILE_MODE)
+        try:
+            os.fchmod(fd, FILE_MODE)  # whatever the umask
+            self._f: BinaryIO = os.fdopen(fd, "wb")
+        except BaseException:
+            os.close(fd)
+            raise
+        try:
+            self._write(self._header())
+            if autoflush:
+                self._f.flush()
+        except BaseException:
+            self._closed = True
+            self._f.close()
+            raise
+
+    # -- accounting --------------------------------------------------------------------
+    @property
+    def bytes_written(self) -> int:
+        """Bytes handed to the file so far (headers included); the file's size once flushed."""
+        return self._bytes
+
+    @property
+    def packets_written(self) -> int:
+        return self._packets
+
+    @property
+    def lost(self) -> int:
+        """Samples reported lost with :meth:`note_lost` over this file's lifetime."""
+        return self._lost
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def note_lost(self, count: int) -> None:
+        """Record ``count`` samples lost (e.g. a perf ring ``lost_cb``) since the last packet."""
+        if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+            raise ValueError(f"lost count: expected an int >= 0, got {count!r}")
+        self._lost += count
+        self._pending_lost(count)
+
+    def _pending_lost(self, count: int) -> None:
+        pass
+
+    # -- writing -----------------------------------------------------------------------
+    def _write(self, data: bytes) -> None:
+        self._f.write(data)
+        self._bytes += len(data)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ValueError(f"{self.fmt} writer for {self.path} is closed")
+
+    def _lengths(self, data: bytes, orig_len: int | None) -> tuple[bytes, int]:
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise ValueError(f"data: expected bytes, got {type(data).__name__}")
+        data = bytes(data)
+        if orig_len is None:
+            orig_len = len(data)
+        if isinstance(orig_len, bool) or not isinstance(orig_len, int) or orig_len > _U32:
+            raise ValueError(f"orig_len: {orig_len!r} must be an int <= {_U32}")
+        if orig_len < len(data):
+            raise ValueError(f"orig_len {orig_len} is less than the {len(data)} captured bytes")
+        if len(data) > self.snaplen:
+            data = data[: self.snaplen]
+        return data, orig_len
+
+    def write_packet(
+        self,
+        data: bytes,
+        ts_ns: int,
+        *,
+        orig_len: int | None = None,
+        direction: Direction | int | None = None,
+        verdict: int | None = None,
+        comment: str | None = None,
+    ) -> int:
+        """Append one packet; ``data`` is the captured bytes (cut to snaplen), ``orig_len``
+        its length on the wire (default ``len(data)``). Returns the bytes this record took."""
+        self._check_open()
+        data, orig_len = self._lengths(data, orig_len)
+        record = self._record(data, _check_ts(ts_ns), orig_len, direction, verdict, comment)
+        self._write(record)
+        self._packets += 1
+        if self.autoflush:
+            self._f.flush()
+        return len(record)
+
+    def flush(self, *, fsync: bool = False) -> None:
+        """Push buffered records to the file (and to disk with ``fsync=True``)."""
+        self._check_open()
+        self._f.flush()
+        if fsync:
+            os.fsync(self._f.fileno())
+
+    def close(self, *, ts_ns: int | None = None) -> None:
+        """Finish the file (pcapng: interface statistics with the drop count). Idempotent."""
+        if self._closed:
+            return
+        end_ns = _check_ts(time.time_ns() if ts_ns is None else ts_ns)
+        self._closed = True
+        try:
+            trailer = self._trailer(end_ns)
+            if trailer:
+                self._write(trailer)
+            self._f.flush()
+        finally:
+            self._f.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- format hooks --------------------------------------------------------------------
+    def _header(self) -> bytes:
+        raise NotImplementedError
+
+    def _record(self, data: bytes, ts_ns: int, orig_len: int, direction, verdict, comment) -> bytes:
+        raise NotImplementedError
+
+    def _trailer(self, ts_ns: int) -> bytes:
+        return b""
+
+
+class PcapngWriter(_Writer):
+    """pcapng with ns timestamps, direction, XDP verdict, comments and drop counts."""
+
+    fmt = "pcapng"
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        snaplen: int = DEFAULT_SNAPLEN,
+        linktype: int = LINKTYPE_ETHERNET,
+        autoflush: bool = False,
+        if_name: str = "xdp",
+        section_comment: str | None = None,
+        userappl: str = "l4lb recorder",
+        start_ns: int | None = None,
+    ) -> None:
+        self._if_name = _comment_bytes(if_name)
+        self._section_comment = None if section_comment is None else _comment_bytes(section_comment)
+        self._userappl = _comment_bytes(userappl)
+        self._start_ns = _check_ts(time.time_ns() if start_ns is None else start_ns)
+        self._unreported_lost = 0
+        super().__init__(path, snaplen=snaplen, linktype=linktype, autoflush=autoflush)
+
+    def _header(self) -> bytes:
+        shb_opts = [_option(SHB_USERAPPL, self._userappl)]
+        if self._section_comment is not None:
+            shb_opts.insert(0, _option(OPT_COMMENT, self._section_comment))
+        shb = _block(BT_SHB, struct.pack("<IHHq", PCAPNG_BOM, 1, 0, -1) + _options(shb_opts))
+        idb_opts = [_option(IF_NAME, self._if_name), _option(IF_TSRESOL, bytes([9]))]
+        idb = _block(BT_IDB, struct.pack("<HHI", self.linktype, 0, self.snaplen) + _options(idb_opts))
+        return shb + idb
+
+    def _pending_lost(self, count: int) -> None:
+        self._unreported_lost += count
+
+    def _record(self, data, ts_ns, orig_len, direction, verdict, comment) -> bytes:
+        opts = []
+        if comment is not None:
+            opts.append(_option(OPT_COMMENT, _comment_bytes(comment)))
+        if direction is not None:
+            d = Direction(direction)  # ValueError for anything but 1/2
+            opts.append(_option(EPB_FLAGS, struct.pack("<I", int(d))))
+        if self._unreported_lost:
+            opts.append(_option(EPB_DROPCOUNT, struct.pack("<Q", min(self._unreported_lost, _U64))))
+        if verdict is not None:
+            if isinstance(verdict, bool) or not isinstance(verdict, int) or not -(1 << 63) <= verdict < (1 << 63):
+                raise ValueError(f"verdict: expected an int, got {verdict!r}")
+            opts.append(_option(EPB_VERDICT, bytes([VERDICT_TYPE_XDP]) + struct.pack("<q", verdict)))
+        hi, lo = _ts_parts(ts_ns)
+        body = (
+            struct.pack("<IIIII", 0, hi, lo, len(data), orig_len)
+            + data
+            + bytes(_pad4(len(data)))
+            + _options(opts)
+        )
+        self._unreported_lost = 0
+        return _block(BT_EPB, body)
+
+    def _trailer(self, ts_ns: int) -> bytes:
+        hi, lo = _ts_parts(ts_ns)
+        s_hi, s_lo = _ts_parts(self._start_ns)
+        opts = [
+            _option(ISB_STARTTIME, struct.pack("<II", s_hi, s_lo)),
+            _option(ISB_ENDTIME, struct.pack("<II", hi, lo)),
+            _option(ISB_IFRECV, struct.pack("<Q", min(self._packets + self._lost, _U64))),
+            _option(ISB_IFDROP, struct.pack("<Q", min(self._lost, _U64))),
+            _option(ISB_USRDELIV, struct.pack("<Q", self._packets)),
+        ]
+        return _block(BT_ISB, struct.pack("<III", 0, hi, lo) + _options(opts))
+
+
+class PcapWriter(_Writer):
+    """Classic pcap, nanosecond magic. Direction, verdict, comments and drops are not stored."""
+
+    fmt = "pcap"
+
+    def _header(self) -> bytes:
+        return struct.pack("<IHHiIII", PCAP_MAGIC_NS, 2, 4, 0, 0, self.snaplen, self.linktype)
+
+    def _record(self, data, ts_ns, orig_len, direction, verdict, comment) -> bytes:
+        if direction is not None:
+            Direction(direction)
+        sec, nsec = divmod(ts_ns, 1_000_000_000)
+        if sec > _U32:
+            raise ValueError(f"ts_ns: {ts_ns} is past the classic pcap range (year 2106)")
+        return struct.pack("<IIII", sec, nsec, len(data), orig_len) + data
+
+
+def open_writer(path: str | os.PathLike[str], fmt: str = "pcapng", **kwargs) -> PcapngWriter | PcapWriter:
+    """A writer of format ``fmt`` ("pcapng" or "pcap"); pcapng-only keyword arguments are
+    ignored for pcap."""
+    if fmt == "pcapng":
+        return PcapngWriter(path, **kwargs)
+    if fmt == "pcap":
+        common = {k: v for k, v in kwargs.items() if k in ("snaplen", "linktype", "autoflush")}
+        return PcapWriter(path, **common)
+    raise ValueError(f"fmt: {fmt!r} is not one of {', '.join(FORMATS)}")
+
+
+# --------------------------------------------------------------------------- file names
+
+_SAFE_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+_UNSAFE_CHAR = re.compile(r"[^A-Za-z0-9_.-]")
+MAX_ID_CHARS = 64
+
+
+def safe_name(recording_id: object, index: int, fmt: str = "pcapng") -> str:
+    """``<id>_<index:06d>.<fmt>`` using only ``[A-Za-z0-9_.-]``.
+
+    Characters outside the set become ``_``; leading dots and dashes are dropped; the id is cut
+    to 64 characters. When any of that changed the id, ``-`` and 8 hex digits of the original's
+    SHA-256 are appended, so distinct ids still give distinct names.
+    """
+    if fmt not in FORMATS:
+        raise ValueError(f"fmt: {fmt!r} is not one of {', '.join(FORMATS)}")
+    if isinstance(index, bool) or not isinstance(index, int) or index < 0:
+        raise ValueError(f"index: expected an int >= 0, got {index!r}")
+    original = str(recording_id)
+    cleaned = _UNSAFE_CHAR.sub("_", original).lstrip(".-")[:MAX_ID_CHARS]
+    if cleaned != original or not cleaned:
+        digest = hashlib.sha256(original.encode("utf-8", "surrogatepass")).hexdigest()[:8]
+        cleaned = f"{cleaned}-{digest}" if cleaned else f"rec-{digest}"
+    return f"{cleaned}_{index:06d}.{fmt}"
+
+
+def safe_join(directory: str | os.PathLike[str], name: str) -> Path:
+    """``directory/name``, refusing any name that is not a plain ``[A-Za-z0-9_.-]`` file name
+    or that would resolve outside ``directory`` (e.g. through a symlinked file name)."""
+    if not isinstance(name, str) or not _SAFE_NAME.fullmatch(name) or name in (".", ".."):
+        raise ValueError(f"file name {name!r} is not a plain [A-Za-z0-9_.-] name")
+    base = Path(os.path.realpath(directory))
+    target = Path(os.path.realpath(base / name))
+    if target.parent != base:
+        raise ValueError(f"file name {name!r} escapes {base}")
+    return base / name
+
+
+__all__ = [
+    "DEFAULT_SNAPLEN",
+    "Direction",
+    "FORMATS",
+    "LINKTYPE_ETHERNET",
+    "PcapWriter",
+    "PcapngWriter",
+    "XdpVerdict",
+    "open_writer",
+    "safe_join",
+    "safe_name",
+]
