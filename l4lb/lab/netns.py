@@ -263,13 +263,12 @@ def cleanup(prefix: str = "l4t", *, force: bool = False) -> list[str]:
         tags_seen.add(tag)
     for tag in tags_seen:
         release(tag)
-    # owner files whose namespaces are already gone
+    # owner files of dead processes whose namespaces are all gone (any prefix)
     if OWNER_DIR.is_dir():
+        remaining = list_netns()
         for f in OWNER_DIR.glob("*.owner"):
             tag = f.name[: -len(".owner")]
-            if not any(tag_of(n, prefix) == tag for n in list_netns(prefix + "-")) and (
-                force or not owner_alive(tag)
-            ):
+            if not owner_alive(tag) and not any(f"-{tag}-" in n for n in remaining):
                 release(tag)
     return removed
 
