@@ -72,20 +72,30 @@ L4LB_INLINE int dnat_port(struct xdp_md *ctx, struct pkt *p, __u16 new_port)
     return 0;
 }
 
-L4LB_INLINE int encap_ipv4(struct xdp_md *ctx, struct pkt *p, __u32 saddr, __u32 daddr,
-                           const unsigned char *smac, const unsigned char *dmac)
+/* Make room for the outer header and write the new Ethernet header in front
+ * of it; returns the outer L3 header, or NULL. */
+L4LB_INLINE void *encap_prepare(struct xdp_md *ctx, int hlen, __u16 eth_proto,
+                                const unsigned char *smac, const unsigned char *dmac)
 {
-    if (bpf_xdp_adjust_head(ctx, -IPV4_HLEN))
-        return -1;
+    if (bpf_xdp_adjust_head(ctx, -hlen))
+        return 0;
     void *data = (void *)(long)ctx->data;
     void *data_end = (void *)(long)ctx->data_end;
     struct ethhdr *eth = data;
-    struct iphdr *ip = (void *)(eth + 1);
-    if ((void *)(ip + 1) > data_end)
-        return -1;
+    if ((void *)(eth + 1) + IPV6_HLEN > data_end)  /* room for either header */
+        return 0;
     __builtin_memcpy(eth->h_dest, dmac, ETH_ALEN);
     __builtin_memcpy(eth->h_source, smac, ETH_ALEN);
-    eth->h_proto = bpf_htons(ETH_P_IP);
+    eth->h_proto = eth_proto;
+    return eth + 1;
+}
+
+L4LB_INLINE int encap_ipv4(struct xdp_md *ctx, struct pkt *p, __u32 saddr, __u32 daddr,
+                           const unsigned char *smac, const unsigned char *dmac)
+{
+    struct iphdr *ip = encap_prepare(ctx, IPV4_HLEN, bpf_htons(ETH_P_IP), smac, dmac);
+    if (!ip)
+        return -1;
     ip->version = 4;
     ip->ihl = 5;
     ip->tos = p->tos;
@@ -104,17 +114,9 @@ L4LB_INLINE int encap_ipv4(struct xdp_md *ctx, struct pkt *p, __u32 saddr, __u32
 L4LB_INLINE int encap_ipv6(struct xdp_md *ctx, struct pkt *p, __u32 *saddr, __u32 *daddr, __u32 hash,
                            const unsigned char *smac, const unsigned char *dmac)
 {
-    if (bpf_xdp_adjust_head(ctx, -IPV6_HLEN))
+    struct ipv6hdr *ip6 = encap_prepare(ctx, IPV6_HLEN, bpf_htons(ETH_P_IPV6), smac, dmac);
+    if (!ip6)
         return -1;
-    void *data = (void *)(long)ctx->data;
-    void *data_end = (void *)(long)ctx->data_end;
-    struct ethhdr *eth = data;
-    struct ipv6hdr *ip6 = (void *)(eth + 1);
-    if ((void *)(ip6 + 1) > data_end)
-        return -1;
-    __builtin_memcpy(eth->h_dest, dmac, ETH_ALEN);
-    __builtin_memcpy(eth->h_source, smac, ETH_ALEN);
-    eth->h_proto = bpf_htons(ETH_P_IPV6);
     ip6->version = 6;
     ip6->priority = p->tos >> 4;
     ip6->flow_lbl[0] = ((p->tos & 0xf) << 4) | ((hash >> 16) & 0xf);
