@@ -118,6 +118,7 @@ def _validate(weights: Mapping[Identity, int], m: int, seed: bytes) -> None:
             or len(ident) != 2
             or not isinstance(ident[0], str)
             or not isinstance(ident[1], int)
+            or isinstance(ident[1], bool)
         ):
             raise ValueError(f"backend identity must be (address: str, port: int), got {ident!r}")
         # Callers must agree on one spelling of an address, or the same backend
@@ -168,12 +169,14 @@ def _scramble(m: int, seed: bytes) -> np.ndarray:
     move several percent of unrelated slots (measured: ~1% of random 3-4 backend
     sets at m=65521 exceed the 1/N + 1% budget, up to 1/N + 4%). Walking
     offset + pi(j)*skip instead keeps every backend's walk a permutation but
-    makes any two walks look independent. Sorting hashed indices is exact and
-    stable, so pi is identical on every machine; it is cached per (m, seed).
+    makes any two walks look independent. pi sorts the indices by a hash that
+    is a bijection on uint64 (so all keys differ and every sort algorithm gives
+    the same order) computed in exact integer maths: identical on every
+    machine. It is cached per (m, seed).
     """
     salt = int.from_bytes(hashlib.blake2b(b"maglev-scramble", digest_size=8, key=seed).digest(), "little")
     keys = _splitmix64(np.arange(m, dtype=np.uint64) ^ np.uint64(salt))
-    pi = np.argsort(keys, kind="stable").astype(np.int64)
+    pi = np.argsort(keys).astype(np.int64)
     pi.flags.writeable = False
     return pi
 
@@ -248,11 +251,16 @@ def build(weights: Mapping[Identity, int], m: int, seed: bytes) -> MaglevTable:
         start = ptr[active]
         # Band width: at the current positions backend i covers w_i * (m - ptr_i)
         # permutation positions per unit of key, so this scans about m candidates
-        # in total. It is never so narrow that nobody has a candidate in it.
-        next_key = float((clock[np.minimum(start, m - 1)] / wa).min())
-        k1 = max(k0 + m / float((wa * (m - start)).sum()), float(np.nextafter(next_key, np.inf)))
-        # Positions whose key clock[j] / w_i is below k1.
+        # in total. (An active backend always has ptr < m: every free slot lies
+        # ahead of it, or it was rewound to it.)
+        next_keys = clock[start] / wa
+        first = int(np.argmin(next_keys))
+        k1 = max(k0 + m / float((wa * (m - start)).sum()), float(next_keys[first]))
+        # Positions whose key clock[j] / w_i is below k1; the backend holding the
+        # globally next candidate always takes it, so every round makes progress
+        # even when the band is tiny (small m, huge weights) or rounding bites.
         end = np.clip(np.searchsorted(clock, k1 * wa, side="left"), start, m)
+        end[first] = max(int(end[first]), int(start[first]) + 1)
         counts = end - start
         total = int(counts.sum())
         if total == 0:  # cannot happen: quotas sum to m and permutations are complete
