@@ -86,4 +86,4 @@ else
   "$VENV/bin/pip" install -q --disable-pip-version-check -e "$ROOT[test]" 2> >(grep -v "is ignored: it is neither" >&2)
   echo "$WANT" > "$STAMP"
 fi
-say "ready: $VENV/bin/l4lbd, $VENV/bin/l4lbctl"
+say "ready: venv $VENV (python: $VENV/bin/python)"
