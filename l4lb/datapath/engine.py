@@ -78,6 +78,11 @@ class Datapath:
         self._tables: dict[int, bytes] = {}        # svc id -> digest of the table written
         self._next_gen = 1
         self._applied: list[Service] = []
+        # Slots freed by the last changes: re-adding the same service/backend
+        # (an undo, a rollback) gets the same id and generation back, so flow
+        # entries pinned to it stay valid and the maps end up byte-identical.
+        self._freed_svc: dict[ServiceKey, int] = {}
+        self._freed_be: dict[tuple[ServiceKey, BackendKey], tuple[int, int]] = {}
         self._attached: dict[str, str] = {}
         self.fail_after_writes: int | None = None  # test hook: fail mid-reconcile
 
@@ -199,7 +204,11 @@ class Datapath:
         for key in sorted(want):
             new_ids[key] = self._svc_ids.get(key, -1)
             if new_ids[key] < 0:
-                new_ids[key] = next(free_svc)
+                old = self._freed_svc.pop(key, -1)
+                new_ids[key] = old if old >= 0 and old not in used else next(free_svc)
+                while new_ids[key] in used:
+                    new_ids[key] = next(free_svc)
+                used.add(new_ids[key])
         # 2. backends: existing slots by (svc id, identity), new ones allocated
         by_owner = {(slot.svc_id, slot.ident): bid for bid, slot in self._backends.items()}
         used_b = set(self._backends)
@@ -214,10 +223,16 @@ class Datapath:
                 flags = BE_F_DOWN if b.state is BackendState.maintenance else 0
                 bid = by_owner.get((sid, ident))
                 if bid is None:
-                    bid = next(free_b)
-                    slot = _BackendSlot(sid, ident, self._next_gen, flags)
-                    self._next_gen += 1
-                    t.percpu_zero(t.backend_stats, bid)
+                    old_bid, old_gen = self._freed_be.pop((key, ident), (None, 0))
+                    if old_bid is not None and old_bid not in self._backends:
+                        bid, slot = old_bid, _BackendSlot(sid, ident, old_gen, flags)
+                    else:
+                        bid = next(free_b)
+                        while bid in self._backends:
+                            bid = next(free_b)
+                        slot = _BackendSlot(sid, ident, self._next_gen, flags)
+                        self._next_gen += 1
+                        t.percpu_zero(t.backend_stats, bid)
                 elif self._backends[bid].flags != flags:
                     slot = _BackendSlot(sid, ident, self._backends[bid].gen, flags)
                 else:
@@ -261,13 +276,20 @@ class Datapath:
             except KeyError:
                 pass
             del self._svc_ids[key]
+            self._freed_svc[key] = sid
             self._svc_flags.pop(key, None)
             self._tables.pop(sid, None)
         # 5. backend slots nothing points at any more
+        rev = {sid: key for key, sid in new_ids.items()} | {sid: key for key, sid in self._freed_svc.items()}
         for bid in [b for b in self._backends if b not in keep_b]:
             self._tick()
             t.clear_backend(bid)
-            del self._backends[bid]
+            slot = self._backends.pop(bid)
+            if slot.svc_id in rev:
+                self._freed_be[(rev[slot.svc_id], slot.ident)] = (bid, slot.gen)
+        # Forget freed slots that have been handed to someone else since.
+        self._freed_be = {k: v for k, v in self._freed_be.items() if v[0] not in self._backends}
+        self._freed_svc = {k: v for k, v in self._freed_svc.items() if v not in self._svc_ids.values()}
 
     def _maglev_ids(self, svc: Service, sid: int, by_owner: dict[tuple[int, BackendKey], int]) -> np.ndarray:
         table = maglev.build(svc.maglev_weights(), self.cfg.maglev_m, self.cfg.maglev_seed)

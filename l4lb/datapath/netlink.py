@@ -19,7 +19,10 @@ from l4lb.datapath.config import DatapathError
 
 log = logging.getLogger(__name__)
 
-XDP_ATTACHED_NAMES = {0: "none", 1: "native", 2: "generic", 3: "offload", 4: "multi"}
+# IFLA_XDP_ATTACHED, as a number or as pyroute2's decoded name.
+XDP_ATTACHED_NAMES = {0: "none", 1: "native", 2: "generic", 3: "offload", 4: "multi",
+                      "none": "none", "xdp": "native", "xdpgeneric": "generic",
+                      "xdpoffload": "offload", "xdpmulti": "multi"}
 NTF_EXT_MANAGED = 1  # NDA_FLAGS_EXT: the kernel keeps the entry resolved (Linux >= 5.16)
 NUD_VALID = 0x02 | 0x04 | 0x08 | 0x10 | 0x40 | 0x80  # REACHABLE|STALE|DELAY|PROBE|NOARP|PERMANENT
 

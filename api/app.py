@@ -1,0 +1,57 @@
+"""The FastAPI application: wiring of routes, error rendering and metrics around a Control."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
+
+from l4lb.control import Control
+
+from . import errors
+from .metrics import Metrics
+from .routes import router
+from .schemas import Problem
+
+DESCRIPTION = """\
+REST API of **l4lbd**, the XDP layer-4 load balancer.
+
+* Every write is one transaction: validated, stored durably and applied to the
+  datapath before the answer; a refused or failed write changes nothing.
+* Reads carry an `ETag`; send it back in `If-Match` to make a write conditional
+  (412 if somebody changed it meanwhile). The desired-state document's tag is its
+  revision; a service's tag covers that service (and its backends) only.
+* Errors are `application/problem+json` with an `errors` list of located problems.
+* The unix socket is guarded by file permissions; the optional TCP listener needs
+  `Authorization: Bearer <token>` (except `/healthz` and `/readyz`).
+"""
+
+
+def create_app(control: Control, *, version: str = "0.1.0") -> FastAPI:
+    app = FastAPI(title="l4lbd", version=version, description=DESCRIPTION)
+    app.state.control = control
+    app.state.metrics = Metrics(control)
+    errors.install(app)
+    app.include_router(router)
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+            comps = schema.setdefault("components", {}).setdefault("schemas", {})
+            comps["Problem"] = Problem.model_json_schema(ref_template="#/components/schemas/{model}")
+            for name, sub in comps["Problem"].pop("$defs", {}).items():
+                comps.setdefault(name, sub)
+            # FastAPI adds its own 422 schema to every route with parameters; ours is a Problem.
+            for path in schema.get("paths", {}).values():
+                for op in path.values():
+                    resp = op.get("responses", {})
+                    if "422" in resp:
+                        resp["422"] = errors.responses(422)[422]
+            comps.pop("HTTPValidationError", None)
+            comps.pop("ValidationError", None)
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+    return app

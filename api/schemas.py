@@ -1,0 +1,158 @@
+"""Request and response bodies of the REST API (the OpenAPI document is built from these).
+
+Stored objects are the core models (l4lb.models) themselves; the bodies here
+are only the shapes that differ on the wire (a service body whose name comes
+from the URL, a backend body whose address comes from the URL, a patch).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from l4lb.models import MAX_BACKENDS_PER_SERVICE, MAX_WEIGHT, Backend, BackendState, IPAddress, Port, Protocol, Service, ServiceOptions
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ServiceBody(_Body):
+    """A service as PUT to /v1/services/{name}; ``name`` may be omitted (the URL names it)."""
+
+    name: str | None = Field(default=None, description="Must equal the name in the URL if given")
+    vip: IPAddress
+    port: Port
+    protocol: Protocol = Protocol.tcp
+    options: ServiceOptions = ServiceOptions()
+    backends: list[Backend] = Field(default_factory=list, max_length=MAX_BACKENDS_PER_SERVICE)
+
+
+class BackendBody(_Body):
+    """A backend as PUT to /v1/services/{name}/backends/{backend}: address (and port) come from the URL."""
+
+    address: IPAddress | None = Field(default=None, description="Must equal the address in the URL if given")
+    port: Port | None = Field(default=None, description="Backend port (l4_dnat only); or put it in the URL")
+    weight: int = Field(default=100, ge=0, le=MAX_WEIGHT)
+    state: BackendState = BackendState.active
+
+
+class BackendPatch(_Body):
+    """Change weight and/or state. ``state: draining`` = no new flows, existing flows stay."""
+
+    weight: int | None = Field(default=None, ge=0, le=MAX_WEIGHT)
+    state: BackendState | None = None
+
+    @model_validator(mode="after")
+    def _something(self) -> "BackendPatch":
+        if self.weight is None and self.state is None:
+            raise ValueError("give weight and/or state")
+        return self
+
+
+class ServiceList(BaseModel):
+    revision: int
+    services: list[Service]
+
+
+class BackendList(BaseModel):
+    service: str
+    backends: list[Backend]
+
+
+class FieldChangeOut(BaseModel):
+    field: str
+    old: Any = None
+    new: Any = None
+
+
+class BackendChangeOut(BaseModel):
+    action: str
+    address: str
+    port: int
+    changes: list[FieldChangeOut]
+
+
+class ServiceChangeOut(BaseModel):
+    action: str
+    name: str
+    changes: list[FieldChangeOut]
+    backends: list[BackendChangeOut]
+
+
+class PlanOut(BaseModel):
+    empty: bool
+    summary: dict[str, int]
+    services: list[ServiceChangeOut]
+
+
+class StateWriteResult(BaseModel):
+    revision: int = Field(description="Revision now in force (unchanged for a dry run or a no-op)")
+    changed: bool = Field(description="Whether the document differed from the one in force")
+    dry_run: bool
+    plan: PlanOut
+
+
+class Counter(BaseModel):
+    packets: int
+    bytes: int
+    pps: float | None = Field(description="Packets/s since the previous sample (null before there is one)")
+    bps: float | None = Field(description="Bits/s since the previous sample")
+
+
+class BackendStats(Counter):
+    address: str
+    port: int
+    state: BackendState
+
+
+class ServiceStats(Counter):
+    name: str
+    vip: str
+    port: int
+    protocol: Protocol
+    backends: list[BackendStats]
+
+
+class Stats(BaseModel):
+    revision: int
+    rate_interval_seconds: float | None
+    services: list[ServiceStats]
+    reasons: dict[str, Counter]
+
+
+class Status(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    revision: int
+    updated_at: float | None
+    ready: bool
+    degraded: str | None
+    services: int
+    backends: int
+    backends_by_state: dict[str, int]
+    interfaces: dict[str, str] = Field(description="Attached interface -> XDP mode in use")
+    limits: dict[str, int]
+    datapath: dict[str, Any] = Field(description="Program id, attachments and map fill levels from the datapath")
+
+
+class Health(BaseModel):
+    status: str
+    detail: str | None = None
+
+
+class ProblemError(BaseModel):
+    loc: list[str | int]
+    msg: str
+    type: str
+
+
+class Problem(BaseModel):
+    """RFC 9457 problem details (media type application/problem+json)."""
+
+    type: str
+    title: str
+    status: int
+    detail: str
+    errors: list[ProblemError] = []

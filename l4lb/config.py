@@ -1,0 +1,355 @@
+"""The l4lbd configuration file (TOML): parsed and validated, no side effects.
+
+A bad file is refused with one line per problem naming the key, e.g.
+``api.tcp.token_file: a TCP listener needs a bearer token``. Loading reads the
+API token file (it is part of the config) but touches nothing else; checks that
+need the host (do the interfaces exist?) live in the daemon's preflight.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import ipaddress
+import logging
+import os
+import stat
+import tomllib
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+
+from l4lb.models import DEFAULT_MAGLEV_M, MAGLEV_SIZES, MAX_BACKENDS_PER_SERVICE
+
+if TYPE_CHECKING:
+    from l4lb.datapath.config import DatapathConfig
+
+DEFAULT_PATH = Path("/etc/l4lbd/l4lbd.toml")
+DEFAULT_SOCKET = Path("/run/l4lbd/l4lbd.sock")
+DEFAULT_SEED = base64.b64encode(b"l4lb-default").decode()  # same as DatapathConfig's default
+MIN_TOKEN_LEN = 16
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+IFNAME_MAX = 15  # IFNAMSIZ - 1
+
+
+class ConfigError(ValueError):
+    """The config file is unusable; ``problems`` holds one 'key: message' per issue."""
+
+    def __init__(self, path: Path | str, problems: list[str]) -> None:
+        self.path = str(path)
+        self.problems = problems
+        super().__init__(f"{path}: " + "; ".join(problems))
+
+    def __str__(self) -> str:
+        if len(self.problems) == 1:
+            return f"{self.path}: {self.problems[0]}"
+        return f"{self.path}:\n" + "\n".join(f"  {p}" for p in self.problems)
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _absolute(v: Path) -> Path:
+    if not v.is_absolute():
+        raise ValueError(f"must be an absolute path, not {str(v)!r}")
+    return v
+
+
+class DatapathSection(_Section):
+    interfaces: list[str] = Field(description="Interfaces the XDP program is attached to")
+    xdp_mode: Literal["native", "generic", "auto"] = "auto"
+    bpffs: Path = Path("/sys/fs/bpf/l4lb")
+    maglev_m: int = DEFAULT_MAGLEV_M
+    maglev_seed: str = Field(default=DEFAULT_SEED, description="12 bytes, base64 (as Cilium's hash seed)")
+    outer_src_v4: ipaddress.IPv4Network | None = None
+    outer_src_v6: ipaddress.IPv6Network | None = None
+    # Map capacities are compile-time sizes: they change only with a restart.
+    max_services: int = Field(default=1024, ge=1, le=65536)
+    max_backends: int = Field(default=65536, ge=1, le=1 << 22)
+    flow_table_size: int = Field(default=1 << 20, ge=1024, le=1 << 26)
+    icmp_rate: int = Field(default=1000, ge=0, le=1_000_000)
+
+    @field_validator("interfaces")
+    @classmethod
+    def _ifnames(cls, v: list[str]) -> list[str]:
+        for name in v:
+            if not name or len(name) > IFNAME_MAX or any(c in name for c in "/: \t\n") or name in (".", ".."):
+                raise ValueError(f"{name!r} is not a valid interface name")
+        dup = sorted({n for n in v if v.count(n) > 1})
+        if dup:
+            raise ValueError(f"interface {dup[0]!r} is listed twice")
+        return v
+
+    @field_validator("outer_src_v4", "outer_src_v6", mode="before")
+    @classmethod
+    def _prefix(cls, v: Any, info: Any) -> Any:
+        if isinstance(v, str):
+            kind = ipaddress.IPv4Network if info.field_name.endswith("v4") else ipaddress.IPv6Network
+            try:
+                kind(v)
+            except ValueError as e:
+                raise ValueError(f"{v!r} is not an IPv{info.field_name[-1]} prefix: {e}") from None
+        return v
+
+    @field_validator("bpffs")
+    @classmethod
+    def _bpffs(cls, v: Path) -> Path:
+        return _absolute(v)
+
+    @field_validator("maglev_m")
+    @classmethod
+    def _m(cls, v: int) -> int:
+        if v not in MAGLEV_SIZES:
+            raise ValueError(f"{v} is not an allowed Maglev table size; use one of {', '.join(map(str, MAGLEV_SIZES))}")
+        return v
+
+    @field_validator("maglev_seed")
+    @classmethod
+    def _seed(cls, v: str) -> str:
+        try:
+            raw = base64.b64decode(v, validate=True)
+        except (binascii.Error, ValueError):
+            raise ValueError("is not valid base64") from None
+        if len(raw) != 12:
+            raise ValueError(f"must decode to 12 bytes, not {len(raw)} (e.g. `head -c12 /dev/urandom | base64`)")
+        return v
+
+    @property
+    def seed_bytes(self) -> bytes:
+        return base64.b64decode(self.maglev_seed)
+
+
+class TcpListener(_Section):
+    listen: str = Field(description="host:port, e.g. 127.0.0.1:9180 or [2001:db8::1]:9180")
+    token_file: Path | None = None
+    localhost_only_insecure: bool = Field(
+        default=False, description="Allow no token, only when the host is a loopback address"
+    )
+    # Filled from token_file while validating; never written back or logged.
+    token: SecretStr | None = Field(default=None, exclude=True, repr=False)
+
+    @property
+    def host(self) -> str:
+        return _split_hostport(self.listen)[0]
+
+    @property
+    def port(self) -> int:
+        return _split_hostport(self.listen)[1]
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, v: str) -> str:
+        _split_hostport(v)
+        return v
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_inline_token(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "token" in data:
+            raise ValueError("put the token in a file and name it with token_file (a token in the config leaks)")
+        return data
+
+    @model_validator(mode="after")
+    def _auth(self) -> "TcpListener":
+        loopback = ipaddress.ip_address(self.host).is_loopback
+        if self.localhost_only_insecure and not loopback:
+            raise ValueError(
+                f"localhost_only_insecure is allowed only on a loopback host, and {self.host} is not one"
+            )
+        if self.token_file is None:
+            if not self.localhost_only_insecure:
+                raise ValueError(
+                    "a TCP listener needs token_file (a bearer token); for a loopback-only test listener "
+                    "set localhost_only_insecure = true"
+                )
+            return self
+        object.__setattr__(self, "token", SecretStr(_read_token(self.token_file)))
+        return self
+
+
+def _split_hostport(v: str) -> tuple[str, int]:
+    if v.startswith("["):
+        host, sep, port = v[1:].partition("]:")
+        if not sep:
+            raise ValueError(f"{v!r} is not [ipv6]:port")
+    else:
+        host, sep, port = v.rpartition(":")
+        if not sep or ":" in host:
+            raise ValueError(f"{v!r} is not host:port (write IPv6 hosts as [addr]:port)")
+    if host == "localhost":
+        host = "127.0.0.1"
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(f"host {host!r} must be an IP address") from None
+    if not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError(f"port {port!r} must be 1-65535")
+    return host, int(port)
+
+
+def _read_token(path: Path) -> str:
+    try:
+        st = path.stat()
+        text = path.read_text(encoding="utf-8").strip()
+    except OSError as e:
+        raise ValueError(f"token_file {path}: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"token_file {path} is not UTF-8 text") from None
+    if st.st_mode & (stat.S_IROTH | stat.S_IWOTH):
+        raise ValueError(f"token_file {path} is accessible by other users (mode {stat.S_IMODE(st.st_mode):04o}); chmod o-rwx")
+    if len(text) < MIN_TOKEN_LEN or any(c.isspace() for c in text):
+        raise ValueError(f"token_file {path} must hold one token of at least {MIN_TOKEN_LEN} characters, no spaces")
+    return text
+
+
+class ApiSection(_Section):
+    socket: Path = DEFAULT_SOCKET
+    socket_mode: int | str = Field(default=0o600, description="octal, e.g. 0o600 or \"0660\"")
+    tcp: TcpListener | None = None
+
+    @field_validator("socket")
+    @classmethod
+    def _sock(cls, v: Path) -> Path:
+        _absolute(v)
+        if len(os.fsencode(v)) > 107:  # sun_path is 108 bytes with the NUL
+            raise ValueError(f"{v} is longer than a unix socket path may be (107 bytes)")
+        return v
+
+    @field_validator("socket_mode")
+    @classmethod
+    def _mode(cls, v: int | str) -> int:
+        if isinstance(v, str):
+            try:
+                v = int(v, 8)
+            except ValueError:
+                raise ValueError(f"{v!r} is not an octal mode") from None
+        if not 0 <= v <= 0o777:
+            raise ValueError(f"{v:o} is not a permission mode (0-0777)")
+        if v & 0o007:
+            raise ValueError(f"mode {v:04o} lets every local user drive the load balancer; drop the 'other' bits")
+        return v
+
+    @property
+    def mode(self) -> int:
+        assert isinstance(self.socket_mode, int)
+        return self.socket_mode
+
+
+class LimitsSection(_Section):
+    max_services: int = Field(default=1024, ge=1)
+    max_backends_per_service: int = Field(default=MAX_BACKENDS_PER_SERVICE, ge=1, le=MAX_BACKENDS_PER_SERVICE)
+
+
+class Config(_Section):
+    log_level: str = "info"
+    state_dir: Path = Path("/var/lib/l4lbd")
+    recorder_dir: Path = Path("/var/lib/l4lbd/recordings")
+    stats_interval: float = Field(default=5.0, gt=0, le=3600, description="seconds between rate samples")
+    datapath: DatapathSection
+    api: ApiSection = ApiSection()
+    limits: LimitsSection = LimitsSection()
+
+    @field_validator("log_level")
+    @classmethod
+    def _level(cls, v: str) -> str:
+        if v.lower() not in LOG_LEVELS:
+            raise ValueError(f"{v!r} is not one of {', '.join(LOG_LEVELS)}")
+        return v.lower()
+
+    @field_validator("state_dir", "recorder_dir")
+    @classmethod
+    def _dirs(cls, v: Path) -> Path:
+        return _absolute(v)
+
+    @model_validator(mode="after")
+    def _limits_fit_maps(self) -> "Config":
+        if self.limits.max_services > self.datapath.max_services:
+            raise ValueError(
+                f"limits.max_services = {self.limits.max_services} exceeds the datapath's map size "
+                f"datapath.max_services = {self.datapath.max_services}"
+            )
+        return self
+
+    @property
+    def log_level_number(self) -> int:
+        return getattr(logging, self.log_level.upper())
+
+    @property
+    def db_path(self) -> Path:
+        return self.state_dir / "state.sqlite3"
+
+    def datapath_config(self) -> "DatapathConfig":
+        from l4lb.datapath.config import DatapathConfig  # late: the datapath package imports BCC
+
+        d = self.datapath
+        return DatapathConfig(
+            bpffs=d.bpffs,
+            maglev_m=d.maglev_m,
+            maglev_seed=d.seed_bytes,
+            max_services=d.max_services,
+            max_backends=d.max_backends,
+            flow_table_size=d.flow_table_size,
+            outer_src_v4=d.outer_src_v4,
+            outer_src_v6=d.outer_src_v6,
+            icmp_rate=d.icmp_rate,
+        )
+
+    def restart_only_changes(self, new: "Config") -> list[str]:
+        """Keys that differ in ``new`` but take effect only at the next start."""
+        changed = []
+        for key in ("state_dir", "recorder_dir"):
+            if getattr(self, key) != getattr(new, key):
+                changed.append(key)
+        for key in ("bpffs", "maglev_m", "maglev_seed", "outer_src_v4", "outer_src_v6",
+                    "max_services", "max_backends", "flow_table_size", "icmp_rate"):
+            if getattr(self.datapath, key) != getattr(new.datapath, key):
+                changed.append(f"datapath.{key}")
+        return changed
+
+
+def _location(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part in ("function-after", "function-before") or "[" in str(part):
+            continue  # pydantic's internal validator steps
+        else:
+            out += ("." if out else "") + str(part)
+    return out or "(top level)"
+
+
+def format_errors(err: ValidationError) -> list[str]:
+    problems = []
+    for e in err.errors():
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (misspelt, or in the wrong section?)"
+        elif e["type"] == "missing":
+            msg = "required key is missing"
+        problems.append(f"{_location(e['loc'])}: {msg}")
+    return problems
+
+
+def parse(text: str, source: Path | str = "<config>") -> Config:
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(source, [f"TOML syntax error: {e}"]) from None
+    try:
+        return Config.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(source, format_errors(e)) from None
+
+
+def load(path: Path | str) -> Config:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(path, [f"cannot read: {e.strerror}"]) from None
+    except UnicodeDecodeError:
+        raise ConfigError(path, ["not UTF-8 text"]) from None
+    return parse(text, path)

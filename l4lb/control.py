@@ -1,0 +1,704 @@
+"""The control core: every change to the load balancer goes through here.
+
+A write is one transaction: validate → check the precondition (ETag) → stage
+in the store → ``datapath.apply(new services)`` → commit. Any failure before
+the commit rolls the store back and re-applies the previous service set, so a
+rejected or failed request changes nothing, in the store or in the maps. The
+caller gets a result only once the change is both durable and in the datapath.
+
+One lock serialises writes *and* datapath reads (stats/status), so the
+datapath never sees two callers at once; API handlers run in a thread pool.
+
+Errors are ``ControlError`` subclasses carrying an HTTP-ish status and located
+issues; the API layer only renders them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import logging
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from pydantic import ValidationError
+
+from l4lb.models import Backend, BackendState, DesiredState, FieldError, IPAddress, Service
+from l4lb.plan import Plan, diff
+from l4lb.store import Store
+
+log = logging.getLogger("l4lbd.control")
+
+Loc = tuple[str | int, ...]
+
+
+class DatapathLike(Protocol):
+    """What the control core needs from l4lb.datapath.Datapath."""
+
+    def apply(self, services: Sequence[Service]) -> None: ...  # all or nothing; restores itself on failure
+    def attach(self, interfaces: Sequence[str], mode: str = "auto") -> dict[str, str]: ...
+    def detach(self, interfaces: Sequence[str]) -> None: ...
+    def stats(self) -> Any: ...
+    def status(self) -> dict: ...
+
+
+# --- errors ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Issue:
+    """One thing wrong with a request, at a location such as ("body", "backends", 2, "address")."""
+
+    loc: Loc
+    msg: str
+    type: str = "value_error"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"loc": list(self.loc), "msg": self.msg, "type": self.type}
+
+
+class ControlError(Exception):
+    status = 500
+    slug = "internal-error"
+    title = "Internal error"
+
+    def __init__(self, detail: str, errors: Sequence[Issue] = ()) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.errors = list(errors)
+
+
+class NotFound(ControlError):
+    status, slug, title = 404, "not-found", "Not found"
+
+
+class Conflict(ControlError):
+    status, slug, title = 409, "conflict", "Conflicts with another object"
+
+
+class PreconditionFailed(ControlError):
+    status, slug, title = 412, "precondition-failed", "Precondition failed"
+
+
+class Invalid(ControlError):
+    status, slug, title = 422, "validation-error", "Invalid request"
+
+
+class ApplyFailed(ControlError):
+    status, slug, title = 500, "apply-failed", "The change could not be applied; nothing was changed"
+
+
+def _strip_union_tag(loc: Sequence[str | int]) -> Loc:
+    # pydantic puts validator descriptions ("lax-or-strict[...]") in locs of union members.
+    return tuple(p for p in loc if not (isinstance(p, str) and ("[" in p or p in ("function-after", "function-plain"))))
+
+
+def issues_from_errors(errors: Sequence[Mapping[str, Any]], prefix: Loc = ()) -> list[Issue]:
+    """pydantic error dicts → located issues; model-level FieldErrors keep their own field location."""
+    out: list[Issue] = []
+    seen_ip: set[Loc] = set()
+    for e in errors:
+        loc = prefix + _strip_union_tag(e.get("loc", ()))
+        msg = str(e.get("msg", "")).removeprefix("Value error, ")
+        kind = str(e.get("type", "value_error"))
+        exc = (e.get("ctx") or {}).get("error")
+        if isinstance(exc, FieldError):
+            loc += exc.loc
+        if kind in ("ip_v4_address", "ip_v6_address"):
+            # The address union reports both members; say it once.
+            if loc in seen_ip:
+                continue
+            seen_ip.add(loc)
+            kind, msg = "ip_address", f"{e.get('input')!r} is not a valid IPv4 or IPv6 address"
+        elif kind == "extra_forbidden":
+            msg = "unknown field"
+        out.append(Issue(loc, msg, kind))
+    return out
+
+
+def issues_from_validation(err: ValidationError, prefix: Loc = ()) -> list[Issue]:
+    return issues_from_errors(err.errors(include_url=False), prefix)
+
+
+def _invalid(err: ValidationError, prefix: Loc) -> Invalid:
+    issues = issues_from_validation(err, prefix)
+    return Invalid("; ".join(f"{_dotted(i.loc)}: {i.msg}" for i in issues), issues)
+
+
+def _dotted(loc: Loc) -> str:
+    return ".".join(str(p) for p in loc)
+
+
+# --- preconditions (ETags) ------------------------------------------------------------------
+
+
+def state_etag(revision: int) -> str:
+    """Opaque tag of the whole document (the API quotes it)."""
+    return f"r{revision}"
+
+
+def service_etag(service: Service) -> str:
+    """Tag of one service: a hash of its content, so writers of different services do not collide."""
+    return "s" + hashlib.sha256(service.model_dump_json().encode()).hexdigest()[:20]
+
+
+@dataclass(frozen=True)
+class Precondition:
+    """Parsed If-Match / If-None-Match: opaque tags, or ("*",). None = header absent."""
+
+    if_match: tuple[str, ...] | None = None
+    if_none_match: tuple[str, ...] | None = None
+
+    def check(self, current: str | None, what: str) -> None:
+        """``current`` is the target's tag, or None if it does not exist."""
+        if self.if_match is not None:
+            if current is None:
+                raise PreconditionFailed(f"If-Match given but {what} does not exist")
+            if "*" not in self.if_match and current not in self.if_match:
+                raise PreconditionFailed(
+                    f"If-Match {', '.join(_q(t) for t in self.if_match)} does not match the current ETag "
+                    f"{_q(current)} of {what}: it changed since you read it; read it again and retry"
+                )
+        if self.if_none_match is not None and current is not None:
+            if "*" in self.if_none_match:
+                raise PreconditionFailed(f"If-None-Match: * but {what} already exists")
+            if current in self.if_none_match:
+                raise PreconditionFailed(f"If-None-Match matches the current ETag {_q(current)} of {what}")
+
+
+def _q(tag: str) -> str:
+    return f'"{tag}"' if tag != "*" else "*"
+
+
+NO_PRECONDITION = Precondition()
+
+
+# --- limits and results ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_services: int = 1024
+    max_backends_per_service: int = 1024
+    max_backends_total: int = 65536  # (service, backend) pairs the datapath's maps hold
+
+
+@dataclass(frozen=True)
+class Committed:
+    revision: int
+    changed: bool
+    plan: Plan
+    dry_run: bool = False
+
+
+@dataclass(frozen=True)
+class BackendRef:
+    """A backend named in a URL: address and, optionally, port."""
+
+    address: IPAddress
+    port: int | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> "BackendRef":
+        """``192.0.2.1``, ``192.0.2.1:8080``, ``2001:db8::1``, ``[2001:db8::1]:8080``."""
+        host, port = text, None
+        if text.startswith("["):
+            host, sep, rest = text[1:].partition("]")
+            if not sep or (rest and not rest.startswith(":")):
+                raise ValueError(f"{text!r} is not [IPv6]:port")
+            port = rest[1:] if rest else None
+        elif text.count(":") == 1:
+            host, _, port = text.partition(":")
+        try:
+            addr = ipaddress.ip_address(host)
+        except ValueError:
+            raise ValueError(f"{host!r} is not a valid IPv4 or IPv6 address") from None
+        if port is not None:
+            if not port.isdigit() or not 1 <= int(port) <= 65535:
+                raise ValueError(f"port {port!r} must be 1-65535")
+            return cls(addr, int(port))
+        return cls(addr, None)
+
+    def __str__(self) -> str:
+        if self.port is None:
+            return str(self.address)
+        return f"[{self.address}]:{self.port}" if self.address.version == 6 else f"{self.address}:{self.port}"
+
+
+def canonical(state: DesiredState) -> DesiredState:
+    """Services by name, backends by identity: the stored form, so list order is never a change."""
+
+    def svc(s: Service) -> Service:
+        order = sorted(s.backends, key=lambda b: _ident_key(b.identity(s.port)))
+        return s if order == s.backends else s.model_copy(update={"backends": order})
+
+    services = sorted((svc(s) for s in state.services), key=lambda s: s.name)
+    return state if services == state.services else DesiredState(services=services)
+
+
+def _ident_key(ident: tuple[str, int]) -> tuple[int, bytes, int]:
+    ip = ipaddress.ip_address(ident[0])
+    return (ip.version, ip.packed, ident[1])
+
+
+# --- stats rates ------------------------------------------------------------------------------
+
+
+Counters = dict[tuple, tuple[int, int]]  # flat key -> (packets, bytes)
+
+
+class RateTracker:
+    """Keeps the last two samples; a fresh read is rated against the newest one at least
+    ``min_age`` old, so rates are over a real interval whatever the request pattern."""
+
+    def __init__(self, min_age: float = 1.0) -> None:
+        self.min_age = min_age
+        self._prev: tuple[float, Counters] | None = None
+        self._last: tuple[float, Counters] | None = None
+
+    def base(self, now: float) -> tuple[float, Counters] | None:
+        for s in (self._last, self._prev):
+            if s is not None and now - s[0] >= self.min_age:
+                return s
+        return None
+
+    def observe(self, now: float, counters: Counters) -> None:
+        if self._last is None or now - self._last[0] >= self.min_age:
+            self._prev, self._last = self._last, (now, counters)
+
+
+def _norm_key(key: Any) -> tuple[str, int, str]:
+    """Datapath service key (vip, port, proto) → Service.key form, whatever the datapath's types."""
+    vip, port, proto = key
+    proto_s = {6: "tcp", 17: "udp"}.get(proto, proto) if isinstance(proto, int) else getattr(proto, "value", str(proto))
+    return (ipaddress.ip_address(vip).exploded, int(port), str(proto_s))
+
+
+def _norm_ident(ident: Any) -> tuple[str, int]:
+    addr, port = ident
+    return (ipaddress.ip_address(addr).exploded, int(port))
+
+
+def _counter(v: Any) -> tuple[int, int]:
+    if isinstance(v, Mapping):
+        return int(v.get("packets", 0)), int(v.get("bytes", 0))
+    return int(getattr(v, "packets", 0)), int(getattr(v, "bytes", 0))
+
+
+def flatten_stats(raw: Any) -> Counters:
+    out: Counters = {}
+    for k, v in (getattr(raw, "services", None) or {}).items():
+        out[("svc", _norm_key(k))] = _counter(v)
+    for (sk, ident), v in (getattr(raw, "backends", None) or {}).items():
+        out[("be", _norm_key(sk), _norm_ident(ident))] = _counter(v)
+    for reason, v in (getattr(raw, "reasons", None) or {}).items():
+        out[("reason", str(reason))] = _counter(v)
+    return out
+
+
+# --- the core ----------------------------------------------------------------------------------
+
+
+@dataclass
+class ApplyMetrics:
+    results: Counter = field(default_factory=Counter)  # "ok" / "failed" / "unchanged"
+    last_seconds: float = 0.0
+    total_seconds: float = 0.0
+
+
+class Control:
+    def __init__(
+        self,
+        store: Store,
+        datapath: DatapathLike,
+        limits: Limits,
+        *,
+        post_apply_hook: Callable[[], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._store = store
+        self._dp = datapath
+        self.limits = limits
+        self._hook = post_apply_hook  # test-only failure injection, see daemon
+        self._clock = clock
+        self._lock = threading.RLock()
+        rec = store.read()
+        self._revision = rec.revision
+        self._state = rec.state
+        self._updated_at = rec.updated_at
+        self.converged = False
+        self.degraded: str | None = None  # why the datapath may not match the store
+        self.interfaces: dict[str, str] = {}  # attached interface -> XDP mode used
+        self.apply_metrics = ApplyMetrics()
+        self._rates = RateTracker()
+
+    # -- lifecycle -----------------------------------------------------------------
+
+    def converge(self) -> None:
+        """Make the datapath hold the last committed state (daemon start, after a crash)."""
+        with self._lock:
+            self._dp.apply(self._state.services)
+            self.converged = True
+            self.degraded = None
+
+    def heal(self) -> bool:
+        """Retry converging after a failed rollback; True when consistent."""
+        with self._lock:
+            if self.degraded is None:
+                return True
+            try:
+                self.converge()
+                log.warning("datapath converged again to revision %d", self._revision)
+                return True
+            except Exception as e:  # noqa: BLE001 - keep trying, report
+                self.degraded = f"datapath does not match revision {self._revision}: {e}"
+                return False
+
+    def attach(self, interfaces: Sequence[str], mode: str) -> dict[str, str]:
+        with self._lock:
+            used = self._dp.attach(list(interfaces), mode)
+            self.interfaces.update(used)
+            return used
+
+    def detach(self, interfaces: Sequence[str]) -> None:
+        with self._lock:
+            self._dp.detach(list(interfaces))
+            for i in interfaces:
+                self.interfaces.pop(i, None)
+
+    def update_runtime(self, datapath_config: Any) -> None:
+        """Datapath knobs that need no new program (seed, outer sources, ICMP rate)."""
+        with self._lock:
+            update = getattr(self._dp, "update_runtime", None)
+            if update is None:
+                raise NotImplementedError("this datapath cannot change settings at run time")
+            update(datapath_config)
+
+    def healthy(self, timeout: float) -> bool:
+        """For the watchdog: the lock can be taken (no write is stuck) and the datapath is consistent."""
+        if not self._lock.acquire(timeout=timeout):
+            return False
+        try:
+            return self.degraded is None
+        finally:
+            self._lock.release()
+
+    @property
+    def ready(self) -> bool:
+        return self.converged and self.degraded is None
+
+    def set_limits(self, limits: Limits) -> None:
+        """New limits (SIGHUP); refused if the current state already exceeds them."""
+        with self._lock:
+            issues = _limit_issues(self._state.services, limits, list_loc=("services",),
+                                   item_loc=lambda i: ("services", i, "backends"))
+            if issues:
+                raise Invalid("the current desired state exceeds the new limits: " + "; ".join(i.msg for i in issues), issues)
+            self.limits = limits
+
+    # -- reads ------------------------------------------------------------------------
+
+    @property
+    def revision(self) -> int:
+        return self._revision
+
+    def snapshot(self) -> tuple[int, DesiredState]:
+        with self._lock:
+            return self._revision, self._state
+
+    def get_service(self, name: str) -> Service:
+        with self._lock:
+            return self._find(self._state, name)
+
+    def get_backend(self, name: str, ref: BackendRef) -> tuple[Service, Backend]:
+        with self._lock:
+            svc = self._find(self._state, name)
+            return svc, svc.backends[self._backend_index(svc, ref)]
+
+    # -- writes -----------------------------------------------------------------------
+
+    def replace_state(self, new: DesiredState, pre: Precondition = NO_PRECONDITION, dry_run: bool = False) -> Committed:
+        with self._lock:
+            pre.check(state_etag(self._revision), "the desired state")
+            issues = _limit_issues(new.services, self.limits, list_loc=("body", "services"),
+                                   item_loc=lambda i: ("body", "services", i, "backends"))
+            if issues:
+                raise Invalid("; ".join(i.msg for i in issues), issues)
+            return self._commit(canonical(new), dry_run=dry_run)
+
+    def put_service(self, service: Service, pre: Precondition = NO_PRECONDITION) -> tuple[Committed, bool]:
+        with self._lock:
+            old = self._lookup(self._state, service.name)
+            pre.check(service_etag(old) if old else None, f"service {service.name!r}")
+            for other in self._state.services:
+                if other.name != service.name and other.key == service.key:
+                    raise Conflict(
+                        f"{service.vip} port {service.port}/{service.protocol.value} is already used by service "
+                        f"{other.name!r}",
+                        [Issue(("body", "vip"), f"{service.vip}:{service.port}/{service.protocol.value} is used by "
+                               f"service {other.name!r}", "conflict")],
+                    )
+            others = [s for s in self._state.services if s.name != service.name]
+            issues = _limit_issues([service], self.limits, list_loc=("path", "name"),
+                                   item_loc=lambda i: ("body", "backends"), others=others)
+            if issues:
+                raise Invalid("; ".join(i.msg for i in issues), issues)
+            committed = self._commit(canonical(DesiredState(services=[*others, service])))
+            return committed, old is None
+
+    def delete_service(self, name: str, pre: Precondition = NO_PRECONDITION) -> Committed:
+        with self._lock:
+            old = self._find(self._state, name)
+            pre.check(service_etag(old), f"service {name!r}")
+            return self._commit(DesiredState(services=[s for s in self._state.services if s.name != name]))
+
+    def put_backend(self, name: str, ref: BackendRef, backend: Backend, pre: Precondition = NO_PRECONDITION) -> tuple[Committed, bool]:
+        """Create or replace the backend ``ref`` of service ``name`` (address from the URL)."""
+        with self._lock:
+            svc = self._find(self._state, name)
+            pre.check(service_etag(svc), f"service {name!r}")
+            if backend.address != ref.address:
+                raise Invalid(f"body address {backend.address} differs from the URL's {ref.address}",
+                              [Issue(("body", "address"), "differs from the address in the URL")])
+            if ref.port is not None and backend.port is not None and backend.port != ref.port:
+                raise Invalid(f"body port {backend.port} differs from the URL's {ref.port}",
+                              [Issue(("body", "port"), "differs from the port in the URL")])
+            if ref.port is not None and backend.port is None and ref.port != svc.port:
+                backend = backend.model_copy(update={"port": ref.port})
+            self._check_backend_fits(svc, backend)
+            ident = backend.identity(svc.port)
+            idx = next((i for i, b in enumerate(svc.backends) if b.identity(svc.port) == ident), None)
+            backends = list(svc.backends)
+            if idx is None:
+                backends.append(backend)
+            else:
+                backends[idx] = backend
+            new_svc = self._rebuild(svc, backends)
+            committed = self._commit(self._with_service(new_svc))
+            return committed, idx is None
+
+    def patch_backend(
+        self, name: str, ref: BackendRef, *, weight: int | None = None, state: BackendState | None = None,
+        pre: Precondition = NO_PRECONDITION,
+    ) -> tuple[Committed, Backend]:
+        with self._lock:
+            svc = self._find(self._state, name)
+            pre.check(service_etag(svc), f"service {name!r}")
+            idx = self._backend_index(svc, ref)
+            update: dict[str, Any] = {}
+            if weight is not None:
+                update["weight"] = weight
+            if state is not None:
+                update["state"] = state
+            backends = list(svc.backends)
+            try:
+                backends[idx] = Backend.model_validate({**backends[idx].model_dump(), **update})
+            except ValidationError as e:
+                raise _invalid(e, ("body",)) from None
+            committed = self._commit(self._with_service(self._rebuild(svc, backends)))
+            return committed, backends[idx]
+
+    def delete_backend(self, name: str, ref: BackendRef, pre: Precondition = NO_PRECONDITION) -> Committed:
+        with self._lock:
+            svc = self._find(self._state, name)
+            pre.check(service_etag(svc), f"service {name!r}")
+            idx = self._backend_index(svc, ref)
+            backends = [b for i, b in enumerate(svc.backends) if i != idx]
+            return self._commit(self._with_service(self._rebuild(svc, backends)))
+
+    # -- read side: stats and status ----------------------------------------------------
+
+    def sample(self) -> None:
+        """Record a stats sample for rates (called periodically by the daemon)."""
+        with self._lock:
+            now, flat = self._clock(), flatten_stats(self._dp.stats())
+            self._rates.observe(now, flat)
+
+    def stats(self) -> dict[str, Any]:
+        """Counters of every desired service/backend and per-reason totals, with rates."""
+        with self._lock:
+            now, flat = self._clock(), flatten_stats(self._dp.stats())
+            base = self._rates.base(now)
+            self._rates.observe(now, flat)
+            state, revision = self._state, self._revision
+        interval = (now - base[0]) if base else None
+
+        def entry(key: tuple) -> dict[str, Any]:
+            packets, nbytes = flat.get(key, (0, 0))
+            out: dict[str, Any] = {"packets": packets, "bytes": nbytes, "pps": None, "bps": None}
+            if base:
+                # Not in the base sample: created since, and new counters start at 0.
+                then = base[1].get(key, (0, 0))
+                dp, db = packets - then[0], nbytes - then[1]
+                if dp >= 0 and db >= 0:  # a counter reset (slot reused) has no honest rate
+                    out["pps"] = round(dp / interval, 3)
+                    out["bps"] = round(8 * db / interval, 3)
+            return out
+
+        services = []
+        for s in state.services:
+            backends = [
+                {"address": b.address.compressed, "port": b.identity(s.port)[1], "state": b.state.value,
+                 **entry(("be", s.key, b.identity(s.port)))}
+                for b in s.backends
+            ]
+            services.append({"name": s.name, "vip": s.vip.compressed, "port": s.port,
+                             "protocol": s.protocol.value, **entry(("svc", s.key)), "backends": backends})
+        reasons = {k[1]: entry(k) for k in sorted(flat) if k[0] == "reason"}
+        return {"revision": revision, "rate_interval_seconds": round(interval, 3) if interval else None,
+                "services": services, "reasons": reasons}
+
+    def raw_stats(self) -> tuple[DesiredState, Counters]:
+        """State and flat counters, for the Prometheus collector."""
+        with self._lock:
+            return self._state, flatten_stats(self._dp.stats())
+
+    def status(self) -> dict[str, Any]:
+        with self._lock:
+            dp_status = self._dp.status()
+            state = self._state
+            by_state = Counter(b.state.value for s in state.services for b in s.backends)
+            return {
+                "revision": self._revision,
+                "updated_at": self._updated_at or None,
+                "ready": self.ready,
+                "degraded": self.degraded,
+                "services": len(state.services),
+                "backends": sum(by_state.values()),
+                "backends_by_state": {k.value: by_state.get(k.value, 0) for k in BackendState},
+                "interfaces": dict(self.interfaces),
+                "limits": {"max_services": self.limits.max_services,
+                           "max_backends_per_service": self.limits.max_backends_per_service,
+                           "max_backends_total": self.limits.max_backends_total},
+                "datapath": dp_status,
+            }
+
+    def summary(self) -> str:
+        """One line for sd_notify STATUS= and logs."""
+        with self._lock:
+            n_b = sum(len(s.backends) for s in self._state.services)
+            ifs = ",".join(f"{i}({m})" for i, m in sorted(self.interfaces.items())) or "none"
+            flag = "" if self.degraded is None else " DEGRADED"
+            return f"revision {self._revision}: {len(self._state.services)} services, {n_b} backends, interfaces {ifs}{flag}"
+
+    # -- internals ----------------------------------------------------------------------
+
+    def _commit(self, new: DesiredState, *, dry_run: bool = False) -> Committed:
+        old = self._state
+        plan = diff(old, new)
+        if dry_run:
+            return Committed(self._revision, not plan.empty, plan, dry_run=True)
+        if new == old:
+            self.apply_metrics.results["unchanged"] += 1
+            return Committed(self._revision, False, plan)
+        t0 = time.monotonic()
+        staged = False
+        try:
+            with self._store.write(self._revision, new) as revision:
+                staged = True
+                self._dp.apply(new.services)
+                if self._hook is not None:
+                    self._hook()
+        except Exception as e:
+            self.apply_metrics.results["failed"] += 1
+            log.error("apply of revision %d failed (%s); restoring revision %d", self._revision + 1, e, self._revision)
+            if staged:
+                self._restore(old)
+            raise ApplyFailed(f"{e}; the store and the datapath still hold revision {self._revision}") from e
+        took = time.monotonic() - t0
+        self.apply_metrics.results["ok"] += 1
+        self.apply_metrics.last_seconds = took
+        self.apply_metrics.total_seconds += took
+        self._state, self._revision, self._updated_at = new, revision, time.time()
+        self.degraded = None  # the datapath now holds exactly the committed state
+        s = plan.summary()
+        log.info("revision %d applied in %.3fs: %s", revision, took, ", ".join(f"{k}={v}" for k, v in s.items() if v))
+        return Committed(revision, True, plan)
+
+    def _restore(self, old: DesiredState) -> None:
+        try:
+            self._dp.apply(old.services)
+        except Exception as e:  # noqa: BLE001
+            self.degraded = f"datapath could not be restored to revision {self._revision}: {e}"
+            log.critical("%s", self.degraded)
+
+    @staticmethod
+    def _lookup(state: DesiredState, name: str) -> Service | None:
+        return next((s for s in state.services if s.name == name), None)
+
+    def _find(self, state: DesiredState, name: str) -> Service:
+        svc = self._lookup(state, name)
+        if svc is None:
+            raise NotFound(f"no service named {name!r}", [Issue(("path", "name"), "no such service", "not_found")])
+        return svc
+
+    def _with_service(self, svc: Service) -> DesiredState:
+        return canonical(DesiredState(services=[svc if s.name == svc.name else s for s in self._state.services]))
+
+    def _backend_index(self, svc: Service, ref: BackendRef) -> int:
+        if ref.port is not None:
+            want = (ref.address.exploded, ref.port)
+            for i, b in enumerate(svc.backends):
+                if b.identity(svc.port) == want:
+                    return i
+        else:
+            hits = [i for i, b in enumerate(svc.backends) if b.address == ref.address]
+            if len(hits) == 1:
+                return hits[0]
+            if len(hits) > 1:
+                ports = ", ".join(str(svc.backends[i].identity(svc.port)[1]) for i in hits)
+                raise Invalid(
+                    f"service {svc.name!r} has backend {ref.address} on ports {ports}; name one as address:port",
+                    [Issue(("path", "backend"), "ambiguous: add the port", "ambiguous")],
+                )
+        raise NotFound(f"service {svc.name!r} has no backend {ref}",
+                       [Issue(("path", "backend"), "no such backend", "not_found")])
+
+    def _check_backend_fits(self, svc: Service, b: Backend) -> None:
+        if b.address.version != svc.vip.version:
+            raise Invalid(
+                f"backend {b.address} is IPv{b.address.version} but VIP {svc.vip} is IPv{svc.vip.version}",
+                [Issue(("path", "backend"), f"IPv{b.address.version} backend for an IPv{svc.vip.version} VIP",
+                       "family_mismatch")],
+            )
+        if b.port is not None and b.port != svc.port and not svc.options.l4_dnat:
+            raise Invalid(
+                f"backend {b.address} has port {b.port} but the service port is {svc.port}; "
+                "set options.l4_dnat on the service to translate ports",
+                [Issue(("body", "port"), "differs from the service port and l4_dnat is off", "port_mismatch")],
+            )
+
+    def _rebuild(self, svc: Service, backends: list[Backend]) -> Service:
+        issues = _limit_issues([svc.model_copy(update={"backends": backends})], self.limits,
+                               list_loc=("path", "backend"), item_loc=lambda i: ("path", "backend"),
+                               others=[s for s in self._state.services if s.name != svc.name])
+        if issues:
+            raise Invalid("; ".join(i.msg for i in issues), issues)
+        try:
+            return Service.model_validate({**svc.model_dump(), "backends": [b.model_dump() for b in backends]})
+        except ValidationError as e:
+            raise _invalid(e, ("body",)) from None
+
+
+def _limit_issues(
+    services: Sequence[Service], limits: Limits, *, list_loc: Loc, item_loc: Callable[[int], Loc],
+    others: Sequence[Service] = (),
+) -> list[Issue]:
+    """Limit violations of ``services`` (the part being written) plus ``others`` (the rest of the state)."""
+    issues: list[Issue] = []
+    n = len(services) + len(others)
+    if n > limits.max_services:
+        issues.append(Issue(list_loc, f"{n} services exceed limits.max_services = {limits.max_services}", "limit"))
+    for i, s in enumerate(services):
+        if len(s.backends) > limits.max_backends_per_service:
+            issues.append(Issue(item_loc(i), f"service {s.name!r} would have {len(s.backends)} backends; "
+                                f"limits.max_backends_per_service is {limits.max_backends_per_service}", "limit"))
+    total = sum(len(s.backends) for s in [*services, *others])
+    if total > limits.max_backends_total:
+        issues.append(Issue(list_loc, f"{total} backends in all exceed the datapath's "
+                            f"{limits.max_backends_total} backend slots (datapath.max_backends)", "limit"))
+    return issues

@@ -1,0 +1,529 @@
+"""l4lbd: wiring of config, store, datapath, control core and API listeners.
+
+Start: config → preflight → store → Datapath.load() → apply(stored state) →
+attach → listeners → READY=1. The order means that after a crash the daemon
+first converges the datapath to the last committed state, and that systemd
+hears READY only when packets are being balanced and the API answers.
+
+Signals: TERM/INT stop serving and exit, leaving XDP attached and the maps
+pinned (traffic keeps flowing while the daemon is away). HUP reloads the
+config file; a bad file is refused and the running config kept.
+
+    l4lbd --config /etc/l4lbd/l4lbd.toml      run
+    l4lbd --check-config                       validate the file (and the host) and exit
+    l4lbd --detach                             remove XDP from the configured interfaces and exit
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import errno
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from l4lb import __version__
+from l4lb import config as config_mod
+from l4lb.config import Config, ConfigError
+from l4lb.control import Control, Invalid, Limits
+
+log = logging.getLogger("l4lbd")
+
+# Test-only failure injection: when this env var names a file and the file
+# exists at the moment of a write, the control core fails that write *after*
+# datapath.apply() succeeded, exercising the full rollback (store + maps).
+FAULT_ENV = "L4LBD_TEST_FAULT_FILE"
+
+
+class StartupError(RuntimeError):
+    """Something the operator must fix before l4lbd can start."""
+
+
+# --- systemd notify ------------------------------------------------------------------------
+
+
+def sd_notify(message: str) -> bool:
+    """Send a sd_notify(3) datagram; a no-op (False) outside systemd."""
+    addr = os.environ.get("NOTIFY_SOCKET")
+    if not addr:
+        return False
+    if addr[0] == "@":  # abstract namespace
+        addr = "\0" + addr[1:]
+    try:
+        # Non-blocking: a notify socket that does not read must never stall the daemon.
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK) as s:
+            s.connect(addr)
+            s.send(message.encode())
+        return True
+    except BlockingIOError:
+        log.debug("sd_notify: %s is full, message dropped", os.environ.get("NOTIFY_SOCKET"))
+        return False
+    except OSError as e:
+        log.warning("sd_notify to %s failed: %s", os.environ.get("NOTIFY_SOCKET"), e)
+        return False
+
+
+def watchdog_interval() -> float | None:
+    """Half of $WATCHDOG_USEC (systemd's advice), if the watchdog is meant for us."""
+    usec = os.environ.get("WATCHDOG_USEC")
+    pid = os.environ.get("WATCHDOG_PID")
+    if not usec or (pid and pid.isdigit() and int(pid) != os.getpid()):
+        return None
+    try:
+        return max(int(usec), 1) / 2e6
+    except ValueError:
+        return None
+
+
+# --- preflight ------------------------------------------------------------------------------
+
+
+def preflight(cfg: Config) -> list[str]:
+    """Host checks that need no privileges and change nothing; returns problems."""
+    problems = []
+    for name in cfg.datapath.interfaces:
+        try:
+            socket.if_nametoindex(name)
+        except OSError:
+            problems.append(f"datapath.interfaces: there is no interface named {name!r} (in this network namespace)")
+    if not cfg.datapath.bpffs.is_dir():
+        problems.append(f"datapath.bpffs: {cfg.datapath.bpffs} does not exist (mount -t bpf bpf {cfg.datapath.bpffs})")
+    return problems
+
+
+def limits_of(cfg: Config) -> Limits:
+    return Limits(
+        max_services=cfg.limits.max_services,
+        max_backends_per_service=cfg.limits.max_backends_per_service,
+        max_backends_total=cfg.datapath.max_backends - 1,  # slot 0 means "no backend" in the datapath
+    )
+
+
+def _fault_hook() -> Callable[[], None] | None:
+    path = os.environ.get(FAULT_ENV)
+    if not path:
+        return None
+    log.warning("test failure injection enabled (%s=%s)", FAULT_ENV, path)
+
+    def hook() -> None:
+        if os.path.exists(path):
+            raise RuntimeError(f"injected failure after datapath apply ({FAULT_ENV})")
+
+    return hook
+
+
+# --- listeners --------------------------------------------------------------------------------
+
+
+def _quiet_server_class() -> type:
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        # The daemon owns the signals (TERM must not be swallowed, HUP reloads).
+        @contextlib.contextmanager
+        def capture_signals(self):  # type: ignore[override]
+            yield
+
+    return Server
+
+
+@dataclass
+class Listener:
+    name: str                 # "unix:/run/l4lbd/l4lbd.sock" or "tcp:127.0.0.1:9180"
+    server: Any               # uvicorn.Server
+    task: asyncio.Task
+    path: Path | None = None  # unix socket to remove on stop
+
+    async def stop(self) -> None:
+        self.server.should_exit = True
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.task, timeout=10)
+        if self.path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()
+
+
+def bind_unix(path: Path, mode: int) -> socket.socket:
+    """Bind with the final mode from the start (no window where the socket is 0666)."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
+    if path.exists() or path.is_symlink():
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(str(path))
+        except OSError:
+            path.unlink()  # stale socket of a previous run
+        else:
+            raise StartupError(f"api.socket: {path} is in use: is another l4lbd running?")
+        finally:
+            probe.close()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o777 & ~mode)
+    try:
+        sock.bind(str(path))
+    finally:
+        os.umask(old)
+    os.chmod(path, mode)
+    sock.listen(128)
+    sock.setblocking(False)
+    return sock
+
+
+def bind_tcp(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise StartupError(f"api.tcp.listen: cannot listen on {host}:{port}: {e.strerror}") from None
+    sock.listen(128)
+    sock.setblocking(False)
+    return sock
+
+
+# --- the daemon ---------------------------------------------------------------------------------
+
+
+class Daemon:
+    def __init__(self, config_path: Path, cfg: Config) -> None:
+        self.config_path = config_path
+        self.cfg = cfg
+        self.pending_restart: list[str] = []
+        self.control: Control | None = None
+        self._dp: Any = None
+        self._store: Any = None
+        self._listeners: dict[str, Listener] = {}
+        self._stopping: asyncio.Event | None = None
+        self._last_status = ""
+        self._app: Any = None
+
+    # -- start -----------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Everything up to (not including) the listeners. Raises StartupError."""
+        from l4lb.datapath import Datapath, DatapathError  # BCC: only when really starting
+        from l4lb.store import Store, StoreError
+
+        cfg = self.cfg
+        problems = preflight(cfg)
+        if problems:
+            raise StartupError("; ".join(problems))
+        try:
+            cfg.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            self._store = Store(cfg.db_path)
+        except (OSError, StoreError) as e:
+            raise StartupError(f"state_dir: {e}") from None
+        t0 = time.monotonic()
+        self._dp = Datapath(cfg.datapath_config())
+        try:
+            self._dp.load()
+        except DatapathError as e:
+            raise StartupError(f"datapath: {e}") from None
+        log.info("datapath loaded in %.1fs", time.monotonic() - t0)
+        self.control = Control(self._store, self._dp, limits_of(cfg), post_apply_hook=_fault_hook())
+        revision, state = self.control.snapshot()
+        try:
+            self.control.set_limits(limits_of(cfg))
+        except Invalid as e:
+            raise StartupError(f"limits: {e.detail}") from None
+        try:
+            self.control.converge()
+        except Exception as e:
+            raise StartupError(f"could not apply the stored state (revision {revision}) to the datapath: {e}") from e
+        log.info("datapath converged to revision %d (%d services)", revision, len(state.services))
+        if cfg.datapath.interfaces:
+            try:
+                used = self.control.attach(cfg.datapath.interfaces, cfg.datapath.xdp_mode)
+            except Exception as e:
+                raise StartupError(f"datapath.interfaces: attach failed: {e}") from e
+            log.info("XDP attached: %s", ", ".join(f"{i} ({m})" for i, m in used.items()))
+        else:
+            log.warning("datapath.interfaces is empty: nothing is attached")
+
+    def close(self) -> None:
+        # Drop fds only: pins and the XDP attachment stay (traffic keeps flowing).
+        if self._dp is not None:
+            with contextlib.suppress(Exception):
+                self._dp.close()
+        if self._store is not None:
+            with contextlib.suppress(Exception):
+                self._store.close()
+
+    # -- serve -----------------------------------------------------------------------
+
+    def _token(self) -> str | None:
+        tcp = self.cfg.api.tcp
+        return tcp.token.get_secret_value() if tcp is not None and tcp.token is not None else None
+
+    async def _start_listener(self, name: str, sock: socket.socket, app: Any, path: Path | None) -> Listener:
+        import uvicorn
+
+        server = _quiet_server_class()(uvicorn.Config(
+            app, lifespan="off", log_config=None, access_log=self.cfg.log_level == "debug",
+            timeout_graceful_shutdown=5, server_header=False,
+        ))
+        task = asyncio.create_task(server.serve(sockets=[sock]), name=name)
+        while not server.started:
+            if task.done():
+                sock.close()
+                raise StartupError(f"listener {name} failed: {task.exception()!r}")
+            await asyncio.sleep(0.01)
+        log.info("API listening on %s", name)
+        return Listener(name, server, task, path)
+
+    async def _open_listeners(self, cfg: Config) -> dict[str, Listener]:
+        from l4lb.api.auth import BearerAuth
+
+        wanted = self._listener_specs(cfg)
+        opened: dict[str, Listener] = {}
+        try:
+            for name, spec in wanted.items():
+                if name in self._listeners:
+                    continue
+                if spec[0] == "unix":
+                    sock = bind_unix(spec[1], spec[2])
+                    opened[name] = await self._start_listener(name, sock, self._app, spec[1])
+                else:
+                    sock = bind_tcp(spec[1], spec[2])
+                    opened[name] = await self._start_listener(name, sock, BearerAuth(self._app, self._token), None)
+        except BaseException:
+            for lst in opened.values():
+                await lst.stop()
+            raise
+        return opened
+
+    @staticmethod
+    def _listener_specs(cfg: Config) -> dict[str, tuple]:
+        specs: dict[str, tuple] = {f"unix:{cfg.api.socket}": ("unix", cfg.api.socket, cfg.api.mode)}
+        if cfg.api.tcp is not None:
+            host, port = cfg.api.tcp.host, cfg.api.tcp.port
+            specs[f"tcp:{host}:{port}"] = ("tcp", host, port)
+        return specs
+
+    async def serve(self) -> None:
+        from l4lb.api.app import create_app
+
+        assert self.control is not None
+        loop = asyncio.get_running_loop()
+        self._stopping = asyncio.Event()
+        self._reload_lock = asyncio.Lock()
+        self._app = create_app(self.control, version=__version__)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stopping.set)
+        loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(self.reload()))
+        self._listeners = await self._open_listeners(self.cfg)
+        self._update_status(force=True)
+        sd_notify("READY=1\nSTATUS=" + self._status_line())
+        log.info("ready: %s", self._status_line())
+        tasks = [asyncio.create_task(self._sampler(), name="sampler")]
+        interval = watchdog_interval()
+        if interval is not None:
+            tasks.append(asyncio.create_task(self._watchdog(interval), name="watchdog"))
+        try:
+            await self._stopping.wait()
+        finally:
+            sd_notify("STOPPING=1")
+            log.info("stopping: closing the API; XDP stays attached and the maps stay pinned")
+            for t in tasks:
+                t.cancel()
+            for lst in list(self._listeners.values()):
+                await lst.stop()
+            self._listeners.clear()
+
+    async def _sampler(self) -> None:
+        assert self.control is not None
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(self.cfg.stats_interval)
+            try:
+                await loop.run_in_executor(None, self.control.sample)
+                if self.control.degraded is not None:
+                    await loop.run_in_executor(None, self.control.heal)
+            except Exception as e:  # noqa: BLE001 - keep sampling
+                log.warning("stats sample failed: %s", e)
+            self._update_status()
+
+    async def _watchdog(self, interval: float) -> None:
+        """Ping while healthy: the loop runs, the control lock is not stuck, the datapath is consistent."""
+        assert self.control is not None
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                healthy = await loop.run_in_executor(None, self.control.healthy, interval)
+            except Exception:  # noqa: BLE001
+                healthy = False
+            if healthy:
+                sd_notify("WATCHDOG=1")
+            else:
+                log.warning("unhealthy (%s): withholding the watchdog ping", self.control.degraded or "control busy")
+            await asyncio.sleep(interval)
+
+    def _status_line(self) -> str:
+        assert self.control is not None
+        line = self.control.summary() + f"; API {', '.join(self._listeners) or 'closed'}"
+        if self.pending_restart:
+            line += f"; restart needed for {', '.join(self.pending_restart)}"
+        return line
+
+    def _update_status(self, force: bool = False) -> None:
+        line = self._status_line()
+        if force or line != self._last_status:
+            self._last_status = line
+            sd_notify("STATUS=" + line)
+
+    # -- reload ------------------------------------------------------------------------
+
+    async def reload(self) -> bool:
+        """SIGHUP. Validate everything first; a bad config is refused and the old one kept."""
+        assert self.control is not None
+        loop = asyncio.get_running_loop()
+        async with self._reload_lock:
+            sd_notify(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}")
+            try:
+                ok = await self._reload(loop)
+            finally:
+                sd_notify("READY=1")
+                self._update_status(force=True)
+        return ok
+
+    async def _reload(self, loop: asyncio.AbstractEventLoop) -> bool:
+        assert self.control is not None
+        old = self.cfg
+        try:
+            new = config_mod.load(self.config_path)
+            problems = preflight(new)
+            if problems:
+                raise ConfigError(self.config_path, problems)
+        except ConfigError as e:
+            log.error("reload refused, keeping the running config: %s", e)
+            return False
+        try:
+            await loop.run_in_executor(None, self.control.set_limits, limits_of(new))
+        except Invalid as e:
+            log.error("reload refused, keeping the running config: limits: %s", e.detail)
+            return False
+        setup_logging(new.log_level_number)
+        runtime = ("maglev_seed", "outer_src_v4", "outer_src_v6", "icmp_rate")
+        if any(getattr(old.datapath, k) != getattr(new.datapath, k) for k in runtime):
+            try:
+                await loop.run_in_executor(None, self.control.update_runtime, new.datapath_config())
+                log.info("datapath run-time settings updated")
+            except Exception as e:  # noqa: BLE001 - e.g. a layout change: needs a restart
+                log.error("datapath settings not applied (%s); they take effect at the next start", e)
+        restart = [k for k in old.restart_only_changes(new) if k.removeprefix("datapath.") not in runtime]
+        # Interfaces: attach new ones (all of them if the mode changed), detach dropped ones.
+        old_if, new_if = old.datapath.interfaces, new.datapath.interfaces
+        to_attach = list(new_if) if new.datapath.xdp_mode != old.datapath.xdp_mode else [i for i in new_if if i not in old_if]
+        to_detach = [i for i in old_if if i not in new_if]
+        try:
+            if to_attach:
+                used = await loop.run_in_executor(None, self.control.attach, to_attach, new.datapath.xdp_mode)
+                log.info("XDP attached: %s", ", ".join(f"{i} ({m})" for i, m in used.items()))
+            if to_detach:
+                await loop.run_in_executor(None, self.control.detach, to_detach)
+                log.info("XDP detached from %s", ", ".join(to_detach))
+        except Exception as e:  # noqa: BLE001
+            log.error("interface change failed: %s", e)
+        # Listeners: open the new set before closing what is no longer wanted;
+        # if a new one cannot be opened, keep all the current ones.
+        self.cfg = new  # the token getter and status read it from here
+        try:
+            opened = await self._open_listeners(new)
+        except Exception as e:  # noqa: BLE001
+            log.error("API listener change failed, keeping the current listeners: %s", e)
+        else:
+            self._listeners.update(opened)
+            wanted = self._listener_specs(new)
+            for name in [n for n in self._listeners if n not in wanted]:
+                await self._listeners.pop(name).stop()
+                log.info("API no longer listening on %s", name)
+        if os.path.exists(new.api.socket):
+            with contextlib.suppress(OSError):
+                os.chmod(new.api.socket, new.api.mode)
+        self.pending_restart = sorted(set(self.pending_restart) | set(restart))
+        if restart:
+            log.warning("changed settings that take effect only at the next start: %s", ", ".join(restart))
+        log.info("configuration reloaded from %s", self.config_path)
+        return True
+
+    # -- run --------------------------------------------------------------------------
+
+    def run(self) -> int:
+        try:
+            self.start()
+            asyncio.run(self.serve())
+            return 0
+        except StartupError as e:
+            log.error("cannot start: %s", e)
+            sd_notify(f"STATUS=cannot start: {e}\nERRNO={errno.EINVAL}")
+            return 1
+        finally:
+            self.close()
+
+
+def detach(cfg: Config) -> int:
+    from l4lb.datapath import Datapath
+
+    dp = Datapath(cfg.datapath_config())
+    try:
+        dp.detach(cfg.datapath.interfaces)
+    except Exception as e:  # noqa: BLE001
+        print(f"l4lbd: detach failed: {e}", file=sys.stderr)
+        return 1
+    print(f"l4lbd: XDP removed from {', '.join(cfg.datapath.interfaces) or 'no interface'} "
+          f"(maps stay pinned under {cfg.datapath.bpffs})")
+    return 0
+
+
+def setup_logging(level: int) -> None:
+    # Under systemd the journal adds timestamps itself.
+    fmt = "%(levelname)s %(name)s: %(message)s"
+    if not os.environ.get("JOURNAL_STREAM"):
+        fmt = "%(asctime)s " + fmt
+    logging.basicConfig(level=level, format=fmt, stream=sys.stderr, force=True)
+    # Libraries' debug output (netlink dumps, selector choice) drowns ours.
+    for noisy in ("pyroute2", "asyncio", "httpx", "httpcore", "multipart"):
+        logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="l4lbd", description="XDP layer-4 load balancer daemon")
+    p.add_argument("--config", type=Path, default=config_mod.DEFAULT_PATH, help="TOML config (%(default)s)")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--check-config", action="store_true", help="validate the config (and the host) and exit")
+    mode.add_argument("--detach", action="store_true", help="remove XDP from the configured interfaces and exit")
+    p.add_argument("--version", action="version", version=f"l4lbd {__version__}")
+    args = p.parse_args(argv)
+
+    try:
+        cfg = config_mod.load(args.config)
+    except ConfigError as e:
+        print(f"l4lbd: bad config: {e}", file=sys.stderr)
+        return 2
+    if args.check_config:
+        problems = preflight(cfg)
+        if problems:
+            print(f"l4lbd: {args.config}: " + "; ".join(problems), file=sys.stderr)
+            return 2
+        print(f"l4lbd: {args.config} is valid: interfaces {', '.join(cfg.datapath.interfaces) or 'none'} "
+              f"({cfg.datapath.xdp_mode}), Maglev M={cfg.datapath.maglev_m}, API {cfg.api.socket}"
+              + (f" and tcp {cfg.api.tcp.listen}" if cfg.api.tcp else ""))
+        return 0
+    setup_logging(cfg.log_level_number)
+    if args.detach:
+        return detach(cfg)
+    return Daemon(args.config, cfg).run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,173 @@
+"""What changes between two desired states: a pure diff for dry runs and API answers.
+
+Services are matched by name and backends by identity (address, effective
+port), so reordering a list is not a change. The plan describes the document;
+how the datapath turns it into map writes is the datapath's business.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from l4lb.models import Backend, DesiredState, Service
+
+Action = Literal["create", "update", "delete"]
+
+
+@dataclass(frozen=True)
+class FieldChange:
+    field: str
+    old: Any
+    new: Any
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"field": self.field, "old": self.old, "new": self.new}
+
+
+@dataclass(frozen=True)
+class BackendChange:
+    action: Action
+    address: str
+    port: int
+    changes: tuple[FieldChange, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "action": self.action,
+            "address": self.address,
+            "port": self.port,
+            "changes": [c.to_dict() for c in self.changes],
+        }
+
+
+@dataclass(frozen=True)
+class ServiceChange:
+    action: Action
+    name: str
+    changes: tuple[FieldChange, ...] = ()          # service-level fields
+    backends: tuple[BackendChange, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "action": self.action,
+            "name": self.name,
+            "changes": [c.to_dict() for c in self.changes],
+            "backends": [b.to_dict() for b in self.backends],
+        }
+
+
+@dataclass(frozen=True)
+class Plan:
+    services: tuple[ServiceChange, ...] = ()
+    unchanged: tuple[str, ...] = field(default=())
+
+    @property
+    def empty(self) -> bool:
+        return not self.services
+
+    def summary(self) -> dict[str, int]:
+        count = {a: sum(1 for s in self.services if s.action == a) for a in ("create", "update", "delete")}
+        backends = [b for s in self.services for b in s.backends]
+        return {
+            "services_created": count["create"],
+            "services_updated": count["update"],
+            "services_deleted": count["delete"],
+            "services_unchanged": len(self.unchanged),
+            "backends_added": sum(1 for b in backends if b.action == "create"),
+            "backends_changed": sum(1 for b in backends if b.action == "update"),
+            "backends_removed": sum(1 for b in backends if b.action == "delete"),
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "empty": self.empty,
+            "summary": self.summary(),
+            "services": [s.to_dict() for s in self.services],
+        }
+
+
+def _jsonable(v: Any) -> Any:
+    if hasattr(v, "value"):  # enums
+        return v.value
+    if v is None or isinstance(v, (bool, int, float, str)):
+        return v
+    return str(v)
+
+
+def _backend_changes(svc_old: Service, svc_new: Service) -> tuple[BackendChange, ...]:
+    old = {b.identity(svc_old.port): b for b in svc_old.backends}
+    new = {b.identity(svc_new.port): b for b in svc_new.backends}
+    out: list[BackendChange] = []
+    for ident in sorted(old.keys() | new.keys(), key=_ident_order):
+        addr, port = ipaddress.ip_address(ident[0]).compressed, ident[1]
+        if ident not in old:
+            out.append(BackendChange("create", addr, port, _fields(None, new[ident])))
+        elif ident not in new:
+            out.append(BackendChange("delete", addr, port))
+        else:
+            ch = _fields(old[ident], new[ident])
+            if ch:
+                out.append(BackendChange("update", addr, port, ch))
+    return tuple(out)
+
+
+def _fields(a: Backend | None, b: Backend) -> tuple[FieldChange, ...]:
+    out = []
+    for name in ("port", "weight", "state"):
+        va = getattr(a, name) if a is not None else None
+        vb = getattr(b, name)
+        if a is None or va != vb:
+            out.append(FieldChange(name, _jsonable(va), _jsonable(vb)))
+    return tuple(out)
+
+
+def _ident_order(ident: tuple[str, int]) -> tuple[int, bytes, int]:
+    ip = ipaddress.ip_address(ident[0])
+    return (ip.version, ip.packed, ident[1])
+
+
+def _service_fields(a: Service, b: Service) -> tuple[FieldChange, ...]:
+    out = []
+    for name in ("vip", "port", "protocol"):
+        va, vb = getattr(a, name), getattr(b, name)
+        if va != vb:
+            out.append(FieldChange(name, _jsonable(va), _jsonable(vb)))
+    for name in type(a.options).model_fields:
+        va, vb = getattr(a.options, name), getattr(b.options, name)
+        if va != vb:
+            out.append(FieldChange(f"options.{name}", va, vb))
+    return tuple(out)
+
+
+def diff(old: DesiredState, new: DesiredState) -> Plan:
+    before = {s.name: s for s in old.services}
+    after = {s.name: s for s in new.services}
+    changes: list[ServiceChange] = []
+    unchanged: list[str] = []
+    for name in sorted(before.keys() | after.keys()):
+        a, b = before.get(name), after.get(name)
+        if a is None:
+            assert b is not None
+            empty = Service(name=b.name, vip=b.vip, port=b.port, protocol=b.protocol)
+            changes.append(ServiceChange("create", name, _service_fields_all(b), _backend_changes(empty, b)))
+        elif b is None:
+            changes.append(
+                ServiceChange("delete", name, (), tuple(
+                    BackendChange("delete", b_.address.compressed, b_.identity(a.port)[1]) for b_ in a.backends))
+            )
+        else:
+            fields = _service_fields(a, b)
+            backends = _backend_changes(a, b)
+            if fields or backends:
+                changes.append(ServiceChange("update", name, fields, backends))
+            else:
+                unchanged.append(name)
+    return Plan(tuple(changes), tuple(unchanged))
+
+
+def _service_fields_all(s: Service) -> tuple[FieldChange, ...]:
+    out = [FieldChange(n, None, _jsonable(getattr(s, n))) for n in ("vip", "port", "protocol")]
+    out += [FieldChange(f"options.{n}", None, getattr(s.options, n)) for n in type(s.options).model_fields]
+    return tuple(out)

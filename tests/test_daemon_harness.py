@@ -1,0 +1,406 @@
+"""Harness for running the real l4lbd (real BPF datapath) in a private network
+namespace, plus tests of the harness's own pieces (sd_notify, map dumps).
+
+A DaemonLab owns: a netns with a veth pair (the daemon attaches XDP to one
+end), a private directory on the session bpffs (so other tests' pins are
+never touched), a state directory and a config file. The daemon runs as
+``ip netns exec NS python -m l4lb.daemon --config ...`` and is reached from the
+test process over its unix socket. Only documentation addresses are used and
+nothing is configured in the root namespace.
+
+Other test modules import this one: ``from test_daemon_harness import ...``.
+"""
+
+from __future__ import annotations
+
+import ctypes as ct
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+PY = sys.executable
+NS_PREFIX = "l4d"
+
+
+def _run(*cmd: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    cp = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    if check and cp.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} -> {cp.returncode}: {cp.stderr.strip()}")
+    return cp
+
+
+def require_root() -> None:
+    if os.geteuid() != 0:
+        pytest.fail("this test needs root (BPF, XDP, network namespaces): run `make test` as root", pytrace=False)
+
+
+def toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return str(v)
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(toml_value(x) for x in v) + "]"
+    return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def to_toml(doc: dict[str, Any]) -> str:
+    """Enough TOML for our config: scalars/lists at top, then (nested) tables."""
+    lines: list[str] = []
+
+    def table(prefix: str, d: dict[str, Any]) -> None:
+        scalars = {k: v for k, v in d.items() if not isinstance(v, dict)}
+        tables = {k: v for k, v in d.items() if isinstance(v, dict)}
+        if prefix:
+            lines.append(f"\n[{prefix}]")
+        lines.extend(f"{k} = {toml_value(v)}" for k, v in scalars.items())
+        for k, v in tables.items():
+            table(f"{prefix}.{k}" if prefix else k, v)
+
+    table("", doc)
+    return "\n".join(lines) + "\n"
+
+
+class DaemonLab:
+    """One netns + private bpffs dir + one l4lbd process (restartable)."""
+
+    def __init__(self, bpffs: Path, tag: str, *, env: dict[str, str] | None = None) -> None:
+        require_root()
+        self.ns = f"{NS_PREFIX}-{os.getpid()}-{tag}"
+        self.dir = Path(tempfile.mkdtemp(prefix=f"l4lbd-{tag}-"))
+        self.bpffs = bpffs / f"l4lbd-{os.getpid()}-{tag}"
+        self.socket = self.dir / "run" / "l4lbd.sock"
+        self.config_path = self.dir / "l4lbd.toml"
+        self.log_path = self.dir / "l4lbd.log"
+        self.env = dict(env or {})
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.bpffs.mkdir()
+        _run("ip", "netns", "add", self.ns)
+        self.nsexec("ip", "link", "set", "lo", "up")
+        self.add_veth("lbt0")
+        self.config: dict[str, Any] = {
+            "log_level": "info",
+            "state_dir": str(self.dir / "state"),
+            "recorder_dir": str(self.dir / "rec"),
+            "stats_interval": 1.0,
+            "datapath": {
+                "interfaces": ["lbt0a"], "xdp_mode": "generic", "bpffs": str(self.bpffs),
+                "maglev_m": 251, "max_services": 64, "max_backends": 4096, "flow_table_size": 4096,
+            },
+            "api": {"socket": str(self.socket)},
+            "limits": {"max_services": 32, "max_backends_per_service": 64},
+        }
+
+    # -- namespace --------------------------------------------------------------------
+
+    def nsexec(self, *cmd: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return _run("ip", "netns", "exec", self.ns, *cmd, check=check)
+
+    def add_veth(self, base: str) -> tuple[str, str]:
+        a, b = f"{base}a", f"{base}b"
+        self.nsexec("ip", "link", "add", a, "type", "veth", "peer", "name", b)
+        self.nsexec("ip", "link", "set", a, "up")
+        self.nsexec("ip", "link", "set", b, "up")
+        return a, b
+
+    def xdp_prog_id(self, iface: str) -> int | None:
+        out = self.nsexec("ip", "-d", "link", "show", iface).stdout
+        for line in out.splitlines():
+            parts = line.split()
+            if parts[:1] == ["prog/xdp"] and "id" in parts:
+                return int(parts[parts.index("id") + 1])
+        return None
+
+    # -- daemon ---------------------------------------------------------------------------
+
+    def write_config(self, text: str | None = None) -> None:
+        self.config_path.write_text(text if text is not None else to_toml(self.config))
+
+    def command(self, *args: str) -> list[str]:
+        return ["ip", "netns", "exec", self.ns, PY, "-m", "l4lb.daemon", "--config", str(self.config_path), *args]
+
+    def run_cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(self.command(*args), capture_output=True, text=True, timeout=120,
+                              cwd=self.dir, env={**os.environ, **self.env})
+
+    def start(self, *, wait: bool = True, env: dict[str, str] | None = None, write_config: bool = True) -> None:
+        assert self.proc is None or self.proc.poll() is not None, "already running"
+        if write_config:
+            self.write_config()
+        log = open(self.log_path, "ab")
+        log.write(f"\n===== start {time.strftime('%X')} =====\n".encode())
+        log.flush()
+        # `ip netns exec` execs the command: self.proc.pid is the daemon itself.
+        self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, cwd=self.dir,
+                                     env={**os.environ, **self.env, **(env or {})})
+        log.close()
+        if wait:
+            self.wait_ready()
+
+    def wait_ready(self, timeout: float = 90) -> None:
+        assert self.proc is not None
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"l4lbd exited with {self.proc.returncode}:\n{self.log_tail()}")
+            if self.socket.exists():
+                try:
+                    with self.client(timeout=2) as c:
+                        if c.get("/readyz").status_code == 200:
+                            return
+                except httpx.TransportError:
+                    pass
+            time.sleep(0.1)
+        raise AssertionError(f"l4lbd not ready after {timeout}s:\n{self.log_tail()}")
+
+    def send(self, sig: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else 0
+        self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait()
+
+    def kill9(self) -> None:
+        assert self.proc is not None
+        self.proc.kill()  # SIGKILL
+        self.proc.wait()
+
+    def client(self, timeout: float = 60) -> httpx.Client:
+        return httpx.Client(transport=httpx.HTTPTransport(uds=str(self.socket)), base_url="http://l4lbd",
+                            timeout=timeout)
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def log_tail(self, n: int = 40) -> str:
+        return "\n".join(self.log_text().splitlines()[-n:])
+
+    # -- maps ---------------------------------------------------------------------------------
+
+    def pin_dirs(self) -> list[Path]:
+        return sorted(self.bpffs.glob("maps-*"))
+
+    def dump_maps(self) -> dict[str, dict[bytes, bytes]]:
+        dirs = self.pin_dirs()
+        assert len(dirs) == 1, f"expected one pinned map set, found {dirs}"
+        return dump_pinned_maps(dirs[0])
+
+    # -- teardown ------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        _run("ip", "netns", "del", self.ns, check=False)
+        # Pins hold the maps (and the program) alive: remove them with the netns gone.
+        shutil.rmtree(self.bpffs, ignore_errors=True)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+# --- reading pinned maps without the datapath's code ------------------------------------------------
+
+_BPF_MAP_TYPE_PERCPU = {5, 6, 10}       # percpu hash, percpu array, lru percpu hash
+_BPF_MAP_TYPE_OF_MAPS = {12, 13}        # array of maps, hash of maps
+
+
+class _MapInfo(ct.Structure):
+    _fields_ = [("type", ct.c_uint32), ("id", ct.c_uint32), ("key_size", ct.c_uint32),
+                ("value_size", ct.c_uint32), ("max_entries", ct.c_uint32), ("map_flags", ct.c_uint32),
+                ("name", ct.c_char * 16), ("_rest", ct.c_byte * 256)]
+
+
+def _libbpf() -> ct.CDLL:
+    lib = ct.CDLL("libbpf.so.1", use_errno=True)
+    lib.bpf_obj_get.argtypes = [ct.c_char_p]
+    lib.bpf_map_get_next_key.argtypes = [ct.c_int, ct.c_void_p, ct.c_void_p]
+    lib.bpf_map_lookup_elem.argtypes = [ct.c_int, ct.c_void_p, ct.c_void_p]
+    lib.bpf_map_get_fd_by_id.argtypes = [ct.c_uint32]
+    lib.bpf_obj_get_info_by_fd.argtypes = [ct.c_int, ct.c_void_p, ct.POINTER(ct.c_uint32)]
+    return lib
+
+
+def _possible_cpus() -> int:
+    text = Path("/sys/devices/system/cpu/possible").read_text().strip()
+    n = 0
+    for part in text.split(","):
+        lo, _, hi = part.partition("-")
+        n += int(hi or lo) - int(lo) + 1
+    return n
+
+
+def _dump_fd(lib: ct.CDLL, fd: int) -> dict[bytes, bytes]:
+    info = _MapInfo()
+    size = ct.c_uint32(ct.sizeof(info))
+    if lib.bpf_obj_get_info_by_fd(fd, ct.byref(info), ct.byref(size)) != 0:
+        raise OSError(ct.get_errno(), "bpf_obj_get_info_by_fd")
+    vsize = info.value_size
+    if info.type in _BPF_MAP_TYPE_PERCPU:
+        vsize = ((vsize + 7) // 8 * 8) * _possible_cpus()
+    key = ct.create_string_buffer(info.key_size)
+    nxt = ct.create_string_buffer(info.key_size)
+    val = ct.create_string_buffer(max(vsize, 8))
+    out: dict[bytes, bytes] = {}
+    prev = None
+    while lib.bpf_map_get_next_key(fd, prev, nxt) == 0:
+        ct.memmove(key, nxt, info.key_size)
+        prev = key
+        if lib.bpf_map_lookup_elem(fd, key, val) != 0:
+            continue  # e.g. an empty array-of-maps slot
+        raw = val.raw[:vsize]
+        if info.type in _BPF_MAP_TYPE_OF_MAPS:
+            # The value is the inner map's id, which changes on every swap:
+            # compare what the inner map holds instead.
+            inner_id = int.from_bytes(raw[:4], "little")
+            ifd = lib.bpf_map_get_fd_by_id(inner_id)
+            if ifd < 0:
+                raise OSError(ct.get_errno(), f"map id {inner_id}")
+            try:
+                inner = _dump_fd(lib, ifd)
+            finally:
+                os.close(ifd)
+            raw = b"".join(k + v for k, v in sorted(inner.items()))
+        out[key.raw] = raw
+    return out
+
+
+def dump_pinned_maps(pin_dir: Path, skip: tuple[str, ...] = ("prog",)) -> dict[str, dict[bytes, bytes]]:
+    """Every pinned map's contents (key bytes -> value bytes), inner maps resolved."""
+    lib = _libbpf()
+    out = {}
+    for path in sorted(pin_dir.iterdir()):
+        if path.name in skip:
+            continue
+        fd = lib.bpf_obj_get(str(path).encode())
+        if fd < 0:
+            raise OSError(ct.get_errno(), f"bpf_obj_get {path}")
+        try:
+            out[path.name] = _dump_fd(lib, fd)
+        finally:
+            os.close(fd)
+    return out
+
+
+def nonzero(entries: dict[bytes, bytes]) -> dict[bytes, bytes]:
+    """Array maps list every slot; keep the ones that hold something."""
+    return {k: v for k, v in entries.items() if v.strip(b"\0")}
+
+
+# --- notify socket ------------------------------------------------------------------------------------
+
+
+class NotifyListener:
+    """A datagram socket standing in for systemd's NOTIFY_SOCKET, drained by a thread
+    (like systemd, it always reads: the daemon's sends must never find it full)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.sock.settimeout(0.1)
+        self.messages: list[tuple[float, str]] = []
+        self._cond = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        while not self._closed:
+            try:
+                data = self.sock.recv(4096)
+            except (TimeoutError, socket.timeout):
+                continue
+            except OSError:
+                return
+            with self._cond:
+                self.messages.append((time.monotonic(), data.decode()))
+                self._cond.notify_all()
+
+    def clear(self) -> None:
+        with self._cond:
+            self.messages.clear()
+
+    def texts(self) -> list[str]:
+        with self._cond:
+            return [m for _, m in self.messages]
+
+    def wait(self, line: str, timeout: float = 60) -> list[str]:
+        """Wait until some message has ``line`` as one of its lines; returns all messages so far."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while not any(line in m.split("\n") for _, m in self.messages):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise AssertionError(f"no {line!r} from the daemon; got {[m for _, m in self.messages]}")
+                self._cond.wait(left)
+            return [m for _, m in self.messages]
+
+    def close(self) -> None:
+        self._closed = True
+        self._thread.join(1)
+        self.sock.close()
+
+
+# --- tests of the harness itself -----------------------------------------------------------------------
+
+
+def test_to_toml_roundtrip() -> None:
+    import tomllib
+
+    doc = {"a": 1, "b": "x\"y", "c": [1, 2], "t": {"u": True, "v": {"w": 2.5}}}
+    assert tomllib.loads(to_toml(doc)) == doc
+
+
+def test_sd_notify_reaches_path_and_abstract_sockets(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from l4lb.daemon import sd_notify, watchdog_interval
+
+    monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
+    assert sd_notify("READY=1") is False  # outside systemd: a no-op
+
+    listener = NotifyListener(tmp_path / "notify")
+    try:
+        monkeypatch.setenv("NOTIFY_SOCKET", str(listener.path))
+        assert sd_notify("READY=1\nSTATUS=hello")
+        assert listener.wait("READY=1", timeout=2) == ["READY=1\nSTATUS=hello"]
+    finally:
+        listener.close()
+
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as full:  # nobody reads it
+        full.bind(str(tmp_path / "full"))
+        monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "full"))
+        t0 = time.monotonic()
+        results = [sd_notify("WATCHDOG=1") for _ in range(500)]
+        assert time.monotonic() - t0 < 5 and results[0] and not results[-1]  # dropped, never blocked
+
+    name = f"l4lbd-test-{os.getpid()}"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+        s.bind("\0" + name)
+        s.settimeout(2)
+        monkeypatch.setenv("NOTIFY_SOCKET", "@" + name)
+        assert sd_notify("WATCHDOG=1")
+        assert s.recv(100) == b"WATCHDOG=1"
+
+    monkeypatch.setenv("WATCHDOG_USEC", "3000000")
+    monkeypatch.delenv("WATCHDOG_PID", raising=False)
+    assert watchdog_interval() == 1.5
+    monkeypatch.setenv("WATCHDOG_PID", str(os.getpid() + 1))
+    assert watchdog_interval() is None  # meant for another process
+    monkeypatch.setenv("WATCHDOG_PID", str(os.getpid()))
+    assert watchdog_interval() == 1.5
