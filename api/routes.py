@@ -100,9 +100,8 @@ def list_services(request: Request, response: Response) -> ServiceList:
 
 @router.get("/v1/services/{name}", response_model=Service, tags=["services"], responses=errors.responses(404, 422))
 def get_service(request: Request, response: Response, name: Name) -> Service:
-    control = _control(request)
-    svc = control.get_service(name)
-    _headers(response, control.revision, service_etag(svc))
+    revision, svc = _control(request).read_service(name)
+    _headers(response, revision, service_etag(svc))
     return svc
 
 
@@ -119,9 +118,8 @@ def put_service(
         raise Invalid(f"body name {body.name!r} differs from the URL's {name!r}",
                       [Issue(("body", "name"), f"differs from the name in the URL ({name!r})", "name_mismatch")])
     service = Service.model_validate({**body.model_dump(exclude={"name"}), "name": name})  # ValidationError → 422
-    control = _control(request)
-    c, created = control.put_service(service, precondition(if_match, if_none_match))
-    stored = control.get_service(name)
+    c, created = _control(request).put_service(service, precondition(if_match, if_none_match))
+    stored = c.service(name)
     _headers(response, c.revision, service_etag(stored))
     if created:
         response.status_code = 201
@@ -146,9 +144,8 @@ def delete_service(request: Request, name: Name, if_match: IfMatch = None) -> Re
     responses=errors.responses(404, 422),
 )
 def list_backends(request: Request, response: Response, name: Name) -> BackendList:
-    control = _control(request)
-    svc = control.get_service(name)
-    _headers(response, control.revision, service_etag(svc))
+    revision, svc = _control(request).read_service(name)
+    _headers(response, revision, service_etag(svc))
     return BackendList(service=name, backends=svc.backends)
 
 
@@ -157,9 +154,8 @@ def list_backends(request: Request, response: Response, name: Name) -> BackendLi
     responses=errors.responses(404, 422),
 )
 def get_backend(request: Request, response: Response, name: Name, backend: BackendPath) -> Backend:
-    control = _control(request)
-    svc, b = control.get_backend(name, _ref(backend))
-    _headers(response, control.revision, service_etag(svc))
+    revision, svc, b = _control(request).read_backend(name, _ref(backend))
+    _headers(response, revision, service_etag(svc))
     return b
 
 
@@ -174,10 +170,8 @@ def put_backend(
 ) -> Backend:
     ref = _ref(backend)
     new = Backend(address=body.address or ref.address, port=body.port, weight=body.weight, state=body.state)
-    control = _control(request)
-    c, created = control.put_backend(name, ref, new, precondition(if_match))
-    svc, stored = control.get_backend(name, BackendRef(new.address, new.port or ref.port))
-    _headers(response, c.revision, service_etag(svc))
+    c, created, stored = _control(request).put_backend(name, ref, new, precondition(if_match))
+    _headers(response, c.revision, service_etag(c.service(name)))
     if created:
         response.status_code = 201
     return stored
@@ -192,10 +186,9 @@ def patch_backend(
     request: Request, response: Response, name: Name, backend: BackendPath, body: BackendPatch,
     if_match: IfMatch = None,
 ) -> Backend:
-    control = _control(request)
-    c, updated = control.patch_backend(name, _ref(backend), weight=body.weight, state=body.state,
-                                       pre=precondition(if_match))
-    _headers(response, c.revision, service_etag(control.get_service(name)))
+    c, updated = _control(request).patch_backend(name, _ref(backend), weight=body.weight, state=body.state,
+                                                 pre=precondition(if_match))
+    _headers(response, c.revision, service_etag(c.service(name)))
     return updated
 
 

@@ -29,7 +29,7 @@ from pydantic import ValidationError
 
 from l4lb.models import Backend, BackendState, DesiredState, FieldError, IPAddress, Service
 from l4lb.plan import Plan, diff
-from l4lb.store import Store
+from l4lb.store import Record, Store
 
 log = logging.getLogger("l4lbd.control")
 
@@ -192,7 +192,11 @@ class Committed:
     revision: int
     changed: bool
     plan: Plan
+    state: DesiredState  # in force after the call: answers and ETags come from it, not a later read
     dry_run: bool = False
+
+    def service(self, name: str) -> Service:
+        return next(s for s in self.state.services if s.name == name)
 
 
 @dataclass(frozen=True)
@@ -326,10 +330,9 @@ class Control:
         self._hook = post_apply_hook  # test-only failure injection, see daemon
         self._clock = clock
         self._lock = threading.RLock()
-        rec = store.read()
-        self._revision = rec.revision
-        self._state = rec.state
-        self._updated_at = rec.updated_at
+        # The committed state, replaced as one object: reads need no lock (a long
+        # apply must not stall GETs) and never see a revision with another's document.
+        self._snap: Record = store.read()
         self.converged = False
         self.degraded: str | None = None  # why the datapath may not match the store
         self.interfaces: dict[str, str] = {}  # attached interface -> XDP mode used
@@ -400,24 +403,35 @@ class Control:
                 raise Invalid("the current desired state exceeds the new limits: " + "; ".join(i.msg for i in issues), issues)
             self.limits = limits
 
-    # -- reads ------------------------------------------------------------------------
+    # -- reads (lock-free: one snapshot each) ---------------------------------------------
+
+    @property
+    def _state(self) -> DesiredState:
+        return self._snap.state
+
+    @property
+    def _revision(self) -> int:
+        return self._snap.revision
 
     @property
     def revision(self) -> int:
-        return self._revision
+        return self._snap.revision
 
     def snapshot(self) -> tuple[int, DesiredState]:
-        with self._lock:
-            return self._revision, self._state
+        snap = self._snap
+        return snap.revision, snap.state
+
+    def read_service(self, name: str) -> tuple[int, Service]:
+        snap = self._snap
+        return snap.revision, self._find(snap.state, name)
+
+    def read_backend(self, name: str, ref: BackendRef) -> tuple[int, Service, Backend]:
+        snap = self._snap
+        svc = self._find(snap.state, name)
+        return snap.revision, svc, svc.backends[self._backend_index(svc, ref)]
 
     def get_service(self, name: str) -> Service:
-        with self._lock:
-            return self._find(self._state, name)
-
-    def get_backend(self, name: str, ref: BackendRef) -> tuple[Service, Backend]:
-        with self._lock:
-            svc = self._find(self._state, name)
-            return svc, svc.backends[self._backend_index(svc, ref)]
+        return self.read_service(name)[1]
 
     # -- writes -----------------------------------------------------------------------
 
@@ -456,8 +470,11 @@ class Control:
             pre.check(service_etag(old), f"service {name!r}")
             return self._commit(DesiredState(services=[s for s in self._state.services if s.name != name]))
 
-    def put_backend(self, name: str, ref: BackendRef, backend: Backend, pre: Precondition = NO_PRECONDITION) -> tuple[Committed, bool]:
-        """Create or replace the backend ``ref`` of service ``name`` (address from the URL)."""
+    def put_backend(
+        self, name: str, ref: BackendRef, backend: Backend, pre: Precondition = NO_PRECONDITION,
+    ) -> tuple[Committed, bool, Backend]:
+        """Create or replace the backend ``ref`` of service ``name`` (address from the URL).
+        Returns the result, whether it was created, and the backend as stored."""
         with self._lock:
             svc = self._find(self._state, name)
             pre.check(service_etag(svc), f"service {name!r}")
@@ -479,7 +496,7 @@ class Control:
                 backends[idx] = backend
             new_svc = self._rebuild(svc, backends)
             committed = self._commit(self._with_service(new_svc))
-            return committed, idx is None
+            return committed, idx is None, backend
 
     def patch_backend(
         self, name: str, ref: BackendRef, *, weight: int | None = None, state: BackendState | None = None,
@@ -524,7 +541,7 @@ class Control:
             now, flat = self._clock(), flatten_stats(self._dp.stats())
             base = self._rates.base(now)
             self._rates.observe(now, flat)
-            state, revision = self._state, self._revision
+            revision, state = self.snapshot()
         interval = (now - base[0]) if base else None
 
         def entry(key: tuple) -> dict[str, Any]:
@@ -560,11 +577,12 @@ class Control:
     def status(self) -> dict[str, Any]:
         with self._lock:
             dp_status = self._dp.status()
-            state = self._state
+            snap = self._snap
+            state = snap.state
             by_state = Counter(b.state.value for s in state.services for b in s.backends)
             return {
-                "revision": self._revision,
-                "updated_at": self._updated_at or None,
+                "revision": snap.revision,
+                "updated_at": snap.updated_at or None,
                 "ready": self.ready,
                 "degraded": self.degraded,
                 "services": len(state.services),
@@ -579,11 +597,11 @@ class Control:
 
     def summary(self) -> str:
         """One line for sd_notify STATUS= and logs."""
-        with self._lock:
-            n_b = sum(len(s.backends) for s in self._state.services)
-            ifs = ",".join(f"{i}({m})" for i, m in sorted(self.interfaces.items())) or "none"
-            flag = "" if self.degraded is None else " DEGRADED"
-            return f"revision {self._revision}: {len(self._state.services)} services, {n_b} backends, interfaces {ifs}{flag}"
+        revision, state = self.snapshot()
+        n_b = sum(len(s.backends) for s in state.services)
+        ifs = ",".join(f"{i}({m})" for i, m in sorted(self.interfaces.items())) or "none"
+        flag = "" if self.degraded is None else " DEGRADED"
+        return f"revision {revision}: {len(state.services)} services, {n_b} backends, interfaces {ifs}{flag}"
 
     # -- internals ----------------------------------------------------------------------
 
@@ -591,10 +609,10 @@ class Control:
         old = self._state
         plan = diff(old, new)
         if dry_run:
-            return Committed(self._revision, not plan.empty, plan, dry_run=True)
+            return Committed(self._revision, not plan.empty, plan, old, dry_run=True)
         if new == old:
             self.apply_metrics.results["unchanged"] += 1
-            return Committed(self._revision, False, plan)
+            return Committed(self._revision, False, plan, old)
         t0 = time.monotonic()
         staged = False
         try:
@@ -613,11 +631,11 @@ class Control:
         self.apply_metrics.results["ok"] += 1
         self.apply_metrics.last_seconds = took
         self.apply_metrics.total_seconds += took
-        self._state, self._revision, self._updated_at = new, revision, time.time()
+        self._snap = Record(revision, new, time.time())
         self.degraded = None  # the datapath now holds exactly the committed state
         s = plan.summary()
         log.info("revision %d applied in %.3fs: %s", revision, took, ", ".join(f"{k}={v}" for k, v in s.items() if v))
-        return Committed(revision, True, plan)
+        return Committed(revision, True, plan, new)
 
     def _restore(self, old: DesiredState) -> None:
         try:

@@ -197,9 +197,9 @@ def test_backend_operations(control: Control) -> None:
     control.put_service(svc("web", backends=["192.0.2.1", "192.0.2.2"]))
     c, b = control.patch_backend("web", BackendRef.parse("192.0.2.1"), state=BackendState.draining)
     assert b.state is BackendState.draining and b.effective_weight == 0
-    _, created = control.put_backend("web", BackendRef.parse("192.0.2.3:80"), Backend(address="192.0.2.3", weight=5))
-    assert created
-    _, created = control.put_backend("web", BackendRef.parse("192.0.2.3"), Backend(address="192.0.2.3", weight=6))
+    _, created, b = control.put_backend("web", BackendRef.parse("192.0.2.3:80"), Backend(address="192.0.2.3", weight=5))
+    assert created and b.weight == 5
+    _, created, _ = control.put_backend("web", BackendRef.parse("192.0.2.3"), Backend(address="192.0.2.3", weight=6))
     assert not created
     assert [x.weight for x in control.get_service("web").backends] == [100, 100, 6]
     control.delete_backend("web", BackendRef.parse("192.0.2.2"))
@@ -336,3 +336,24 @@ def test_healthy_for_the_watchdog(control: Control, dp: RecordingDatapath) -> No
     with pytest.raises(ApplyFailed):
         control.put_service(svc("api", port=443))
     assert not control.healthy(0.1)  # degraded: let systemd restart us into a clean converge
+
+
+def test_readyz_is_503_while_degraded(control: Control, dp: RecordingDatapath) -> None:
+    """In-process (no daemon): the probe mirrors the control core's state."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # starlette nudges towards httpx2
+        from fastapi.testclient import TestClient
+
+    from l4lb.api.app import create_app
+
+    client = TestClient(create_app(control))
+    assert client.get("/readyz").status_code == 200
+    control.put_service(svc("web"))
+    dp.fail_on = {3, 4}
+    assert client.put("/v1/services/api", json={"vip": "198.51.100.1", "port": 443}).status_code == 500
+    r = client.get("/readyz")
+    assert r.status_code == 503 and "could not be restored" in r.json()["detail"]
+    assert client.get("/healthz").status_code == 200  # alive, just not consistent
+    assert control.heal() and client.get("/readyz").status_code == 200

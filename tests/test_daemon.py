@@ -144,6 +144,8 @@ def test_injected_failure_after_apply_leaves_store_and_maps_unchanged(lab: Daemo
 
 
 def test_injected_failure_undoing_a_removal_keeps_the_maps_byte_identical(lab: DaemonLab) -> None:
+    """Undoing a removal brings back the same backend slots and generations, so flows
+    pinned to those backends stay valid across the failed write."""
     running(lab)
     with lab.client() as c:
         c.put("/v1/state", json=TWO)
@@ -151,7 +153,7 @@ def test_injected_failure_undoing_a_removal_keeps_the_maps_byte_identical(lab: D
         responses = _fail_with_fault(lab, c, [("delete", "/v1/services/dns", {}),
                                               ("delete", "/v1/services/web/backends/192.0.2.2", {})])
         _assert_apply_failed(responses, state.headers["x-l4lb-revision"])
-        assert c.get("/v1/state").json() == state.json()  # the store part holds already
+        assert c.get("/v1/state").json() == state.json()
         assert config_maps(lab) == maps
 
 
@@ -286,8 +288,6 @@ def test_sighup_reload(lab: DaemonLab) -> None:
         assert c.get("/healthz").status_code == 200  # the unix socket stays
     lab.config["datapath"]["maglev_m"] = 251
     lab.config["limits"]["max_backends_per_service"] = 64
-
-
 
 
 def test_sighup_dropping_an_interface_detaches_it(lab: DaemonLab) -> None:
