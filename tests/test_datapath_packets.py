@@ -522,3 +522,17 @@ def test_bad_apply_changes_nothing(env):
     assert Ether(out)[IP].dst == expected_backend(good, CLIENT4, 77)
     v, out, _ = env.run(frame(CLIENT4, VIP4, TCP(sport=77, dport=81, flags="S")))
     assert v == XDP_PASS
+
+
+def test_apply_rebuilds_only_changed_tables(env, monkeypatch):
+    a = svc("keep-a", VIP4, 80, B4[:4])
+    b = svc("keep-b", VIP4, 81, B4[:4])
+    env.apply([a, b])
+    swapped: list[int] = []
+    real = env.dp.tables.swap_maglev
+    monkeypatch.setattr(env.dp.tables, "swap_maglev", lambda sid, ids: (swapped.append(sid), real(sid, ids)))
+    env.apply([a, b])
+    assert swapped == []
+    b2 = svc("keep-b", VIP4, 81, [{"address": x, "state": "draining" if x == B4[0] else "active"} for x in B4[:4]])
+    env.apply([a, b2])
+    assert swapped == [env.dp.service_id(b2.key)]

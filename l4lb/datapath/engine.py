@@ -10,9 +10,11 @@ flow table's (backend id, generation) pairs valid and connections survive.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import ipaddress
 import logging
+import os
 import threading
 import time
 from collections.abc import Sequence
@@ -25,7 +27,7 @@ from pyroute2 import IPRoute
 from l4lb import maglev
 from l4lb.datapath import netlink
 from l4lb.datapath.config import DatapathConfig, DatapathError
-from l4lb.datapath.libbpf import DatapathOSError, obj_get, prog_fd_by_id, prog_info
+from l4lb.datapath.libbpf import prog_fd_by_id, prog_info
 from l4lb.datapath.loader import FUNC, Program, compile_program, pin_program, remove_stale_pins
 from l4lb.datapath.tables import Tables, words_addr
 from l4lb.models import BackendState, Service
@@ -75,7 +77,9 @@ class Datapath:
         self._svc_ids: dict[ServiceKey, int] = {}
         self._svc_flags: dict[ServiceKey, int] = {}
         self._backends: dict[int, _BackendSlot] = {}
-        self._tables: dict[int, bytes] = {}        # svc id -> digest of the table written
+        # svc id -> the inputs of the table written (weights, backend ids): an
+        # apply rebuilds only the tables whose inputs changed.
+        self._tables: dict[int, tuple[Any, ...]] = {}
         self._next_gen = 1
         self._applied: list[Service] = []
         # Slots freed by the last changes: re-adding the same service/backend
@@ -246,12 +250,12 @@ class Datapath:
         # 3. Maglev tables, then service entries
         for key, svc in sorted(want.items()):
             sid = new_ids[key]
-            ids = self._maglev_ids(svc, sid, by_owner)
-            digest = hashlib.sha256(ids.tobytes()).digest()
-            if self._tables.get(sid) != digest:
+            weights = svc.maglev_weights()
+            inputs = (tuple(sorted(weights.items())), tuple(by_owner[(sid, i)] for i in sorted(weights)))
+            if self._tables.get(sid) != inputs:
                 self._tick()
-                t.swap_maglev(sid, ids)
-                self._tables[sid] = digest
+                t.swap_maglev(sid, self._maglev_ids(weights, sid, by_owner))
+                self._tables[sid] = inputs
             flags = (SVC_F_DNAT if svc.options.l4_dnat else 0) | (0 if svc.options.hash_src_port else SVC_F_NO_SPORT)
             if self._svc_ids.get(key) != sid or self._svc_flags.get(key) != flags:
                 self._tick()
@@ -272,7 +276,7 @@ class Datapath:
             except KeyError:
                 pass
             try:
-                del t.maglev_outer[_c_int(sid)]
+                del t.maglev_outer[ctypes.c_int(sid)]
             except KeyError:
                 pass
             del self._svc_ids[key]
@@ -289,10 +293,12 @@ class Datapath:
                 self._freed_be[(rev[slot.svc_id], slot.ident)] = (bid, slot.gen)
         # Forget freed slots that have been handed to someone else since.
         self._freed_be = {k: v for k, v in self._freed_be.items() if v[0] not in self._backends}
-        self._freed_svc = {k: v for k, v in self._freed_svc.items() if v not in self._svc_ids.values()}
+        in_use = set(self._svc_ids.values())
+        self._freed_svc = {k: v for k, v in self._freed_svc.items() if v not in in_use}
 
-    def _maglev_ids(self, svc: Service, sid: int, by_owner: dict[tuple[int, BackendKey], int]) -> np.ndarray:
-        table = maglev.build(svc.maglev_weights(), self.cfg.maglev_m, self.cfg.maglev_seed)
+    def _maglev_ids(self, weights: dict[BackendKey, int], sid: int,
+                    by_owner: dict[tuple[int, BackendKey], int]) -> np.ndarray:
+        table = maglev.build(weights, self.cfg.maglev_m, self.cfg.maglev_seed)
         lut = np.array([by_owner[(sid, ident)] for ident in table.identities] + [0], dtype=np.uint32)
         # -1 (no backend) indexes the trailing 0: "none" in the datapath.
         return lut[table.table]
@@ -318,7 +324,7 @@ class Datapath:
             # Interface table and devmap first: the program may redirect to any
             # of them as soon as it runs.
             for slot, (name, info) in enumerate(zip(interfaces, infos)):
-                t.tx_ports[_c_int(slot)] = _c_int(info.ifindex)
+                t.tx_ports[ctypes.c_int(slot)] = ctypes.c_int(info.ifindex)
                 v = t.ifaces.Leaf()
                 flags = 0
                 if info.v4 is not None:
@@ -345,8 +351,6 @@ class Datapath:
                     result[name] = netlink.attach(ipr, name, self.prog_fd, mode, expected, current)
                 finally:
                     if expected is not None:
-                        import os
-
                         os.close(expected)
             self._attached.update(result)
             assert self.prog is not None
@@ -358,8 +362,6 @@ class Datapath:
         fd = prog_fd_by_id(prog_id)
         info = prog_info(fd)
         if info.name.decode() != FUNC[:15]:
-            import os
-
             os.close(fd)
             raise DatapathError(
                 f"{name} already runs XDP program {info.name.decode()!r} (id {prog_id}), not l4lb; refusing to replace it"
@@ -434,14 +436,8 @@ class Datapath:
                 self.t = None
 
 
-def _c_int(v: int) -> Any:
-    import ctypes
-
-    return ctypes.c_int(v)
-
-
 def _ntohs(v: int) -> int:
     return ((v & 0xFF) << 8) | (v >> 8)
 
 
-__all__ = ["Datapath", "DatapathStats", "DatapathOSError", "obj_get", "hash_seed"]
+__all__ = ["Datapath", "DatapathStats", "hash_seed"]
