@@ -18,7 +18,7 @@ def _require_root() -> None:
 
 
 @pytest.fixture(scope="session")
-def bpffs_root() -> Iterator[Path]:
+def bpffs() -> Iterator[Path]:
     """A private bpffs for the session (the machine has no /sys/fs/bpf)."""
     _require_root()
     d = Path(tempfile.mkdtemp(prefix="l4lb-bpffs-"))
@@ -29,10 +29,6 @@ def bpffs_root() -> Iterator[Path]:
         subprocess.run(["umount", "-l", str(d)], check=False)
         d.rmdir()
 
-
-@pytest.fixture(scope="session")
-def bpffs(bpffs_root: Path) -> Iterator[Path]:
-    yield bpffs_root
 
 
 # --- network-namespace lab (l4lb.lab) -----------------------------------------------
