@@ -16,20 +16,17 @@ from __future__ import annotations
 import ctypes as ct
 import os
 import shutil
-import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any
 
-import httpx
 import pytest
 
-PY = sys.executable
+from l4lb.lab.l4lbd import PY, L4lbd, default_config, to_toml, xdp_prog_id  # noqa: F401 (re-exported)
+
 NS_PREFIX = "l4d"
 
 
@@ -45,62 +42,19 @@ def require_root() -> None:
         pytest.fail("this test needs root (BPF, XDP, network namespaces): run `make test` as root", pytrace=False)
 
 
-def toml_value(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, (int, float)):
-        return str(v)
-    if isinstance(v, (list, tuple)):
-        return "[" + ", ".join(toml_value(x) for x in v) + "]"
-    return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-
-def to_toml(doc: dict[str, Any]) -> str:
-    """Enough TOML for our config: scalars/lists at top, then (nested) tables."""
-    lines: list[str] = []
-
-    def table(prefix: str, d: dict[str, Any]) -> None:
-        scalars = {k: v for k, v in d.items() if not isinstance(v, dict)}
-        tables = {k: v for k, v in d.items() if isinstance(v, dict)}
-        if prefix:
-            lines.append(f"\n[{prefix}]")
-        lines.extend(f"{k} = {toml_value(v)}" for k, v in scalars.items())
-        for k, v in tables.items():
-            table(f"{prefix}.{k}" if prefix else k, v)
-
-    table("", doc)
-    return "\n".join(lines) + "\n"
-
-
-class DaemonLab:
+class DaemonLab(L4lbd):
     """One netns + private bpffs dir + one l4lbd process (restartable)."""
 
     def __init__(self, bpffs: Path, tag: str, *, env: dict[str, str] | None = None) -> None:
         require_root()
-        self.ns = f"{NS_PREFIX}-{os.getpid()}-{tag}"
-        self.dir = Path(tempfile.mkdtemp(prefix=f"l4lbd-{tag}-"))
+        workdir = Path(tempfile.mkdtemp(prefix=f"l4lbd-{tag}-"))
         self.bpffs = bpffs / f"l4lbd-{os.getpid()}-{tag}"
-        self.socket = self.dir / "run" / "l4lbd.sock"
-        self.config_path = self.dir / "l4lbd.toml"
-        self.log_path = self.dir / "l4lbd.log"
-        self.env = dict(env or {})
-        self.proc: subprocess.Popen[bytes] | None = None
+        super().__init__(f"{NS_PREFIX}-{os.getpid()}-{tag}", workdir,
+                         default_config(workdir, self.bpffs, ["lbt0a"]), env=env)
         self.bpffs.mkdir()
         _run("ip", "netns", "add", self.ns)
         self.nsexec("ip", "link", "set", "lo", "up")
         self.add_veth("lbt0")
-        self.config: dict[str, Any] = {
-            "log_level": "info",
-            "state_dir": str(self.dir / "state"),
-            "recorder_dir": str(self.dir / "rec"),
-            "stats_interval": 1.0,
-            "datapath": {
-                "interfaces": ["lbt0a"], "xdp_mode": "generic", "bpffs": str(self.bpffs),
-                "maglev_m": 251, "max_services": 64, "max_backends": 4096, "flow_table_size": 4096,
-            },
-            "api": {"socket": str(self.socket)},
-            "limits": {"max_services": 32, "max_backends_per_service": 64},
-        }
 
     # -- namespace --------------------------------------------------------------------
 
@@ -115,83 +69,7 @@ class DaemonLab:
         return a, b
 
     def xdp_prog_id(self, iface: str) -> int | None:
-        out = self.nsexec("ip", "-d", "link", "show", iface).stdout
-        for line in out.splitlines():
-            parts = line.split()
-            if parts[:1] == ["prog/xdp"] and "id" in parts:
-                return int(parts[parts.index("id") + 1])
-        return None
-
-    # -- daemon ---------------------------------------------------------------------------
-
-    def write_config(self, text: str | None = None) -> None:
-        self.config_path.write_text(text if text is not None else to_toml(self.config))
-
-    def command(self, *args: str) -> list[str]:
-        return ["ip", "netns", "exec", self.ns, PY, "-m", "l4lb.daemon", "--config", str(self.config_path), *args]
-
-    def run_cli(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(self.command(*args), capture_output=True, text=True, timeout=120,
-                              cwd=self.dir, env={**os.environ, **self.env})
-
-    def start(self, *, wait: bool = True, env: dict[str, str] | None = None, write_config: bool = True) -> None:
-        assert self.proc is None or self.proc.poll() is not None, "already running"
-        if write_config:
-            self.write_config()
-        log = open(self.log_path, "ab")
-        log.write(f"\n===== start {time.strftime('%X')} =====\n".encode())
-        log.flush()
-        # `ip netns exec` execs the command: self.proc.pid is the daemon itself.
-        self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, cwd=self.dir,
-                                     env={**os.environ, **self.env, **(env or {})})
-        log.close()
-        if wait:
-            self.wait_ready()
-
-    def wait_ready(self, timeout: float = 90) -> None:
-        assert self.proc is not None
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"l4lbd exited with {self.proc.returncode}:\n{self.log_tail()}")
-            if self.socket.exists():
-                try:
-                    with self.client(timeout=2) as c:
-                        if c.get("/readyz").status_code == 200:
-                            return
-                except httpx.TransportError:
-                    pass
-            time.sleep(0.1)
-        raise AssertionError(f"l4lbd not ready after {timeout}s:\n{self.log_tail()}")
-
-    def send(self, sig: int) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(sig)
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
-        if self.proc is None or self.proc.poll() is not None:
-            return self.proc.returncode if self.proc else 0
-        self.proc.send_signal(sig)
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            return self.proc.wait()
-
-    def kill9(self) -> None:
-        assert self.proc is not None
-        self.proc.kill()  # SIGKILL
-        self.proc.wait()
-
-    def client(self, timeout: float = 60) -> httpx.Client:
-        return httpx.Client(transport=httpx.HTTPTransport(uds=str(self.socket)), base_url="http://l4lbd",
-                            timeout=timeout)
-
-    def log_text(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    def log_tail(self, n: int = 40) -> str:
-        return "\n".join(self.log_text().splitlines()[-n:])
+        return xdp_prog_id(self.ns, iface)
 
     # -- maps ---------------------------------------------------------------------------------
 
@@ -206,9 +84,7 @@ class DaemonLab:
     # -- teardown ------------------------------------------------------------------------------
 
     def close(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
+        self.kill()
         _run("ip", "netns", "del", self.ns, check=False)
         # Pins hold the maps (and the program) alive: remove them with the netns gone.
         shutil.rmtree(self.bpffs, ignore_errors=True)
