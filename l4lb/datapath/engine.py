@@ -352,6 +352,10 @@ class Datapath:
                 finally:
                     if expected is not None:
                         os.close(expected)
+                if current.prog_id:
+                    log.info("%s: replaced XDP program id %d atomically (%s)", name, current.prog_id, result[name])
+                else:
+                    log.info("%s: attached XDP (%s)", name, result[name])
             self._attached.update(result)
             assert self.prog is not None
             pin_program(self.prog)
