@@ -11,6 +11,7 @@ from l4lb.control import Control
 
 from . import errors
 from .metrics import Metrics
+from .recordings import router as recordings_router
 from .routes import router
 from .schemas import Problem
 
@@ -34,6 +35,7 @@ def create_app(control: Control, *, version: str = "0.1.0") -> FastAPI:
     app.state.metrics = Metrics(control)
     errors.install(app)
     app.include_router(router)
+    app.include_router(recordings_router)
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:

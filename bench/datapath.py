@@ -5,12 +5,15 @@ Method A: one BPF_PROG_TEST_RUN with repeat=N on a bench-only build that
 undoes its own encapsulation after XDP_TX, so every pass forwards (NOTES.md:
 the repeat trap). Method B: N calls with repeat=1 on the production build,
 mean of the kernel-reported durations (includes timer overhead).
-Floor programs (XDP_TX, bare IPIP, bare IP6IP6) are measured in the same run.
+Floor programs (XDP_TX, bare IPIP, bare IP6IP6, one FIB lookup, one flow-table
+write) are measured in the same run, and so is the build that asks the FIB for
+every packet instead of the daemon-kept next-hop cache.
 Run as root: `make bench` or `.venv/bin/python bench/datapath.py`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import subprocess
 import sys
@@ -29,6 +32,7 @@ from l4lb.models import Service  # noqa: E402
 VIP4, VIP6 = "198.51.100.1", "2001:db8:100::1"
 REPEAT_A = 200_000
 CALLS_B = 20_000
+FLOORS = ("floor_tx", "floor_ipip", "floor_ip6ip6", "floor_fib", "floor_lru", "floor_lru_new")
 
 
 def packets() -> dict[str, bytes]:
@@ -59,7 +63,7 @@ def floors(env: PacketEnv, undo: bool) -> dict[str, int]:
     from l4lb.datapath.source import bpf_src_dir
 
     b = BPF(src_file=str(bpf_src_dir() / "bench_floor.c").encode(), cflags=["-DBENCH_UNDO"] if undo else [])
-    return {name: b.load_func(name.encode(), BPF.XDP).fd for name in ("floor_tx", "floor_ipip", "floor_ip6ip6", "floor_fib")}, b
+    return {name: b.load_func(name.encode(), BPF.XDP).fd for name in FLOORS}, b
 
 
 def main() -> None:
@@ -75,8 +79,13 @@ def main() -> None:
             s6 = Service(name="bench6", vip=VIP6, port=80, backends=[{"address": a} for a in edge_backends_v6(100)])
             env.apply([s4, s6])
             # The bench-only build shares the pinned maps (same layout).
-            undo = Datapath(env.dp.cfg.__class__(**{**env.dp.cfg.__dict__, "extra_cflags": ("-DBENCH_UNDO",)}))
+            undo = Datapath(dataclasses.replace(env.dp.cfg, extra_cflags=("-DBENCH_UNDO",)))
             env.call(undo.load)
+            # The same program asking bpf_fib_lookup for every packet (nexthop = "fib").
+            fib_undo = Datapath(dataclasses.replace(undo.cfg, nexthop_cache=False))
+            fib_prod = Datapath(dataclasses.replace(env.dp.cfg, nexthop_cache=False))
+            env.call(fib_undo.load)
+            env.call(fib_prod.load)
             pk = packets()
             for p in pk.values():  # warm the flow table for the non-SYN rows
                 env.run(p)
@@ -85,19 +94,24 @@ def main() -> None:
                 v, _, _ = env.run(p)
                 assert v == 3, f"{name}: expected XDP_TX, got {v}"
                 rows.append((f"l4lb {name}", method_a(env, undo.prog_fd, p), method_b(env, env.dp.prog_fd, p)))
+            for name, p in pk.items():
+                rows.append((f"  fib build {name}", method_a(env, fib_undo.prog_fd, p),
+                             method_b(env, fib_prod.prog_fd, p)))
             fa, ba = floors(env, undo=True)
             fb, bb = floors(env, undo=False)
             v4 = pk["v4 SYN"]
             v6 = pk["v6 SYN"]
-            for name, p in (("floor_tx", v4), ("floor_ipip", v4), ("floor_ip6ip6", v6), ("floor_fib", v4)):
+            for name, p in (("floor_tx", v4), ("floor_ipip", v4), ("floor_ip6ip6", v6), ("floor_fib", v4),
+                          ("floor_lru", v4), ("floor_lru_new", v4)):
                 rows.append((f"floor {name[6:]}", method_a(env, fa[name], p), method_b(env, fb[name], p)))
             ipip_a = next(r[1] for r in rows if r[0] == "floor ipip")
             print(f"\nDatapath: ns/packet, 100-backend service, M={env.dp.cfg.maglev_m}, "
                   f"A = repeat {REPEAT_A} (undo build, best of 3), B = mean of {CALLS_B} single runs")
-            print(f"{'program / packet':<22}{'method A':>10}{'method B':>10}{'A - bare IPIP':>15}")
+            print(f"{'program / packet':<26}{'method A':>10}{'method B':>10}{'A - bare IPIP':>15}")
             for name, a, b in rows:
-                print(f"{name:<22}{a:>10.0f}{b:>10.0f}{a - ipip_a:>15.0f}")
-            env.call(undo.close)
+                print(f"{name:<26}{a:>10.0f}{b:>10.0f}{a - ipip_a:>15.0f}")
+            for dp in (undo, fib_undo, fib_prod):
+                env.call(dp.close)
     finally:
         subprocess.run(["umount", "-l", str(bpffs)], check=False)
     print("\nMaglev table build (pure Python + numpy)")

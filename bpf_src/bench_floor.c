@@ -92,3 +92,41 @@ int floor_fib(struct xdp_md *ctx)
     int rc = bpf_fib_lookup(ctx, &fib, sizeof(fib), 0);
     return rc == BPF_FIB_LKUP_RET_SUCCESS ? XDP_TX : XDP_ABORTED;
 }
+
+/* What one flow-table write costs on its own: the same 40-byte key as
+ * l4lb's flow_key, into an LRU hash of l4lb's default size. floor_lru
+ * rewrites one key (what repeat>1 does to l4lb's SYN row); floor_lru_new
+ * inserts a new key every pass (a stream of new flows, with eviction). */
+struct floor_key { __u32 src[4]; __u32 dst[4]; __u16 sport; __u16 dport; __u8 proto; __u8 family; __u16 pad; };
+struct floor_val { __u32 backend_id; __u32 gen; };
+BPF_TABLE("lru_hash", struct floor_key, struct floor_val, floor_flows, 1048576);
+BPF_PERCPU_ARRAY(floor_seq, __u32, 1);
+
+static __always_inline int lru_write(__u32 salt)
+{
+    struct floor_key k = {};
+    k.src[0] = 0x0700710cb ^ salt;
+    k.dst[0] = 0x016433c6;
+    k.sport = 33333;
+    k.dport = 80;
+    k.proto = 6;
+    k.family = 4;
+    struct floor_val v = { .backend_id = 7, .gen = 1 };
+    floor_flows.update(&k, &v);
+    return XDP_TX;
+}
+
+int floor_lru(struct xdp_md *ctx)
+{
+    return lru_write(0);
+}
+
+int floor_lru_new(struct xdp_md *ctx)
+{
+    __u32 zero = 0;
+    __u32 *seq = floor_seq.lookup(&zero);
+    if (!seq)
+        return XDP_ABORTED;
+    *seq += 1;
+    return lru_write(*seq);
+}

@@ -29,7 +29,7 @@ L4LB_INLINE int too_big(struct xdp_md *ctx, struct pkt *p, struct lb_config *cfg
         return VERDICT(XDP_DROP, REASON_DROP_TOO_BIG_SHORT, len);
     if (rc)
         return VERDICT(XDP_DROP, REASON_DROP_HEADROOM, len);
-    RECORD_OUT(ctx, XDP_TX, 1);
+    RECORD_OUT_ICMP(ctx, p, XDP_TX);
     return VERDICT(XDP_TX, REASON_TX_ICMP_TOO_BIG, len);
 }
 
@@ -67,7 +67,7 @@ int l4lb_xdp(struct xdp_md *ctx)
     struct svc_info *svc = service_lookup(&p);
     if (!svc)
         return VERDICT(XDP_PASS, REASON_PASS_NOT_SERVICE, len);
-    RECORD_IN(ctx, &p);
+    RECORD_IN(ctx, &p, svc->id);
     __u32 svc_id = svc->id;
     __u32 svc_flags = svc->flags;
     count_service(svc_id, len);
@@ -85,7 +85,7 @@ int l4lb_xdp(struct xdp_md *ctx)
 
     int overhead = p.family == FAMILY_V4 ? IPV4_HLEN : IPV6_HLEN;
     struct bpf_fib_lookup fib;
-    rc = fib_next_hop(ctx, be, p.l3_len + overhead, &fib);
+    rc = next_hop(ctx, be_id, be, p.l3_len + overhead, &fib);
     if (rc == BPF_FIB_LKUP_RET_FRAG_NEEDED)
         return too_big(ctx, &p, cfg, fib.mtu_result, len);
     if (rc != BPF_FIB_LKUP_RET_SUCCESS && rc != BPF_FIB_LKUP_RET_NO_NEIGH)
@@ -124,7 +124,7 @@ int l4lb_xdp(struct xdp_md *ctx)
     if (no_neigh) {
         /* Never a silent drop: the kernel forwards the encapsulated packet
          * and resolves the neighbour on the way. */
-        RECORD_OUT(ctx, XDP_PASS, 0);
+        RECORD_OUT(ctx, XDP_PASS, be_id);
         return VERDICT(XDP_PASS, REASON_PASS_NO_NEIGH, len);
     }
     if (egress == ctx->ingress_ifindex) {
@@ -132,12 +132,12 @@ int l4lb_xdp(struct xdp_md *ctx)
         count_reason(REASON_TX, len);
         return bench_undo(ctx, overhead, &orig_eth);
 #endif
-        RECORD_OUT(ctx, XDP_TX, 0);
+        RECORD_OUT(ctx, XDP_TX, be_id);
         return VERDICT(XDP_TX, REASON_TX, len);
     }
     if (!ifi)
         return VERDICT(XDP_PASS, REASON_PASS_NO_TXPORT, len);
-    RECORD_OUT(ctx, XDP_REDIRECT, 0);
+    RECORD_OUT(ctx, XDP_REDIRECT, be_id);
     int act = tx_ports.redirect_map(ifi->tx_slot, XDP_PASS);
     if (act != XDP_REDIRECT)
         return VERDICT(act, REASON_PASS_NO_TXPORT, len);

@@ -70,6 +70,10 @@ class DatapathSection(_Section):
     max_backends: int = Field(default=65536, ge=1, le=1 << 22)
     flow_table_size: int = Field(default=1 << 20, ge=1024, le=1 << 26)
     icmp_rate: int = Field(default=1000, ge=0, le=1_000_000)
+    # "cache": next hops from a map the daemon keeps from routes and neighbours
+    # (saves a FIB lookup per packet; the FIB is still asked when the cache has
+    # no entry); "fib": bpf_fib_lookup for every packet.
+    nexthop: Literal["cache", "fib"] = "cache"
 
     @field_validator("interfaces")
     @classmethod
@@ -294,6 +298,7 @@ class Config(_Section):
             outer_src_v4=d.outer_src_v4,
             outer_src_v6=d.outer_src_v6,
             icmp_rate=d.icmp_rate,
+            nexthop_cache=d.nexthop == "cache",
         )
 
     def restart_only_changes(self, new: "Config") -> list[str]:
@@ -303,7 +308,7 @@ class Config(_Section):
             if getattr(self, key) != getattr(new, key):
                 changed.append(key)
         for key in ("bpffs", "maglev_m", "maglev_seed", "outer_src_v4", "outer_src_v6",
-                    "max_services", "max_backends", "flow_table_size", "icmp_rate"):
+                    "max_services", "max_backends", "flow_table_size", "icmp_rate", "nexthop"):
             if getattr(self.datapath, key) != getattr(new.datapath, key):
                 changed.append(f"datapath.{key}")
         return changed

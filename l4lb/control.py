@@ -535,6 +535,12 @@ class Control:
             now, flat = self._clock(), flatten_stats(self._dp.stats())
             self._rates.observe(now, flat)
 
+    def refresh_nexthops(self) -> None:
+        """Re-resolve backends' next hops (datapaths without a cache have nothing to do)."""
+        refresh = getattr(self._dp, "refresh_nexthops", None)
+        if refresh is not None:
+            refresh()
+
     def stats(self) -> dict[str, Any]:
         """Counters of every desired service/backend and per-reason totals, with rates."""
         with self._lock:

@@ -206,6 +206,7 @@ class Daemon:
         self._stopping: asyncio.Event | None = None
         self._last_status = ""
         self._app: Any = None
+        self._recorder: Any = None     # recorder.manager.RecorderManager
 
     # -- start -----------------------------------------------------------------------
 
@@ -249,8 +250,16 @@ class Daemon:
             log.info("XDP attached: %s", ", ".join(f"{i} ({m})" for i, m in used.items()))
         else:
             log.warning("datapath.interfaces is empty: nothing is attached")
+        # Recorder: recordings of an earlier run are listed again; on TERM they are closed.
+        from l4lb.recorder.manager import RecorderManager
+
+        self._recorder = RecorderManager(cfg.recorder_dir, self._dp)
 
     def close(self) -> None:
+        # Recordings are closed cleanly (files complete) and the recorder disarmed.
+        if self._recorder is not None:
+            with contextlib.suppress(Exception):
+                self._recorder.close()
         # Drop fds only: pins and the XDP attachment stay (traffic keeps flowing).
         if self._dp is not None:
             with contextlib.suppress(Exception):
@@ -318,6 +327,7 @@ class Daemon:
         self._stopping = asyncio.Event()
         self._reload_lock = asyncio.Lock()
         self._app = create_app(self.control, version=__version__)
+        self._app.state.recorder = self._recorder
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stopping.set)
         loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(self.reload()))
@@ -347,6 +357,8 @@ class Daemon:
             await asyncio.sleep(self.cfg.stats_interval)
             try:
                 await loop.run_in_executor(None, self.control.sample)
+                # Routes, neighbours and MTUs change under us: keep the next-hop cache true.
+                await loop.run_in_executor(None, self.control.refresh_nexthops)
                 if self.control.degraded is not None:
                     await loop.run_in_executor(None, self.control.heal)
             except Exception as e:  # noqa: BLE001 - keep sampling

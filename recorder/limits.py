@@ -140,6 +140,7 @@ class Limiter:
         self._file_packets = 0
         self._file_first_ts = 0
         self._reason: StopReason | None = None
+        self._writes: dict[int, Decision] = {}
 
     # -- state -------------------------------------------------------------------------
     @property
@@ -231,6 +232,12 @@ class Limiter:
             reason = StopReason.MAX_BYTES
         if reason is not None:
             self._reason = reason
+        elif action is Action.WRITE:
+            # The common answer is immutable: reuse it (the drain asks for every packet).
+            d = self._writes.get(self._index)
+            if d is None:
+                d = self._writes[self._index] = Decision(Action.WRITE, self._index)
+            return d
         return Decision(action, self._index, overwrite=overwrite, final=reason is not None, reason=reason)
 
 

@@ -240,6 +240,18 @@ class _Writer:
             self._f.flush()
         return len(record)
 
+    def write_sample(self, data: bytes, ts_ns: int, orig_len: int, direction: int | None,
+                     verdict: int | None, comment: str | None) -> None:
+        """:meth:`write_packet` without the argument checks, for the recorder's drain, whose
+        values come from the kernel: ``data`` is bytes no longer than snaplen, ``len(data) <=
+        orig_len < 2**32``, ``ts_ns`` a u64."""
+        if self._closed:
+            raise ValueError(f"{self.fmt} writer for {self.path} is closed")
+        record = self._record(data, ts_ns, orig_len, direction, verdict, comment)
+        self._f.write(record)
+        self._bytes += len(record)
+        self._packets += 1
+
     def flush(self, *, fsync: bool = False) -> None:
         """Push buffered records to the file (and to disk with ``fsync=True``)."""
         self._check_open()
@@ -300,6 +312,7 @@ class PcapngWriter(_Writer):
         self._userappl = _comment_bytes(userappl)
         self._start_ns = _check_ts(time.time_ns() if start_ns is None else start_ns)
         self._unreported_lost = 0
+        self._opt_cache: dict[tuple, bytes] = {}
         super().__init__(path, snaplen=snaplen, linktype=linktype, autoflush=autoflush)
 
     def _header(self) -> bytes:
@@ -314,7 +327,19 @@ class PcapngWriter(_Writer):
     def _pending_lost(self, count: int) -> None:
         self._unreported_lost += count
 
+    _EPB_HEAD = struct.Struct("<IIIIIII")
+
     def _record(self, data, ts_ns, orig_len, direction, verdict, comment) -> bytes:
+        # Fast path for the drain: the options of a (comment, direction, verdict) are encoded
+        # once; only a pending drop count makes a record's options unique.
+        if not self._unreported_lost:
+            opts = self._opt_cache.get((comment, direction, verdict))
+            if opts is not None:
+                n = len(data)
+                pad = -n & 3
+                total = 32 + n + pad + len(opts)
+                return b"".join((self._EPB_HEAD.pack(BT_EPB, total, 0, (ts_ns >> 32) & _U32, ts_ns & _U32, n,
+                                                     orig_len), data, b"\0" * pad, opts, total.to_bytes(4, "little")))
         opts = []
         if comment is not None:
             opts.append(_option(OPT_COMMENT, _comment_bytes(comment)))
@@ -328,11 +353,14 @@ class PcapngWriter(_Writer):
                 raise ValueError(f"verdict: expected an int, got {verdict!r}")
             opts.append(_option(EPB_VERDICT, bytes([VERDICT_TYPE_XDP]) + struct.pack("<q", verdict)))
         hi, lo = _ts_parts(ts_ns)
+        encoded = _options(opts)
+        if not self._unreported_lost and len(self._opt_cache) < 1024:
+            self._opt_cache[(comment, direction, verdict)] = encoded
         body = (
             struct.pack("<IIIII", 0, hi, lo, len(data), orig_len)
             + data
             + bytes(_pad4(len(data)))
-            + _options(opts)
+            + encoded
         )
         self._unreported_lost = 0
         return _block(BT_EPB, body)

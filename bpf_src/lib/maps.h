@@ -70,6 +70,17 @@ struct if_info {
     __u32 flags;             /* IF_F_* */
 };
 
+/* Next hop of a backend, resolved by the daemon from the kernel's routes and
+ * neighbours (NEXTHOP_CACHE builds). Valid only while gen equals the backend
+ * slot's gen, so a reused slot never inherits a stale next hop. */
+struct nh_info {
+    __u32 ifindex;           /* egress NIC */
+    __u32 gen;               /* backend_info.gen it was resolved for; 0 = none */
+    __u32 mtu;               /* egress MTU (route MTU if smaller) */
+    __u8 smac[6];
+    __u8 dmac[6];
+};
+
 struct counter {
     __u64 packets;
     __u64 bytes;
@@ -105,6 +116,7 @@ BPF_TABLE_PINNED("hash", struct svc_key, struct svc_info, services, MAX_SERVICES
 BPF_ARRAY(maglev_inner, __u32, MAGLEV_M);
 BPF_TABLE_PINNED("array_of_maps$maglev_inner", int, int, maglev_outer, MAX_SERVICES, PIN_DIR "/maglev_outer");
 BPF_TABLE_PINNED("array", __u32, struct backend_info, backends, MAX_BACKENDS, PIN_DIR "/backends");
+BPF_TABLE_PINNED("array", __u32, struct nh_info, nexthops, MAX_BACKENDS, PIN_DIR "/nexthops");
 BPF_TABLE_PINNED("lru_hash", struct flow_key, struct flow_value, flows, FLOW_TABLE_SIZE, PIN_DIR "/flows");
 BPF_TABLE_PINNED("array", __u32, struct lb_config, config, 1, PIN_DIR "/config");
 BPF_TABLE_PINNED("hash", __u32, struct if_info, ifaces, MAX_IFACES, PIN_DIR "/ifaces");

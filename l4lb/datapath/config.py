@@ -24,6 +24,7 @@ class DatapathConfig:
     outer_src_v4: ipaddress.IPv4Network | None = None   # prefix + flow-hash bits as outer source
     outer_src_v6: ipaddress.IPv6Network | None = None
     icmp_rate: int = 1000                         # too-big replies per second per CPU
+    nexthop_cache: bool = True                    # next hops from the daemon-kept map, FIB as fallback
     extra_cflags: tuple[str, ...] = field(default_factory=tuple)  # e.g. recorder masks, bench switches
 
     def __post_init__(self) -> None:

@@ -25,10 +25,11 @@ import numpy as np
 from pyroute2 import IPRoute
 
 from l4lb import maglev
-from l4lb.datapath import netlink
+from l4lb.datapath import netlink, nexthop
 from l4lb.datapath.config import DatapathConfig, DatapathError
 from l4lb.datapath.libbpf import prog_fd_by_id, prog_info
 from l4lb.datapath.loader import FUNC, Program, compile_program, pin_program, remove_stale_pins
+from l4lb.datapath.nexthop import IPAddress, NextHop
 from l4lb.datapath.tables import Tables, words_addr
 from l4lb.models import BackendState, Service
 
@@ -88,6 +89,10 @@ class Datapath:
         self._freed_svc: dict[ServiceKey, int] = {}
         self._freed_be: dict[tuple[ServiceKey, BackendKey], tuple[int, int]] = {}
         self._attached: dict[str, str] = {}
+        # Next hops: address -> what the kernel resolved, and what each backend
+        # slot's `nexthops` entry holds (None = no entry: the program uses the FIB).
+        self._nh_cache: dict[IPAddress, NextHop | None] = {}
+        self._nh_written: dict[int, tuple[NextHop, int] | None] = {}
         self.fail_after_writes: int | None = None  # test hook: fail mid-reconcile
 
     # --- load -----------------------------------------------------------------
@@ -184,6 +189,7 @@ class Datapath:
                 raise DatapathError(f"datapath update failed: {e}") from e
             self._applied = list(services)
         self._neighbours(services)
+        self.refresh_nexthops(full=False)
 
     def _check_capacity(self, services: Sequence[Service]) -> None:
         if len(services) > self.cfg.max_services:
@@ -360,7 +366,8 @@ class Datapath:
             assert self.prog is not None
             pin_program(self.prog)
             remove_stale_pins(self.cfg, self.prog.pin_dir)
-            return result
+        self.refresh_nexthops()
+        return result
 
     def _replaceable_fd(self, name: str, prog_id: int) -> int:
         fd = prog_fd_by_id(prog_id)
@@ -377,6 +384,79 @@ class Datapath:
             for name in interfaces:
                 netlink.detach(ipr, name)
                 self._attached.pop(name, None)
+
+    # --- next hops (NEXTHOP_CACHE) -------------------------------------------------------
+    def refresh_nexthops(self, full: bool = True) -> int:
+        """Resolve backends' next hops from the kernel and write the ``nexthops``
+        map; returns how many entries changed. ``full=False`` resolves only
+        addresses not seen before (after an apply); the daemon calls the full
+        refresh periodically so route/neighbour/MTU changes reach the cache.
+        Netlink runs outside the lock; entries are written for the slots (and
+        generations) current at write time. Best effort: logs, never raises."""
+        if not self.cfg.nexthop_cache or self.t is None:
+            return 0
+        with self._lock:
+            addrs = {ipaddress.ip_address(slot.ident[0]) for slot in self._backends.values()}
+            ifindexes = {k.value for k in self.tables.ifaces.keys()}
+        todo = addrs if full else addrs - set(self._nh_cache)
+        try:
+            with IPRoute() as ipr:
+                resolved = nexthop.resolve(ipr, todo, ifindexes)
+        except Exception as e:  # noqa: BLE001 - the FIB path still forwards
+            log.warning("next-hop refresh failed: %s", e)
+            return 0
+        changed = 0
+        with self._lock:
+            self._nh_cache = ({} if full else self._nh_cache) | resolved
+            t = self.tables
+            for bid in set(self._nh_written) - set(self._backends):
+                t.clear_nexthop(bid)
+                del self._nh_written[bid]
+                changed += 1
+            for bid, slot in self._backends.items():
+                nh = self._nh_cache.get(ipaddress.ip_address(slot.ident[0]))
+                want = (nh, slot.gen) if nh is not None else None
+                if self._nh_written.get(bid, "unset") == want:
+                    continue
+                if want is None:
+                    t.clear_nexthop(bid)
+                else:
+                    t.write_nexthop(bid, nh.ifindex, slot.gen, nh.mtu, nh.smac, nh.dmac)
+                self._nh_written[bid] = want
+                changed += 1
+        return changed
+
+    # --- recorder: whole-program replacement (l4lb/datapath/recorder.py) -------------
+    def replace_program(self, extra_cflags: Sequence[str],
+                        prepare: "Callable[[Program], None] | None" = None) -> Program | None:
+        """Compile again with ``extra_cflags`` (e.g. a new recorder mask set), let ``prepare``
+        fill the new program's unpinned maps, then swap it in atomically on every attached
+        interface (XDP_FLAGS_REPLACE via attach()). Pinned maps are shared, so flows survive.
+        Returns the old Program, still open: the caller drains and closes it."""
+        from dataclasses import replace
+
+        with self._lock:
+            old, old_t, old_cfg = self.prog, self.t, self.cfg
+            cfg = replace(self.cfg, extra_cflags=tuple(extra_cflags))
+            prog = compile_program(cfg)
+            try:
+                if prepare is not None:
+                    prepare(prog)
+                self.prog, self.t, self.cfg = prog, Tables(prog.bpf), cfg
+                if self._attached:
+                    self.attach(list(self._attached), "auto")
+            except BaseException:
+                self.prog, self.t, self.cfg = old, old_t, old_cfg
+                prog.bpf.cleanup()
+                raise
+            return old
+
+    def id_names(self) -> tuple[dict[int, str], dict[int, str]]:
+        """(service id -> "vip:port/proto", backend id -> "addr:port"), for capture comments."""
+        with self._lock:
+            svcs = {sid: f"{_hostport(vip, port)}/{proto}" for (vip, port, proto), sid in self._svc_ids.items()}
+            bes = {bid: _hostport(*slot.ident) for bid, slot in self._backends.items()}
+            return svcs, bes
 
     # --- read side ---------------------------------------------------------------------
     def stats(self) -> DatapathStats:
@@ -438,6 +518,11 @@ class Datapath:
                 self.prog.bpf.cleanup()
                 self.prog = None
                 self.t = None
+
+
+def _hostport(addr: str, port: int) -> str:
+    a = ipaddress.ip_address(addr)
+    return f"[{a.compressed}]:{port}" if a.version == 6 else f"{a.compressed}:{port}"
 
 
 def _ntohs(v: int) -> int:

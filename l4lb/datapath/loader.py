@@ -42,6 +42,11 @@ def layout_cflags(cfg: DatapathConfig) -> list[str]:
     ]
 
 
+def feature_cflags(cfg: DatapathConfig) -> list[str]:
+    """Switches that change code, not map layouts."""
+    return ["-DNEXTHOP_CACHE"] if cfg.nexthop_cache else []
+
+
 @dataclass
 class Program:
     bpf: Any            # bcc.BPF
@@ -62,7 +67,7 @@ def compile_program(cfg: DatapathConfig, *, entry: str = ENTRY, func: str = FUNC
     layout = layout_cflags(cfg)
     pin_dir = cfg.bpffs / f"maps-{layout_digest(text, layout)}"
     pin_dir.mkdir(mode=0o700, exist_ok=True)
-    cflags = [*layout, f'-DPIN_DIR="{pin_dir}"', *cfg.extra_cflags]
+    cflags = [*layout, f'-DPIN_DIR="{pin_dir}"', *feature_cflags(cfg), *cfg.extra_cflags]
     try:
         bpf = BPF(text=text.encode(), cflags=cflags)
         fn = bpf.load_func(func.encode(), BPF.XDP)

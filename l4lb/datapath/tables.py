@@ -49,6 +49,18 @@ class Tables:
         self.svc_stats = bpf[b"svc_stats"]
         self.backend_stats = bpf[b"backend_stats"]
         self.reason_stats = bpf[b"reason_stats"]
+        self.nexthops = bpf[b"nexthops"]
+
+    # --- next hops ------------------------------------------------------------
+    def write_nexthop(self, bid: int, ifindex: int, gen: int, mtu: int, smac: bytes, dmac: bytes) -> None:
+        v = self.nexthops.Leaf()
+        v.ifindex, v.gen, v.mtu = ifindex, gen, mtu
+        v.smac[:] = list(smac)
+        v.dmac[:] = list(dmac)
+        self.nexthops[ct.c_uint32(bid)] = v
+
+    def clear_nexthop(self, bid: int) -> None:
+        self.nexthops[ct.c_uint32(bid)] = self.nexthops.Leaf()
 
     # --- services -------------------------------------------------------------
     def svc_key(self, vip: IPAddress, port: int, proto: int) -> Any:

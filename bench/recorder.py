@@ -1,0 +1,203 @@
+#!/usr/bin/env python3
+"""Recorder benchmark (not a test).
+
+1. What the armed recorder adds to traffic it does not record: ns/packet of the real program
+   (BPF_PROG_TEST_RUN, repeat=N on the BENCH_UNDO build so every pass forwards; NOTES.md, the
+   repeat trap), in one run:
+     - disarmed build (no -DRECORDER)                                    = the baseline
+     - armed build, no filter                                            (recorder compiled, idle)
+     - armed build, 32 IPv4 + 32 IPv6 masks, >= 16k filters:
+         a) packet rejected by the early reject (source nobody records)
+         b) worst case: the packet passes every bitmap and costs 32 hash look-ups, no hit
+   plus the XDP_TX floor program. Rounds alternate the builds; the table shows medians.
+2. Drain rate: a matching packet is run with repeat=k in a loop (1 sample per pass) while the
+   real drain (RecorderManager) writes pcapng files; packets written per second on the
+   drain's core, and what was lost in the ring while it was saturated.
+
+Run as root: `.venv/bin/python bench/recorder.py`.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from scapy.all import IP, TCP, Ether, IPv6, Raw, raw
+
+from l4lb.datapath.libbpf import test_run
+from l4lb.datapath.recorder import FilterEntry, RecorderDatapath
+from l4lb.lab.pktenv import PacketEnv, edge_backends_v4, edge_backends_v6
+from l4lb.models import Service
+from l4lb.recfilter import Filter, PacketTuple, compile_masks, matches, parse_filter
+from l4lb.recorder.manager import RecorderManager
+from l4lb.recorder.recording import RecordingSpec
+
+VIP4, VIP6 = "198.51.100.1", "2001:db8:100::1"
+REPEAT = 200_000
+ROUNDS = 3
+TARGET_ADDED_NS = 25.0
+TARGET_DRAIN_PPS = 300_000
+
+
+def frame(src: str, dst: str, sport: int = 33333, dport: int = 80) -> bytes:
+    ip = IPv6(src=src, dst=dst) if ":" in dst else IP(src=src, dst=dst)
+    return raw(Ether(dst="02:11:11:11:11:11", src="02:22:22:22:22:22") / ip
+               / TCP(sport=sport, dport=dport, flags="A") / Raw(b"x" * 18))
+
+
+PROBES = {
+    "v4 rejected early": frame("192.0.2.77", VIP4),
+    "v4 all 32 masks, no hit": frame("203.0.113.250", VIP4),
+    "v6 rejected early": frame("2001:db9::7", VIP6),
+    "v6 all 32 masks, no hit": frame("2001:db8:77::fa", VIP6),
+}
+
+
+def bench_filters(n_per_mask: int = 330) -> list[Filter]:
+    """32 IPv4 + 32 IPv6 masks, n_per_mask filters each; none matches the 'no hit' probes."""
+    r = random.Random(7)
+    out: set[Filter] = set()
+    probes = [PacketTuple.make("203.0.113.250", VIP4, 33333, 80, 6),
+              PacketTuple.make("2001:db8:77::fa", VIP6, 33333, 80, 6)]
+    for fam, lens, base_src, dst_net in ((4, range(32, 16, -2), "203.0.113.0", "198.51.100.0"),
+                                         (6, range(128, 64, -8), "2001:db8:77::", "2001:db8:100::")):
+        for slen in lens:
+            for dport_wild in (False, True):
+                for proto_wild in (False, True):
+                    made = 0
+                    while made < n_per_mask:
+                        host = r.randrange(0, 200)
+                        src = ipaddress.ip_network(f"{ipaddress.ip_address(base_src) + host}/{slen}", strict=False)
+                        dst = ipaddress.ip_address(dst_net) + r.randrange(1, 250)
+                        f = Filter.from_fields(src=str(src), sport=0, dst=str(dst),
+                                               dport=0 if dport_wild else r.choice((80, 443, 8080, 1000 + made)),
+                                               proto="any" if proto_wild else "tcp")
+                        made += 1
+                        if any(matches(f, p) for p in probes):
+                            continue
+                        out.add(f)
+    # the probes' VIP must pass the destination bitmaps too: filters on it from other sources
+    for fam, vip, srcs in ((4, VIP4, "203.0.113.{}"), (6, VIP6, "2001:db8:77::{:x}")):
+        for i in range(1, 60):
+            f = parse_filter(f"{srcs.format(i)} 0 {vip} 80 tcp")
+            out.add(f)
+    return sorted(out, key=str)
+
+
+def measure(env: PacketEnv) -> dict[str, float]:
+    fd = env.dp.prog_fd
+    return {name: float(min(env.call(test_run, fd, p, ingress_ifindex=env.edge_ifindex, repeat=REPEAT)[2]
+                            for _ in range(3)))
+            for name, p in PROBES.items()}
+
+
+def floor_tx(env: PacketEnv) -> float:
+    from bcc import BPF
+
+    from l4lb.datapath.source import bpf_src_dir
+
+    b = BPF(src_file=str(bpf_src_dir() / "bench_floor.c").encode(), cflags=["-DBENCH_UNDO"])
+    fd = b.load_func(b"floor_tx", BPF.XDP).fd
+    p = PROBES["v4 rejected early"]
+    v = float(min(env.call(test_run, fd, p, ingress_ifindex=env.edge_ifindex, repeat=REPEAT)[2] for _ in range(3)))
+    b.cleanup()
+    return v
+
+
+def cost_table(env: PacketEnv) -> bool:
+    filters = bench_filters()
+    masks = compile_masks(filters)
+    entries = [FilterEntry(f, 0) for f in filters]
+    rd = RecorderDatapath(env.dp)
+    base = list(env.dp.cfg.extra_cflags)
+    results: dict[str, list[dict[str, float]]] = {"disarmed build": [], "armed, no filter": [], "armed, 64 masks": []}
+    for _ in range(ROUNDS):
+        old = env.call(env.dp.replace_program, base)       # disarmed build
+        if old is not None:
+            old.bpf.cleanup()
+        rd.masks = rd.maps = None
+        results["disarmed build"].append(measure(env))
+        env.call(rd.set_filters, entries)                  # armed build, all filters
+        results["armed, 64 masks"].append(measure(env))
+        env.call(rd.set_filters, [])                       # same build, no filter left
+        results["armed, no filter"].append(measure(env))
+    floor = floor_tx(env)
+    med = {k: {p: statistics.median(r[p] for r in v) for p in PROBES} for k, v in results.items()}
+    print(f"\nNon-matching traffic, ns/packet (BPF_PROG_TEST_RUN repeat={REPEAT}, BENCH_UNDO build, "
+          f"median of {ROUNDS} rounds x min of 3)")
+    print(f"filters loaded: {len(filters)} ({sum(m.family == 4 for m in masks)} IPv4 masks, "
+          f"{sum(m.family == 6 for m in masks)} IPv6 masks); floor XDP_TX program: {floor:.1f} ns")
+    print(f"{'probe':28} {'disarmed':>9} {'armed/idle':>11} {'+ns':>6} {'armed/64m':>10} {'+ns':>6}")
+    ok = True
+    for p in PROBES:
+        d, idle, full = med["disarmed build"][p], med["armed, no filter"][p], med["armed, 64 masks"][p]
+        print(f"{p:28} {d:9.1f} {idle:11.1f} {idle - d:6.1f} {full:10.1f} {full - d:6.1f}")
+        if "rejected" in p and full - d > TARGET_ADDED_NS:
+            ok = False
+    print(f"target: <= {TARGET_ADDED_NS:.0f} ns added with 32 masks and no match "
+          f"(early-rejected probes): {'met' if ok else 'NOT met'}")
+    return ok
+
+
+def drain_table(env: PacketEnv, seconds: float = 5.0) -> bool:
+    ok = True
+    print(f"\nDrain: samples written to pcapng per second ({seconds:.0f} s each, producer saturating the ring)")
+    print(f"{'capture':10} {'written/s':>10} {'lost/s':>10} {'file MB':>8}")
+    for caplen in (128, 0):
+        with tempfile.TemporaryDirectory(prefix="recbench-") as d:
+            mgr = RecorderManager(Path(d) / "rec", env.dp, run=env.call)
+            try:
+                rec = mgr.start(RecordingSpec(filters=(parse_filter(f"203.0.113.7 0 {VIP4} 80 tcp"),),
+                                              capture_length=caplen))
+                p = frame("203.0.113.7", VIP4, dport=80)
+                stop = threading.Event()
+
+                def produce() -> None:
+                    while not stop.is_set():
+                        test_run(env.dp.prog_fd, p, ingress_ifindex=env.edge_ifindex, repeat=2000)
+
+                worker = threading.Thread(target=env.call, args=(produce,))
+                worker.start()
+                time.sleep(0.5)
+                p0, l0, t0 = rec.packets, rec.lost, time.monotonic()
+                time.sleep(seconds)
+                p1, l1, t1 = rec.packets, rec.lost, time.monotonic()
+                stop.set()
+                worker.join()
+                mgr.stop(rec.id)
+                size = sum(f["size"] for f in rec.to_dict()["files"])
+            finally:
+                mgr.close()
+        pps = (p1 - p0) / (t1 - t0)
+        print(f"{caplen or 'whole':>10} {pps:10.0f} {(l1 - l0) / (t1 - t0):10.0f} {size / 1e6:8.1f}")
+        ok = ok and pps >= TARGET_DRAIN_PPS
+    print(f"target: >= {TARGET_DRAIN_PPS} packets/s drained on one core: {'met' if ok else 'NOT met'}")
+    return ok
+
+
+def main() -> int:
+    with tempfile.TemporaryDirectory(prefix="recbench-bpffs-") as bpffs:
+        subprocess.run(["mount", "-t", "bpf", "bpf", bpffs], check=True)
+        try:
+            with PacketEnv(Path(bpffs), n_backends=8, prefix="rec", maglev_m=251, max_backends=4096,
+                           flow_table_size=65536, extra_cflags=("-DBENCH_UNDO",)) as env:
+                bes4 = [{"address": a} for a in edge_backends_v4(4)]
+                bes6 = [{"address": a} for a in edge_backends_v6(4)]
+                env.apply([Service(name="w4", vip=VIP4, port=80, backends=bes4),
+                           Service(name="w6", vip=VIP6, port=80, backends=bes6)])
+                cost_ok = "--drain-only" in sys.argv or cost_table(env)
+                drain_ok = "--cost-only" in sys.argv or drain_table(env)
+        finally:
+            subprocess.run(["umount", "-l", bpffs], check=False)
+    return 0 if cost_ok and drain_ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,273 @@
+"""The recorder's BPF half on the real compiled program (BPF_PROG_TEST_RUN): which packets
+reach which recording, what the perf samples carry, map updates vs. program swaps, losses.
+
+One PacketEnv for the module; every test sets the filters it needs (set_filters makes the
+datapath match exactly those). Each filter of the semantics tests gets its own recording slot,
+so a sample's recordings bitmap shows exactly which filters matched; the expectation comes
+from l4lb.recfilter.matches, the plain semantics (a packet goes to every recording with a
+matching filter)."""
+
+from __future__ import annotations
+
+import itertools
+import random
+from pathlib import Path
+
+import pytest
+from scapy.all import ICMP, IP, TCP, UDP, Ether, IPv6, Raw, raw
+
+from l4lb.datapath.libbpf import prog_info
+from l4lb.datapath.recorder import CAP_WHOLE, FilterEntry, RecorderDatapath
+from l4lb.lab.pktenv import EDGE_IF, PacketEnv, edge_backends_v4, edge_backends_v6
+from l4lb.models import Service
+from l4lb.recfilter import Filter, PacketTuple, matches, parse_filter
+from l4lb.recorder.drain import SAMPLE
+
+pytestmark = [pytest.mark.bpf, pytest.mark.netns]
+
+XDP_PASS, XDP_TX = 2, 3
+VIPS4 = ("198.51.100.1", "198.51.100.2")
+VIPS6 = ("2001:db8:100::1", "2001:db8:100::2")
+PORTS = (80, 443)
+CLIENT4, OTHER4 = "203.0.113.7", "192.0.2.77"
+CLIENT6, OTHER6 = "2001:db8:77::7", "2001:db8:99::9"
+
+
+@pytest.fixture(scope="module")
+def env(bpffs: Path):
+    d = bpffs / "rec-datapath"
+    d.mkdir(exist_ok=True)
+    with PacketEnv(d, n_backends=8, prefix="rec", maglev_m=251, max_backends=4096, flow_table_size=65536) as e:
+        services = []
+        for fam, vips, bes in ((4, VIPS4, edge_backends_v4(4)), (6, VIPS6, edge_backends_v6(4))):
+            for i, (vip, port, proto) in enumerate(itertools.product(vips, PORTS, ("tcp", "udp"))):
+                services.append(Service(name=f"s{fam}-{i}", vip=vip, port=port, protocol=proto,
+                                        backends=[{"address": b} for b in bes]))
+        e.apply(services)
+        yield e
+
+
+class Rec:
+    """RecorderDatapath + a perf reader collecting raw samples."""
+
+    def __init__(self, env: PacketEnv) -> None:
+        self.env = env
+        self.samples: list[tuple[tuple, bytes]] = []
+        self.rd = RecorderDatapath(env.dp, on_program=self._open)
+        self.page_cnt = 64
+
+    def _open(self, maps) -> None:
+        maps.bpf[b"rec_events"].open_perf_buffer(self._cb, page_cnt=self.page_cnt)
+
+    def _cb(self, cpu, data, size) -> None:
+        import ctypes as ct
+
+        b = ct.string_at(data, size)
+        hdr = SAMPLE.unpack_from(b)
+        self.samples.append((hdr, b[SAMPLE.size:SAMPLE.size + hdr[2]]))
+
+    def set(self, entries: list[FilterEntry]) -> bool:
+        return self.env.call(self.rd.set_filters, entries)
+
+    def run(self, frame: bytes) -> tuple[int, bytes, list[tuple[tuple, bytes]]]:
+        """Verdict, output, samples of one packet."""
+        self.drain()
+        self.samples.clear()
+        verdict, out, _ = self.env.run(frame)
+        self.drain()
+        got, self.samples = self.samples, []
+        return verdict, out, got
+
+    def drain(self) -> None:
+        assert self.rd.maps is not None
+        self.rd.maps.bpf.perf_buffer_poll(0)
+
+
+@pytest.fixture(scope="module")
+def rec(env):
+    return Rec(env)
+
+
+def frame(src: str, dst: str, sport: int, dport: int, proto: str, payload: bytes = b"") -> bytes:
+    l4 = TCP(sport=sport, dport=dport, flags="S") if proto == "tcp" else UDP(sport=sport, dport=dport)
+    ip = IPv6(src=src, dst=dst) if ":" in dst else IP(src=src, dst=dst)
+    return raw(Ether(dst="02:11:11:11:11:11", src="02:22:22:22:22:22") / ip / l4 / Raw(payload))
+
+
+def tuple_of(src: str, dst: str, sport: int, dport: int, proto: str) -> PacketTuple:
+    return PacketTuple.make(src, dst, sport, dport, 6 if proto == "tcp" else 17)
+
+
+def combo_filters(fam: int) -> list[Filter]:
+    """All 32 wildcard combinations of (src, sport, dst, dport, proto) around one flow."""
+    src, dst = (("203.0.113.0/24", VIPS4[0]) if fam == 4 else ("2001:db8:77::/48", VIPS6[0]))
+    out = []
+    for wild in itertools.product((False, True), repeat=5):
+        ws, wsp, wd, wdp, wp = wild
+        out.append(Filter.from_fields(
+            src="any" if ws else src, sport=0 if wsp else 40000, dst="any" if wd else dst,
+            dport=0 if wdp else 80, proto="any" if wp else "tcp", family=fam))
+    return out
+
+
+def probes(fam: int) -> list[tuple[str, str, int, int, str]]:
+    """Every combination of 'field equals the filter's value or not'."""
+    srcs = (CLIENT4, OTHER4) if fam == 4 else (CLIENT6, OTHER6)
+    vips = VIPS4 if fam == 4 else VIPS6
+    return [(s, d, sp, dp, pr) for s, d, sp, dp, pr in
+            itertools.product(srcs, vips, (40000, 40001), PORTS, ("tcp", "udp"))]
+
+
+def test_every_wildcard_combination_v4_and_v6_with_64_masks_loaded(env, rec):
+    filters = combo_filters(4) + combo_filters(6)
+    entries = [FilterEntry(f, slot) for slot, f in enumerate(filters)]
+    rec.set(entries)
+    assert rec.rd.masks is not None
+    assert sum(m.family == 4 for m in rec.rd.masks) == 32 and sum(m.family == 6 for m in rec.rd.masks) == 32
+    checked = 0
+    for fam in (4, 6):
+        for p in probes(fam):
+            f_in = frame(*p)
+            verdict, out, samples = rec.run(f_in)
+            assert verdict == XDP_TX
+            want = sum(1 << i for i, f in enumerate(filters) if matches(f, tuple_of(*p)))
+            assert want, "the all-wildcard filter matches every probe"
+            assert [s[0][6] for s in samples] == [1, 2], f"{p}: one inbound and one outbound sample"
+            (h_in, d_in), (h_out, d_out) = samples
+            assert h_in[0] == want and h_out[0] == want, f"{p}: recordings {h_in[0]:#x} != {want:#x}"
+            assert d_in == f_in and h_in[3] == len(f_in) and h_in[2] == len(f_in)
+            assert d_out == out and h_out[3] == len(out), "outbound sample = the encapsulated frame"
+            assert h_in[7] == 0xFF and h_out[7] == XDP_TX
+            assert h_out[5] != 0 and h_in[5] == 0, "backend id only on the way out"
+            assert h_out[1] >= h_in[1] > 0
+            checked += 1
+    assert checked == 64
+
+
+def test_overlapping_filters_across_and_within_recordings(env, rec):
+    r = random.Random(5)
+    texts = [
+        ("203.0.113.0/24 0 any 0 any", 0),
+        ("203.0.113.0/25 0 198.51.100.1 80 tcp", 0),      # overlaps slot 0's filter: one sample
+        ("203.0.113.0/24 0 any 0 any", 1),                # identical filter, other recording
+        ("203.0.0.0/16 0 198.51.100.0/31 443 any", 2),
+        ("any 0 198.51.100.2 0 udp", 3),
+        ("0.0.0.0/0 40001 any 0 any", 4),
+        ("2001:db8:77::/64 0 any 80 tcp", 5),
+        ("2001:db8::/32 0 2001:db8:100::2/128 0 any", 6),
+        ("::/0 0 any 443 udp", 7),
+    ]
+    entries = [FilterEntry(parse_filter(t), s) for t, s in texts]
+    rec.set(entries)
+    srcs4 = ["203.0.113.5", "203.0.113.200", "203.0.7.1", "192.0.2.5"]
+    srcs6 = ["2001:db8:77::5", "2001:db8:77:1::5", "2001:db9::1", "2001:db8:99::1"]
+    seen = set()
+    for _ in range(80):
+        fam = r.choice((4, 6))
+        p = (r.choice(srcs4 if fam == 4 else srcs6), r.choice(VIPS4 if fam == 4 else VIPS6),
+             r.choice((40000, 40001)), r.choice(PORTS), r.choice(("tcp", "udp")))
+        want = 0
+        for e in entries:
+            if matches(e.filter, tuple_of(*p)):
+                want |= 1 << e.slot
+        _, _, samples = rec.run(frame(*p))
+        if want:
+            assert [s[0][0] for s in samples] == [want, want], p
+        else:
+            assert samples == [], f"{p} matches nothing, yet was sampled"
+        seen.add(want)
+    assert 0 in seen and len(seen) > 6, "the probes exercised misses and several overlaps"
+    assert any(w & 0b11 == 0b11 for w in seen), "the identical filter reached both recordings"
+
+
+def test_capture_length_is_the_largest_of_the_matching_recordings(env, rec):
+    f_all = parse_filter("203.0.113.0/24 0 any 0 any")
+    f_one = parse_filter(f"203.0.113.7 0 {VIPS4[0]} 80 tcp")
+    rec.set([FilterEntry(f_all, 0, 64), FilterEntry(f_one, 1, 100)])
+    payload = b"z" * 500
+    _, out, s = rec.run(frame(CLIENT4, VIPS4[0], 40000, 80, "tcp", payload))
+    (h_in, d_in), (h_out, d_out) = s
+    assert (h_in[0], h_in[2], h_in[3]) == (0b11, 100, 54 + 500)
+    assert (h_out[2], h_out[3]) == (100, len(out)) and d_out == out[:100]
+    _, _, s = rec.run(frame(CLIENT4, VIPS4[1], 40000, 80, "tcp", payload))
+    assert [(h[0], h[2]) for h, _ in s] == [(0b01, 64), (0b01, 64)]
+    rec.set([FilterEntry(f_all, 0, 0)])
+    _, out, s = rec.run(frame(CLIENT4, VIPS4[1], 40000, 80, "tcp", payload))
+    assert [(h[2], h[3]) for h, _ in s] == [(554, 554), (len(out), len(out))], "0 = whole packet"
+    assert CAP_WHOLE > 1514
+
+
+def test_existing_mask_is_a_map_update_new_mask_swaps_the_program(env, rec):
+    base = parse_filter("203.0.113.0/24 0 any 0 any")
+    rec.set([FilterEntry(base, 0)])
+    prog_before = env.call(_attached_prog_id, EDGE_IF)
+    p_other = frame("203.0.114.9", VIPS4[0], 40000, 80, "tcp")
+    assert rec.run(p_other)[2] == []
+    # Same mask (/24, rest wild): a map update; the attached program stays.
+    assert rec.set([FilterEntry(base, 0), FilterEntry(parse_filter("203.0.114.0/24 0 any 0 any"), 1)]) is False
+    assert env.call(_attached_prog_id, EDGE_IF) == prog_before
+    assert [h[0] for h, _ in rec.run(p_other)[2]] == [0b10, 0b10]
+    # A new mask: new program, swapped in atomically on the interfaces; forwarding goes on.
+    verdict0, out0, _ = rec.run(frame(OTHER4, VIPS4[0], 41000, 80, "tcp"))
+    n = rec.rd.recompiles
+    assert rec.set([FilterEntry(base, 0), FilterEntry(parse_filter("192.0.2.77 0 any 0 any"), 2)]) is True
+    assert rec.rd.recompiles == n + 1
+    new_id = env.call(_attached_prog_id, EDGE_IF)
+    assert new_id != prog_before and new_id == prog_info(env.dp.prog_fd).id
+    verdict1, out1, s = rec.run(frame(OTHER4, VIPS4[0], 41000, 80, "tcp"))
+    assert (verdict1, out1) == (verdict0, out0), "same flow, same backend across the swap"
+    assert [h[0] for h, _ in s] == [0b100, 0b100]
+    assert rec.run(p_other)[2] == [], "filters of the old set are gone"
+    # Removing filters never needs a recompile.
+    assert rec.set([FilterEntry(base, 0)]) is False
+    assert rec.run(frame(OTHER4, VIPS4[0], 41000, 80, "tcp"))[2] == []
+
+
+def test_no_filters_no_samples_and_same_verdicts(env, rec):
+    rec.set([FilterEntry(parse_filter("any 0 any 0 any", family=4), 0)])
+    p = frame(CLIENT4, VIPS4[0], 40000, 443, "udp")
+    v1, o1, s = rec.run(p)
+    assert len(s) == 2
+    rec.set([])
+    v2, o2, s = rec.run(p)
+    assert s == [] and (v2, o2) == (v1, o1)
+
+
+def test_icmp_too_big_reply_is_recorded_outbound_and_marked(env, rec):
+    rec.set([FilterEntry(parse_filter(f"{CLIENT4} 0 any 0 tcp"), 3)])
+    big = raw(Ether(dst="02:11:11:11:11:11", src="02:22:22:22:22:22")
+              / IP(src=CLIENT4, dst=VIPS4[0], flags="DF") / TCP(sport=1111, dport=80, flags="A")
+              / Raw(b"B" * 1460))
+    verdict, out, s = rec.run(big)
+    assert verdict == XDP_TX and Ether(out).haslayer(ICMP)
+    (h_in, d_in), (h_out, d_out) = s
+    assert (h_in[6], h_in[8], d_in) == (1, 0, big)
+    assert (h_out[0], h_out[6], h_out[7], h_out[8]) == (1 << 3, 2, XDP_TX, 1), "outbound, flagged ICMP"
+    assert d_out == out
+
+
+def test_full_ring_losses_are_charged_to_each_recording(env, rec):
+    rec.set([FilterEntry(parse_filter("any 0 any 0 any", family=4), 0),
+             FilterEntry(parse_filter(f"{CLIENT4} 0 any 0 any"), 9)])
+    rec.drain()
+    before = rec.rd.lost_per_slot()
+    rec.samples.clear()
+    n = 2000                              # 2 samples of ~140 bytes each: far beyond 64 pages
+    for i in range(n):
+        env.run(frame(CLIENT4, VIPS4[0], 20000 + i, 80, "tcp", b"x" * 60))
+    rec.drain()
+    after = rec.rd.lost_per_slot()
+    got = len(rec.samples)
+    lost0, lost9 = after[0] - before[0], after[9] - before[9]
+    assert lost0 > 0 and got + lost0 == 2 * n, (got, lost0)
+    assert lost9 == lost0 and after[1] == before[1]
+    rec.samples.clear()
+
+
+def _attached_prog_id(ifname: str) -> int:
+    from pyroute2 import IPRoute
+
+    from l4lb.datapath import netlink
+
+    with IPRoute() as ipr:
+        return netlink.xdp_state(ipr, netlink.ifindex(ipr, ifname)).prog_id
