@@ -27,12 +27,16 @@
 // XDP_PASS.  The lab attaches it to the bridge-side peer of the LB's veth:
 // frames sent with XDP_TX / XDP_REDIRECT into a veth are dropped unless the
 // peer end runs an XDP program.
+//
+// And `tc_reply_sport` (tc egress, at the end of this file): the backend half
+// of L4 DNAT, which gives DSR replies the service port back.
 
 #include <uapi/linux/bpf.h>
 #include <linux/if_ether.h>
 #include <linux/in.h>
 #include <linux/ip.h>
 #include <linux/ipv6.h>
+#include <linux/pkt_cls.h>
 
 #define DECAP_V4           0   // outer IPv4 stripped
 #define DECAP_V6           1   // outer IPv6 stripped
@@ -187,4 +191,108 @@ int xdp_decap(struct xdp_md *ctx)
 int xdp_pass(struct xdp_md *ctx)
 {
     return XDP_PASS;
+}
+
+// ---------------------------------------------------------------------------
+// Reply source-port rewrite for L4 DNAT (tc clsact egress, direct action).
+//
+// With `l4_dnat` the LB sends VIP:8000 to a backend serving on 8080.  With
+// direct server return the reply leaves the backend from VIP:8080, which the
+// client does not expect.  A real backend fixes that with a stateless
+// nftables rule (`ip saddr VIP tcp sport 8080 tcp sport set 8000`); the lab
+// kernel has no nftables, so the lab attaches `tc_reply_sport` to the
+// backend's NIC egress instead.  For TCP / UDP packets from a VIP whose
+// (family, VIP, protocol, source port) is in `reply_rewrites`, it sets the
+// source port to the service port and fixes the L4 checksum incrementally
+// with bpf_l4_csum_replace.  That is right whatever the skb's checksum state:
+// a full checksum is updated; with CHECKSUM_PARTIAL (TCP at tc egress: the
+// field holds only the pseudo-header sum, the device or
+// skb_checksum_help finishes it later over the new port) the kernel leaves the
+// field alone, since a port is not part of the pseudo-header.  A UDP checksum
+// of 0 ("none", IPv4) stays 0 (BPF_F_MARK_MANGLED_0).
+// Everything else returns TC_ACT_OK untouched.  Limits (lab tool): IPv6 only
+// when TCP/UDP follows the fixed header directly (no extension headers);
+// IPv4 non-first fragments are left alone (they carry no ports).
+
+struct reply_rewrite_key {
+    __u8 family;        // 4 or 6
+    __u8 proto;         // IPPROTO_TCP / IPPROTO_UDP
+    __be16 port;        // backend port (the reply's source port before rewrite)
+    __u8 addr[16];      // VIP; IPv4 as ::ffff:a.b.c.d
+};
+
+struct reply_rewrite_val {
+    __be16 port;        // service port (the reply's source port after rewrite)
+    __u16 pad16;
+    __u32 pad32;
+    __u64 packets;      // packets rewritten by this rule (all backends sharing the object)
+};
+
+BPF_HASH(reply_rewrites, struct reply_rewrite_key, struct reply_rewrite_val, 1024);
+
+#define L4_SPORT_OFF 0
+#define TCP_CSUM_OFF 16
+#define UDP_CSUM_OFF 6
+
+static __always_inline int reply_sport_rewrite(struct __sk_buff *skb, struct reply_rewrite_key *key,
+                                               __u32 l4_off)
+{
+    __be16 sport;
+    struct reply_rewrite_val *val;
+    __u32 csum_off;
+    __u64 flags = sizeof(__u16);
+
+    if (key->proto == IPPROTO_TCP) {
+        csum_off = l4_off + TCP_CSUM_OFF;
+    } else if (key->proto == IPPROTO_UDP) {
+        csum_off = l4_off + UDP_CSUM_OFF;
+        flags |= BPF_F_MARK_MANGLED_0;
+    } else {
+        return TC_ACT_OK;
+    }
+    if (bpf_skb_load_bytes(skb, l4_off + L4_SPORT_OFF, &sport, sizeof(sport)))
+        return TC_ACT_OK;
+    key->port = sport;
+    val = reply_rewrites.lookup(key);
+    if (!val)
+        return TC_ACT_OK;
+    __be16 to = val->port;
+    // checksum first (it reads the field, not the port), then the port itself
+    if (bpf_l4_csum_replace(skb, csum_off, sport, to, flags))
+        return TC_ACT_OK;
+    if (bpf_skb_store_bytes(skb, l4_off + L4_SPORT_OFF, &to, sizeof(to), 0))
+        return TC_ACT_SHOT;     // checksum already changed for a port we could not write
+    __sync_fetch_and_add(&val->packets, 1);
+    return TC_ACT_OK;
+}
+
+int tc_reply_sport(struct __sk_buff *skb)
+{
+    struct reply_rewrite_key key = {};
+
+    if (skb->protocol == bpf_htons(ETH_P_IP)) {
+        struct iphdr ip;
+        if (bpf_skb_load_bytes(skb, ETH_HLEN, &ip, sizeof(ip)))
+            return TC_ACT_OK;
+        if (ip.version != 4 || ip.ihl < 5 || (ip.frag_off & bpf_htons(0x1fff)))
+            return TC_ACT_OK;
+        key.family = 4;
+        key.proto = ip.protocol;
+        key.addr[10] = 0xff;
+        key.addr[11] = 0xff;
+        __builtin_memcpy(&key.addr[12], &ip.saddr, 4);
+        return reply_sport_rewrite(skb, &key, ETH_HLEN + ip.ihl * 4);
+    }
+    if (skb->protocol == bpf_htons(ETH_P_IPV6)) {
+        struct ipv6hdr ip6;
+        if (bpf_skb_load_bytes(skb, ETH_HLEN, &ip6, sizeof(ip6)))
+            return TC_ACT_OK;
+        if (ip6.version != 6)
+            return TC_ACT_OK;
+        key.family = 6;
+        key.proto = ip6.nexthdr;
+        __builtin_memcpy(key.addr, &ip6.saddr, 16);
+        return reply_sport_rewrite(skb, &key, ETH_HLEN + sizeof(ip6));
+    }
+    return TC_ACT_OK;
 }

@@ -138,9 +138,8 @@ def test_drain_moves_only_the_drained_backends_clients(lab):
 
 
 def test_redirect_to_backend_behind_second_nic(lab):
-    # (L4 DNAT is proven packet by packet in test_datapath_packets.py: with DSR
-    # the reply bypasses the LB, so a backend must answer from the service port
-    # itself, e.g. with a stateless nftables port rewrite, which this lab lacks.)
+    # (L4 DNAT with real traffic, and the backends' reverse port rewrite it
+    # needs under DSR, is in test_dnat_traffic.py.)
     apply(lab, services(lab))
     before = reasons(lab)
     r = lab.curl("c1", lab.url(lab.vips4[1], 80))

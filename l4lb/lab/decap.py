@@ -7,16 +7,23 @@ backends' own addresses) and counts packets per address, so a test can tell
 which backend decapsulated what.  Compiling takes a few seconds, hence
 :meth:`Decap.shared` (one object per process, address registrations are
 reference-counted).
+
+The same object holds ``tc_reply_sport``, the backend half of L4 DNAT: a tc
+egress program that gives DSR replies from a VIP the service port back
+(what a real backend does with a stateless nftables rule).  See
+:class:`ReplyRewrite` and :meth:`Decap.reply_port_rewrite`.
 """
 
 from __future__ import annotations
 
 import ctypes as ct
+import errno
 import importlib.resources
 import ipaddress
 import socket
 import threading
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Iterable
 
 from l4lb.lab import netns
 
@@ -49,6 +56,43 @@ def _key_bytes(addr: str | ipaddress.IPv4Address | ipaddress.IPv6Address) -> byt
     if a.version == 4:
         return ipaddress.IPv6Address(b"\0" * 10 + b"\xff\xff" + a.packed).packed
     return a.packed
+
+
+_PROTOS = {"tcp": socket.IPPROTO_TCP, "udp": socket.IPPROTO_UDP}
+TC_EGRESS_PARENT = "ffff:fff3"      # clsact egress
+TC_FILTER_PRIO = 1                  # fixed, so that the filter can be found and deleted again
+
+
+@dataclass(frozen=True)
+class ReplyRewrite:
+    """Replies from ``vip`` with source port ``backend_port`` leave with ``service_port``.
+
+    The backend half of an ``l4_dnat`` service ``vip:service_port`` whose
+    backends serve on ``backend_port``.  ``vip`` is normalised (``str`` of the
+    address); bad input raises ``ValueError``.
+    """
+
+    vip: str
+    backend_port: int
+    service_port: int
+    proto: str = "tcp"
+
+    def __post_init__(self) -> None:
+        try:
+            vip = ipaddress.ip_address(self.vip)
+        except ValueError:
+            raise ValueError(f"vip must be an IP address, not {self.vip!r}") from None
+        for name in ("backend_port", "service_port"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= 65535:
+                raise ValueError(f"{name} must be an integer 1..65535, not {v!r}")
+        if self.proto not in _PROTOS:
+            raise ValueError(f"proto must be one of {sorted(_PROTOS)}, not {self.proto!r}")
+        object.__setattr__(self, "vip", str(vip))
+
+    @property
+    def family(self) -> int:
+        return ipaddress.ip_address(self.vip).version
 
 
 class Decap:
@@ -135,6 +179,99 @@ class Decap:
         """Remove the XDP program from ``ifname`` inside ``ns`` (never the caller's namespace)."""
         netns.call_in_netns(ns, self._BPF.remove_xdp, ifname.encode(), _mode_flags(mode))
 
+    # -- reply source-port rewrite (tc egress, L4 DNAT) ----------------------------
+    def _rw_state(self) -> tuple[Any, Any]:
+        """The tc program and its map, loaded on first use (older callers never pay)."""
+        with self._lock:
+            if getattr(self, "_fn_reply", None) is None:
+                self._fn_reply = self.bpf.load_func(b"tc_reply_sport", self._BPF.SCHED_CLS)
+                self._rw_map = self.bpf[b"reply_rewrites"]
+                self._rw_refs: dict[ReplyRewrite, int] = {}
+                self._rw_ifaces: dict[tuple[str, str], list[ReplyRewrite]] = {}
+            return self._fn_reply, self._rw_map
+
+    @staticmethod
+    def _rw_key(m: Any, rule: ReplyRewrite) -> Any:
+        k = m.Key()
+        k.family = rule.family
+        k.proto = _PROTOS[rule.proto]
+        k.port = socket.htons(rule.backend_port)
+        ct.memmove(ct.byref(k, type(k).addr.offset), _key_bytes(rule.vip), 16)
+        return k
+
+    def reply_port_rewrite(self, ns: str, ifname: str, rules: Iterable[ReplyRewrite]) -> None:
+        """Rewrite the source port of replies leaving ``ifname`` (in netns ``ns``).
+
+        Attaches ``tc_reply_sport`` to the egress of ``ifname`` (a clsact qdisc
+        and one direct-action bpf filter; once per interface) and adds
+        ``rules``.  The rules live in the object's one map, so they act on every
+        interface it is attached to; a rule is reference-counted per interface.
+        A rule whose (VIP, proto, backend port) is already mapped to another
+        service port is refused with ``ValueError`` and nothing changes.
+        """
+        fn, m = self._rw_state()
+        rules = list(rules)
+        for r in rules:
+            if not isinstance(r, ReplyRewrite):
+                raise TypeError(f"rules must be ReplyRewrite, not {type(r).__name__}")
+        where = (ns, ifname)
+        with self._lock:
+            wanted: dict[tuple, ReplyRewrite] = {}
+            for r in [*self._rw_refs, *rules]:
+                ident = (r.vip, r.proto, r.backend_port)
+                other = wanted.setdefault(ident, r)
+                if other.service_port != r.service_port:
+                    raise ValueError(f"conflicting reply rewrites for {r.proto} {r.vip} port "
+                                     f"{r.backend_port}: {other.service_port} and {r.service_port}")
+            attach = where not in self._rw_ifaces
+            if attach:
+                netns.call_in_netns(ns, _tc_attach_egress, ifname, fn.fd, fn.name.decode())
+                self._rw_ifaces[where] = []
+            for r in rules:
+                n = self._rw_refs.get(r, 0)
+                if n == 0:
+                    v = m.Leaf()
+                    v.port = socket.htons(r.service_port)
+                    m[self._rw_key(m, r)] = v
+                self._rw_refs[r] = n + 1
+                self._rw_ifaces[where].append(r)
+
+    def remove_reply_port_rewrite(self, ns: str, ifname: str) -> None:
+        """Detach ``tc_reply_sport`` from ``ifname`` and drop that interface's rules.
+
+        Unknown interfaces are ignored; a namespace or link that is already gone
+        only drops the rules."""
+        self._rw_state()
+        with self._lock:
+            rules = self._rw_ifaces.pop((ns, ifname), None)
+            if rules is None:
+                return
+            for r in rules:
+                n = self._rw_refs.get(r, 0)
+                if n <= 1:
+                    self._rw_refs.pop(r, None)
+                    try:
+                        del self._rw_map[self._rw_key(self._rw_map, r)]
+                    except KeyError:
+                        pass
+                else:
+                    self._rw_refs[r] = n - 1
+            if netns.exists(ns):
+                netns.call_in_netns(ns, _tc_detach_egress, ifname)
+
+    def reply_rewrite_packets(self, rule: ReplyRewrite) -> int:
+        """Packets rewritten by ``rule`` so far (0 if it is not installed)."""
+        try:
+            m = self._rw_state()[1]
+            return int(m[self._rw_key(m, rule)].packets)
+        except KeyError:
+            return 0
+
+    @property
+    def reply_prog_fd(self) -> int:
+        """fd of ``tc_reply_sport`` (for BPF_PROG_TEST_RUN; loads it on first use)."""
+        return int(self._rw_state()[0].fd)
+
     @property
     def prog_id(self) -> int:
         return _prog_id(self.fn_decap.fd)
@@ -151,6 +288,47 @@ def _prog_id(fd: int) -> int:
             if line.startswith("prog_id:"):
                 return int(line.split()[1])
     raise RuntimeError(f"fd {fd} is not a BPF program")
+
+
+def _tc_attach_egress(ifname: str, fd: int, name: str) -> None:
+    """In the current thread's netns: clsact on ``ifname`` (kept if present) and our
+    direct-action bpf filter on its egress."""
+    from pyroute2 import IPRoute
+    from pyroute2.netlink.exceptions import NetlinkError
+
+    with IPRoute() as ipr:
+        idx = _ifindex(ipr, ifname)
+        try:
+            ipr.tc("add", "clsact", idx)
+        except NetlinkError as e:
+            if e.code != errno.EEXIST:
+                raise
+        ipr.tc("add-filter", "bpf", idx, ":1", fd=fd, name=name, parent=TC_EGRESS_PARENT,
+               classid=1, direct_action=True, prio=TC_FILTER_PRIO)
+
+
+def _tc_detach_egress(ifname: str) -> None:
+    """Remove our egress filter from ``ifname`` (the clsact qdisc stays: others may use it)."""
+    from pyroute2 import IPRoute
+    from pyroute2.netlink.exceptions import NetlinkError
+
+    with IPRoute() as ipr:
+        try:
+            idx = _ifindex(ipr, ifname)
+        except LookupError:
+            return
+        try:
+            ipr.tc("del-filter", "bpf", idx, ":1", parent=TC_EGRESS_PARENT, prio=TC_FILTER_PRIO)
+        except NetlinkError as e:
+            if e.code not in (errno.ENOENT, errno.EINVAL):
+                raise
+
+
+def _ifindex(ipr: Any, ifname: str) -> int:
+    found = ipr.link_lookup(ifname=ifname)
+    if not found:
+        raise LookupError(f"no interface {ifname!r}")
+    return int(found[0])
 
 
 def ifindex_in(ns: str, ifname: str) -> int:
