@@ -1,0 +1,72 @@
+"""click parameter types for the operator's syntax (bad values are usage errors, exit 2)."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import click
+
+from .specs import BackendRef, ServiceAddress
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")  # as l4lb.models.NAME_RE
+
+
+class BackendRefType(click.ParamType):
+    name = "BACKEND"
+
+    def __init__(self, allow_weight: bool = False) -> None:
+        self.allow_weight = allow_weight
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> BackendRef:
+        if isinstance(value, BackendRef):
+            return value
+        try:
+            return BackendRef.parse(str(value), allow_weight=self.allow_weight)
+        except ValueError as e:
+            self.fail(f"{e} (use ADDR, ADDR:PORT or [IPv6]:PORT{'[@WEIGHT]' if self.allow_weight else ''})",
+                      param, ctx)
+
+
+class ServiceAddressType(click.ParamType):
+    name = "VIP:PORT[/PROTO]"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> ServiceAddress:
+        if isinstance(value, ServiceAddress):
+            return value
+        try:
+            return ServiceAddress.parse(str(value))
+        except ValueError as e:
+            self.fail(str(e), param, ctx)
+
+
+class NameType(click.ParamType):
+    name = "NAME"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        if not NAME_RE.match(str(value)):
+            self.fail(f"{value!r}: 1-63 letters, digits, '_', '.', '-', starting with a letter or digit", param, ctx)
+        return str(value)
+
+
+class IPType(click.ParamType):
+    name = "ADDRESS"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        import ipaddress
+
+        try:
+            return str(ipaddress.ip_address(str(value).strip("[]")))
+        except ValueError:
+            self.fail(f"{value!r} is not an IPv4 or IPv6 address", param, ctx)
+
+
+BACKEND = BackendRefType()
+BACKEND_WEIGHTED = BackendRefType(allow_weight=True)
+SERVICE_ADDRESS = ServiceAddressType()
+NAME = NameType()
+IP = IPType()
+PORT = click.IntRange(1, 65535)
+WEIGHT = click.IntRange(0, 65535)
+PROTOCOL = click.Choice(["tcp", "udp"], case_sensitive=False)
+STATE = click.Choice(["active", "draining", "maintenance"], case_sensitive=False)
