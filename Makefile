@@ -19,5 +19,10 @@ demo: setup
 demo-down:
 	$(PY) -m l4lb.lab.demo down
 
+# l4lbd as a systemd service: `make install [DESTDIR=/tmp/root] [PREFIX=/opt/l4lb]
+# [INSTALL_ARGS=--no-venv]` (scripts/install.sh says what it does; idempotent).
+install:
+	@DESTDIR="$(DESTDIR)" PREFIX="$(PREFIX)" bash scripts/install.sh $(INSTALL_ARGS)
+
 clean:
 	rm -rf $(VENV) build *.egg-info
