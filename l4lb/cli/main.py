@@ -21,7 +21,7 @@ from collections.abc import Sequence
 import click
 from click.core import ParameterSource
 
-from . import backends, services, state, stats, status
+from . import backends, record, services, state, stats, status
 from .context import App, endpoint_from
 from .errors import EXIT_INTERRUPTED, CliError
 from .output import FORMATS
@@ -74,7 +74,7 @@ def cli(ctx: click.Context, socket: str | None, url: str | None, token_file: str
 
 
 COMMANDS: tuple[click.Command, ...] = (
-    status.status, services.service, backends.backend, state.apply, state.export, stats.stats,
+    status.status, services.service, backends.backend, state.apply, state.export, stats.stats, record.record,
 )
 for _command in COMMANDS:
     cli.add_command(_command)
