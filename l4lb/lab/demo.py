@@ -1,116 +1,220 @@
-"""`make demo`: a working load balancer in network namespaces, step by step.
+"""`make demo`: the appliance as a user meets it, in network namespaces, step by step.
 
 Builds the lab (2 clients, the LB with two NICs, 3 backends + 1 behind the
-second NIC), compiles and attaches the XDP program, creates IPv4 and IPv6
-services, sends real curl traffic, prints the per-backend counters, drains a
-backend and shows traffic moving. `--keep` leaves it up until Ctrl-C;
-`python -m l4lb.lab.demo down` removes leftovers of any earlier run.
+second NIC), starts the real ``l4lbd`` on the LB with a config file, creates
+IPv4 and IPv6 services with ``l4lbctl``, sends real curl traffic, shows the
+ipvsadm-like stats table, drains a backend and shows traffic moving, sends
+traffic out of the second NIC (XDP_REDIRECT), records a pcap of a few flows
+and prints tshark's view of it. ``--keep`` leaves everything up until Ctrl-C
+and says how to poke at it; ``python -m l4lb.lab.demo down`` (``make
+demo-down``) removes leftovers of an interrupted run.
 """
 
 from __future__ import annotations
 
 import collections
-import ipaddress
+import json
+import os
+import shlex
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from l4lb.datapath import Datapath, DatapathConfig, DatapathError
 from l4lb.lab import netns
+from l4lb.lab.l4lbd import L4lbd, default_config
 from l4lb.lab.topology import Lab
-from l4lb.models import Service
 
 PREFIX = "l4demo"
+L4LBCTL = str(Path(sys.executable).with_name("l4lbctl"))
+
+
+class DemoError(RuntimeError):
+    """A step failed; the message says what broke and how to fix it."""
 
 
 def step(msg: str) -> None:
     print(f"\n==> {msg}", flush=True)
 
 
-def table(dp: Datapath, worker: netns.NetnsWorker) -> None:
-    st = worker.call(dp.stats)
-    print(f"  {'service / backend':<44}{'packets':>10}{'bytes':>12}")
-    for (vip, port, proto), c in sorted(st.services.items()):
-        vip = ipaddress.ip_address(vip).compressed
-        host = f"[{vip}]" if ":" in vip else vip
-        print(f"  {proto.upper()} {host}:{port:<30}{c['packets']:>10}{c['bytes']:>12}")
-        for (sk, (addr, bport)), bc in sorted(st.backends.items()):
-            if sk[1:] == (port, proto) and ipaddress.ip_address(sk[0]) == ipaddress.ip_address(vip):
-                addr = ipaddress.ip_address(addr).compressed
-                b = f"[{addr}]" if ":" in addr else addr
-                print(f"    -> {b}:{bport:<34}{bc['packets']:>10}{bc['bytes']:>12}")
+def show(cmd: list[str]) -> None:
+    print("  $ " + " ".join(shlex.quote(c) for c in cmd), flush=True)
 
 
-def services(lab: Lab, drained: str | None = None) -> list[Service]:
-    seg_a = [n for n, h in lab.backends.items() if h.segment == "a"]
-    def bes(i: int) -> list[dict]:
-        return [{"address": lab.backend_addrs[n][i], "state": "draining" if n == drained else "active"} for n in seg_a]
-    return [
-        Service(name="web4", vip=lab.vip4, port=80, backends=bes(0), options={"hash_src_port": False}),
-        Service(name="web6", vip=lab.vip6, port=80, backends=bes(1)),
-    ]
+class Ctl:
+    """Runs l4lbctl against the demo daemon's socket, echoing each command."""
+
+    def __init__(self, socket: Path) -> None:
+        self.env = {**os.environ, "L4LBCTL_SOCKET": str(socket)}
+
+    def __call__(self, *args: str, echo: bool = True) -> str:
+        cmd = ["l4lbctl", *args]
+        if echo:
+            show(cmd)
+        cp = subprocess.run([L4LBCTL, *args], capture_output=True, text=True, env=self.env, timeout=120)
+        if cp.returncode != 0:
+            raise DemoError(f"`{' '.join(cmd)}` failed ({cp.returncode}): {cp.stderr.strip()}")
+        if echo and cp.stdout.strip():
+            print("    " + cp.stdout.rstrip().replace("\n", "\n    "), flush=True)
+        return cp.stdout
 
 
-def traffic(lab: Lab, family: int = 4) -> collections.Counter:
+def traffic(lab: Lab, vip: str, port: int = 80) -> collections.Counter:
+    """One curl from every client address of the VIP's family; which backend answered."""
     seen: collections.Counter = collections.Counter()
-    vip = lab.vip4 if family == 4 else lab.vip6
     for name, host in lab.clients.items():
         for src in host.addresses():
-            if (":" in src) != (family == 6):
+            if (":" in src) != (":" in vip):
                 continue
-            r = lab.curl(name, lab.url(vip), source=src)
+            r = lab.curl(name, lab.url(vip, port), source=src)
             seen[r.backend if r.ok else f"FAILED ({r.stderr.strip()})"] += 1
+    if any(k.startswith("FAILED") for k in seen):
+        raise DemoError(f"curl through {vip} failed: {dict(seen)} (see the daemon log)")
     return seen
+
+
+def record(ctl: Ctl, lab: Lab, workdir: Path) -> None:
+    """Record a few flows with l4lbctl record while curling, then show tshark's view."""
+    out = workdir / "demo.pcapng"
+    cmd = [L4LBCTL, "record", f"any any {lab.vip4} 80 tcp", "--packets", "20", "--capture-length", "128",
+           "-w", str(out)]
+    show(["l4lbctl", *cmd[1:]])
+    rec = subprocess.Popen(cmd, env=ctl.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # A new filter mask compiles and swaps in a new program (a few seconds): wait until armed.
+    deadline = time.monotonic() + 60
+    while not any(r.get("state") == "running"
+                  for r in json.loads(ctl("-o", "json", "record", "list", echo=False)).get("recordings", [])):
+        if rec.poll() is not None or time.monotonic() > deadline:
+            raise DemoError(f"the recording did not start: {rec.communicate()[1].strip()}")
+        time.sleep(0.3)
+    for _ in range(3):
+        traffic(lab, lab.vip4)
+        if rec.poll() is not None:
+            break
+    try:
+        stdout, stderr = rec.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        rec.kill()
+        raise DemoError("l4lbctl record did not finish after 20 packets")
+    if rec.returncode != 0:
+        raise DemoError(f"l4lbctl record failed ({rec.returncode}): {stderr.strip()}")
+    print("    " + stdout.rstrip().replace("\n", "\n    "))
+    if not out.exists():
+        raise DemoError(f"the recording was not downloaded to {out}")
+    step(f"tshark's view of {out}: direction, XDP verdict, IP src/dst (outer,inner), TCP flags, lengths")
+    cmd = ["tshark", "-r", str(out), "-c", "8", "-T", "fields", "-E", "occurrence=a", "-E", "aggregator=,",
+           "-e", "frame.number", "-e", "frame.packet_flags_direction", "-e", "frame.verdict.ebpf_xdp",
+           "-e", "ip.src", "-e", "ip.dst", "-e", "tcp.flags.str", "-e", "frame.len", "-e", "frame.cap_len"]
+    show(cmd)
+    cp = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    if cp.returncode != 0:
+        raise DemoError(f"tshark could not read {out}: {cp.stderr.strip()} (apt-get install tshark)")
+    rows = [["#", "direction", "verdict", "ip.src (outer,inner)", "ip.dst (outer,inner)", "tcp", "len", "cap"]]
+    names = {"direction": {"0x00000001": "in", "0x00000002": "out"},
+             "verdict": {"2": "XDP_PASS", "3": "XDP_TX", "4": "XDP_REDIRECT"}}
+    for line in cp.stdout.splitlines():
+        r = line.split("\t")
+        if len(r) >= 3:
+            r[1], r[2] = names["direction"].get(r[1], r[1]), names["verdict"].get(r[2], r[2])
+            rows.append(r)
+    widths = [max(len(r[i]) if i < len(r) else 0 for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("    " + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
 
 
 def up(keep: bool) -> int:
     bpffs = Path(tempfile.mkdtemp(prefix="l4lb-demo-bpffs-"))
+    work = Path(tempfile.mkdtemp(prefix="l4lb-demo-"))
     subprocess.run(["mount", "-t", "bpf", "bpf", str(bpffs)], check=True)
+    daemon: L4lbd | None = None
     try:
-        step("building the lab: 2 clients, LB (eth0 + eth1), 3 backends + 1 behind eth1")
+        step("building the lab: 2 clients, the LB (eth0 + eth1), 3 backends + 1 behind eth1")
         with Lab(clients=2, backends=3, seg_b_backends=1, client_extra_addrs=4, prefix=PREFIX) as lab:
             for n, h in sorted(lab.hosts.items()):
                 print(f"  {n:<4} netns {h.ns:<22} {', '.join(h.addresses()[:2])}")
-            step("compiling the XDP program with BCC and attaching it to the LB's NICs")
-            dp = Datapath(DatapathConfig(bpffs=bpffs, maglev_m=16381))
-            with netns.NetnsWorker(lab.lb_ns) as w:
-                w.call(dp.load)
-                modes = w.call(dp.attach, [lab.lb_if, lab.lb_if2], "auto")
-                print(f"  attached: {modes}; maps pinned in {dp.prog.pin_dir if dp.prog else '?'}")
-                step(f"services: TCP {lab.vip4}:80 (client-IP affinity) and TCP [{lab.vip6}]:80, 3 backends each")
-                w.call(dp.apply, services(lab))
-                step("curl from every client address (IPv4, then IPv6)")
-                print(f"  IPv4: {dict(traffic(lab, 4))}")
-                print(f"  IPv6: {dict(traffic(lab, 6))}")
-                table(dp, w)
-                victim = sorted(n for n, h in lab.backends.items() if h.segment == "a")[0]
-                step(f"draining {victim} (weight 0: no new flows) and curling again")
-                w.call(dp.apply, services(lab, drained=victim))
-                after = traffic(lab, 4)
-                print(f"  IPv4: {dict(after)}  ({victim} gets {after.get(victim, 0)} new connections)")
-                table(dp, w)
-                step("drop/pass reasons")
-                for k, v in w.call(dp.stats).reasons.items():
-                    if v["packets"]:
-                        print(f"  {k:<24}{v['packets']:>8}")
-                if keep:
-                    step(f"lab is up. Try: ip netns exec {lab.ns_of('c1')} curl http://{lab.vip4}/ ; Ctrl-C to tear down")
-                    try:
-                        while True:
-                            time.sleep(3600)
-                    except KeyboardInterrupt:
-                        pass
-                w.call(dp.close)
+
+            step("starting l4lbd on the LB (compiles the XDP program, attaches it to eth0 and eth1)")
+            cfg = default_config(work, bpffs, [lab.lb_if, lab.lb_if2])
+            cfg["datapath"].update(xdp_mode="auto", maglev_m=16381, max_backends=4096, flow_table_size=65536)
+            daemon = L4lbd(lab.lb_ns, work, cfg)
+            daemon.write_config()
+            print("  config " + str(daemon.config_path) + ":\n    "
+                  + daemon.config_path.read_text().rstrip().replace("\n", "\n    "))
+            show(["ip", "netns", "exec", lab.lb_ns, "l4lbd", "--config", str(daemon.config_path)])
+            daemon.start()
+            ctl = Ctl(daemon.socket)
+            ctl("status")
+
+            seg_a = sorted(n for n, h in lab.backends.items() if h.segment == "a")
+            seg_b = sorted(n for n, h in lab.backends.items() if h.segment == "b")
+            step("creating services with l4lbctl: TCP VIP:80 over IPv4 (client-IP affinity) and IPv6")
+            ctl("service", "add", "web4", f"{lab.vip4}:80/tcp", "--no-sport-hash",
+                *[a for n in seg_a for a in ("-b", lab.backend_addrs[n][0])])
+            ctl("service", "add", "web6", f"[{lab.vip6}]:80/tcp",
+                *[a for n in seg_a for a in ("-b", lab.backend_addrs[n][1])])
+            ctl("service", "add", "far4", f"{lab.vips4[1]}:80/tcp",
+                *[a for n in seg_b for a in ("-b", lab.backend_addrs[n][0])])
+
+            step("curl from every client address through the VIPs")
+            print(f"  IPv4 {lab.vip4}: {dict(traffic(lab, lab.vip4))}")
+            print(f"  IPv6 {lab.vip6}: {dict(traffic(lab, lab.vip6))}")
+            ctl("stats")
+
+            victim = seg_a[0]
+            step(f"draining {victim} (weight 0: established flows stay, no new ones) and curling again")
+            ctl("backend", "drain", "web4", lab.backend_addrs[victim][0])
+            after = traffic(lab, lab.vip4)
+            print(f"  IPv4 {lab.vip4}: {dict(after)}  ({victim} got {after.get(victim, 0)} new connections)")
+            if after.get(victim, 0):
+                raise DemoError(f"drained backend {victim} still got new connections")
+            ctl("backend", "undrain", "web4", lab.backend_addrs[victim][0])
+
+            step(f"a backend behind the LB's second NIC: {lab.vips4[1]} goes out of eth1 (XDP_REDIRECT)")
+            print(f"  IPv4 {lab.vips4[1]}: {dict(traffic(lab, lab.vips4[1]))}")
+            ctl("stats", "--reasons")
+
+            step("recording a few flows into a pcapng file (inbound client packets and outbound IPIP)")
+            record(ctl, lab, work)
+
+            if keep:
+                step("the lab is up. Try, in another shell:")
+                c1 = lab.ns_of("c1")
+                print(f"  ip netns exec {c1} curl http://{lab.vip4}/")
+                print(f"  ip netns exec {c1} curl -g 'http://[{lab.vip6}]/'")
+                print(f"  L4LBCTL_SOCKET={daemon.socket} {L4LBCTL} stats --rate --watch")
+                print(f"  L4LBCTL_SOCKET={daemon.socket} {L4LBCTL} backend drain web4 "
+                      f"{lab.backend_addrs[victim][0]}")
+                print(f"  daemon log: {daemon.log_path}")
+                print("  Ctrl-C here tears it all down (or `make demo-down` from another shell).")
+                try:
+                    while daemon.proc is not None and daemon.proc.poll() is None:
+                        time.sleep(1)
+                except KeyboardInterrupt:
+                    pass
+            daemon.stop()
             step("tearing the lab down")
         print("\ndemo OK")
         return 0
-    except DatapathError as e:
-        print(f"\ndemo FAILED in the datapath: {e}\n  (run `make setup` again; it checks kernel headers and BCC)", file=sys.stderr)
+    except DemoError as e:
+        print(f"\ndemo FAILED: {e}", file=sys.stderr)
+        if daemon is not None:
+            print(f"  last lines of the daemon log ({daemon.log_path}):\n    "
+                  + daemon.log_tail(15).replace("\n", "\n    "), file=sys.stderr)
+        print("  Run `make setup` again (it checks BCC and the kernel headers), then `make demo-down`.",
+              file=sys.stderr)
+        return 1
+    except AssertionError as e:  # the daemon did not come up
+        print(f"\ndemo FAILED: l4lbd did not start: {e}\n  Run `make setup` again (BCC, kernel headers).",
+              file=sys.stderr)
         return 1
     finally:
+        if daemon is not None:
+            daemon.kill()
         subprocess.run(["umount", "-l", str(bpffs)], check=False)
+        shutil.rmtree(bpffs, ignore_errors=True)
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def down() -> int:
