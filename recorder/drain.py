@@ -7,10 +7,18 @@ timestamp (the datapath stamps CLOCK_MONOTONIC), the direction, the XDP verdict 
 only: inbound samples are taken before the verdict is known) and a comment naming the
 recording, the service and the backend.
 
+Batches: the rings are read with :mod:`l4lb.recorder.perfring` (why not BCC's perf buffer:
+see there), a whole CPU ring at a time. Per sample the drain only unpacks the header, looks up
+a *plan* cached per distinct header (recordings bitmap, service, backend, direction,
+verdict, flags: which recordings, cut where, with which comment) and appends a tuple to
+each target recording's batch; every recording then takes its batch with one
+:meth:`Recording.write_many`, which encodes the records from cached option bytes and hands
+them to the file in large writes.
+
 Losses: when a ring is full the datapath counts the refused sample for every recording that
 wanted it (``rec_lost_cnt``); the drain turns the growth of those counters into
 ``Recording.note_lost`` (pcapng: ``epb_dropcount`` on the next packet and ``isb_ifdrop``).
-The ring's own PERF_RECORD_LOST count is kept as ``ring_lost``.
+The rings' own PERF_RECORD_LOST counts (per CPU in the reader) add up to ``ring_lost``.
 
 A program swap (new mask set) opens the new program's rings with :meth:`Drain.attach` before
 it goes live and empties the old ones with :meth:`Drain.retire` after it was replaced.
@@ -18,14 +26,16 @@ it goes live and empties the old ones with :meth:`Drain.retire` after it was rep
 
 from __future__ import annotations
 
-import ctypes as ct
 import logging
+import select
 import struct
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
+from l4lb.recorder.perfring import Chunk, PerfRings
 from l4lb.recorder.recording import Recording
 
 log = logging.getLogger(__name__)
@@ -35,12 +45,18 @@ SAMPLE = struct.Struct("<QQIIIIBBB5x")
 VERDICT_NONE = 0xFF
 F_ICMP = 1
 DEFAULT_PAGES = 256          # per CPU: 1 MiB of ring
-WAKEUP = 32
+POLL_MS = 50                 # longest a sample below the wake-up watermark waits
+MAX_PLANS = 4096
+
+# What one recording does with samples of one header: (its batch, capture length (0 =
+# whole), comment, verdict for the file).
+_Target = tuple[list[tuple[Any, ...]], int, str, int | None]
 
 
 class _Ring:
-    def __init__(self, maps: Any) -> None:
+    def __init__(self, maps: Any, rings: PerfRings) -> None:
         self.maps = maps
+        self.rings = rings
         self.lost_seen = [0] * 64
 
 
@@ -56,8 +72,15 @@ class Drain:
         self.ring_lost = 0
         self._rings: list[_Ring] = []
         self._ring_lock = threading.Lock()
+        self._waiting = 0                   # other threads waiting for _ring_lock
+        self._epoll = select.epoll()
         self._slots: dict[int, Recording] = {}
-        self._route: dict[int, tuple[Recording, ...]] = {}
+        self._slots_gen = 0
+        # Owned by whoever holds _ring_lock (the drain thread, or stop/retire):
+        self._plans: dict[tuple[int, ...], tuple[_Target, ...]] = {}
+        self._batches: dict[str, tuple[Recording, list[tuple[Any, ...]]]] = {}
+        self._plans_gen = -1
+        self._plan_slots: dict[int, Recording] = {}
         self._comments: dict[tuple[Any, ...], str] = {}
         self._svc_names: dict[int, str] = {}
         self._be_names: dict[int, str] = {}
@@ -68,27 +91,46 @@ class Drain:
 
     # -- wiring -------------------------------------------------------------------------
     def set_slots(self, slots: dict[int, Recording]) -> None:
-        """Which recording owns which slot (the manager's view; replaced as a whole)."""
+        """Which recording owns which slot (the manager's view; replaced as a whole). The
+        drain rebuilds its plans before the next batch."""
         self._slots = dict(slots)
-        self._route = {}
+        self._slots_gen += 1
 
     def attach(self, maps: Any) -> None:
         """Open the perf rings of a (not yet live) program."""
-        ring = _Ring(maps)
-        # Wake the drain every WAKEUP samples, not for each (a wake-up per sample costs the
-        # producing CPU more than the sample); the loop's consume() picks up the remainder.
-        maps.bpf[b"rec_events"].open_perf_buffer(self._on_sample, page_cnt=self.page_cnt, lost_cb=self._on_lost,
-                                                 wakeup_events=WAKEUP)
-        with self._ring_lock:
+        ring = _Ring(maps, maps.open_rings(self.page_cnt))
+        with self._rings_held():
+            for fd in ring.rings.fds:
+                self._epoll.register(fd, select.EPOLLIN)
             self._rings.append(ring)
 
     def retire(self, program: Any) -> None:
         """Empty and forget the rings of a program that was just replaced."""
-        with self._ring_lock:
+        with self._rings_held():
             for ring in [r for r in self._rings if r.maps.bpf is program.bpf]:
-                ring.maps.bpf.perf_buffer_consume()
-                self._account_lost(ring)
-                self._rings.remove(ring)
+                self._close_ring(ring)
+
+    @contextmanager
+    def _rings_held(self) -> Iterator[None]:
+        """_ring_lock for a thread other than the drain's. A busy drain re-takes the lock
+        within microseconds of releasing it, before a waiter wakes up: it pauses instead
+        while someone waits (a program swap must not wait for a lull in traffic)."""
+        self._waiting += 1
+        try:
+            with self._ring_lock:
+                yield
+        finally:
+            self._waiting -= 1
+
+    def _close_ring(self, ring: _Ring) -> None:
+        try:
+            self._read(ring)
+            self._account_lost(ring)
+        finally:
+            for fd in ring.rings.fds:
+                self._epoll.unregister(fd)
+            ring.rings.close()
+            self._rings.remove(ring)
 
     def start(self) -> None:
         if self._thread is None:
@@ -96,28 +138,33 @@ class Drain:
             self._thread.start()
 
     def stop(self) -> None:
+        """Stop the thread; empty the rings into the recordings and release them."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=10)
             self._thread = None
-        with self._ring_lock:
-            for ring in self._rings:
-                ring.maps.bpf.perf_buffer_consume()
-                self._account_lost(ring)
+        with self._rings_held():
+            for ring in list(self._rings):
+                self._close_ring(ring)
 
     # -- loop ------------------------------------------------------------------------------
     def _loop(self) -> None:
         next_tick = 0.0
         while not self._stop.is_set():
-            with self._ring_lock:
-                rings = list(self._rings)
-                timeout = 50 if len(rings) == 1 else 10
-                for ring in rings:
-                    ring.maps.bpf.perf_buffer_poll(timeout)
-                    ring.maps.bpf.perf_buffer_consume()
-            if not rings:
-                self._stop.wait(0.05)
+            try:
+                with self._ring_lock:
+                    got = sum(self._read(ring) for ring in self._rings)
+            except Exception:  # noqa: BLE001 - the drain must keep draining (that chunk is lost)
+                log.exception("recorder: reading the perf rings failed")
+                got = 0
+            while self._waiting and not self._stop.is_set():
+                time.sleep(0.0002)
             now = time.monotonic()
+            if not got:
+                # Sleep until a ring passes its watermark, the tick, or POLL_MS.
+                wait = min(POLL_MS / 1000, max(0.0, next_tick - now))
+                self._epoll.poll(wait)
+                now = time.monotonic()
             if now >= next_tick:
                 next_tick = now + self.tick_s
                 try:
@@ -147,34 +194,67 @@ class Drain:
         ring.lost_seen = now
 
     # -- samples -------------------------------------------------------------------------------
-    def _recordings(self, recs: int) -> tuple[Recording, ...]:
-        out = self._route.get(recs)
-        if out is None:
-            found = []
-            bits = recs
-            while bits:
-                low = bits & -bits
-                rec = self._slots.get(low.bit_length() - 1)
-                if rec is not None:
-                    found.append(rec)
-                bits ^= low
-            out = self._route[recs] = tuple(found)
-        return out
+    def _read(self, ring: _Ring) -> int:
+        """Everything the rings of one program hold, into the recordings. Samples read."""
+        chunks = []
+        for chunk in ring.rings.read():
+            self.ring_lost += chunk.lost
+            if chunk.samples:
+                chunks.append(chunk)
+        if not chunks:
+            return 0
+        if len(chunks) == 1:
+            return self._consume(chunks[0].buf, chunks[0].samples)
+        return self._consume(*_merge(chunks))
 
-    def _on_sample(self, cpu: int, data: Any, size: int) -> None:
-        raw = ct.string_at(data, size)
-        recs, ts, cap, orig, svc, be, direction, verdict, flags = SAMPLE.unpack_from(raw)
-        self.samples += 1
-        pkt = raw[SAMPLE.size:SAMPLE.size + cap]
-        wall = ts + self._offset
+    def _consume(self, buf: bytes, samples: list[int]) -> int:
+        if self._plans_gen != self._slots_gen:
+            self._replan()
+        plans, plan_for = self._plans, self._plan
+        offset = self._offset
+        unpack, hdr = SAMPLE.unpack_from, SAMPLE.size
+        for off in samples:
+            recs, ts, cap, orig, svc, be, direction, verdict, flags = unpack(buf, off)
+            key = (recs, svc, be, direction, verdict, flags)
+            targets = plans.get(key)
+            if targets is None:
+                targets = plan_for(key)
+            start = off + hdr
+            wall = ts + offset
+            for batch, c, comment, v in targets:
+                batch.append((buf[start:start + (c if 0 < c < cap else cap)], ts, wall, orig, direction, v, comment))
+        for rec, batch in self._batches.values():
+            if batch:
+                try:
+                    rec.write_many(batch)
+                except Exception:  # noqa: BLE001 - one recording's file error must not stop the rest
+                    log.exception("recording %s: write failed", rec.id)
+                batch.clear()
+        self.samples += len(samples)
+        return len(samples)
+
+    def _replan(self) -> None:
+        self._plans_gen = self._slots_gen
+        self._plan_slots = self._slots
+        self._plans = {}
+        self._batches = {rec.id: (rec, []) for rec in self._plan_slots.values()}
+
+    def _plan(self, key: tuple[int, ...]) -> tuple[_Target, ...]:
+        recs, svc, be, direction, verdict, flags = key
         v = None if verdict == VERDICT_NONE else verdict
-        for rec in self._recordings(recs):
-            c = rec.spec.capture_length
-            rec.write(pkt[:c] if c and c < cap else pkt, ts, wall, orig, direction, v,
-                      self._comment(rec.id, svc, be, direction, flags))
-
-    def _on_lost(self, count: int) -> None:
-        self.ring_lost += count
+        targets: list[_Target] = []
+        bits = recs
+        while bits:
+            low = bits & -bits
+            rec = self._plan_slots.get(low.bit_length() - 1)
+            if rec is not None:
+                batch = self._batches[rec.id][1]
+                targets.append((batch, rec.spec.capture_length, self._comment(rec.id, svc, be, direction, flags), v))
+            bits ^= low
+        if len(self._plans) >= MAX_PLANS:
+            self._plans.clear()
+        out = self._plans[key] = tuple(targets)
+        return out
 
     def _comment(self, rid: str, svc: int, be: int, direction: int, flags: int) -> str:
         key = (rid, svc, be, direction, flags)
@@ -188,7 +268,7 @@ class Drain:
                 if direction == 2:
                     parts.append(f"backend={self._name('be', be)}")
             text = " ".join(parts)
-            if len(self._comments) > 4096:
+            if len(self._comments) > MAX_PLANS:
                 self._comments.clear()
             self._comments[key] = text
         return text
@@ -203,6 +283,25 @@ class Drain:
                 log.debug("recorder: names unavailable: %s", e)
             table = self._svc_names if kind == "svc" else self._be_names
         return table.get(ident, f"#{ident}")
+
+
+def _merge(chunks: list[Chunk]) -> tuple[bytes, list[int]]:
+    """The samples of several CPUs' chunks in one buffer, in timestamp order, so a file shows
+    packets in the order the datapath saw them. (The chunks end at nearly the same instant,
+    see PerfRings.read; a sample still being written on one CPU while the rings were read
+    comes with the next read.)"""
+    buf = b"".join(c.buf for c in chunks)
+    offsets: list[int] = []
+    base = 0
+    for c in chunks:
+        offsets.extend([o + base for o in c.samples])
+        base += len(c.buf)
+    ts = _TS.unpack_from
+    offsets.sort(key=lambda o: ts(buf, o))
+    return buf, offsets
+
+
+_TS = struct.Struct("<8xQ")     # rec_sample.ts_ns
 
 
 __all__ = ["Drain", "SAMPLE"]

@@ -19,6 +19,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -115,28 +116,34 @@ class Recording:
     def write(self, data: bytes, mono_ns: int, wall_ns: int, orig_len: int, direction: int,
               verdict: int | None, comment: str | None) -> None:
         """One sample (already cut to this recording's capture length)."""
+        self.write_many(((data, mono_ns, wall_ns, orig_len, direction, verdict, comment),))
+
+    def write_many(self, samples: Iterable[tuple[bytes, int, int, int, int, int | None, str | None]]) -> None:
+        """Samples ``(data, mono_ns, wall_ns, orig_len, direction, verdict, comment)`` as for
+        :meth:`write`, under one lock acquisition (the drain's batches)."""
         with self.lock:
-            if self.state != "running" or self._writer is None or self._limiter is None:
-                return
-            w = self._writer
-            d = self._limiter.offer(len(data), mono_ns, file_bytes=w.bytes_written)
-            if d.action is Action.STOP:
-                self._finish(d.reason.value if d.reason else "stopped")
-                return
-            if d.action is Action.ROTATE:
-                w.close()
-                self._sizes[self._index_of(w)] = w.bytes_written
-                if d.overwrite:
-                    old = self.files.pop(d.index, None)
-                    if old is not None:
-                        os.unlink(safe_join(self.directory, old.name))
-                self._open_file(d.index)
-                w = self._writer
-                assert w is not None
-            w.write_sample(data, wall_ns, orig_len, direction, verdict, comment)
-            self._dirty = True
-            if d.final:
-                self._finish(d.reason.value if d.reason else "stopped")
+            for data, mono_ns, wall_ns, orig_len, direction, verdict, comment in samples:
+                w, lim = self._writer, self._limiter
+                if self.state != "running" or w is None or lim is None:
+                    return
+                d = lim.offer(len(data), mono_ns, file_bytes=w.bytes_written)
+                if d.action is Action.STOP:
+                    self._finish(d.reason.value if d.reason else "stopped")
+                    return
+                if d.action is Action.ROTATE:
+                    w.close()
+                    self._sizes[self._index_of(w)] = w.bytes_written
+                    if d.overwrite:
+                        old = self.files.pop(d.index, None)
+                        if old is not None:
+                            os.unlink(safe_join(self.directory, old.name))
+                    self._open_file(d.index)
+                    w = self._writer
+                    assert w is not None
+                w.write_sample(data, wall_ns, orig_len, direction, verdict, comment)
+                self._dirty = True
+                if d.final:
+                    self._finish(d.reason.value if d.reason else "stopped")
 
     def _index_of(self, w: Any) -> int:
         for idx, info in self.files.items():
@@ -196,7 +203,7 @@ class Recording:
                 size = 0
             if self._writer is not None and not self._writer.closed and self._writer.path.name == info.name:
                 size = self._writer.bytes_written   # buffered records count: they are on their way
-            out.append({"index": idx, "name": info.name, "size": size})
+            out.append({"index": idx, "name": info.name, "size": size, "path": str(self.directory / info.name)})
         return out
 
     def to_dict(self) -> dict[str, Any]:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from l4lb.datapath import Datapath, DatapathConfig
+from l4lb.lab.lbdatapath import lab_datapath
 from l4lb.datapath.libbpf import test_run as prog_test_run
 from l4lb.lab import netns
 from l4lb.lab.decap import Decap, ReplyRewrite
@@ -33,19 +33,9 @@ TC_ACT_OK = 0
 def lab(bpffs: Path, lab_decap: Decap) -> Iterator[Lab]:
     netns.cleanup(PREFIX)         # leftovers of crashed runs (live runs are spared)
     with Lab(clients=2, backends=3, client_extra_addrs=8, prefix=PREFIX, decap=lab_decap) as lab:
-        pin = bpffs / f"dnat-{lab.tag}"
-        pin.mkdir()
-        dp = Datapath(DatapathConfig(bpffs=pin, maglev_m=1021, max_backends=1024, flow_table_size=65536))
-        worker = netns.NetnsWorker(lab.lb_ns)
-        worker.call(dp.load)
-        worker.call(dp.attach, [lab.lb_if], "auto")
-        worker.call(dp.apply, services(lab))
-        lab.dp, lab.worker = dp, worker
-        try:
+        with lab_datapath(lab, bpffs, "dnat", maglev_m=1021, max_backends=1024, flow_table_size=65536) as (dp, w):
+            w.call(dp.apply, services(lab))
             yield lab
-        finally:
-            worker.call(dp.close)
-            worker.close()
 
 
 def services(lab: Lab) -> list[Service]:

@@ -22,8 +22,7 @@ from pathlib import Path
 import pytest
 from scapy.all import IP, TCP, Ether, Raw, raw
 
-from l4lb.datapath import Datapath, DatapathConfig
-from l4lb.lab import netns
+from l4lb.lab.lbdatapath import lab_datapath
 from l4lb.lab.pktenv import PacketEnv, edge_backends_v4
 from l4lb.lab.topology import Lab
 from l4lb.models import Service
@@ -63,18 +62,8 @@ def wait_for(pred, timeout: float = 10.0, what: str = "condition") -> None:
 @pytest.fixture(scope="module")
 def lab(bpffs: Path, lab_decap):
     with Lab(clients=1, backends=2, decap=lab_decap, prefix="rec") as lab:
-        pin = bpffs / f"rec-e2e-{lab.tag}"
-        pin.mkdir()
-        dp = Datapath(DatapathConfig(bpffs=pin, maglev_m=251, max_backends=1024, flow_table_size=65536))
-        worker = netns.NetnsWorker(lab.lb_ns)
-        worker.call(dp.load)
-        worker.call(dp.attach, [lab.lb_if], "auto")
-        lab.dp, lab.worker = dp, worker
-        try:
+        with lab_datapath(lab, bpffs, "rec-e2e", maglev_m=251, max_backends=1024, flow_table_size=65536):
             yield lab
-        finally:
-            worker.call(dp.close)
-            worker.close()
 
 
 def test_curl_through_the_vip_is_recorded_in_and_out(lab, tmp_path: Path):

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from l4lb.datapath import Datapath, DatapathConfig
+from l4lb.lab.lbdatapath import lab_datapath
 from l4lb.lab import netns
 from l4lb.lab.topology import Lab
 from l4lb.models import Service
@@ -20,18 +20,9 @@ pytestmark = [pytest.mark.netns, pytest.mark.bpf]
 @pytest.fixture(scope="module")
 def lab(bpffs: Path):
     with Lab(clients=2, backends=3, seg_b_backends=1, client_extra_addrs=8, prefix="l4tt") as lab:
-        pin = bpffs / f"traffic-{lab.tag}"
-        pin.mkdir()
-        dp = Datapath(DatapathConfig(bpffs=pin, maglev_m=1021, max_backends=1024, flow_table_size=65536))
-        worker = netns.NetnsWorker(lab.lb_ns)
-        worker.call(dp.load)
-        worker.call(dp.attach, [lab.lb_if, lab.lb_if2], "auto")
-        lab.dp, lab.worker = dp, worker
-        try:
+        with lab_datapath(lab, bpffs, "traffic", [lab.lb_if, lab.lb_if2],
+                          maglev_m=1021, max_backends=1024, flow_table_size=65536):
             yield lab
-        finally:
-            worker.call(dp.close)
-            worker.close()
 
 
 def seg_a_backends(lab: Lab) -> list[str]:

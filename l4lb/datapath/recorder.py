@@ -28,6 +28,7 @@ import numpy as np
 
 from l4lb.datapath import libbpf
 from l4lb.recfilter import Filter, Mask, compile_masks, render_mask_cflags
+from l4lb.recorder.perfring import PerfRings
 
 log = logging.getLogger(__name__)
 
@@ -186,6 +187,10 @@ class RecorderMaps:
             except KeyError:
                 pass
             del self._keys[packed]
+
+    def open_rings(self, page_cnt: int) -> PerfRings:
+        """The perf rings of ``rec_events``, one per online CPU (read by the drain)."""
+        return PerfRings(self.bpf[b"rec_events"].map_fd, page_cnt=page_cnt)
 
     def lost_per_slot(self) -> list[int]:
         vals = self.lost[ct.c_uint32(0)]
