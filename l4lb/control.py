@@ -8,6 +8,8 @@ caller gets a result only once the change is both durable and in the datapath.
 
 One lock serialises writes *and* datapath reads (stats/status), so the
 datapath never sees two callers at once; API handlers run in a thread pool.
+The periodic rate sample is the exception: it leans on the datapath's own
+lock, so a write never waits while 100,000 counters are walked.
 
 Errors are ``ControlError`` subclasses carrying an HTTP-ish status and located
 issues; the API layer only renders them.
@@ -23,6 +25,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any, Protocol
 
 from pydantic import ValidationError
@@ -233,20 +236,21 @@ class BackendRef:
         return f"[{self.address}]:{self.port}" if self.address.version == 6 else f"{self.address}:{self.port}"
 
 
-def canonical(state: DesiredState) -> DesiredState:
-    """Services by name, backends by identity: the stored form, so list order is never a change."""
+def canonical(state: DesiredState, trusted: Sequence[Service] = ()) -> DesiredState:
+    """Services by name, backends by identity: the stored form, so list order is never a change.
+    ``trusted`` services (those of the committed state) are canonical already and not sorted again."""
+    known = {id(s) for s in trusted}
 
     def svc(s: Service) -> Service:
-        order = sorted(s.backends, key=lambda b: _ident_key(b.identity(s.port)))
+        if id(s) in known:
+            return s
+        # Identity order (address family, bytes, effective port) from the parsed address.
+        order = sorted(s.backends, key=lambda b: (b.address.version, b.address.packed, b.port or s.port))
         return s if order == s.backends else s.model_copy(update={"backends": order})
 
     services = sorted((svc(s) for s in state.services), key=lambda s: s.name)
-    return state if services == state.services else DesiredState(services=services)
-
-
-def _ident_key(ident: tuple[str, int]) -> tuple[int, bytes, int]:
-    ip = ipaddress.ip_address(ident[0])
-    return (ip.version, ip.packed, ident[1])
+    # A reordering of a valid state is valid: no second validation of every service.
+    return state if services == state.services else DesiredState.model_construct(services=services)
 
 
 # --- stats rates ------------------------------------------------------------------------------
@@ -275,6 +279,8 @@ class RateTracker:
             self._prev, self._last = self._last, (now, counters)
 
 
+# Cached: every stats sample normalises every backend's key again (100,000 of them).
+@lru_cache(maxsize=1 << 18)
 def _norm_key(key: Any) -> tuple[str, int, str]:
     """Datapath service key (vip, port, proto) → Service.key form, whatever the datapath's types."""
     vip, port, proto = key
@@ -282,6 +288,7 @@ def _norm_key(key: Any) -> tuple[str, int, str]:
     return (ipaddress.ip_address(vip).exploded, int(port), str(proto_s))
 
 
+@lru_cache(maxsize=1 << 18)
 def _norm_ident(ident: Any) -> tuple[str, int]:
     addr, port = ident
     return (ipaddress.ip_address(addr).exploded, int(port))
@@ -461,7 +468,9 @@ class Control:
                                    item_loc=lambda i: ("body", "backends"), others=others)
             if issues:
                 raise Invalid("; ".join(i.msg for i in issues), issues)
-            committed = self._commit(canonical(DesiredState(services=[*others, service])))
+            # Validated parts, name and key unique (checked above): no second validation of every service.
+            committed = self._commit(canonical(DesiredState.model_construct(services=[*others, service]),
+                                               trusted=others))
             return committed, old is None
 
     def delete_service(self, name: str, pre: Precondition = NO_PRECONDITION) -> Committed:
@@ -531,8 +540,11 @@ class Control:
 
     def sample(self) -> None:
         """Record a stats sample for rates (called periodically by the daemon)."""
+        # Not under the control lock: the datapath serialises its own reads, and a
+        # write must not wait for 100,000 counters to be read and flattened.
+        now, raw = self._clock(), self._dp.stats()
+        flat = flatten_stats(raw)
         with self._lock:
-            now, flat = self._clock(), flatten_stats(self._dp.stats())
             self._rates.observe(now, flat)
 
     def refresh_nexthops(self) -> None:
@@ -613,6 +625,7 @@ class Control:
 
     def _commit(self, new: DesiredState, *, dry_run: bool = False) -> Committed:
         old = self._state
+        p0 = time.monotonic()
         plan = diff(old, new)
         if dry_run:
             return Committed(self._revision, not plan.empty, plan, old, dry_run=True)
@@ -624,7 +637,9 @@ class Control:
         try:
             with self._store.write(self._revision, new) as revision:
                 staged = True
+                t1 = time.monotonic()
                 self._dp.apply(new.services)
+                t2 = time.monotonic()
                 if self._hook is not None:
                     self._hook()
         except Exception as e:
@@ -633,14 +648,20 @@ class Control:
             if staged:
                 self._restore(old)
             raise ApplyFailed(f"{e}; the store and the datapath still hold revision {self._revision}") from e
-        took = time.monotonic() - t0
+        t3 = time.monotonic()
+        took = t3 - t0
         self.apply_metrics.results["ok"] += 1
         self.apply_metrics.last_seconds = took
         self.apply_metrics.total_seconds += took
         self._snap = Record(revision, new, time.time())
         self.degraded = None  # the datapath now holds exactly the committed state
         s = plan.summary()
-        log.info("revision %d applied in %.3fs: %s", revision, took, ", ".join(f"{k}={v}" for k, v in s.items() if v))
+        # Where the time went: plan, store (stage + commit), datapath (and its own parts).
+        dp = getattr(self._dp, "last_timings", None)
+        phases = (f"plan={t0 - p0:.3f}s store={(t1 - t0) + (t3 - t2):.3f}s datapath={t2 - t1:.3f}s"
+                  + (f" [{dp.summary()}]" if hasattr(dp, "summary") else ""))
+        log.info("revision %d applied in %.3fs (%s): %s", revision, took, phases,
+                 ", ".join(f"{k}={v}" for k, v in s.items() if v))
         return Committed(revision, True, plan, new)
 
     def _restore(self, old: DesiredState) -> None:
@@ -661,7 +682,11 @@ class Control:
         return svc
 
     def _with_service(self, svc: Service) -> DesiredState:
-        return canonical(DesiredState(services=[svc if s.name == svc.name else s for s in self._state.services]))
+        # One validated service replaces its namesake (same key): names and keys stay unique, so
+        # no DesiredState validation, which would run every Service's validator again.
+        others = [s for s in self._state.services if s.name != svc.name]
+        return canonical(DesiredState.model_construct(
+            services=[svc if s.name == svc.name else s for s in self._state.services]), trusted=others)
 
     def _backend_index(self, svc: Service, ref: BackendRef) -> int:
         if ref.port is not None:

@@ -49,7 +49,12 @@ Vectorisation (how it is computed fast)
     one-by-one greedy, on average < 0.15% of slots differ and at most ~2% at
     m = 251; deterministically either way). A band is sized to scan about ``m``
     candidates, which claims roughly two thirds of the free slots per round:
-    ~log(m) rounds for any N, never m/N rounds.
+    ~log(m) rounds for any N, never m/N rounds. In the late rounds, when few
+    slots are free but a band still spans ~m positions, the same candidates
+    are found backwards: for each free slot, the position at which each
+    backend's walk reaches it (pi^-1 of (slot - offset) / skip mod m), which
+    is far less work and gives the same candidates in the same order.
+    ``build_many`` spreads many tables over worker processes.
 
 Limits (measured, see tests/test_maglev.py)
     Exact shares cost some disruption: removing one of N backends moves its own
@@ -59,11 +64,23 @@ Limits (measured, see tests/test_maglev.py)
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import hashlib
 import ipaddress
-from collections.abc import Mapping
+import logging
+import os
+import pickle
+import struct
+import subprocess
+import sys
+import threading
+from collections import deque
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -123,10 +140,9 @@ def _validate(weights: Mapping[Identity, int], m: int, seed: bytes) -> None:
             raise ValueError(f"backend identity must be (address: str, port: int), got {ident!r}")
         # Callers must agree on one spelling of an address, or the same backend
         # would hash differently (e.g. "::1" vs "0000:...:0001") and move flows.
-        try:
-            canonical = ipaddress.ip_address(ident[0]).exploded
-        except ValueError:
-            raise ValueError(f"backend identity {ident!r}: {ident[0]!r} is not an IP address") from None
+        canonical = _exploded(ident[0])
+        if canonical is None:
+            raise ValueError(f"backend identity {ident!r}: {ident[0]!r} is not an IP address")
         if canonical != ident[0]:
             raise ValueError(f"backend identity {ident!r}: address must be exploded, i.e. {canonical!r}")
         if not 0 <= ident[1] <= 65535:
@@ -135,6 +151,15 @@ def _validate(weights: Mapping[Identity, int], m: int, seed: bytes) -> None:
             raise ValueError(f"weight of {ident} must be an integer, got {w!r}")
         if not 0 <= w <= MAX_WEIGHT:
             raise ValueError(f"weight of {ident} must be in 0..{MAX_WEIGHT}, got {w}")
+
+
+@lru_cache(maxsize=1 << 16)
+def _exploded(addr: str) -> str | None:
+    # Cached: a daemon rebuilding tables validates the same addresses again and again.
+    try:
+        return ipaddress.ip_address(addr).exploded
+    except ValueError:
+        return None
 
 
 def _offset_skip(identities: tuple[Identity, ...], m: int, seed: bytes) -> tuple[np.ndarray, np.ndarray]:
@@ -179,6 +204,22 @@ def _scramble(m: int, seed: bytes) -> np.ndarray:
     pi = np.argsort(keys).astype(np.int64)
     pi.flags.writeable = False
     return pi
+
+
+_inverses: dict[tuple[int, bytes], tuple[np.ndarray, np.ndarray]] = {}
+
+
+def _unscramble(pi: np.ndarray, seed: bytes) -> np.ndarray:
+    """pi's inverse (position of each value in pi), cached next to the pi it inverts."""
+    hit = _inverses.get((len(pi), seed))
+    if hit is None or hit[0] is not pi:
+        pi_inv = np.empty(len(pi), dtype=np.int64)
+        pi_inv[pi] = np.arange(len(pi), dtype=np.int64)
+        pi_inv.flags.writeable = False
+        if len(_inverses) >= 16:
+            _inverses.clear()
+        hit = _inverses[(len(pi), seed)] = (pi, pi_inv)
+    return hit[1]
 
 
 def _quotas(w: np.ndarray, m: int) -> np.ndarray:
@@ -238,10 +279,13 @@ def build(weights: Mapping[Identity, int], m: int, seed: bytes) -> MaglevTable:
     wf = w.astype(np.float64)
     clock = _clock(m)
     pi = _scramble(m, bytes(seed))
+    pi_inv = _unscramble(pi, bytes(seed))
+    inv_skip: np.ndarray | None = None  # skip^-1 mod m, for walking back (late rounds)
     # ptr[i]: first permutation position backend i has not proposed yet.
     ptr = np.zeros(n, dtype=np.int64)
     k0 = 0.0
     free = m
+    is_free = np.ones(m, dtype=bool)  # owner < 0, as bytes: the hot filter below reads it
     # Per-slot scratch for conflict resolution, reset after each round.
     best_key = np.full(m, np.inf)
     best_b = np.full(m, n, dtype=np.int64)
@@ -265,18 +309,43 @@ def build(weights: Mapping[Identity, int], m: int, seed: bytes) -> MaglevTable:
         total = int(counts.sum())
         if total == 0:  # cannot happen: quotas sum to m and permutations are complete
             raise AssertionError("Maglev builder stalled")
-        # Flattened candidates grouped by backend, positions increasing.
-        cand_b = np.repeat(active, counts)
-        group_start = np.cumsum(counts) - counts
-        cand_j = np.arange(total, dtype=np.int64) - np.repeat(group_start - start, counts)
-        cand_s = (offset[cand_b] + pi[cand_j] * skip[cand_b]) % m
-        ptr[active] = end
-        k0 = k1
-        # Only free slots are worth proposing.
-        keep = owner[cand_s] < 0
-        if not keep.any():
-            continue
-        cand_b, cand_j, cand_s = cand_b[keep], cand_j[keep], cand_s[keep]
+        # Flattened candidates on free slots, grouped by backend, positions increasing.
+        if 2 * free * len(active) < total:
+            # Late rounds: few slots are free but the bands are as wide as ever, so
+            # walk back from the free slots instead: where does each backend's walk
+            # reach each of them? The same candidates, at a fraction of the work.
+            if inv_skip is None:
+                inv_skip = np.array([pow(int(x), m - 2, m) for x in skip], dtype=np.int64)  # m is prime
+            free_s = np.flatnonzero(is_free)
+            pos = (free_s[None, :] - offset[active][:, None]) % m
+            pos *= inv_skip[active][:, None]
+            pos %= m
+            pos = pi_inv[pos]
+            row, col = np.nonzero((pos >= start[:, None]) & (pos < end[:, None]))
+            pos = pos[row, col]
+            order = np.lexsort((pos, row))
+            cand_b, cand_j, cand_s = active[row[order]], pos[order], free_s[col[order]]
+            ptr[active] = end
+            k0 = k1
+            if not cand_b.size:
+                continue
+        else:
+            # Per-backend values are repeated (cheaper than gathers), slots computed in place.
+            group_start = np.cumsum(counts) - counts
+            cand_j = np.arange(total, dtype=np.int64)
+            cand_j -= np.repeat(group_start - start, counts)
+            cand_s = pi[cand_j]
+            cand_s *= np.repeat(skip[active], counts)
+            cand_s += np.repeat(offset[active], counts)
+            cand_s %= m
+            ptr[active] = end
+            k0 = k1
+            # Only free slots are worth proposing.
+            keep = np.flatnonzero(is_free[cand_s])
+            if not keep.size:
+                continue
+            cand_b = np.repeat(active, counts)[keep]
+            cand_j, cand_s = cand_j[keep], cand_s[keep]
         key = clock[cand_j] / wf[cand_b]
         # Winner per slot: lowest key, then lowest backend index.
         np.minimum.at(best_key, cand_s, key)
@@ -288,20 +357,157 @@ def build(weights: Mapping[Identity, int], m: int, seed: bytes) -> MaglevTable:
         # Each backend keeps its wins in key order (= candidate order) up to quota.
         wb = cand_b[won]
         ws = cand_s[won]
-        first_of_group = np.r_[True, wb[1:] != wb[:-1]]
-        group_first = np.flatnonzero(first_of_group)
-        rank = np.arange(wb.size) - group_first[np.cumsum(first_of_group) - 1]
+        group_first = np.flatnonzero(np.r_[True, wb[1:] != wb[:-1]])
+        rank = np.arange(wb.size) - np.repeat(group_first, np.diff(np.r_[group_first, wb.size]))
         accept = rank < need[wb]
-        owner[ws[accept]] = wb[accept].astype(np.int32)
-        np.subtract.at(need, wb[accept], 1)
-        free -= int(accept.sum())
+        wb, ws = wb[accept], ws[accept]
+        owner[ws] = wb.astype(np.int32)
+        is_free[ws] = False
+        np.subtract.at(need, wb, 1)
+        free -= int(wb.size)
         # A slot still free after the round was won by a backend that ran out of
         # quota; proposers that lost it (and still need slots) rewind to it and
         # the next band restarts at its key, so it is offered again in order.
-        left = (owner[cand_s] < 0) & (need[cand_b] > 0)
+        left = is_free[cand_s] & (need[cand_b] > 0)
         if left.any():
             rb, rj = cand_b[left], cand_j[left]
             np.minimum.at(ptr, rb, rj)
             k0 = min(k0, float((clock[rj] / wf[rb]).min()))
     owner.flags.writeable = False
     return MaglevTable(identities, owner)
+
+
+# --- many tables at once ------------------------------------------------------------
+
+# Below this many tables, worker processes cost more (start-up, pickling) than
+# they save: a drain rebuilds one table, a full document a thousand.
+PARALLEL_MIN = 16
+_CHUNK = 8  # tables per message: small, so an abandoned batch drains quickly
+
+log = logging.getLogger(__name__)
+
+
+def _send(stream: BinaryIO, obj: object) -> None:
+    data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+    stream.write(struct.pack("<Q", len(data)) + data)
+    stream.flush()
+
+
+def _recv(stream: BinaryIO) -> Any:
+    head = stream.read(8)
+    if len(head) < 8:
+        return None
+    (n,) = struct.unpack("<Q", head)
+    data = stream.read(n)
+    if len(data) < n:
+        raise EOFError("Maglev worker stream ended mid-message")
+    return pickle.loads(data)
+
+
+class _Workers:
+    """Long-lived ``python -m l4lb.maglev`` processes, one chunk of jobs in
+    flight each. Plain pipes, not multiprocessing: nothing depends on the
+    caller's ``__main__``, and a worker that fails is simply replaced by
+    building here. Workers exit when their stdin closes (also when we die)."""
+
+    def __init__(self, n: int) -> None:
+        root = str(Path(__file__).resolve().parent.parent)
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+        self.procs = [subprocess.Popen([sys.executable, "-m", "l4lb.maglev"], stdin=subprocess.PIPE,
+                                       stdout=subprocess.PIPE, env=env) for _ in range(n)]
+
+    def map(self, jobs: list[tuple[dict[Identity, int], int, bytes]]) -> Iterator[MaglevTable]:
+        chunks = iter([jobs[i:i + _CHUNK] for i in range(0, len(jobs), _CHUNK)])
+        inflight: deque[subprocess.Popen[bytes]] = deque()
+        try:
+            for proc in self.procs:
+                chunk = next(chunks, None)
+                if chunk is None:
+                    break
+                _send(proc.stdin, chunk)  # type: ignore[arg-type]
+                inflight.append(proc)
+            while inflight:
+                proc = inflight.popleft()
+                results = _recv(proc.stdout)  # type: ignore[arg-type]
+                if results is None:
+                    raise EOFError(f"Maglev worker {proc.pid} exited ({proc.poll()})")
+                chunk = next(chunks, None)
+                if chunk is not None:
+                    _send(proc.stdin, chunk)  # type: ignore[arg-type]
+                    inflight.append(proc)
+                for identities, raw in results:
+                    table = np.frombuffer(raw, dtype=np.int32)  # read-only, like build()'s
+                    yield MaglevTable(identities, table)
+        finally:
+            # Abandoned halfway (the caller failed): read what is still coming, so the
+            # next batch starts clean.
+            for proc in inflight:
+                _recv(proc.stdout)  # type: ignore[arg-type]
+
+    def close(self) -> None:
+        for proc in self.procs:
+            with contextlib.suppress(OSError):
+                proc.stdin.close()  # type: ignore[union-attr]
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+_workers: _Workers | None = None
+_workers_lock = threading.Lock()
+
+
+def _cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+def _drop_workers() -> None:
+    global _workers
+    if _workers is not None:
+        workers, _workers = _workers, None
+        with contextlib.suppress(Exception):
+            workers.close()
+
+
+def build_many(jobs: Sequence[Mapping[Identity, int]], m: int, seed: bytes) -> Iterator[MaglevTable]:
+    """``build(w, m, seed)`` for every ``w`` in ``jobs``, yielded in order.
+
+    Many tables are built by worker processes (one per CPU, started on first
+    need and kept) while the caller consumes the ones already done; ``build``
+    is a pure function, so the tables are the same either way. If a worker
+    fails, the rest is built here."""
+    global _workers
+    done = 0
+    # Workers serve one batch at a time; whoever finds them busy builds here.
+    if len(jobs) >= PARALLEL_MIN and _cpus() > 1 and _workers_lock.acquire(blocking=False):
+        try:
+            if _workers is None:
+                _workers = _Workers(_cpus())
+                atexit.register(_drop_workers)
+            for table in _workers.map([(dict(w), m, bytes(seed)) for w in jobs]):
+                done += 1
+                yield table
+        except (OSError, EOFError, pickle.PickleError) as e:
+            log.warning("Maglev workers failed (%s); building the remaining %d tables here", e, len(jobs) - done)
+            _drop_workers()
+        finally:
+            _workers_lock.release()
+    for w in jobs[done:]:
+        yield build(w, m, seed)
+
+
+def _serve() -> None:
+    """Worker loop: lists of (weights, m, seed) in, (identities, table bytes) out, until EOF."""
+    inp, out = sys.stdin.buffer, sys.stdout.buffer
+    while (jobs := _recv(inp)) is not None:
+        tables = [build(w, m, seed) for w, m, seed in jobs]
+        _send(out, [(t.identities, t.table.tobytes()) for t in tables])
+
+
+if __name__ == "__main__":
+    _serve()

@@ -7,8 +7,8 @@ how the datapath turns it into map writes is the datapath's business.
 
 from __future__ import annotations
 
-import ipaddress
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any, Literal
 
 from l4lb.models import Backend, DesiredState, Service
@@ -97,35 +97,41 @@ def _jsonable(v: Any) -> Any:
 
 
 def _backend_changes(svc_old: Service, svc_new: Service) -> tuple[BackendChange, ...]:
-    old = {b.identity(svc_old.port): b for b in svc_old.backends}
-    new = {b.identity(svc_new.port): b for b in svc_new.backends}
+    # Keyed by (parsed address, effective port): the identity, without formatting
+    # the address (a 100,000-backend document is diffed in one go).
+    old = {(b.address, b.port or svc_old.port): b for b in svc_old.backends}
+    new = {(b.address, b.port or svc_new.port): b for b in svc_new.backends}
     out: list[BackendChange] = []
-    for ident in sorted(old.keys() | new.keys(), key=_ident_order):
-        addr, port = ipaddress.ip_address(ident[0]).compressed, ident[1]
-        if ident not in old:
-            out.append(BackendChange("create", addr, port, _fields(None, new[ident])))
-        elif ident not in new:
+    for key in sorted(old.keys() | new.keys(), key=lambda k: (k[0].version, k[0].packed, k[1])):
+        addr, port = key[0].compressed, key[1]
+        a, b = old.get(key), new.get(key)
+        if a is None:
+            out.append(BackendChange("create", addr, port, _fields(None, b)))
+        elif b is None:
             out.append(BackendChange("delete", addr, port))
         else:
-            ch = _fields(old[ident], new[ident])
+            ch = _fields(a, b)
             if ch:
                 out.append(BackendChange("update", addr, port, ch))
     return tuple(out)
 
 
 def _fields(a: Backend | None, b: Backend) -> tuple[FieldChange, ...]:
+    if a is None:
+        return _field_changes(True, None, None, None, b.port, b.weight, b.state)
+    return _field_changes(False, a.port, a.weight, a.state, b.port, b.weight, b.state)
+
+
+@lru_cache(maxsize=4096)
+def _field_changes(created: bool, *values: Any) -> tuple[FieldChange, ...]:
+    # The same few (old, new) combinations repeat over thousands of backends, and
+    # FieldChange is immutable: build each tuple once.
     out = []
-    for name in ("port", "weight", "state"):
-        va = getattr(a, name) if a is not None else None
-        vb = getattr(b, name)
-        if a is None or va != vb:
+    for i, name in enumerate(("port", "weight", "state")):
+        va, vb = values[i], values[i + 3]
+        if created or va != vb:
             out.append(FieldChange(name, _jsonable(va), _jsonable(vb)))
     return tuple(out)
-
-
-def _ident_order(ident: tuple[str, int]) -> tuple[int, bytes, int]:
-    ip = ipaddress.ip_address(ident[0])
-    return (ip.version, ip.packed, ident[1])
 
 
 def _service_fields(a: Service, b: Service) -> tuple[FieldChange, ...]:
@@ -157,6 +163,8 @@ def diff(old: DesiredState, new: DesiredState) -> Plan:
                 ServiceChange("delete", name, (), tuple(
                     BackendChange("delete", b_.address.compressed, b_.identity(a.port)[1]) for b_ in a.backends))
             )
+        elif a is b:  # the same object: unchanged (most services of a single-backend change)
+            unchanged.append(name)
         else:
             fields = _service_fields(a, b)
             backends = _backend_changes(a, b)

@@ -113,7 +113,7 @@ enum l4lb_reason {
 BPF_TABLE_PINNED("hash", struct svc_key, struct svc_info, services, MAX_SERVICES, PIN_DIR "/services");
 /* Maglev: one inner array of MAGLEV_M backend ids per service. User space
  * builds a new inner map and swaps the outer slot: atomic for packets in flight. */
-BPF_ARRAY(maglev_inner, __u32, MAGLEV_M);
+BPF_F_TABLE("array", int, __u32, maglev_inner, MAGLEV_M, BPF_F_MMAPABLE); /* filled through mmap: a memcpy */
 BPF_TABLE_PINNED("array_of_maps$maglev_inner", int, int, maglev_outer, MAX_SERVICES, PIN_DIR "/maglev_outer");
 BPF_TABLE_PINNED("array", __u32, struct backend_info, backends, MAX_BACKENDS, PIN_DIR "/backends");
 BPF_TABLE_PINNED("array", __u32, struct nh_info, nexthops, MAX_BACKENDS, PIN_DIR "/nexthops");

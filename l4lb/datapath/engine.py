@@ -6,6 +6,13 @@ before the outer slot is swapped; the service entry is written last; removed
 backends are cleared only after no table points to them any more. IDs are
 recovered from the pinned maps on start, so a restarted daemon keeps the
 flow table's (backend id, generation) pairs valid and connections survive.
+
+Near capacity (old and new sets together do not fit) removed services and
+backends are cleared first, and a freed id or slot is reused only after an
+RCU grace period, so no packet in flight still reads it (see _reconcile).
+Services that did not change are skipped cheaply, and map writes go in
+batches: a drain touches one service, a 100,000-backend document takes a
+handful of syscalls per map.
 """
 
 from __future__ import annotations
@@ -17,8 +24,10 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Sequence
+from collections import OrderedDict
+from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any
 
 import numpy as np
@@ -27,6 +36,7 @@ from pyroute2 import IPRoute
 from l4lb import maglev
 from l4lb.datapath import netlink, nexthop
 from l4lb.datapath.config import DatapathConfig, DatapathError
+from l4lb.datapath import libbpf
 from l4lb.datapath.libbpf import prog_fd_by_id, prog_info
 from l4lb.datapath.loader import FUNC, Program, compile_program, pin_program, remove_stale_pins
 from l4lb.datapath.nexthop import IPAddress, NextHop
@@ -42,6 +52,8 @@ CFG_F_SRC_PREFIX4 = 1
 CFG_F_SRC_PREFIX6 = 2
 PROTO = {"tcp": 6, "udp": 17}
 PROTO_NAME = {6: "tcp", 17: "udp"}
+SWAP_CHUNK = 256  # Maglev tables swapped per outer batch update (inner-map fds open at once)
+BUILT_CACHE = 32  # recently built Maglev tables kept (64 KiB each at M = 16381)
 
 ServiceKey = tuple[str, int, str]          # (vip exploded, port, "tcp"/"udp")
 BackendKey = tuple[str, int]               # (address exploded, port)
@@ -61,6 +73,39 @@ class _BackendSlot:
     ident: BackendKey
     gen: int
     flags: int
+
+
+@dataclass
+class ApplyTimings:
+    """Where the last apply() spent its time (seconds), for logs and benches."""
+
+    reconcile: float = 0.0   # everything under the lock, the parts below included
+    maglev: float = 0.0      # building tables (waiting for worker processes included)
+    maps: float = 0.0        # map writes: backends, tables, service entries, clears
+    grace: float = 0.0       # waiting for packets in flight before reusing freed slots
+    neighbours: float = 0.0
+    nexthops: float = 0.0
+    total: float = 0.0
+    tables: int = 0          # Maglev tables built
+    writes: int = 0          # map elements written
+
+    def summary(self) -> str:
+        parts = [f"{k}={getattr(self, k):.3f}s" for k in ("reconcile", "maglev", "maps", "grace", "neighbours",
+                                                           "nexthops") if getattr(self, k)]
+        return " ".join([*parts, f"tables={self.tables}", f"writes={self.writes}"])
+
+
+@dataclass
+class _Work:
+    """One reconcile's to-do list."""
+
+    want: dict[ServiceKey, Service]
+    waiting: list[ServiceKey]           # services not finished yet, sorted
+    gone: list[ServiceKey]
+    freeing_sids: set[int]              # ids of removed services (usable once their slots are clear)
+    removing: dict[int, None] = field(default_factory=dict)  # slots to clear (an ordered set)
+    weights: dict[ServiceKey, dict[BackendKey, int]] = field(default_factory=dict)  # of the waiting services
+    allocated: bool = False
 
 
 def hash_seed(seed: bytes) -> int:
@@ -88,11 +133,21 @@ class Datapath:
         # entries pinned to it stay valid and the maps end up byte-identical.
         self._freed_svc: dict[ServiceKey, int] = {}
         self._freed_be: dict[tuple[ServiceKey, BackendKey], tuple[int, int]] = {}
+        # _backends by owner (svc id -> identity -> slot), and the services
+        # finished with exactly this content: a reconcile skips them cheaply.
+        self._by_svc: dict[int, dict[BackendKey, int]] = {}
+        self._done: dict[ServiceKey, Service] = {}
+        self._built: OrderedDict[tuple[bytes, tuple[Any, ...]], maglev.MaglevTable] = OrderedDict()
+        self._known_addrs: set[IPAddress] = set()   # neighbour entries ensured
+        self._new_addrs: set[IPAddress] = set()
+        self._timing = ApplyTimings()
+        self.last_timings = ApplyTimings()          # of the last successful apply()
         self._attached: dict[str, str] = {}
         # Next hops: address -> what the kernel resolved, and what each backend
         # slot's `nexthops` entry holds (None = no entry: the program uses the FIB).
         self._nh_cache: dict[IPAddress, NextHop | None] = {}
         self._nh_written: dict[int, tuple[NextHop, int] | None] = {}
+        self._nh_dirty: set[int] = set()  # slots changed since the last refresh (see _set_slot)
         self.fail_after_writes: int | None = None  # test hook: fail mid-reconcile
 
     # --- load -----------------------------------------------------------------
@@ -164,7 +219,9 @@ class Datapath:
             addr = words_addr(v.addr, v.family)
             self._backends[bid] = _BackendSlot(v.svc_id, (addr.exploded, _ntohs(v.port)), v.gen, v.flags)
             self._next_gen = max(self._next_gen, v.gen + 1)
+        self._reindex()
         self._tables.clear()
+        self._done.clear()
         if self._svc_ids:
             log.info("recovered %d services and %d backends from pinned maps",
                      len(self._svc_ids), len(self._backends))
@@ -173,8 +230,11 @@ class Datapath:
     def apply(self, services: Sequence[Service]) -> None:
         """Make the maps hold exactly `services`. All or nothing: on failure
         the previous set is written back before the error is raised."""
+        t0 = time.perf_counter()
         with self._lock:
             previous = list(self._applied)
+            self._timing = timing = ApplyTimings()
+            self._new_addrs = set()
             try:
                 self._check_capacity(services)
                 self._reconcile(list(services))
@@ -188,8 +248,14 @@ class Datapath:
                     raise
                 raise DatapathError(f"datapath update failed: {e}") from e
             self._applied = list(services)
-        self._neighbours(services)
+            addrs, self._new_addrs = self._new_addrs, set()
+        t1 = time.perf_counter()
+        self._neighbours(addrs)
+        t2 = time.perf_counter()
         self.refresh_nexthops(full=False)
+        t3 = time.perf_counter()
+        timing.neighbours, timing.nexthops, timing.total = t2 - t1, t3 - t2, t3 - t0
+        self.last_timings = timing
 
     def _check_capacity(self, services: Sequence[Service]) -> None:
         if len(services) > self.cfg.max_services:
@@ -198,87 +264,245 @@ class Datapath:
         if n > self.cfg.max_backends - 1:
             raise DatapathError(f"{n} backends exceed the datapath limit of {self.cfg.max_backends - 1}")
 
+    def _ticks(self, n: int) -> int:
+        """How many of the next ``n`` writes the test hook lets through (all without a hook)."""
+        if self.fail_after_writes is None:
+            return n
+        ok = max(0, min(n, self.fail_after_writes))
+        self.fail_after_writes -= ok
+        return ok
+
     def _tick(self) -> None:
-        if self.fail_after_writes is not None:
-            if self.fail_after_writes <= 0:
-                raise DatapathError("injected failure (test hook)")
-            self.fail_after_writes -= 1
+        if not self._ticks(1):
+            raise DatapathError("injected failure (test hook)")
 
     def _reconcile(self, services: list[Service]) -> None:
-        t = self.tables
+        """Write ``services`` into the maps in a packet-safe order (module docstring).
+
+        Services whose content is what they were last finished with are
+        skipped, so a drain touches one service. New ids and slots come from
+        free ones while there are any. Near capacity (the old and the new set
+        together do not fit) a second pass reuses what removed services and
+        backends freed, and a third first swaps the still-waiting services to
+        interim tables of their backends that already have slots, which frees
+        their removed ones. A slot is reused only once no table points at it
+        and packets in flight have finished (an RCU grace period)."""
+        t0 = time.perf_counter()
         want = {s.key: s for s in services}
-        # 1. service ids
-        used = set(self._svc_ids.values())
-        free_svc = (i for i in range(self.cfg.max_services) if i not in used)
-        new_ids: dict[ServiceKey, int] = {}
-        for key in sorted(want):
-            new_ids[key] = self._svc_ids.get(key, -1)
-            if new_ids[key] < 0:
-                old = self._freed_svc.pop(key, -1)
-                new_ids[key] = old if old >= 0 and old not in used else next(free_svc)
-                while new_ids[key] in used:
-                    new_ids[key] = next(free_svc)
-                used.add(new_ids[key])
-        # 2. backends: existing slots by (svc id, identity), new ones allocated
-        by_owner = {(slot.svc_id, slot.ident): bid for bid, slot in self._backends.items()}
-        used_b = set(self._backends)
-        keep_b: set[int] = set()
-        free_b = (i for i in range(1, self.cfg.max_backends) if i not in used_b)
-        for key, svc in sorted(want.items()):
-            sid = new_ids[key]
-            if key not in self._svc_ids:
+        todo = [k for k in sorted(want) if not self._unchanged(k, want[k])]
+        gone = sorted(k for k in self._svc_ids if k not in want)
+        for key in (*todo, *gone):
+            self._done.pop(key, None)
+        live = set(self._svc_ids.values())
+        orphans = set(self._by_svc) - live  # backends whose service never made it (a crash mid-apply)
+        w = _Work(want, list(todo), gone, {self._svc_ids[k] for k in gone} | orphans)
+        for key in todo:
+            # Identity -> Maglev weight, in backend order: each backend's identity is computed once.
+            w.weights[key] = keep = want[key].maglev_weights()
+            sid = self._svc_ids.get(key)
+            if sid is not None:
+                w.removing.update((bid, None) for ident, bid in self._by_svc.get(sid, {}).items() if ident not in keep)
+        for sid in w.freeing_sids:
+            w.removing.update((bid, None) for bid in self._by_svc.get(sid, {}).values())
+        for stage in range(3):
+            self._allocate(w, final=stage == 2)
+            self._finish(w)
+            if stage == 0:
+                self._remove_services(w, orphans)
+            self._clear_unreferenced(w)
+            if not w.waiting:
+                break
+            if stage == 2:
+                raise DatapathError(f"no free slot for {', '.join(map(str, w.waiting))} (datapath maps full)")
+            if stage == 1:
+                self._interim_tables(w)
+                self._clear_unreferenced(w)
+            g0 = time.perf_counter()
+            libbpf.synchronize_rcu()
+            self._timing.grace += time.perf_counter() - g0
+        if w.allocated:
+            # Forget freed slots that have been handed to someone else since.
+            self._freed_be = {k: v for k, v in self._freed_be.items() if v[0] not in self._backends}
+            in_use = set(self._svc_ids.values())
+            self._freed_svc = {k: v for k, v in self._freed_svc.items() if v not in in_use}
+        for key in todo:
+            self._done[key] = want[key]
+            svc = want[key]
+            self._new_addrs.update(b.address for b in svc.backends if b.state is not BackendState.maintenance)
+        self._timing.reconcile += time.perf_counter() - t0
+
+    def _unchanged(self, key: ServiceKey, svc: Service) -> bool:
+        prev = self._done.get(key)
+        if prev is None or (prev is not svc and prev != svc):
+            return False
+        sid = self._svc_ids.get(key)
+        # Also in the maps as finished: its table (not cleared by a seed change or
+        # a restart) and exactly its backends (nothing left over from a failure).
+        return sid is not None and sid in self._tables and len(self._by_svc.get(sid, ())) == len(svc.backends)
+
+    def _allocate(self, w: _Work, final: bool) -> None:
+        """Ids for the waiting services and slots for their backends, then one
+        batch write of those entries (and of changed flags). Before the last
+        pass, a service or backend that remembers a slot still being freed
+        waits for it, so an undo gets its old id and generation back."""
+        t = self.tables
+        used_sids = set(self._svc_ids.values()) | set(self._by_svc)
+        fresh_sid = (i for i in range(self.cfg.max_services) if i not in used_sids)
+        fresh_bid = (i for i in range(1, self.cfg.max_backends) if i not in self._backends)
+        writes: list[tuple[int, _BackendSlot, IPAddress]] = []
+        zero: list[int] = []
+        for key in w.waiting:
+            svc = w.want[key]
+            sid = self._svc_ids.get(key)
+            if sid is None:
+                sid = self._freed_svc.get(key)
+                if sid is None or sid in used_sids:
+                    if sid is not None and sid in w.freeing_sids and not final:
+                        continue
+                    sid = next(fresh_sid, None)
+                    if sid is None:
+                        continue
+                self._freed_svc.pop(key, None)
+                used_sids.add(sid)
+                self._svc_ids[key] = sid  # before any write: a failure leaves it to be removed
                 t.percpu_zero(t.svc_stats, sid)
-            for b in svc.backends:
-                ident = b.identity(svc.port)
+                w.allocated = True
+            have = self._by_svc.get(sid, {})
+            for b, ident in zip(svc.backends, w.weights[key]):
                 flags = BE_F_DOWN if b.state is BackendState.maintenance else 0
-                bid = by_owner.get((sid, ident))
-                if bid is None:
-                    old_bid, old_gen = self._freed_be.pop((key, ident), (None, 0))
-                    if old_bid is not None and old_bid not in self._backends:
-                        bid, slot = old_bid, _BackendSlot(sid, ident, old_gen, flags)
-                    else:
-                        bid = next(free_b)
-                        while bid in self._backends:
-                            bid = next(free_b)
-                        slot = _BackendSlot(sid, ident, self._next_gen, flags)
-                        self._next_gen += 1
-                        t.percpu_zero(t.backend_stats, bid)
-                elif self._backends[bid].flags != flags:
-                    slot = _BackendSlot(sid, ident, self._backends[bid].gen, flags)
-                else:
-                    keep_b.add(bid)
+                bid = have.get(ident)
+                if bid is not None:
+                    if self._backends[bid].flags != flags:
+                        writes.append((bid, self._set_slot(bid, sid, ident, self._backends[bid].gen, flags), b.address))
                     continue
-                self._tick()
-                t.write_backend(bid, b.address, ident[1], sid, slot.gen, flags)
-                self._backends[bid] = slot
-                by_owner[(sid, ident)] = bid
-                keep_b.add(bid)
-        # 3. Maglev tables, then service entries
-        for key, svc in sorted(want.items()):
-            sid = new_ids[key]
-            weights = svc.maglev_weights()
-            inputs = (tuple(sorted(weights.items())), tuple(by_owner[(sid, i)] for i in sorted(weights)))
-            if self._tables.get(sid) != inputs:
-                self._tick()
-                t.swap_maglev(sid, self._maglev_ids(weights, sid, by_owner))
-                self._tables[sid] = inputs
-            flags = (SVC_F_DNAT if svc.options.l4_dnat else 0) | (0 if svc.options.hash_src_port else SVC_F_NO_SPORT)
-            if self._svc_ids.get(key) != sid or self._svc_flags.get(key) != flags:
-                self._tick()
-                k = t.svc_key(svc.vip, svc.port, PROTO[svc.protocol.value])
-                v = t.services.Leaf()
-                v.id, v.flags = sid, flags
-                t.services[k] = v
-                self._svc_ids[key] = sid
-                self._svc_flags[key] = flags
-        # 4. services that go away: entry first, then their table
-        for key in [k for k in self._svc_ids if k not in want]:
+                old_bid, gen = self._freed_be.get((key, ident), (None, 0))
+                if old_bid is not None and old_bid not in self._backends:
+                    bid = old_bid
+                    del self._freed_be[(key, ident)]
+                elif old_bid is not None and old_bid in w.removing and not final:
+                    continue
+                else:
+                    bid = next(fresh_bid, None)
+                    if bid is None:
+                        continue
+                    gen = self._next_gen
+                    self._next_gen += 1
+                    zero.append(bid)
+                # Taken in our books before the write: after a failure the rollback clears it.
+                writes.append((bid, self._set_slot(bid, sid, ident, gen, flags), b.address))
+                w.allocated = True
+        m0 = time.perf_counter()
+        if zero:
+            t.percpu_zero_many(t.backend_stats, zero)
+        ok = self._ticks(len(writes))
+        done = writes[:ok]
+        t.write_backends([b for b, _, _ in done], [a for _, _, a in done], [s.ident[1] for _, s, _ in done],
+                         [s.svc_id for _, s, _ in done], [s.gen for _, s, _ in done], [s.flags for _, s, _ in done])
+        self._timing.writes += len(done)
+        self._timing.maps += time.perf_counter() - m0
+        if ok < len(writes):
+            raise DatapathError("injected failure (test hook)")
+
+    def _finish(self, w: _Work) -> None:
+        """Tables, then service entries, of every waiting service whose backends all have slots."""
+        ready: list[tuple[ServiceKey, int, tuple[Any, ...]]] = []
+        for key in w.waiting:
+            sid = self._svc_ids.get(key)
+            if sid is None:
+                continue
+            have = self._by_svc.get(sid, {})
+            if all(ident in have for ident in w.weights[key]):
+                ready.append((key, sid, self._table_inputs(w.weights[key], have)))
+        if not ready:
+            return
+        rebuild = [(sid, inputs) for _, sid, inputs in ready if self._tables.get(sid) != inputs]
+        tables = self._tables_for([inputs[0] for _, inputs in rebuild])
+        try:
+            # In chunks: one outer batch swap each (few fds open), entries right after their tables.
+            for i in range(0, len(ready), SWAP_CHUNK):
+                chunk = ready[i:i + SWAP_CHUNK]
+                self._swap_tables([(sid, inputs) for _, sid, inputs in chunk if self._tables.get(sid) != inputs],
+                                  tables)
+                for key, sid, _ in chunk:
+                    self._write_entry(key, sid, w.want[key])
+        finally:
+            tables.close()  # also when a write failed: frees the workers for the rollback
+        done = {key for key, _, _ in ready}
+        w.waiting = [k for k in w.waiting if k not in done]
+
+    def _write_entry(self, key: ServiceKey, sid: int, svc: Service) -> None:
+        flags = (SVC_F_DNAT if svc.options.l4_dnat else 0) | (0 if svc.options.hash_src_port else SVC_F_NO_SPORT)
+        if self._svc_flags.get(key) == flags:
+            return
+        self._tick()
+        m0 = time.perf_counter()
+        t = self.tables
+        k = t.svc_key(svc.vip, svc.port, PROTO[svc.protocol.value])
+        v = t.services.Leaf()
+        v.id, v.flags = sid, flags
+        t.services[k] = v
+        self._svc_flags[key] = flags
+        self._timing.writes += 1
+        self._timing.maps += time.perf_counter() - m0
+
+    def _tables_for(self, weights: list[tuple[Any, ...]]) -> Generator[maglev.MaglevTable, None, None]:
+        """The Maglev table for each weights tuple, in order: recently built ones
+        from a small cache (a drain's undo, a rollback, services with the same
+        backends), the others built (by worker processes when there are many)."""
+        seed = self.cfg.maglev_seed
+        have = {k: self._built[(seed, k)] for k in weights if (seed, k) in self._built}
+        missing = list(dict.fromkeys(k for k in weights if k not in have))
+        fresh = maglev.build_many([dict(k) for k in missing], self.cfg.maglev_m, seed)
+        try:
+            for k in weights:
+                if k not in have:
+                    have[k] = next(fresh)
+                    self._built[(seed, k)] = have[k]
+                    while len(self._built) > BUILT_CACHE:
+                        self._built.popitem(last=False)
+                elif (seed, k) in self._built:
+                    self._built.move_to_end((seed, k))
+                yield have[k]
+        finally:
+            fresh.close()
+
+    @staticmethod
+    def _table_inputs(weights: dict[BackendKey, int], slots: dict[BackendKey, int]) -> tuple[Any, ...]:
+        """What a table is a function of: (identity, weight) pairs and their slots."""
+        items = tuple(sorted(weights.items()))
+        return items, tuple(slots[ident] for ident, _ in items)
+
+    def _swap_tables(self, todo: list[tuple[int, tuple[Any, ...]]], tables: Iterator[maglev.MaglevTable]) -> None:
+        """Take the next built table for each (svc id, inputs) and swap them all in atomically."""
+        if not todo:
+            return
+        b0 = time.perf_counter()
+        ids = []
+        for sid, inputs in todo:
+            # -1 (no backend) indexes the trailing 0: "none" in the datapath.
+            ids.append((sid, np.array([*inputs[1], 0], dtype=np.uint32)[next(tables).table]))
+        m0 = time.perf_counter()
+        self._timing.maglev += m0 - b0
+        self._timing.tables += len(todo)
+        ok = self._ticks(len(todo))
+        self.tables.swap_maglev_many(ids[:ok])
+        for sid, inputs in todo[:ok]:
+            self._tables[sid] = inputs
+        self._timing.writes += ok
+        self._timing.maps += time.perf_counter() - m0
+        if ok < len(todo):
+            raise DatapathError("injected failure (test hook)")
+
+    def _remove_services(self, w: _Work, orphans: set[int]) -> None:
+        """Services that go away: entry first, then their table (their slots are cleared after)."""
+        t = self.tables
+        m0 = time.perf_counter()
+        for key in w.gone:
             sid = self._svc_ids[key]
             vip, port, proto = key
             self._tick()
-            k = t.svc_key(ipaddress.ip_address(vip), port, PROTO[proto])
             try:
-                del t.services[k]
+                del t.services[t.svc_key(ipaddress.ip_address(vip), port, PROTO[proto])]
             except KeyError:
                 pass
             try:
@@ -289,34 +513,99 @@ class Datapath:
             self._freed_svc[key] = sid
             self._svc_flags.pop(key, None)
             self._tables.pop(sid, None)
-        # 5. backend slots nothing points at any more
-        rev = {sid: key for key, sid in new_ids.items()} | {sid: key for key, sid in self._freed_svc.items()}
-        for bid in [b for b in self._backends if b not in keep_b]:
-            self._tick()
-            t.clear_backend(bid)
-            slot = self._backends.pop(bid)
-            if slot.svc_id in rev:
-                self._freed_be[(rev[slot.svc_id], slot.ident)] = (bid, slot.gen)
-        # Forget freed slots that have been handed to someone else since.
-        self._freed_be = {k: v for k, v in self._freed_be.items() if v[0] not in self._backends}
-        in_use = set(self._svc_ids.values())
-        self._freed_svc = {k: v for k, v in self._freed_svc.items() if v not in in_use}
+        for sid in orphans:
+            try:
+                del t.maglev_outer[ctypes.c_int(sid)]
+            except KeyError:
+                pass
+            self._tables.pop(sid, None)
+        self._timing.maps += time.perf_counter() - m0
 
-    def _maglev_ids(self, weights: dict[BackendKey, int], sid: int,
-                    by_owner: dict[tuple[int, BackendKey], int]) -> np.ndarray:
-        table = maglev.build(weights, self.cfg.maglev_m, self.cfg.maglev_seed)
-        lut = np.array([by_owner[(sid, ident)] for ident in table.identities] + [0], dtype=np.uint32)
-        # -1 (no backend) indexes the trailing 0: "none" in the datapath.
-        return lut[table.table]
+    def _clear_unreferenced(self, w: _Work) -> None:
+        """Clear the removed slots that no table points at any more, in one batch."""
+        live = {sid: key for key, sid in self._svc_ids.items()}
+        refs: dict[int, set[int] | None] = {}
 
-    def _neighbours(self, services: Sequence[Service]) -> None:
-        addrs = sorted({b.address for s in services for b in s.backends if b.state is not BackendState.maintenance},
-                       key=lambda a: (a.version, a.packed))
-        if not addrs:
+        def referenced(bid: int) -> bool:
+            sid = self._backends[bid].svc_id
+            if sid not in live:
+                return False  # its service's entry and table are gone
+            if sid not in refs:
+                inputs = self._tables.get(sid)
+                refs[sid] = None if inputs is None else set(inputs[1])  # None: table unknown (restart)
+            r = refs[sid]
+            return r is None or bid in r
+
+        free = [bid for bid in w.removing if not referenced(bid)]
+        if not free:
+            return
+        names = {sid: key for key, sid in self._freed_svc.items()} | live
+        ok = self._ticks(len(free))
+        m0 = time.perf_counter()
+        self.tables.clear_backends(free[:ok])
+        for bid in free[:ok]:
+            slot = self._drop_slot(bid)
+            del w.removing[bid]
+            if slot.svc_id in names:
+                self._freed_be[(names[slot.svc_id], slot.ident)] = (bid, slot.gen)
+        self._timing.writes += ok
+        self._timing.maps += time.perf_counter() - m0
+        if ok < len(free):
+            raise DatapathError("injected failure (test hook)")
+
+    def _interim_tables(self, w: _Work) -> None:
+        """Waiting services that still point at removed slots get a table of
+        their wanted backends that have slots already, so those slots free up."""
+        for key in w.waiting:
+            sid = self._svc_ids.get(key)
+            have = self._by_svc.get(sid, {}) if sid is not None else {}
+            if sid is None or not any(bid in w.removing for bid in have.values()):
+                continue
+            weights = {i: wt for i, wt in w.weights[key].items() if i in have}
+            inputs = self._table_inputs(weights, have)
+            if self._tables.get(sid) != inputs:
+                log.info("maps nearly full: service %s runs on %d of its backends while slots are freed",
+                         key, len(weights))
+                tables = self._tables_for([inputs[0]])
+                try:
+                    self._swap_tables([(sid, inputs)], tables)
+                finally:
+                    tables.close()
+
+    def _set_slot(self, bid: int, sid: int, ident: BackendKey, gen: int, flags: int) -> _BackendSlot:
+        slot = _BackendSlot(sid, ident, gen, flags)
+        old = self._backends.get(bid)
+        if old is not None and (old.svc_id, old.ident) != (sid, ident):
+            self._drop_slot(bid)
+        self._backends[bid] = slot
+        self._by_svc.setdefault(sid, {})[ident] = bid
+        self._nh_dirty.add(bid)
+        return slot
+
+    def _drop_slot(self, bid: int) -> _BackendSlot:
+        slot = self._backends.pop(bid)
+        mine = self._by_svc[slot.svc_id]
+        del mine[slot.ident]
+        if not mine:
+            del self._by_svc[slot.svc_id]
+        self._nh_dirty.add(bid)
+        return slot
+
+    def _reindex(self) -> None:
+        self._by_svc = {}
+        for bid, slot in self._backends.items():
+            self._by_svc.setdefault(slot.svc_id, {})[slot.ident] = bid
+
+    def _neighbours(self, addrs: set[IPAddress]) -> None:
+        """Managed neighbour entries for backends not seen before (the kernel
+        keeps them resolved, so a drain does not walk every backend again)."""
+        todo = sorted(addrs - self._known_addrs, key=lambda a: (a.version, a.packed))
+        if not todo:
             return
         try:
             with IPRoute() as ipr:
-                netlink.ensure_neighbours(ipr, addrs)
+                netlink.ensure_neighbours(ipr, todo)
+            self._known_addrs.update(todo)
         except Exception as e:  # neighbour upkeep must never break an apply
             log.warning("neighbour upkeep failed: %s", e)
 
@@ -396,9 +685,12 @@ class Datapath:
         if not self.cfg.nexthop_cache or self.t is None:
             return 0
         with self._lock:
-            addrs = {ipaddress.ip_address(slot.ident[0]) for slot in self._backends.values()}
+            # Not full: only slots an apply changed (a drain must not walk every backend).
+            seen = (self._backends.values() if full
+                    else [self._backends[b] for b in self._nh_dirty if b in self._backends])
+            addrs = {_ip(slot.ident[0]) for slot in seen}
             ifindexes = {k.value for k in self.tables.ifaces.keys()}
-        todo = addrs if full else addrs - set(self._nh_cache)
+        todo = addrs if full else {a for a in addrs if a not in self._nh_cache}
         try:
             with IPRoute() as ipr:
                 resolved = nexthop.resolve(ipr, todo, ifindexes)
@@ -409,21 +701,29 @@ class Datapath:
         with self._lock:
             self._nh_cache = ({} if full else self._nh_cache) | resolved
             t = self.tables
-            for bid in set(self._nh_written) - set(self._backends):
-                t.clear_nexthop(bid)
+            dirty, self._nh_dirty = self._nh_dirty, set()
+            clears: list[int] = []  # written in batches: one apply may add 100,000 slots
+            writes: list[tuple[int, NextHop, int]] = []
+            for bid in [b for b in (self._nh_written if full else dirty) if b not in self._backends]:
+                if bid not in self._nh_written:
+                    continue
+                clears.append(bid)
                 del self._nh_written[bid]
                 changed += 1
-            for bid, slot in self._backends.items():
-                nh = self._nh_cache.get(ipaddress.ip_address(slot.ident[0]))
+            for bid, slot in (self._backends.items() if full else [(b, self._backends[b]) for b in dirty
+                                                                      if b in self._backends]):
+                nh = self._nh_cache.get(_ip(slot.ident[0]))
                 want = (nh, slot.gen) if nh is not None else None
                 if self._nh_written.get(bid, "unset") == want:
                     continue
                 if want is None:
-                    t.clear_nexthop(bid)
+                    clears.append(bid)
                 else:
-                    t.write_nexthop(bid, nh.ifindex, slot.gen, nh.mtu, nh.smac, nh.dmac)
+                    writes.append((bid, nh, slot.gen))
                 self._nh_written[bid] = want
                 changed += 1
+            t.clear_nexthops(clears)
+            t.write_nexthops([(bid, nh.ifindex, gen, nh.mtu, nh.smac, nh.dmac) for bid, nh, gen in writes])
         return changed
 
     # --- recorder: whole-program replacement (l4lb/datapath/recorder.py) -------------
@@ -460,29 +760,29 @@ class Datapath:
 
     # --- read side ---------------------------------------------------------------------
     def stats(self) -> DatapathStats:
+        # Under the lock only the batch reads and a snapshot of the ids: an apply
+        # waits milliseconds, not the building of 100,000 entries below.
         with self._lock:
             t = self.tables
             st = DatapathStats(timestamp=time.time())
-            for key, sid in self._svc_ids.items():
-                p, b = t.percpu_sum(t.svc_stats, sid)
-                st.services[key] = {"packets": p, "bytes": b}
-            rev = {sid: key for key, sid in self._svc_ids.items()}
-            for bid, slot in self._backends.items():
-                if slot.svc_id in rev:
-                    p, b = t.percpu_sum(t.backend_stats, bid)
-                    st.backends[(rev[slot.svc_id], slot.ident)] = {"packets": p, "bytes": b}
+            svc, be, why = t.percpu_sums(t.svc_stats), t.percpu_sums(t.backend_stats), t.percpu_sums(t.reason_stats)
+            svc_ids, slots = list(self._svc_ids.items()), list(self._backends.items())
             assert self.prog is not None
-            for i, name in enumerate(self.prog.reasons):
-                p, b = t.percpu_sum(t.reason_stats, i)
-                st.reasons[name] = {"packets": p, "bytes": b}
-            return st
+            reasons = list(self.prog.reasons)
+        svc, be, why = svc.tolist(), be.tolist(), why.tolist()  # plain ints
+        for key, sid in svc_ids:
+            st.services[key] = {"packets": svc[sid][0], "bytes": svc[sid][1]}
+        rev = {sid: key for key, sid in svc_ids}
+        for bid, slot in slots:
+            if slot.svc_id in rev:
+                st.backends[(rev[slot.svc_id], slot.ident)] = {"packets": be[bid][0], "bytes": be[bid][1]}
+        for i, name in enumerate(reasons):
+            st.reasons[name] = {"packets": why[i][0], "bytes": why[i][1]}
+        return st
 
     def backend_id(self, service: ServiceKey, ident: BackendKey) -> int | None:
         sid = self._svc_ids.get(service)
-        for bid, slot in self._backends.items():
-            if slot.svc_id == sid and slot.ident == ident:
-                return bid
-        return None
+        return None if sid is None else self._by_svc.get(sid, {}).get(ident)
 
     def service_id(self, service: ServiceKey) -> int | None:
         return self._svc_ids.get(service)
@@ -523,6 +823,11 @@ class Datapath:
 def _hostport(addr: str, port: int) -> str:
     a = ipaddress.ip_address(addr)
     return f"[{a.compressed}]:{port}" if a.version == 6 else f"{a.compressed}:{port}"
+
+
+# Backend identities hold exploded address strings; parsing them again on every
+# refresh is what made a drain walk 100,000 backends slowly.
+_ip = lru_cache(maxsize=1 << 17)(ipaddress.ip_address)
 
 
 def _ntohs(v: int) -> int:

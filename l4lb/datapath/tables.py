@@ -62,6 +62,23 @@ class Tables:
     def clear_nexthop(self, bid: int) -> None:
         self.nexthops[ct.c_uint32(bid)] = self.nexthops.Leaf()
 
+    def write_nexthops(self, rows: list[tuple[int, int, int, int, bytes, bytes]]) -> None:
+        """write_nexthop for many (bid, ifindex, gen, mtu, smac, dmac) in one batch syscall."""
+        if not rows:
+            return
+        vals = np.zeros(len(rows), dtype=np.dtype(self.nexthops.Leaf))
+        vals["ifindex"] = [r[1] for r in rows]
+        vals["gen"] = [r[2] for r in rows]
+        vals["mtu"] = [r[3] for r in rows]
+        vals["smac"] = np.frombuffer(b"".join(bytes(r[4]) for r in rows), dtype=np.uint8).reshape(len(rows), 6)
+        vals["dmac"] = np.frombuffer(b"".join(bytes(r[5]) for r in rows), dtype=np.uint8).reshape(len(rows), 6)
+        libbpf.update_batch(self.nexthops.map_fd, np.array([r[0] for r in rows], dtype=np.uint32), vals,
+                            "next hops batch update")
+
+    def clear_nexthops(self, bids: list[int]) -> None:
+        vals = np.zeros(len(bids), dtype=np.dtype(self.nexthops.Leaf))
+        libbpf.update_batch(self.nexthops.map_fd, np.array(bids, dtype=np.uint32), vals, "next hops batch clear")
+
     # --- services -------------------------------------------------------------
     def svc_key(self, vip: IPAddress, port: int, proto: int) -> Any:
         k = self.services.Key()
@@ -83,12 +100,30 @@ class Tables:
     def swap_maglev(self, svc_id: int, ids: np.ndarray) -> None:
         """Build a fresh inner array and swap it in with one outer update:
         a packet sees either the whole old table or the whole new one."""
-        fd = libbpf.array_create(f"maglev_{svc_id}", 4, len(ids))
+        fd = libbpf.array_create(f"maglev_{svc_id}", 4, len(ids), libbpf.BPF_F_MMAPABLE)  # as maps.h's template
         try:
-            libbpf.array_update_all(fd, ids.astype("<u4").tobytes(), 4)
+            libbpf.array_fill_mmapped(fd, ids)
             self.maglev_outer[ct.c_int(svc_id)] = ct.c_int(fd)
         finally:
             os.close(fd)
+
+    def swap_maglev_many(self, tables: list[tuple[int, np.ndarray]]) -> None:
+        """swap_maglev for many services with one outer batch update: the kernel
+        waits for an RCU grace period after every outer-map write (6.7+), once
+        per syscall, so one per batch instead of one per table."""
+        if len(tables) == 1:
+            self.swap_maglev(*tables[0])
+            return
+        fds: list[int] = []
+        try:
+            for svc_id, ids in tables:
+                fds.append(libbpf.array_create(f"maglev_{svc_id}", 4, len(ids), libbpf.BPF_F_MMAPABLE))
+                libbpf.array_fill_mmapped(fds[-1], ids)
+            libbpf.update_batch(self.maglev_outer.map_fd, np.array([sid for sid, _ in tables], dtype=np.uint32),
+                                np.array(fds, dtype=np.uint32), "Maglev tables batch swap")
+        finally:
+            for fd in fds:
+                os.close(fd)
 
     def read_maglev(self, svc_id: int) -> np.ndarray | None:
         key = ct.c_int(svc_id)
@@ -133,13 +168,47 @@ class Tables:
     def clear_backend(self, bid: int) -> None:
         self.backends[ct.c_uint32(bid)] = self.backends.Leaf()
 
+    def write_backends(self, bids: list[int], addrs: list[IPAddress], ports: list[int], svc_ids: list[int],
+                       gens: list[int], flags: list[int]) -> None:
+        """write_backend for many slots in one batch syscall (slots in list order)."""
+        if not bids:
+            return
+        rows = np.zeros(len(bids), dtype=self._backend_dtype())
+        raw = b"".join(a.packed.ljust(16, b"\0") for a in addrs)
+        rows["addr"] = np.frombuffer(raw, dtype="<u4").reshape(len(bids), 4)
+        rows["port"] = np.array(ports, dtype=np.uint16).byteswap()  # network order, as port_be()
+        rows["family"] = [a.version for a in addrs]
+        rows["flags"] = flags
+        rows["svc_id"] = svc_ids
+        rows["gen"] = gens
+        libbpf.update_batch(self.backends.map_fd, np.array(bids, dtype=np.uint32), rows, "backends batch update")
+
+    def clear_backends(self, bids: list[int]) -> None:
+        rows = np.zeros(len(bids), dtype=self._backend_dtype())
+        libbpf.update_batch(self.backends.map_fd, np.array(bids, dtype=np.uint32), rows, "backends batch clear")
+
+    def _backend_dtype(self) -> np.dtype:
+        # numpy's view of BCC's ctypes Leaf: the C struct stays the only layout.
+        dt = np.dtype(self.backends.Leaf)
+        assert dt.itemsize == ct.sizeof(self.backends.Leaf)
+        return dt
+
     # --- counters ------------------------------------------------------------
     @staticmethod
-    def percpu_sum(table: Any, idx: int) -> tuple[int, int]:
-        vals = table[ct.c_uint32(idx)]
-        return sum(v.packets for v in vals), sum(v.bytes for v in vals)
+    def percpu_sums(table: Any) -> np.ndarray:
+        """[packets, bytes] summed over CPUs for every index of a per-CPU counter
+        array, in one batch read (a stats sample must not do one syscall per backend)."""
+        raw = libbpf.array_lookup_all(table.map_fd, table.max_entries, ct.sizeof(table.Leaf))
+        per_cpu = raw.view(np.dtype(table.sLeaf)).reshape(table.max_entries, -1)  # BCC's struct counter
+        return np.stack([per_cpu["packets"].sum(axis=1), per_cpu["bytes"].sum(axis=1)], axis=1)
 
     @staticmethod
     def percpu_zero(table: Any, idx: int) -> None:
         # BCC's per-CPU Leaf is an array of one struct per possible CPU.
         table[ct.c_uint32(idx)] = table.Leaf()
+
+    @staticmethod
+    def percpu_zero_many(table: Any, ids: list[int]) -> None:
+        """percpu_zero for many slots in one batch syscall."""
+        zeros = np.zeros(len(ids) * ct.sizeof(table.Leaf), dtype=np.uint8)
+        libbpf.update_batch(table.map_fd, np.array(ids, dtype=np.uint32), zeros, "counters batch reset")
