@@ -27,12 +27,10 @@ import os
 import random
 import re
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +43,7 @@ import test_daemon_harness as harness  # noqa: E402
 
 from l4lb import maglev  # noqa: E402
 from l4lb.datapath import libbpf  # noqa: E402
+from l4lb.lab.bpffs import private_bpffs  # noqa: E402
 from l4lb.models import BackendState, DesiredState  # noqa: E402
 from l4lb.store import Store  # noqa: E402
 
@@ -203,17 +202,6 @@ def floors(lab: harness.DaemonLab, doc: dict[str, Any], n_backends: int) -> dict
 
 
 # --- the run -----------------------------------------------------------------------------------
-
-
-@contextmanager
-def private_bpffs() -> Iterator[Path]:
-    d = Path(tempfile.mkdtemp(prefix="apb-bpffs-"))
-    subprocess.run(["mount", "-t", "bpf", "bpf", str(d)], check=True)
-    try:
-        yield d
-    finally:
-        subprocess.run(["umount", "-l", str(d)], check=False)
-        d.rmdir()
 
 
 def configure(lab: harness.DaemonLab, n_services: int, n_backends: int) -> None:

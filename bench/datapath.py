@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import statistics
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -26,6 +24,7 @@ from scapy.all import IP, TCP, Ether, IPv6, Raw, raw  # noqa: E402
 
 from l4lb.datapath import Datapath  # noqa: E402
 from l4lb.datapath.libbpf import test_run  # noqa: E402
+from l4lb.lab.bpffs import private_bpffs  # noqa: E402
 from l4lb.lab.pktenv import PacketEnv, edge_backends_v4, edge_backends_v6  # noqa: E402
 from l4lb.models import Service  # noqa: E402
 
@@ -71,9 +70,7 @@ def main() -> None:
 
     from l4lb import maglev
 
-    bpffs = Path(tempfile.mkdtemp(prefix="l4lb-bench-"))
-    subprocess.run(["mount", "-t", "bpf", "bpf", str(bpffs)], check=True)
-    try:
+    with private_bpffs("l4lb-bench-") as bpffs:
         with PacketEnv(bpffs, n_backends=100, prefix="l4bench") as env:
             s4 = Service(name="bench4", vip=VIP4, port=80, backends=[{"address": a} for a in edge_backends_v4(100)])
             s6 = Service(name="bench6", vip=VIP6, port=80, backends=[{"address": a} for a in edge_backends_v6(100)])
@@ -112,8 +109,6 @@ def main() -> None:
                 print(f"{name:<26}{a:>10.0f}{b:>10.0f}{a - ipip_a:>15.0f}")
             for dp in (undo, fib_undo, fib_prod):
                 env.call(dp.close)
-    finally:
-        subprocess.run(["umount", "-l", str(bpffs)], check=False)
     print("\nMaglev table build (pure Python + numpy)")
     try:
         import maglev_build

@@ -29,7 +29,6 @@ import ctypes as ct
 import ipaddress
 import random
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -40,6 +39,7 @@ from scapy.all import IP, TCP, Ether, IPv6, Raw, raw
 
 from l4lb.datapath.libbpf import test_run
 from l4lb.datapath.recorder import FilterEntry, RecorderDatapath
+from l4lb.lab.bpffs import private_bpffs
 from l4lb.lab.pktenv import PacketEnv, edge_backends_v4, edge_backends_v6
 from l4lb.models import Service
 from l4lb.recfilter import Filter, PacketTuple, compile_masks, matches, parse_filter
@@ -260,21 +260,17 @@ def drain_table(env: PacketEnv, seconds: float = 5.0) -> bool:
 
 
 def main() -> int:
-    with tempfile.TemporaryDirectory(prefix="prf-recbench-bpffs-") as bpffs:
-        subprocess.run(["mount", "-t", "bpf", "bpf", bpffs], check=True)
-        try:
-            with PacketEnv(Path(bpffs), n_backends=8, prefix="prf", maglev_m=251, max_backends=4096,
-                           flow_table_size=65536, extra_cflags=("-DBENCH_UNDO",)) as env:
-                bes4 = [{"address": a} for a in edge_backends_v4(4)]
-                bes6 = [{"address": a} for a in edge_backends_v6(4)]
-                env.apply([Service(name="w4", vip=VIP4, port=80, backends=bes4),
-                           Service(name="w6", vip=VIP6, port=80, backends=bes6)])
-                cost_ok = "--drain-only" in sys.argv or cost_table(env)
-                if "--cost-only" not in sys.argv:
-                    reader_table(env)
-                drain_ok = "--cost-only" in sys.argv or drain_table(env)
-        finally:
-            subprocess.run(["umount", "-l", bpffs], check=False)
+    with private_bpffs("prf-recbench-bpffs-") as bpffs:
+        with PacketEnv(bpffs, n_backends=8, prefix="prf", maglev_m=251, max_backends=4096,
+                       flow_table_size=65536, extra_cflags=("-DBENCH_UNDO",)) as env:
+            bes4 = [{"address": a} for a in edge_backends_v4(4)]
+            bes6 = [{"address": a} for a in edge_backends_v6(4)]
+            env.apply([Service(name="w4", vip=VIP4, port=80, backends=bes4),
+                       Service(name="w6", vip=VIP6, port=80, backends=bes6)])
+            cost_ok = "--drain-only" in sys.argv or cost_table(env)
+            if "--cost-only" not in sys.argv:
+                reader_table(env)
+            drain_ok = "--cost-only" in sys.argv or drain_table(env)
     return 0 if cost_ok and drain_ok else 1
 
 

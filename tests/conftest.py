@@ -4,8 +4,6 @@ the suite is meant to run on a machine that can load BPF."""
 from __future__ import annotations
 
 import os
-import subprocess
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,13 +19,10 @@ def _require_root() -> None:
 def bpffs() -> Iterator[Path]:
     """A private bpffs for the session (the machine has no /sys/fs/bpf)."""
     _require_root()
-    d = Path(tempfile.mkdtemp(prefix="l4lb-bpffs-"))
-    subprocess.run(["mount", "-t", "bpf", "bpf", str(d)], check=True)
-    try:
+    from l4lb.lab.bpffs import private_bpffs
+
+    with private_bpffs() as d:
         yield d
-    finally:
-        subprocess.run(["umount", "-l", str(d)], check=False)
-        d.rmdir()
 
 
 

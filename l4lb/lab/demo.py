@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 from l4lb.lab import netns
+from l4lb.lab.bpffs import private_bpffs
 from l4lb.lab.l4lbd import L4lbd, default_config
 from l4lb.lab.topology import Lab
 
@@ -125,9 +126,12 @@ def record(ctl: Ctl, lab: Lab, workdir: Path) -> None:
 
 
 def up(keep: bool) -> int:
-    bpffs = Path(tempfile.mkdtemp(prefix="l4lb-demo-bpffs-"))
+    with private_bpffs("l4lb-demo-bpffs-") as bpffs:
+        return _up(bpffs, keep)
+
+
+def _up(bpffs: Path, keep: bool) -> int:
     work = Path(tempfile.mkdtemp(prefix="l4lb-demo-"))
-    subprocess.run(["mount", "-t", "bpf", "bpf", str(bpffs)], check=True)
     daemon: L4lbd | None = None
     try:
         step("building the lab: 2 clients, the LB (eth0 + eth1), 3 backends + 1 behind eth1")
@@ -212,8 +216,6 @@ def up(keep: bool) -> int:
     finally:
         if daemon is not None:
             daemon.kill()
-        subprocess.run(["umount", "-l", str(bpffs)], check=False)
-        shutil.rmtree(bpffs, ignore_errors=True)
         shutil.rmtree(work, ignore_errors=True)
 
 
