@@ -171,6 +171,16 @@ def dump_pinned_maps(pin_dir: Path, skip: tuple[str, ...] = ("prog",)) -> dict[s
             out[path.name] = _dump_fd(lib, fd)
         finally:
             os.close(fd)
+    if "maglev_outer" in out and "services" in out:
+        # Packets see the table buffer a service entry's `ring` names (struct
+        # svc_info: id, flags, ring — u32 each); which buffer that is, and what
+        # spare buffers hold, is not state. So: each service id's table in force.
+        tables, services = out["maglev_outer"], {}
+        by_id = {}
+        for k, v in out["services"].items():
+            services[k] = v[:8]
+            by_id[v[:4]] = tables.get(v[8:12])  # maglev_outer's keys are u32 too
+        out["services"], out["maglev_outer"] = services, by_id
     return out
 
 

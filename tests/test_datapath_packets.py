@@ -194,7 +194,9 @@ def test_datapath_picks_exactly_the_python_table(env):
         sport = 1024 + i * 97
         v, out, _ = env.run(frame(client, VIP4, TCP(sport=sport, dport=8080, flags="S")))
         assert Ether(out)[IP].dst == expected_backend(s, client, sport)
-    dp_table = env.call(env.dp.tables.read_maglev, env.dp.service_id(s.key))
+    # The entry's ring says which buffer is in force; read it through the syscall.
+    ring = env.call(env.dp.tables.read_services)[(s.vip.exploded, s.port, 6)][2]
+    dp_table = env.call(env.dp.tables.read_maglev, ring)
     py = maglev.build(s.maglev_weights(), M, b"l4lb-default")
     ids = {ident: env.dp.backend_id(s.key, ident) for ident in py.identities}
     assert [int(x) for x in dp_table] == [ids[py.identities[j]] for j in py.table]
@@ -528,11 +530,19 @@ def test_apply_rebuilds_only_changed_tables(env, monkeypatch):
     a = svc("keep-a", VIP4, 80, B4[:4])
     b = svc("keep-b", VIP4, 81, B4[:4])
     env.apply([a, b])
-    swapped: list[int] = []
-    real = env.dp.tables.swap_maglev
-    monkeypatch.setattr(env.dp.tables, "swap_maglev", lambda sid, ids: (swapped.append(sid), real(sid, ids)))
+    written: list[int] = []
+    rings = env.dp._rings
+    real = rings.write
+    monkeypatch.setattr(rings, "write", lambda idx, ids, inputs: (written.append(idx), real(idx, ids, inputs)))
+
+    def ring_of(s: Service) -> int:
+        return env.call(env.dp.tables.read_services)[(s.vip.exploded, s.port, 6)][2]
+
     env.apply([a, b])
-    assert swapped == []
+    assert written == []
+    before = ring_of(b)
     b2 = svc("keep-b", VIP4, 81, [{"address": x, "state": "draining" if x == B4[0] else "active"} for x in B4[:4]])
     env.apply([a, b2])
-    assert swapped == [env.dp.service_id(b2.key)]
+    assert written == [ring_of(b2)] and ring_of(b2) != before  # one table written, in a spare buffer
+    env.apply([a, b])  # the undo: the old buffer still holds b's table, only the entry points back
+    assert len(written) == 1 and ring_of(b) == before

@@ -53,9 +53,11 @@ L4LB_INLINE struct backend_info *flow_backend(struct flow_key *fk, __u32 svc_id,
     return be;
 }
 
-L4LB_INLINE struct backend_info *maglev_backend(__u32 svc_id, __u32 hash, __u32 *id_out)
+L4LB_INLINE struct backend_info *maglev_backend(struct svc_info *svc, __u32 hash, __u32 *id_out)
 {
-    void *ring = maglev_outer.lookup(&svc_id);
+    __u32 svc_id = svc->id;
+    __u32 idx = svc->ring;
+    void *ring = maglev_outer.lookup(&idx);
     if (!ring)
         return 0;
     __u32 slot = hash % MAGLEV_M;
@@ -84,7 +86,7 @@ L4LB_INLINE struct backend_info *choose_backend(struct pkt *p, struct svc_info *
         if (be)
             return be;
     }
-    be = maglev_backend(svc->id, hash, id_out);
+    be = maglev_backend(svc, hash, id_out);
     if (!be)
         return 0;
     struct flow_value fv = { .backend_id = *id_out, .gen = be->gen };

@@ -16,8 +16,9 @@ struct svc_key {
 #define SVC_F_NO_SPORT (1U << 1)  /* hash without the client port (client-IP affinity) */
 
 struct svc_info {
-    __u32 id;         /* index into maglev_outer and svc_stats */
+    __u32 id;         /* index into svc_stats; backends name their owner by it */
     __u32 flags;      /* SVC_F_* */
+    __u32 ring;       /* maglev_outer index of the table in force */
 };
 
 #define BE_F_DOWN (1U << 0)  /* maintenance: existing flows are not honoured */
@@ -111,10 +112,13 @@ enum l4lb_reason {
 };
 
 BPF_TABLE_PINNED("hash", struct svc_key, struct svc_info, services, MAX_SERVICES, PIN_DIR "/services");
-/* Maglev: one inner array of MAGLEV_M backend ids per service. User space
- * builds a new inner map and swaps the outer slot: atomic for packets in flight. */
+/* Maglev: inner arrays of MAGLEV_M backend ids, used as buffers (rings.py).
+ * User space fills a buffer no service uses, then rewrites the service entry's
+ * `ring`: a packet reads either the whole old table or the whole new one, and
+ * no outer-map write (for which the kernel waits an RCU grace period) is
+ * needed on a change. Up to two buffers per service. */
 BPF_F_TABLE("array", int, __u32, maglev_inner, MAGLEV_M, BPF_F_MMAPABLE); /* filled through mmap: a memcpy */
-BPF_TABLE_PINNED("array_of_maps$maglev_inner", int, int, maglev_outer, MAX_SERVICES, PIN_DIR "/maglev_outer");
+BPF_TABLE_PINNED("array_of_maps$maglev_inner", int, int, maglev_outer, 2 * MAX_SERVICES, PIN_DIR "/maglev_outer");
 BPF_TABLE_PINNED("array", __u32, struct backend_info, backends, MAX_BACKENDS, PIN_DIR "/backends");
 BPF_TABLE_PINNED("array", __u32, struct nh_info, nexthops, MAX_BACKENDS, PIN_DIR "/nexthops");
 BPF_TABLE_PINNED("lru_hash", struct flow_key, struct flow_value, flows, FLOW_TABLE_SIZE, PIN_DIR "/flows");

@@ -1,9 +1,10 @@
 """Datapath: compile, reconcile desired services into the maps, attach.
 
 Reconcile order keeps packets in flight safe: backend entries are written
-before any Maglev table refers to them; a service's new table is complete
-before the outer slot is swapped; the service entry is written last; removed
-backends are cleared only after no table points to them any more. IDs are
+before any Maglev table refers to them; a service's new table is complete in
+its spare buffer before the service entry points at it (rings.py); removed
+backends are cleared only after no table points to them any more and an RCU
+grace period has passed since the last table did. IDs are
 recovered from the pinned maps on start, so a restarted daemon keeps the
 flow table's (backend id, generation) pairs valid and connections survive.
 
@@ -36,10 +37,10 @@ from pyroute2 import IPRoute
 from l4lb import maglev
 from l4lb.datapath import netlink, nexthop
 from l4lb.datapath.config import DatapathConfig, DatapathError
-from l4lb.datapath import libbpf
 from l4lb.datapath.libbpf import prog_fd_by_id, prog_info
 from l4lb.datapath.loader import FUNC, Program, compile_program, pin_program, remove_stale_pins
 from l4lb.datapath.nexthop import IPAddress, NextHop
+from l4lb.datapath.rings import Rings
 from l4lb.datapath.tables import Tables, words_addr
 from l4lb.models import BackendState, Service
 
@@ -52,7 +53,7 @@ CFG_F_SRC_PREFIX4 = 1
 CFG_F_SRC_PREFIX6 = 2
 PROTO = {"tcp": 6, "udp": 17}
 PROTO_NAME = {6: "tcp", 17: "udp"}
-SWAP_CHUNK = 256  # Maglev tables swapped per outer batch update (inner-map fds open at once)
+SWAP_CHUNK = 256  # services whose tables are written before their entries are
 BUILT_CACHE = 32  # recently built Maglev tables kept (64 KiB each at M = 16381)
 
 ServiceKey = tuple[str, int, str]          # (vip exploded, port, "tcp"/"udp")
@@ -121,7 +122,11 @@ class Datapath:
         self.t: Tables | None = None
         self._lock = threading.RLock()
         self._svc_ids: dict[ServiceKey, int] = {}
-        self._svc_flags: dict[ServiceKey, int] = {}
+        # What each service entry in the map holds: (flags, ring), and the
+        # buffer each service id's table is in force in (the entry's ring).
+        self._svc_entry: dict[ServiceKey, tuple[int, int]] = {}
+        self._ring: dict[int, int] = {}
+        self._rings = Rings(cfg.maglev_m, 2 * cfg.max_services)  # maps.h: maglev_outer
         self._backends: dict[int, _BackendSlot] = {}
         # svc id -> the inputs of the table written (weights, backend ids): an
         # apply rebuilds only the tables whose inputs changed.
@@ -171,6 +176,7 @@ class Datapath:
             self._write_config()
             if seed_changed:
                 self._tables.clear()
+                self._rings.forget_contents()
                 self._reconcile(list(self._applied))
 
     @property
@@ -209,11 +215,14 @@ class Datapath:
         """Rebuild id allocation from pinned maps (a restart keeps flows valid)."""
         t = self.tables
         self._svc_ids.clear()
-        self._svc_flags.clear()
-        for (vip, port, proto), (sid, flags) in t.read_services().items():
+        self._svc_entry.clear()
+        self._ring.clear()
+        for (vip, port, proto), (sid, flags, ring) in t.read_services().items():
             key = (vip, port, PROTO_NAME.get(proto, str(proto)))
             self._svc_ids[key] = sid
-            self._svc_flags[key] = flags
+            self._svc_entry[key] = (flags, ring)
+            self._ring[sid] = ring
+        self._rings.recover(t.maglev_outer.map_fd, list(self._ring.values()))
         self._backends.clear()
         for bid, v in t.read_backends().items():
             addr = words_addr(v.addr, v.family)
@@ -249,6 +258,7 @@ class Datapath:
                 raise DatapathError(f"datapath update failed: {e}") from e
             self._applied = list(services)
             addrs, self._new_addrs = self._new_addrs, set()
+        self._rings.grace_soon()  # so the buffers retired now are writable by the next change
         t1 = time.perf_counter()
         self._neighbours(addrs)
         t2 = time.perf_counter()
@@ -318,7 +328,7 @@ class Datapath:
                 self._interim_tables(w)
                 self._clear_unreferenced(w)
             g0 = time.perf_counter()
-            libbpf.synchronize_rcu()
+            self._rings.grace(always=True)
             self._timing.grace += time.perf_counter() - g0
         if w.allocated:
             # Forget freed slots that have been handed to someone else since.
@@ -424,26 +434,35 @@ class Datapath:
                 self._swap_tables([(sid, inputs) for _, sid, inputs in chunk if self._tables.get(sid) != inputs],
                                   tables)
                 for key, sid, _ in chunk:
-                    self._write_entry(key, sid, w.want[key])
+                    self._write_entry(key, sid, self._flags(w.want[key]))
         finally:
             tables.close()  # also when a write failed: frees the workers for the rollback
         done = {key for key, _, _ in ready}
         w.waiting = [k for k in w.waiting if k not in done]
 
-    def _write_entry(self, key: ServiceKey, sid: int, svc: Service) -> None:
-        flags = (SVC_F_DNAT if svc.options.l4_dnat else 0) | (0 if svc.options.hash_src_port else SVC_F_NO_SPORT)
-        if self._svc_flags.get(key) == flags:
+    def _write_entry(self, key: ServiceKey, sid: int, flags: int) -> None:
+        """The service entry with ``flags`` and the ring in force for ``sid``;
+        a ring that goes out of force is retired (rings.py)."""
+        ring = self._ring[sid]
+        old = self._svc_entry.get(key)
+        if old == (flags, ring):
             return
         self._tick()
         m0 = time.perf_counter()
         t = self.tables
-        k = t.svc_key(svc.vip, svc.port, PROTO[svc.protocol.value])
+        vip, port, proto = key
+        k = t.svc_key(_ip(vip), port, PROTO[proto])
         v = t.services.Leaf()
-        v.id, v.flags = sid, flags
+        v.id, v.flags, v.ring = sid, flags, ring
         t.services[k] = v
-        self._svc_flags[key] = flags
+        self._svc_entry[key] = (flags, ring)
+        self._rings.use(ring, None if old is None else old[1])
         self._timing.writes += 1
         self._timing.maps += time.perf_counter() - m0
+
+    @staticmethod
+    def _flags(svc: Service) -> int:
+        return (SVC_F_DNAT if svc.options.l4_dnat else 0) | (0 if svc.options.hash_src_port else SVC_F_NO_SPORT)
 
     def _tables_for(self, weights: list[tuple[Any, ...]]) -> Generator[maglev.MaglevTable, None, None]:
         """The Maglev table for each weights tuple, in order: recently built ones
@@ -473,25 +492,44 @@ class Datapath:
         return items, tuple(slots[ident] for ident, _ in items)
 
     def _swap_tables(self, todo: list[tuple[int, tuple[Any, ...]]], tables: Iterator[maglev.MaglevTable]) -> None:
-        """Take the next built table for each (svc id, inputs) and swap them all in atomically."""
+        """Take the next built table for each (svc id, inputs), write it into a
+        spare buffer and point services that have an entry at it (new services
+        get theirs from _finish). A spare that already holds the table (an undo)
+        is only pointed at (rings.py)."""
         if not todo:
             return
-        b0 = time.perf_counter()
-        ids = []
-        for sid, inputs in todo:
-            # -1 (no backend) indexes the trailing 0: "none" in the datapath.
-            ids.append((sid, np.array([*inputs[1], 0], dtype=np.uint32)[next(tables).table]))
+        t = self.tables
         m0 = time.perf_counter()
-        self._timing.maglev += m0 - b0
-        self._timing.tables += len(todo)
+        g0 = self._rings.waited
+        places = self._rings.reserve(t.maglev_outer.map_fd, [inputs for _, inputs in todo])
+        self._timing.grace += self._rings.waited - g0
+        self._timing.maps += time.perf_counter() - m0 - (self._rings.waited - g0)
         ok = self._ticks(len(todo))
-        self.tables.swap_maglev_many(ids[:ok])
-        for sid, inputs in todo[:ok]:
+        names = {sid: key for key, sid in self._svc_ids.items()}
+        for n, ((sid, inputs), (idx, must_write)) in enumerate(zip(todo, places)):
+            b0 = time.perf_counter()
+            table = next(tables).table
+            m0 = time.perf_counter()
+            self._timing.maglev += m0 - b0
+            if n >= ok:
+                raise DatapathError("injected failure (test hook)")
+            cur = self._ring.get(sid)
+            # -1 (no backend) indexes the trailing 0: "none" in the datapath.
+            ids = np.array([*inputs[1], 0], dtype=np.uint32)[table]
+            if cur is not None and self._rings.holds(cur) is None and np.array_equal(self._rings.read(cur), ids):
+                # After a restart the table in force is unknown: it is this one already, keep it.
+                self._rings.adopt(cur, inputs)
+                idx = cur
+            elif must_write:
+                self._rings.write(idx, ids, inputs)
+                self._timing.tables += 1
+            self._ring[sid] = idx
             self._tables[sid] = inputs
-        self._timing.writes += ok
-        self._timing.maps += time.perf_counter() - m0
-        if ok < len(todo):
-            raise DatapathError("injected failure (test hook)")
+            key = names.get(sid)
+            if key is not None and key in self._svc_entry:
+                self._write_entry(key, sid, self._svc_entry[key][0])
+            self._timing.writes += 1
+            self._timing.maps += time.perf_counter() - m0
 
     def _remove_services(self, w: _Work, orphans: set[int]) -> None:
         """Services that go away: entry first, then their table (their slots are cleared after)."""
@@ -505,19 +543,17 @@ class Datapath:
                 del t.services[t.svc_key(ipaddress.ip_address(vip), port, PROTO[proto])]
             except KeyError:
                 pass
-            try:
-                del t.maglev_outer[ctypes.c_int(sid)]
-            except KeyError:
-                pass
+            # Its buffers stay in maglev_outer for the next service with this id
+            # (deleting them would cost a grace period each); no entry points at them.
             del self._svc_ids[key]
             self._freed_svc[key] = sid
-            self._svc_flags.pop(key, None)
+            entry = self._svc_entry.pop(key, None)
+            if entry is not None:
+                self._rings.release(entry[1])
+            self._ring.pop(sid, None)
             self._tables.pop(sid, None)
         for sid in orphans:
-            try:
-                del t.maglev_outer[ctypes.c_int(sid)]
-            except KeyError:
-                pass
+            self._ring.pop(sid, None)
             self._tables.pop(sid, None)
         self._timing.maps += time.perf_counter() - m0
 
@@ -539,6 +575,12 @@ class Datapath:
         free = [bid for bid in w.removing if not referenced(bid)]
         if not free:
             return
+        if self._rings.pending():
+            # A buffer or service entry that pointed at these slots may still be
+            # read by a packet in flight.
+            g0 = time.perf_counter()
+            self._rings.grace()
+            self._timing.grace += time.perf_counter() - g0
         names = {sid: key for key, sid in self._freed_svc.items()} | live
         ok = self._ticks(len(free))
         m0 = time.perf_counter()
@@ -812,8 +854,15 @@ class Datapath:
                 },
             }
 
+    def maglev_table(self, sid: int) -> np.ndarray | None:
+        """The table in force for service id ``sid`` (backend ids), as packets see it."""
+        with self._lock:
+            ring = self._ring.get(sid)
+            return None if ring is None else self._rings.read(ring)
+
     def close(self) -> None:
         with self._lock:
+            self._rings.close()
             if self.prog is not None:
                 self.prog.bpf.cleanup()
                 self.prog = None

@@ -88,47 +88,20 @@ class Tables:
         k.family = vip.version
         return k
 
-    def read_services(self) -> dict[tuple[str, int, int], tuple[int, int]]:
-        """(vip exploded, port, proto) -> (id, flags) of what is in the map."""
+    def read_services(self) -> dict[tuple[str, int, int], tuple[int, int, int]]:
+        """(vip exploded, port, proto) -> (id, flags, ring) of what is in the map."""
         out = {}
         for k, v in self.services.items():
             vip = words_addr(k.vip, k.family)
-            out[(vip.exploded, port_host(k.port), k.proto)] = (v.id, v.flags)
+            out[(vip.exploded, port_host(k.port), k.proto)] = (v.id, v.flags, v.ring)
         return out
 
-    # --- maglev ---------------------------------------------------------------
-    def swap_maglev(self, svc_id: int, ids: np.ndarray) -> None:
-        """Build a fresh inner array and swap it in with one outer update:
-        a packet sees either the whole old table or the whole new one."""
-        fd = libbpf.array_create(f"maglev_{svc_id}", 4, len(ids), libbpf.BPF_F_MMAPABLE)  # as maps.h's template
-        try:
-            libbpf.array_fill_mmapped(fd, ids)
-            self.maglev_outer[ct.c_int(svc_id)] = ct.c_int(fd)
-        finally:
-            os.close(fd)
-
-    def swap_maglev_many(self, tables: list[tuple[int, np.ndarray]]) -> None:
-        """swap_maglev for many services with one outer batch update: the kernel
-        waits for an RCU grace period after every outer-map write (6.7+), once
-        per syscall, so one per batch instead of one per table."""
-        if len(tables) == 1:
-            self.swap_maglev(*tables[0])
-            return
-        fds: list[int] = []
-        try:
-            for svc_id, ids in tables:
-                fds.append(libbpf.array_create(f"maglev_{svc_id}", 4, len(ids), libbpf.BPF_F_MMAPABLE))
-                libbpf.array_fill_mmapped(fds[-1], ids)
-            libbpf.update_batch(self.maglev_outer.map_fd, np.array([sid for sid, _ in tables], dtype=np.uint32),
-                                np.array(fds, dtype=np.uint32), "Maglev tables batch swap")
-        finally:
-            for fd in fds:
-                os.close(fd)
-
-    def read_maglev(self, svc_id: int) -> np.ndarray | None:
-        key = ct.c_int(svc_id)
+    # --- maglev (written through rings.py) -----------------------------------------------
+    def read_maglev(self, ring: int) -> np.ndarray | None:
+        """Table at outer index ``ring`` (a service entry's ``ring``), element by
+        element through the syscall: an independent check of what rings.py wrote."""
         map_id = ct.c_uint32()
-        if not libbpf.map_lookup(self.maglev_outer.map_fd, key, map_id) or not map_id.value:
+        if not libbpf.map_lookup(self.maglev_outer.map_fd, ct.c_int(ring), map_id) or not map_id.value:
             return None
         fd = libbpf.map_fd_by_id(map_id.value)
         try:
