@@ -471,6 +471,10 @@ class Daemon:
     # -- run --------------------------------------------------------------------------
 
     def run(self) -> int:
+        # Background work (stats sampling of 100,000 counters, next-hop refresh)
+        # is CPU-bound Python: hand the GIL to a waiting request every 0.5 ms
+        # instead of 5 ms, so it adds little to a drain's latency.
+        sys.setswitchinterval(0.0005)
         try:
             self.start()
             asyncio.run(self.serve())

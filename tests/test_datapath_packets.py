@@ -546,3 +546,27 @@ def test_apply_rebuilds_only_changed_tables(env, monkeypatch):
     assert written == [ring_of(b2)] and ring_of(b2) != before  # one table written, in a spare buffer
     env.apply([a, b])  # the undo: the old buffer still holds b's table, only the entry points back
     assert len(written) == 1 and ring_of(b) == before
+
+
+def test_a_drain_writes_no_outer_slot_and_waits_for_no_grace_period(env):
+    """The kernel waits for an RCU grace period after every maglev_outer write;
+    a drain must not pay it: its table goes into an existing spare buffer."""
+    def outer_ids() -> dict[int, int]:
+        t = env.dp.tables
+        return {k.value: v.value for k, v in env.call(lambda: list(t.maglev_outer.items()))}
+
+    backends = [{"address": x} for x in B4[:4]]
+    s = svc("grace", VIP4, 90, backends)
+    env.apply([s])
+    drained = svc("grace", VIP4, 90, [{**backends[0], "state": "draining"}, *backends[1:]])
+    env.apply([drained])  # the first change may create the service's spare buffer
+    env.dp._rings.grace()
+    ids = outer_ids()
+    for state in (s, drained, svc("grace", VIP4, 90, [backends[0], {**backends[1], "state": "draining"},
+                                                        *backends[2:]])):
+        env.dp._rings.grace()  # what the background thread does between requests
+        env.apply([state])
+        assert outer_ids() == ids and env.dp.last_timings.grace == 0
+        for sport in range(3000, 3040):
+            v, out, _ = env.run(frame(CLIENT4, VIP4, TCP(sport=sport, dport=90, flags="S")))
+            assert Ether(out)[IP].dst == expected_backend(state, CLIENT4, sport)

@@ -153,6 +153,7 @@ class Datapath:
         self._nh_cache: dict[IPAddress, NextHop | None] = {}
         self._nh_written: dict[int, tuple[NextHop, int] | None] = {}
         self._nh_dirty: set[int] = set()  # slots changed since the last refresh (see _set_slot)
+        self._by_addr: dict[str, set[int]] = {}  # backend address (exploded) -> its slots
         self.fail_after_writes: int | None = None  # test hook: fail mid-reconcile
 
     # --- load -----------------------------------------------------------------
@@ -621,6 +622,7 @@ class Datapath:
             self._drop_slot(bid)
         self._backends[bid] = slot
         self._by_svc.setdefault(sid, {})[ident] = bid
+        self._by_addr.setdefault(ident[0], set()).add(bid)
         self._nh_dirty.add(bid)
         return slot
 
@@ -630,13 +632,19 @@ class Datapath:
         del mine[slot.ident]
         if not mine:
             del self._by_svc[slot.svc_id]
+        same = self._by_addr[slot.ident[0]]
+        same.discard(bid)
+        if not same:
+            del self._by_addr[slot.ident[0]]
         self._nh_dirty.add(bid)
         return slot
 
     def _reindex(self) -> None:
         self._by_svc = {}
+        self._by_addr = {}
         for bid, slot in self._backends.items():
             self._by_svc.setdefault(slot.svc_id, {})[slot.ident] = bid
+            self._by_addr.setdefault(slot.ident[0], set()).add(bid)
 
     def _neighbours(self, addrs: set[IPAddress]) -> None:
         """Managed neighbour entries for backends not seen before (the kernel
@@ -719,54 +727,62 @@ class Datapath:
     # --- next hops (NEXTHOP_CACHE) -------------------------------------------------------
     def refresh_nexthops(self, full: bool = True) -> int:
         """Resolve backends' next hops from the kernel and write the ``nexthops``
-        map; returns how many entries changed. ``full=False`` resolves only
-        addresses not seen before (after an apply); the daemon calls the full
-        refresh periodically so route/neighbour/MTU changes reach the cache.
-        Netlink runs outside the lock; entries are written for the slots (and
-        generations) current at write time. Best effort: logs, never raises."""
+        map; returns how many entries changed. ``full=False`` handles the slots
+        an apply changed, resolving only addresses not seen before; the daemon
+        calls the full refresh periodically so route/neighbour/MTU changes reach
+        the cache. Either way only slots whose address resolved differently (or
+        that changed) are looked at: the periodic refresh of 100,000 backends on
+        100 addresses walks 100 addresses, not 100,000 slots, under the lock.
+        Netlink runs outside the lock. Best effort: logs, never raises."""
         if not self.cfg.nexthop_cache or self.t is None:
             return 0
         with self._lock:
-            # Not full: only slots an apply changed (a drain must not walk every backend).
-            seen = (self._backends.values() if full
-                    else [self._backends[b] for b in self._nh_dirty if b in self._backends])
-            addrs = {_ip(slot.ident[0]) for slot in seen}
+            addrs = {_ip(a) for a in self._by_addr} if full else {
+                _ip(self._backends[b].ident[0]) for b in self._nh_dirty if b in self._backends}
             ifindexes = {k.value for k in self.tables.ifaces.keys()}
         todo = addrs if full else {a for a in addrs if a not in self._nh_cache}
-        try:
-            with IPRoute() as ipr:
-                resolved = nexthop.resolve(ipr, todo, ifindexes)
-        except Exception as e:  # noqa: BLE001 - the FIB path still forwards
-            log.warning("next-hop refresh failed: %s", e)
-            return 0
-        changed = 0
+        resolved: dict[IPAddress, NextHop | None] = {}
+        if todo:
+            try:
+                with IPRoute() as ipr:
+                    resolved = nexthop.resolve(ipr, todo, ifindexes)
+            except Exception as e:  # noqa: BLE001 - the FIB path still forwards
+                log.warning("next-hop refresh failed: %s", e)
+                return 0
         with self._lock:
-            self._nh_cache = ({} if full else self._nh_cache) | resolved
-            t = self.tables
+            moved = {a for a, nh in resolved.items() if self._nh_cache.get(a, "unset") != nh}
+            self._nh_cache.update(resolved)
+            if full:
+                for gone in [a for a in self._nh_cache if a not in addrs]:
+                    del self._nh_cache[gone]
             dirty, self._nh_dirty = self._nh_dirty, set()
-            clears: list[int] = []  # written in batches: one apply may add 100,000 slots
-            writes: list[tuple[int, NextHop, int]] = []
-            for bid in [b for b in (self._nh_written if full else dirty) if b not in self._backends]:
-                if bid not in self._nh_written:
-                    continue
-                clears.append(bid)
-                del self._nh_written[bid]
-                changed += 1
-            for bid, slot in (self._backends.items() if full else [(b, self._backends[b]) for b in dirty
-                                                                      if b in self._backends]):
-                nh = self._nh_cache.get(_ip(slot.ident[0]))
-                want = (nh, slot.gen) if nh is not None else None
-                if self._nh_written.get(bid, "unset") == want:
-                    continue
-                if want is None:
+            for a in moved:
+                dirty.update(self._by_addr.get(a.exploded, ()))
+            return self._write_nexthops(dirty)
+
+    def _write_nexthops(self, bids: set[int]) -> int:
+        """Bring the ``nexthops`` entries of ``bids`` in line with the cache (batched)."""
+        clears: list[int] = []
+        writes: list[tuple[int, NextHop, int]] = []
+        for bid in bids:
+            slot = self._backends.get(bid)
+            if slot is None:  # a freed slot: clear what we wrote for it
+                if self._nh_written.pop(bid, None) is not None:
                     clears.append(bid)
-                else:
-                    writes.append((bid, nh, slot.gen))
-                self._nh_written[bid] = want
-                changed += 1
-            t.clear_nexthops(clears)
-            t.write_nexthops([(bid, nh.ifindex, gen, nh.mtu, nh.smac, nh.dmac) for bid, nh, gen in writes])
-        return changed
+                continue
+            nh = self._nh_cache.get(_ip(slot.ident[0]))
+            want = None if nh is None else (nh, slot.gen)
+            # "unset" (never written by us, e.g. after a restart) is cleared too.
+            if self._nh_written.get(bid, "unset") == want:
+                continue
+            if want is None:
+                clears.append(bid)
+            else:
+                writes.append((bid, nh, slot.gen))
+            self._nh_written[bid] = want
+        self.tables.clear_nexthops(clears)
+        self.tables.write_nexthops([(bid, nh.ifindex, gen, nh.mtu, nh.smac, nh.dmac) for bid, nh, gen in writes])
+        return len(clears) + len(writes)
 
     # --- recorder: whole-program replacement (l4lb/datapath/recorder.py) -------------
     def replace_program(self, extra_cflags: Sequence[str],

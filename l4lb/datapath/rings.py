@@ -52,6 +52,7 @@ class Rings:
         self._safe = 0
         self._grace_lock = threading.Lock()
         self._bg: threading.Thread | None = None
+        self._kick = threading.Event()
         self.waited = 0.0  # seconds callers spent waiting for grace periods
 
     # --- grace periods ---------------------------------------------------------------------
@@ -72,17 +73,22 @@ class Rings:
             self._safe = max(self._safe, target)
 
     def grace_soon(self) -> None:
-        """grace() in a background thread (one at a time): the caller answers
-        now, and the buffers it retired become writable for the next change."""
-        if not self.pending() or (self._bg is not None and self._bg.is_alive()):
+        """grace() in a background thread: the caller answers now, and the
+        buffers it retired become writable for the next change. (One thread,
+        started once: starting a thread per change cost a drain ~1 ms.)"""
+        if not self.pending():
             return
+        if self._bg is None:
+            self._bg = threading.Thread(target=self._background, name="l4lb-rcu-grace", daemon=True)
+            self._bg.start()
+        self._kick.set()
 
-        def run() -> None:
+    def _background(self) -> None:
+        while True:
+            self._kick.wait()
+            self._kick.clear()
             while self.pending():
                 self.grace()
-
-        self._bg = threading.Thread(target=run, name="l4lb-rcu-grace", daemon=True)
-        self._bg.start()
 
     # --- which buffer is in force -------------------------------------------------------------
     def recover(self, outer_fd: int, in_force: Sequence[int]) -> None:
