@@ -33,6 +33,7 @@ from typing import Any
 
 from l4lb import __version__
 from l4lb import config as config_mod
+from l4lb import maglev
 from l4lb.config import Config, ConfigError
 from l4lb.control import Control, Invalid, Limits
 
@@ -225,6 +226,7 @@ class Daemon:
         except (OSError, StoreError) as e:
             raise StartupError(f"state_dir: {e}") from None
         t0 = time.monotonic()
+        maglev.start_workers()  # they start up while the program compiles
         self._dp = Datapath(cfg.datapath_config())
         try:
             self._dp.load()

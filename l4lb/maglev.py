@@ -474,6 +474,19 @@ def _drop_workers() -> None:
             workers.close()
 
 
+def start_workers() -> None:
+    """Start the worker processes now rather than on the first big apply (a
+    daemon calls this at start: a worker's interpreter and numpy take ~0.5 s)."""
+    global _workers
+    if _cpus() > 1 and _workers_lock.acquire(blocking=False):
+        try:
+            if _workers is None:
+                _workers = _Workers(_cpus())
+                atexit.register(_drop_workers)
+        finally:
+            _workers_lock.release()
+
+
 def build_many(jobs: Sequence[Mapping[Identity, int]], m: int, seed: bytes) -> Iterator[MaglevTable]:
     """``build(w, m, seed)`` for every ``w`` in ``jobs``, yielded in order.
 

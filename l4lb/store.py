@@ -1,9 +1,13 @@
 """Durable desired state: one SQLite file in the state directory.
 
-It holds a single document (the whole DesiredState as JSON) and a revision
-that only ever grows; the API's ETags are built from it. WAL with
-synchronous=FULL means a COMMIT has reached the disk when it returns, so the
-control core may answer 2xx right after it.
+Schema 2 keeps one row per service (its name, its JSON and a position that
+orders the rows) and one ``head`` row with the revision, which only ever grows
+(the API's ETags are built from it). A write stores only the services that
+changed since the last commit, so draining one backend of one service out of a
+thousand rewrites one row, not the whole state. WAL with synchronous=FULL means
+a COMMIT has reached the disk when it returns, so the control core may answer
+2xx right after it. A schema-1 file (the whole state as one JSON document) is
+converted when it is opened, in one transaction.
 
 Writes are two-phase so the datapath can be changed *inside* the transaction:
 
@@ -17,19 +21,37 @@ file cannot interleave (it would fail with "database is locked").
 
 from __future__ import annotations
 
+import bisect
 import json
+import logging
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from pydantic import ValidationError
 
 from l4lb.models import DesiredState, Service
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+# Positions of a freshly numbered state are i * GAP: a service inserted between
+# two others takes the midpoint, so about 32 insertions at the same spot fit
+# before every row is renumbered; int64 leaves room for ~2e9 insertions at an end.
+GAP = 1 << 32
+
+log = logging.getLogger("l4lb.store")
+
+# read() rebuilds a DesiredState from validated services with model_construct
+# and runs the model's whole-set check (_unique: names, VIP:port) itself:
+# pydantic would re-run every Service's own validator too (~10% of a read of
+# 1000 x 100). Both only hold while DesiredState looks as it does today.
+if set(DesiredState.model_fields) != {"services"} or set(
+    DesiredState.__pydantic_decorators__.model_validators
+) | set(DesiredState.__pydantic_decorators__.field_validators) != {"_unique"}:
+    raise ImportError("l4lb.store: DesiredState grew fields or validators; the store must follow")
 
 
 class StoreError(RuntimeError):
@@ -47,6 +69,75 @@ class Record:
     updated_at: float  # unix time of the commit (0 for the empty initial state)
 
 
+class _Row(NamedTuple):
+    """What one service row holds, plus the object it was written from or read
+    as (None when only the text is known)."""
+
+    service: Service | None
+    document: str
+    position: int
+
+
+def _service_json(svc: Service) -> str:
+    return json.dumps(svc.model_dump(mode="json"), separators=(",", ":"))
+
+
+def positions(old: Sequence[int | None]) -> list[int]:
+    """New strictly increasing positions for a list whose items had positions
+    ``old`` (None: a new item). The longest run of old positions that is still
+    in order is kept, so a reorder, insertion or deletion moves few rows; the
+    others go into the gaps, or, if a gap is too narrow, everything is renumbered."""
+    keep = _increasing(old)
+    out: list[int | None] = [p if i in keep else None for i, p in enumerate(old)]
+    i = 0
+    while i < len(out):
+        if out[i] is not None:
+            i += 1
+            continue
+        j = i
+        while j < len(out) and out[j] is None:
+            j += 1
+        lo, hi, m = (out[i - 1] if i else None), (out[j] if j < len(out) else None), j - i
+        if lo is None and hi is None:
+            fill = [k * GAP for k in range(m)]
+        elif hi is None:
+            fill = [lo + (k + 1) * GAP for k in range(m)]
+        elif lo is None:
+            fill = [hi - (m - k) * GAP for k in range(m)]
+        else:
+            step = (hi - lo) // (m + 1)
+            if step < 1:
+                return [k * GAP for k in range(len(old))]
+            fill = [lo + (k + 1) * step for k in range(m)]
+        out[i:j] = fill
+        i = j
+    return out  # type: ignore[return-value]  # no None left
+
+
+def _increasing(seq: Sequence[int | None]) -> set[int]:
+    """Indices of a longest strictly increasing subsequence of the non-None values."""
+    known = [(i, p) for i, p in enumerate(seq) if p is not None]
+    if all(a[1] < b[1] for a, b in zip(known, known[1:])):
+        return {i for i, _ in known}  # the usual case: nothing moved
+    tails: list[int] = []  # tails[k]: smallest last value of an increasing run of length k+1
+    tail_at: list[int] = []  # ... and the index it sits at
+    prev: dict[int, int | None] = {}
+    for i, p in known:
+        k = bisect.bisect_left(tails, p)
+        prev[i] = tail_at[k - 1] if k else None
+        if k == len(tails):
+            tails.append(p)
+            tail_at.append(i)
+        else:
+            tails[k], tail_at[k] = p, i
+    out: set[int] = set()
+    at = tail_at[-1] if tail_at else None
+    while at is not None:
+        out.add(at)
+        at = prev[at]
+    return out
+
+
 class Store:
     def __init__(self, path: Path | str) -> None:
         self.path = Path(path)
@@ -54,54 +145,146 @@ class Store:
         # is off because API handlers run in a thread pool; the control core
         # serialises every use with its own lock.
         self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=5.0)
-        self._pieces: dict[int, tuple[Service, str]] = {}  # id(service) -> (service, its JSON)
+        # The committed rows by name, valid for revision _rows_revision (None:
+        # unknown, load from the file before the next write).
+        self._rows: dict[str, _Row] = {}
+        self._rows_revision: int | None = None
         try:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
             self._init_schema()
-        except sqlite3.DatabaseError as e:
+        except (sqlite3.DatabaseError, StoreError) as e:
             self._db.close()
+            if isinstance(e, StoreError):
+                raise
             raise StoreError(f"{self.path}: {e}") from None
+
+    # -- schema -------------------------------------------------------------------------
 
     def _init_schema(self) -> None:
         db = self._db
         db.execute("BEGIN IMMEDIATE")
         try:
             db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
-            db.execute(
-                "CREATE TABLE IF NOT EXISTS desired ("
-                " id INTEGER PRIMARY KEY CHECK (id = 1),"
-                " revision INTEGER NOT NULL,"
-                " document TEXT NOT NULL,"
-                " updated_at REAL NOT NULL)"
-            )
             row = db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
-            if row is None:
-                db.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
-            elif int(row[0]) > SCHEMA_VERSION:
+            try:
+                version = SCHEMA_VERSION if row is None else int(row[0])
+            except ValueError:
+                raise StoreError(f"{self.path}: schema version {row[0]!r} is not a number") from None
+            if version > SCHEMA_VERSION:
                 raise StoreError(
-                    f"{self.path} has schema version {row[0]}, newer than this l4lbd understands ({SCHEMA_VERSION})"
+                    f"{self.path} has schema version {version}, newer than this l4lbd understands ({SCHEMA_VERSION})"
                 )
-            db.execute(
-                "INSERT OR IGNORE INTO desired VALUES (1, 0, ?, 0)",
-                (DesiredState().model_dump_json(),),
-            )
+            if version < 1:
+                raise StoreError(f"{self.path}: unknown schema version {version}")
+            migrated = None
+            if row is None:  # a new file
+                self._create_v2()
+            elif version == 1:
+                migrated = self._migrate_v1()
+            if row is None or version != SCHEMA_VERSION:
+                db.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+            if db.execute("SELECT revision FROM head WHERE id = 1").fetchone() is None:
+                raise StoreError(f"{self.path}: the revision row is missing")
             db.execute("COMMIT")
         except BaseException:
-            db.execute("ROLLBACK")
+            if db.in_transaction:
+                db.execute("ROLLBACK")
             raise
+        if migrated is not None:
+            revision, rows = migrated
+            self._rows, self._rows_revision = rows, revision
+            log.info("%s: converted from schema 1 (one document) to schema 2 (one row per service): "
+                     "revision %d, %d services", self.path, revision, len(rows))
+
+    def _create_v2(self) -> None:
+        db = self._db
+        db.execute(
+            "CREATE TABLE IF NOT EXISTS head ("
+            " id INTEGER PRIMARY KEY CHECK (id = 1),"
+            " revision INTEGER NOT NULL,"
+            " updated_at REAL NOT NULL)"
+        )
+        # position first: it sits in the row's first page, next to the key.
+        db.execute(
+            "CREATE TABLE IF NOT EXISTS services ("
+            " name TEXT PRIMARY KEY,"
+            " position INTEGER NOT NULL,"
+            " document TEXT NOT NULL)"
+        )
+        db.execute("INSERT OR IGNORE INTO head VALUES (1, 0, 0)")
+
+    def _migrate_v1(self) -> tuple[int, dict[str, _Row]]:
+        """Schema 1 (table ``desired``: the whole state as one document) to rows,
+        inside the caller's transaction: a crash leaves the file at schema 1."""
+        db = self._db
+        row = db.execute("SELECT revision, document, updated_at FROM desired WHERE id = 1").fetchone()
+        if row is None:
+            raise StoreError(f"{self.path}: schema 1 file without its desired-state row")
+        revision, document, updated_at = row
+        try:
+            state = DesiredState.model_validate_json(document)
+        except ValidationError as e:
+            raise StoreError(
+                f"{self.path}: stored document (revision {revision}) is invalid, not converted to schema 2: {e}"
+            ) from None
+        self._create_v2()
+        rows = {
+            s.name: _Row(s, _service_json(s), p)
+            for s, p in zip(state.services, positions([None] * len(state.services)))
+        }
+        db.executemany("INSERT INTO services VALUES (?, ?, ?)",
+                       ((name, r.position, r.document) for name, r in rows.items()))
+        db.execute("UPDATE head SET revision = ?, updated_at = ? WHERE id = 1", (revision, updated_at))
+        db.execute("DROP TABLE desired")
+        return revision, rows
+
+    # -- reading ------------------------------------------------------------------------
 
     def read(self) -> Record:
-        row = self._db.execute("SELECT revision, document, updated_at FROM desired WHERE id = 1").fetchone()
-        if row is None:
-            raise StoreError(f"{self.path}: the desired-state row is missing")
+        db = self._db
+        own = not db.in_transaction  # inside write()'s block: read what is staged, cache nothing
         try:
-            state = DesiredState.model_validate_json(row[1])
-        except ValidationError as e:
-            # A document this version refuses (e.g. written by a laxer one): do
-            # not guess, make the operator look.
-            raise StoreError(f"{self.path}: stored document (revision {row[0]}) is invalid: {e}") from None
-        return Record(revision=row[0], state=state, updated_at=row[2])
+            if own:
+                db.execute("BEGIN")  # one snapshot for the head and the rows
+            try:
+                head = db.execute("SELECT revision, updated_at FROM head WHERE id = 1").fetchone()
+                stored = db.execute("SELECT name, position, document FROM services").fetchall()
+            finally:
+                if own and db.in_transaction:
+                    db.execute("ROLLBACK")  # read only: nothing to keep
+        except sqlite3.DatabaseError as e:
+            raise StoreError(f"{self.path}: {e}") from None
+        if head is None:
+            raise StoreError(f"{self.path}: the revision row is missing")
+        revision, updated_at = head
+        stored.sort(key=lambda r: r[1])
+        rows: dict[str, _Row] = {}
+        last: tuple[str, int] | None = None
+        for name, position, document in stored:
+            if last is not None and last[1] == position:
+                raise StoreError(f"{self.path}: service rows {last[0]!r} and {name!r} share position {position} "
+                                 f"(revision {revision})")
+            last = (name, position)
+            try:
+                svc = Service.model_validate_json(document)
+            except ValidationError as e:
+                # A row this version refuses (e.g. written by a laxer one): do
+                # not guess, make the operator look.
+                raise StoreError(f"{self.path}: service row {name!r} (revision {revision}) is invalid: {e}") from None
+            if svc.name != name:
+                raise StoreError(f"{self.path}: service row {name!r} (revision {revision}) holds service {svc.name!r}")
+            rows[name] = _Row(svc, document, position)
+        state = DesiredState.model_construct(services=[r.service for r in rows.values()])
+        try:
+            state._unique()  # DesiredState's own whole-set check (see the top of this module)
+        except ValueError as e:
+            raise StoreError(f"{self.path}: stored state (revision {revision}) is invalid: {e}") from None
+        if own:
+            self._rows, self._rows_revision = rows, revision
+        return Record(revision=revision, state=state, updated_at=updated_at)
+
+    # -- writing ------------------------------------------------------------------------
 
     @contextmanager
     def write(self, expected_revision: int, state: DesiredState) -> Iterator[int]:
@@ -110,37 +293,65 @@ class Store:
         db = self._db
         db.execute("BEGIN IMMEDIATE")
         try:
-            (current,) = db.execute("SELECT revision FROM desired WHERE id = 1").fetchone()
+            head = db.execute("SELECT revision FROM head WHERE id = 1").fetchone()
+            if head is None:
+                raise StoreError(f"{self.path}: the revision row is missing")
+            current = head[0]
             if current != expected_revision:
                 raise StaleRevision(f"store is at revision {current}, expected {expected_revision}")
             new_revision = current + 1
-            document = self._document(state)
-            db.execute(
-                "UPDATE desired SET revision = ?, document = ?, updated_at = ? WHERE id = 1",
-                (new_revision, document, time.time()),
-            )
+            rows = self._stage(self._committed(current), state.services)
+            db.execute("UPDATE head SET revision = ?, updated_at = ? WHERE id = 1", (new_revision, time.time()))
             yield new_revision
             db.execute("COMMIT")
         except BaseException:
             if db.in_transaction:
                 db.execute("ROLLBACK")
             raise
+        # Only a committed state becomes the base of the next write.
+        self._rows, self._rows_revision = rows, new_revision
 
-    def _document(self, state: DesiredState) -> str:
-        """``json.dumps(state.model_dump(mode="json"))``, byte for byte, from
-        per-service pieces cached by object: a write that changes one of a
-        thousand services serialises that one (unchanged services are the
-        same objects from one committed state to the next)."""
-        if set(type(state).model_fields) != {"services"}:  # pragma: no cover - a new top-level field
-            return json.dumps(state.model_dump(mode="json"), separators=(",", ":"))
-        pieces: dict[int, tuple[Service, str]] = {}
-        for svc in state.services:
-            hit = self._pieces.get(id(svc))
-            if hit is None or hit[0] is not svc:
-                hit = (svc, json.dumps(svc.model_dump(mode="json"), separators=(",", ":")))
-            pieces[id(svc)] = hit
-        self._pieces = pieces
-        return '{"services":[' + ",".join(piece for _, piece in pieces.values()) + "]}"
+    def _committed(self, revision: int) -> dict[str, _Row]:
+        """The rows of ``revision`` (the one in the file): the cache, unless
+        another connection has committed since; then the file's rows as text."""
+        if self._rows_revision == revision:
+            return self._rows
+        stored = self._db.execute("SELECT name, position, document FROM services").fetchall()
+        return {name: _Row(None, document, position) for name, position, document in stored}
+
+    def _stage(self, old: dict[str, _Row], services: Sequence[Service]) -> dict[str, _Row]:
+        """Write the rows that differ from ``old``; return the new rows."""
+        names = [s.name for s in services]
+        if len(set(names)) != len(names):
+            raise ValueError("a desired state with two services of the same name cannot be stored")
+        new_pos = positions([old[n].position if n in old else None for n in names])
+        rows: dict[str, _Row] = {}
+        inserts: list[tuple[str, int, str]] = []
+        updates: list[tuple[int, str, str]] = []
+        moves: list[tuple[int, str]] = []
+        for svc, pos in zip(services, new_pos):
+            prev = old.get(svc.name)
+            # Unchanged services are the same objects from one committed state
+            # to the next: those are not even serialised.
+            document = prev.document if prev is not None and prev.service is svc else _service_json(svc)
+            rows[svc.name] = _Row(svc, document, pos)
+            if prev is None:
+                inserts.append((svc.name, pos, document))
+            elif prev.document != document:
+                updates.append((pos, document, svc.name))
+            elif prev.position != pos:
+                moves.append((pos, svc.name))
+        db = self._db
+        gone = [(n,) for n in old if n not in rows]
+        if gone:
+            db.executemany("DELETE FROM services WHERE name = ?", gone)
+        if updates:
+            db.executemany("UPDATE services SET position = ?, document = ? WHERE name = ?", updates)
+        if moves:
+            db.executemany("UPDATE services SET position = ? WHERE name = ?", moves)
+        if inserts:
+            db.executemany("INSERT INTO services VALUES (?, ?, ?)", inserts)
+        return rows
 
     def close(self) -> None:
         self._db.close()

@@ -737,8 +737,8 @@ class Datapath:
         if not self.cfg.nexthop_cache or self.t is None:
             return 0
         with self._lock:
-            addrs = {_ip(a) for a in self._by_addr} if full else {
-                _ip(self._backends[b].ident[0]) for b in self._nh_dirty if b in self._backends}
+            texts = self._by_addr if full else {self._backends[b].ident[0] for b in self._nh_dirty if b in self._backends}
+            addrs = {_ip(a) for a in texts}
             ifindexes = {k.value for k in self.tables.ifaces.keys()}
         todo = addrs if full else {a for a in addrs if a not in self._nh_cache}
         resolved: dict[IPAddress, NextHop | None] = {}
@@ -764,24 +764,29 @@ class Datapath:
         """Bring the ``nexthops`` entries of ``bids`` in line with the cache (batched)."""
         clears: list[int] = []
         writes: list[tuple[int, NextHop, int]] = []
+        written, backends, cache = self._nh_written, self._backends, self._nh_cache
+        nh_of: dict[str, NextHop | None] = {}  # per address text: 100,000 slots share few addresses
         for bid in bids:
-            slot = self._backends.get(bid)
+            slot = backends.get(bid)
             if slot is None:  # a freed slot: clear what we wrote for it
-                if self._nh_written.pop(bid, None) is not None:
+                if written.pop(bid, None) is not None:
                     clears.append(bid)
                 continue
-            nh = self._nh_cache.get(_ip(slot.ident[0]))
+            addr = slot.ident[0]
+            if addr not in nh_of:
+                nh_of[addr] = cache.get(_ip(addr))
+            nh = nh_of[addr]
             want = None if nh is None else (nh, slot.gen)
             # "unset" (never written by us, e.g. after a restart) is cleared too.
-            if self._nh_written.get(bid, "unset") == want:
+            if written.get(bid, "unset") == want:
                 continue
             if want is None:
                 clears.append(bid)
             else:
                 writes.append((bid, nh, slot.gen))
-            self._nh_written[bid] = want
+            written[bid] = want
         self.tables.clear_nexthops(clears)
-        self.tables.write_nexthops([(bid, nh.ifindex, gen, nh.mtu, nh.smac, nh.dmac) for bid, nh, gen in writes])
+        self.tables.write_nexthops(writes)
         return len(clears) + len(writes)
 
     # --- recorder: whole-program replacement (l4lb/datapath/recorder.py) -------------

@@ -62,16 +62,22 @@ class Tables:
     def clear_nexthop(self, bid: int) -> None:
         self.nexthops[ct.c_uint32(bid)] = self.nexthops.Leaf()
 
-    def write_nexthops(self, rows: list[tuple[int, int, int, int, bytes, bytes]]) -> None:
-        """write_nexthop for many (bid, ifindex, gen, mtu, smac, dmac) in one batch syscall."""
+    def write_nexthops(self, rows: list[tuple[int, Any, int]]) -> None:
+        """write_nexthop for many (bid, next hop, gen) in one batch syscall; the
+        next hop has ifindex, mtu, smac, dmac (nexthop.NextHop)."""
         if not rows:
             return
         vals = np.zeros(len(rows), dtype=np.dtype(self.nexthops.Leaf))
-        vals["ifindex"] = [r[1] for r in rows]
         vals["gen"] = [r[2] for r in rows]
-        vals["mtu"] = [r[3] for r in rows]
-        vals["smac"] = np.frombuffer(b"".join(bytes(r[4]) for r in rows), dtype=np.uint8).reshape(len(rows), 6)
-        vals["dmac"] = np.frombuffer(b"".join(bytes(r[5]) for r in rows), dtype=np.uint8).reshape(len(rows), 6)
+        # Column by column per distinct next hop: 100,000 slots share a few.
+        hops: dict[Any, list[int]] = {}
+        for i, r in enumerate(rows):
+            hops.setdefault(r[1], []).append(i)
+        for nh, idx in hops.items():
+            vals["ifindex"][idx] = nh.ifindex
+            vals["mtu"][idx] = nh.mtu
+            vals["smac"][idx] = np.frombuffer(bytes(nh.smac), dtype=np.uint8)
+            vals["dmac"][idx] = np.frombuffer(bytes(nh.dmac), dtype=np.uint8)
         libbpf.update_batch(self.nexthops.map_fd, np.array([r[0] for r in rows], dtype=np.uint32), vals,
                             "next hops batch update")
 
