@@ -38,8 +38,15 @@ class BackendChange:
             "action": self.action,
             "address": self.address,
             "port": self.port,
-            "changes": [c.to_dict() for c in self.changes],
+            "changes": _changes_dicts(self.changes),
         }
+
+
+@lru_cache(maxsize=4096)
+def _changes_dicts(changes: tuple[FieldChange, ...]) -> list[dict[str, Any]]:
+    # The same few tuples (from _field_changes) repeat over 100,000 backends; the
+    # shared lists are only ever serialised, never changed.
+    return [c.to_dict() for c in changes]
 
 
 @dataclass(frozen=True)
@@ -103,7 +110,7 @@ def _backend_changes(svc_old: Service, svc_new: Service) -> tuple[BackendChange,
     new = {(b.address, b.port or svc_new.port): b for b in svc_new.backends}
     out: list[BackendChange] = []
     for key in sorted(old.keys() | new.keys(), key=lambda k: (k[0].version, k[0].packed, k[1])):
-        addr, port = key[0].compressed, key[1]
+        addr, port = _compressed(key[0]), key[1]
         a, b = old.get(key), new.get(key)
         if a is None:
             out.append(BackendChange("create", addr, port, _fields(None, b)))
@@ -114,6 +121,11 @@ def _backend_changes(svc_old: Service, svc_new: Service) -> tuple[BackendChange,
             if ch:
                 out.append(BackendChange("update", addr, port, ch))
     return tuple(out)
+
+
+@lru_cache(maxsize=1 << 17)
+def _compressed(addr: Any) -> str:
+    return addr.compressed
 
 
 def _fields(a: Backend | None, b: Backend) -> tuple[FieldChange, ...]:
