@@ -259,24 +259,39 @@ def canonical(state: DesiredState, trusted: Sequence[Service] = ()) -> DesiredSt
 Counters = dict[tuple, tuple[int, int]]  # flat key -> (packets, bytes)
 
 
+class _Sample:
+    """A datapath stats read, flattened only if a rate is ever computed from it:
+    the periodic sample of 100,000 backends is then a few batch reads."""
+
+    def __init__(self, raw: Any) -> None:
+        self._raw: Any = raw
+        self._flat: Counters | None = None
+
+    @property
+    def flat(self) -> Counters:
+        if self._flat is None:
+            self._flat = flatten_stats(self._raw)
+        return self._flat
+
+
 class RateTracker:
     """Keeps the last two samples; a fresh read is rated against the newest one at least
     ``min_age`` old, so rates are over a real interval whatever the request pattern."""
 
     def __init__(self, min_age: float = 1.0) -> None:
         self.min_age = min_age
-        self._prev: tuple[float, Counters] | None = None
-        self._last: tuple[float, Counters] | None = None
+        self._prev: tuple[float, _Sample] | None = None
+        self._last: tuple[float, _Sample] | None = None
 
-    def base(self, now: float) -> tuple[float, Counters] | None:
+    def base(self, now: float) -> tuple[float, _Sample] | None:
         for s in (self._last, self._prev):
             if s is not None and now - s[0] >= self.min_age:
                 return s
         return None
 
-    def observe(self, now: float, counters: Counters) -> None:
+    def observe(self, now: float, sample: _Sample) -> None:
         if self._last is None or now - self._last[0] >= self.min_age:
-            self._prev, self._last = self._last, (now, counters)
+            self._prev, self._last = self._last, (now, sample)
 
 
 # Cached: every stats sample normalises every backend's key again (100,000 of them).
@@ -543,9 +558,8 @@ class Control:
         # Not under the control lock: the datapath serialises its own reads, and a
         # write must not wait for 100,000 counters to be read and flattened.
         now, raw = self._clock(), self._dp.stats()
-        flat = flatten_stats(raw)
         with self._lock:
-            self._rates.observe(now, flat)
+            self._rates.observe(now, _Sample(raw))
 
     def refresh_nexthops(self) -> None:
         """Re-resolve backends' next hops (datapaths without a cache have nothing to do)."""
@@ -555,19 +569,22 @@ class Control:
 
     def stats(self) -> dict[str, Any]:
         """Counters of every desired service/backend and per-reason totals, with rates."""
+        # Read and flatten outside the lock: a write must not wait for 100,000 counters.
+        now, sample = self._clock(), _Sample(self._dp.stats())
+        flat = sample.flat
         with self._lock:
-            now, flat = self._clock(), flatten_stats(self._dp.stats())
             base = self._rates.base(now)
-            self._rates.observe(now, flat)
+            self._rates.observe(now, sample)
             revision, state = self.snapshot()
         interval = (now - base[0]) if base else None
+        then_flat = base[1].flat if base else {}
 
         def entry(key: tuple) -> dict[str, Any]:
             packets, nbytes = flat.get(key, (0, 0))
             out: dict[str, Any] = {"packets": packets, "bytes": nbytes, "pps": None, "bps": None}
             if base:
                 # Not in the base sample: created since, and new counters start at 0.
-                then = base[1].get(key, (0, 0))
+                then = then_flat.get(key, (0, 0))
                 dp, db = packets - then[0], nbytes - then[1]
                 if dp >= 0 and db >= 0:  # a counter reset (slot reused) has no honest rate
                     out["pps"] = round(dp / interval, 3)
@@ -589,8 +606,8 @@ class Control:
 
     def raw_stats(self) -> tuple[DesiredState, Counters]:
         """State and flat counters, for the Prometheus collector."""
-        with self._lock:
-            return self._state, flatten_stats(self._dp.stats())
+        state, raw = self._state, self._dp.stats()  # not under the lock: see stats()
+        return state, flatten_stats(raw)
 
     def status(self) -> dict[str, Any]:
         with self._lock:

@@ -324,13 +324,19 @@ class Store:
         names = [s.name for s in services]
         if len(set(names)) != len(names):
             raise ValueError("a desired state with two services of the same name cannot be stored")
-        new_pos = positions([old[n].position if n in old else None for n in names])
+        old_pos = [old[n].position if n in old else None for n in names]
+        # Same services in the same order (a drain): keep every position as it is.
+        same_order = None not in old_pos and all(a < b for a, b in zip(old_pos, old_pos[1:]))  # type: ignore[operator]
+        new_pos = old_pos if same_order else positions(old_pos)
         rows: dict[str, _Row] = {}
         inserts: list[tuple[str, int, str]] = []
         updates: list[tuple[int, str, str]] = []
         moves: list[tuple[int, str]] = []
         for svc, pos in zip(services, new_pos):
             prev = old.get(svc.name)
+            if prev is not None and prev.service is svc and prev.position == pos:
+                rows[svc.name] = prev  # the same object at the same place: nothing to do
+                continue
             # Unchanged services are the same objects from one committed state
             # to the next: those are not even serialised.
             document = prev.document if prev is not None and prev.service is svc else _service_json(svc)
