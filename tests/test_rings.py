@@ -57,7 +57,7 @@ def table(n: int) -> np.ndarray:
 
 
 def test_written_table_is_what_the_kernel_holds(outer):
-    r = Rings(M, 4)
+    r = Rings(M, 4, spares=0)
     [(idx, must)] = r.reserve(outer, ["a"])
     assert must and list(inner_ids(outer)) == [idx]  # created on demand
     r.write(idx, np.arange(M, dtype=np.uint32), "a")
@@ -66,7 +66,7 @@ def test_written_table_is_what_the_kernel_holds(outer):
 
 
 def test_a_retired_buffer_is_written_again_only_after_a_grace_period(outer):
-    r = Rings(M, 2)
+    r = Rings(M, 2, spares=0)
     [(a, _)] = r.reserve(outer, ["a"])
     r.write(a, table(1), "a")
     r.use(a, None)
@@ -84,7 +84,7 @@ def test_a_retired_buffer_is_written_again_only_after_a_grace_period(outer):
 
 
 def test_going_back_reuses_the_buffer_that_holds_the_table(outer):
-    r = Rings(M, 4)
+    r = Rings(M, 4, spares=0)
     [(a, _)] = r.reserve(outer, ["old"])
     r.write(a, table(1), "old")
     r.use(a, None)
@@ -101,7 +101,7 @@ def test_going_back_reuses_the_buffer_that_holds_the_table(outer):
 
 
 def test_missing_buffers_are_created_in_one_batch_and_capacity_is_a_clear_error(outer):
-    r = Rings(M, 3)
+    r = Rings(M, 3, spares=0)
     places = r.reserve(outer, ["x", "y", "z"])
     assert sorted(i for i, _ in places) == [0, 1, 2] and all(w for _, w in places)
     assert sorted(inner_ids(outer)) == [0, 1, 2]
@@ -113,14 +113,14 @@ def test_missing_buffers_are_created_in_one_batch_and_capacity_is_a_clear_error(
 
 
 def test_recover_maps_existing_buffers_and_waits_before_writing_them(outer):
-    first = Rings(M, 4)
+    first = Rings(M, 4, spares=0)
     places = first.reserve(outer, ["a", "b"])
     for (i, _), n in zip(places, (1, 2)):
         first.write(i, table(n), "ab"[n - 1])
     first.close()
     # A restarted daemon: the entry points at buffer places[0]; the other one
     # may have been in force a moment ago, so it is not writable before a grace period.
-    again = Rings(M, 4)
+    again = Rings(M, 4, spares=0)
     again.recover(outer, [places[0][0]])
     assert again.busy == {places[0][0]}
     assert not again.writable(places[1][0])
@@ -128,3 +128,20 @@ def test_recover_maps_existing_buffers_and_waits_before_writing_them(outer):
     again.grace()
     assert again.writable(places[1][0])
     again.close()
+
+
+def test_spares_are_created_with_the_first_buffers_so_changes_need_no_outer_write(outer):
+    r = Rings(M, 4, spares=2)
+    [(a, _)] = r.reserve(outer, ["a"])
+    assert len(inner_ids(outer)) == 3  # the one needed and two spares, in one batch
+    r.write(a, table(1), "a")
+    r.use(a, None)
+    ids = inner_ids(outer)
+    for name in ("b", "c"):  # two changes within one grace period: no wait, no new buffer
+        [(b, must)] = r.reserve(outer, [name])
+        assert must and r.writable(b)
+        r.write(b, table(2), name)
+        r.use(b, a)
+        a = b
+    assert inner_ids(outer) == ids
+    r.close()

@@ -34,11 +34,14 @@ from l4lb.datapath.config import DatapathError
 
 log = logging.getLogger(__name__)
 
+SPARES = 8  # buffers kept beyond those in force (64 KiB each at M = 16381)
+
 
 class Rings:
-    def __init__(self, m: int, capacity: int) -> None:
+    def __init__(self, m: int, capacity: int, spares: int = SPARES) -> None:
         self.m = m
         self.capacity = capacity  # maglev_outer's max_entries
+        self.spares = spares
         self._maps: dict[int, tuple[mmap.mmap, np.ndarray]] = {}  # outer index -> mapping, view of the u32s
         self.busy: set[int] = set()  # buffers some service entry points at
         self._holds: dict[int, Hashable] = {}  # buffer -> inputs of the table it holds (absent: unknown)
@@ -145,8 +148,11 @@ class Rings:
         if need:
             free = self._spares(taken)
             if len(free) < need:
+                # With `spares` more: a change takes a writable spare and retires the
+                # buffer it replaces, so this many changes within one grace period
+                # (~10-15 ms) go through without waiting or creating.
                 unused = [i for i in range(self.capacity) if i not in self._maps]
-                free += self._create(outer_fd, unused[:need - len(free)])
+                free += self._create(outer_fd, unused[:need - len(free) + self.spares])
             if len(free) < need:
                 t0 = time.perf_counter()
                 self.grace()
