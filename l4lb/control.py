@@ -274,6 +274,32 @@ class _Sample:
         return self._flat
 
 
+class _Background:
+    """Runs ``fn`` in one long-lived thread, once per kick() (kicks while it runs
+    coalesce). Errors are logged; the next kick tries again."""
+
+    def __init__(self, fn: Callable[[], Any], name: str) -> None:
+        self._fn = fn
+        self._name = name
+        self._kicked = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def kick(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
+            self._thread.start()
+        self._kicked.set()
+
+    def _run(self) -> None:
+        while True:
+            self._kicked.wait()
+            self._kicked.clear()
+            try:
+                self._fn()
+            except Exception:  # noqa: BLE001 - upkeep must not die
+                log.exception("%s failed", self._name)
+
+
 class RateTracker:
     """Keeps the last two samples; a fresh read is rated against the newest one at least
     ``min_age`` old, so rates are over a real interval whatever the request pattern."""
@@ -360,6 +386,9 @@ class Control:
         self.interfaces: dict[str, str] = {}  # attached interface -> XDP mode used
         self.apply_metrics = ApplyMetrics()
         self._rates = RateTracker()
+        # Neighbour/next-hop upkeep of new backends runs after the answer (Datapath.settle).
+        settle = getattr(datapath, "settle", None)
+        self._settle = _Background(settle, "l4lb-settle") if settle is not None else None
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -655,7 +684,10 @@ class Control:
             with self._store.write(self._revision, new) as revision:
                 staged = True
                 t1 = time.monotonic()
-                self._dp.apply(new.services)
+                if self._settle is not None:
+                    self._dp.apply(new.services, settle=False)  # type: ignore[call-arg]
+                else:
+                    self._dp.apply(new.services)
                 t2 = time.monotonic()
                 if self._hook is not None:
                     self._hook()
@@ -679,6 +711,8 @@ class Control:
                   + (f" [{dp.summary()}]" if hasattr(dp, "summary") else ""))
         log.info("revision %d applied in %.3fs (%s): %s", revision, took, phases,
                  ", ".join(f"{k}={v}" for k, v in s.items() if v))
+        if self._settle is not None:
+            self._settle.kick()
         return Committed(revision, True, plan, new)
 
     def _restore(self, old: DesiredState) -> None:

@@ -349,3 +349,32 @@ def test_detach_removes_xdp_and_keeps_maps(lab: DaemonLab) -> None:
     lab.start()
     assert lab.xdp_prog_id("lbt0a") is not None
     assert config_maps(lab) == maps
+
+
+def test_new_backends_get_neighbour_and_next_hop_after_the_answer(lab: DaemonLab) -> None:
+    """The daemon answers once the service is in the maps and fills the next-hop
+    cache of new backends right after (Datapath.settle), without another request."""
+    running(lab)
+    lab.nsexec("ip", "addr", "replace", "192.0.2.254/24", "dev", "lbt0a")
+    lab.nsexec("ip", "neigh", "replace", "192.0.2.77", "lladdr", "02:00:00:00:00:77", "dev", "lbt0a",
+               "nud", "permanent")
+    mac = bytes.fromhex("020000000077")
+
+    def cached() -> bool:
+        # struct nh_info: ifindex, gen, mtu (u32 each), smac[6], dmac[6]
+        return any(v[18:24] == mac and int.from_bytes(v[4:8], "little") for v in lab.dump_maps()["nexthops"].values())
+
+    def neighbour(addr: str) -> str:
+        return lab.nsexec("ip", "neigh", "show", addr, "dev", "lbt0a").stdout.strip()
+
+    assert not cached() and neighbour("192.0.2.78") == ""
+    with lab.client() as c:
+        r = c.put("/v1/services/nh", json={"vip": "198.51.100.11", "port": 80,
+                                          "backends": [{"address": "192.0.2.77"}, {"address": "192.0.2.78"}]})
+        assert r.status_code == 201, r.text
+        try:
+            wait_for(cached, what="the next-hop entry of the backend with a known neighbour")
+            # The other one has no neighbour yet: the daemon makes the kernel resolve it.
+            wait_for(lambda: neighbour("192.0.2.78") != "", what="a neighbour entry for the new backend")
+        finally:
+            assert c.delete("/v1/services/nh").status_code == 204
