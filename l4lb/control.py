@@ -672,6 +672,9 @@ class Control:
     def _commit(self, new: DesiredState, *, dry_run: bool = False) -> Committed:
         old = self._state
         p0 = time.monotonic()
+        prefetch = getattr(self._dp, "prefetch", None)
+        if prefetch is not None and not dry_run:
+            prefetch(new.services)  # Maglev tables build while we diff and stage
         plan = diff(old, new)
         if dry_run:
             return Committed(self._revision, not plan.empty, plan, old, dry_run=True)

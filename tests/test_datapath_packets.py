@@ -570,3 +570,23 @@ def test_a_drain_writes_no_outer_slot_and_waits_for_no_grace_period(env):
         for sport in range(3000, 3040):
             v, out, _ = env.run(frame(CLIENT4, VIP4, TCP(sport=sport, dport=90, flags="S")))
             assert Ether(out)[IP].dst == expected_backend(state, CLIENT4, sport)
+
+
+def test_prefetched_tables_are_used_by_the_apply_and_are_the_right_ones(env, monkeypatch):
+    """A bulk change builds its Maglev tables ahead (while the daemon diffs and
+    stages); the apply then builds nothing and packets go where Python says."""
+    from l4lb.datapath import engine
+
+    services = [svc(f"pf{i}", VIP4, 2000 + i, B4[i % 5:i % 5 + 3]) for i in range(20)]
+    env.call(env.dp.prefetch, services)
+    assert env.dp._prefetched is not None, "20 new tables should be prefetched"
+    env.dp._prefetched[1].join()
+    jobs: list[int] = []
+    real = engine.maglev.build_many
+    monkeypatch.setattr(engine.maglev, "build_many", lambda ws, m, seed: (jobs.append(len(ws)), real(ws, m, seed))[1])
+    env.apply(services)
+    assert sum(jobs) == 0 and env.dp._prefetched is None
+    for s in services[::4]:
+        for sport in range(5000, 5010):
+            v, out, _ = env.run(frame(CLIENT4, VIP4, TCP(sport=sport, dport=s.port, flags="S")))
+            assert v == XDP_TX and Ether(out)[IP].dst == expected_backend(s, CLIENT4, sport)

@@ -158,6 +158,7 @@ class Datapath:
         # buffer each service id's table is in force in (the entry's ring).
         self._svc_entry: dict[ServiceKey, tuple[int, int]] = {}
         self._keys: dict[int, ServiceKey] = {}
+        self._prefetched: tuple[bytes, threading.Thread, dict[tuple[Any, ...], maglev.MaglevTable]] | None = None
         self._labels: tuple[list[tuple[ServiceKey, int]], list[tuple[int, _BackendSlot]]] | None = None
         self._keys_held: list[Service] = []
         self._ring: dict[int, int] = {}
@@ -525,12 +526,51 @@ class Datapath:
     def _flags(svc: Service) -> int:
         return (SVC_F_DNAT if svc.options.l4_dnat else 0) | (0 if svc.options.hash_src_port else SVC_F_NO_SPORT)
 
+    def prefetch(self, services: Sequence[Service]) -> None:
+        """Start building the Maglev tables that applying ``services`` will need,
+        in the worker processes and a background thread, so that they build while
+        the caller diffs and stages the change (a 1,000-service PUT). The next
+        apply takes them; tables are a pure function of (weights, M, seed), so a
+        prefetch that turns out useless costs only CPU. Small changes skip it."""
+        with self._lock:
+            seed, m = self.cfg.maglev_seed, self.cfg.maglev_m
+            done, keys = dict(self._done), self._keys
+        todo = []
+        for s in services:
+            if done.get(keys.get(id(s)) or s.key) is s:
+                continue
+            w = tuple(sorted(s.maglev_weights().items()))  # = _table_inputs(...)[0]
+            if (seed, w) not in self._built:
+                todo.append(w)
+        todo = list(dict.fromkeys(todo))
+        if len(todo) < maglev.PARALLEL_MIN:
+            return
+        results: dict[tuple[Any, ...], maglev.MaglevTable] = {}
+
+        def build() -> None:
+            try:
+                for w, table in zip(todo, maglev.build_many([dict(w) for w in todo], m, seed)):
+                    results[w] = table
+            except Exception as e:  # noqa: BLE001 - the apply builds what is missing
+                log.warning("Maglev prefetch failed: %s", e)
+
+        thread = threading.Thread(target=build, name="l4lb-maglev-prefetch", daemon=True)
+        thread.start()
+        self._prefetched = (seed, thread, results)
+
     def _tables_for(self, weights: list[tuple[Any, ...]]) -> Generator[maglev.MaglevTable, None, None]:
-        """The Maglev table for each weights tuple, in order: recently built ones
-        from a small cache (a drain's undo, a rollback, services with the same
-        backends), the others built (by worker processes when there are many)."""
+        """The Maglev table for each weights tuple, in order: prefetched ones,
+        recently built ones from a small cache (a drain's undo, a rollback,
+        services with the same backends), the others built (by worker processes
+        when there are many)."""
         seed = self.cfg.maglev_seed
         have = {k: self._built[(seed, k)] for k in weights if (seed, k) in self._built}
+        if self._prefetched is not None:
+            pseed, thread, results = self._prefetched
+            self._prefetched = None
+            thread.join()
+            if pseed == seed:
+                have.update((k, results[k]) for k in weights if k in results)
         missing = list(dict.fromkeys(k for k in weights if k not in have))
         fresh = maglev.build_many([dict(k) for k in missing], self.cfg.maglev_m, seed)
         try:
