@@ -32,6 +32,7 @@ from pydantic import ValidationError
 
 from l4lb.models import Backend, BackendState, DesiredState, FieldError, IPAddress, Service
 from l4lb.plan import Plan, diff
+from l4lb.background import Background
 from l4lb.store import Record, Store
 
 log = logging.getLogger("l4lbd.control")
@@ -274,32 +275,6 @@ class _Sample:
         return self._flat
 
 
-class _Background:
-    """Runs ``fn`` in one long-lived thread, once per kick() (kicks while it runs
-    coalesce). Errors are logged; the next kick tries again."""
-
-    def __init__(self, fn: Callable[[], Any], name: str) -> None:
-        self._fn = fn
-        self._name = name
-        self._kicked = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def kick(self) -> None:
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
-            self._thread.start()
-        self._kicked.set()
-
-    def _run(self) -> None:
-        while True:
-            self._kicked.wait()
-            self._kicked.clear()
-            try:
-                self._fn()
-            except Exception:  # noqa: BLE001 - upkeep must not die
-                log.exception("%s failed", self._name)
-
-
 class RateTracker:
     """Keeps the last two samples; a fresh read is rated against the newest one at least
     ``min_age`` old, so rates are over a real interval whatever the request pattern."""
@@ -388,7 +363,7 @@ class Control:
         self._rates = RateTracker()
         # Neighbour/next-hop upkeep of new backends runs after the answer (Datapath.settle).
         settle = getattr(datapath, "settle", None)
-        self._settle = _Background(settle, "l4lb-settle") if settle is not None else None
+        self._settle = Background(settle, "l4lb-settle") if settle is not None else None
 
     # -- lifecycle -----------------------------------------------------------------
 

@@ -29,6 +29,7 @@ from collections.abc import Hashable, Sequence
 
 import numpy as np
 
+from l4lb.background import Background
 from l4lb.datapath import libbpf
 from l4lb.datapath.config import DatapathError
 
@@ -54,8 +55,7 @@ class Rings:
         self._retired: dict[int, int] = {}
         self._safe = 0
         self._grace_lock = threading.Lock()
-        self._bg: threading.Thread | None = None
-        self._kick = threading.Event()
+        self._bg = Background(self._grace_all, "l4lb-rcu-grace")
         self.waited = 0.0  # seconds callers spent waiting for grace periods
 
     # --- grace periods ---------------------------------------------------------------------
@@ -77,21 +77,13 @@ class Rings:
 
     def grace_soon(self) -> None:
         """grace() in a background thread: the caller answers now, and the
-        buffers it retired become writable for the next change. (One thread,
-        started once: starting a thread per change cost a drain ~1 ms.)"""
-        if not self.pending():
-            return
-        if self._bg is None:
-            self._bg = threading.Thread(target=self._background, name="l4lb-rcu-grace", daemon=True)
-            self._bg.start()
-        self._kick.set()
+        buffers it retired become writable for the next change."""
+        if self.pending():
+            self._bg.kick()
 
-    def _background(self) -> None:
-        while True:
-            self._kick.wait()
-            self._kick.clear()
-            while self.pending():
-                self.grace()
+    def _grace_all(self) -> None:
+        while self.pending():
+            self.grace()
 
     # --- which buffer is in force -------------------------------------------------------------
     def recover(self, outer_fd: int, in_force: Sequence[int]) -> None:
