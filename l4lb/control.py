@@ -363,7 +363,9 @@ class Control:
         self._rates = RateTracker()
         # Neighbour/next-hop upkeep of new backends runs after the answer (Datapath.settle).
         settle = getattr(datapath, "settle", None)
-        self._settle = Background(settle, "l4lb-settle") if settle is not None else None
+        self._writes = 0  # writes in progress: background upkeep waits for them (see _pause)
+        self._settle = (Background(lambda: settle(pause=self._pause), "l4lb-settle")
+                        if settle is not None else None)
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -644,7 +646,21 @@ class Control:
 
     # -- internals ----------------------------------------------------------------------
 
+    def _pause(self) -> None:
+        """Let writes go first (bounded: upkeep must progress under a write storm)."""
+        for _ in range(200):
+            if not self._writes:
+                return
+            time.sleep(0.005)
+
     def _commit(self, new: DesiredState, *, dry_run: bool = False) -> Committed:
+        self._writes += 1
+        try:
+            return self._commit_inner(new, dry_run=dry_run)
+        finally:
+            self._writes -= 1
+
+    def _commit_inner(self, new: DesiredState, *, dry_run: bool = False) -> Committed:
         old = self._state
         p0 = time.monotonic()
         prefetch = getattr(self._dp, "prefetch", None)

@@ -26,7 +26,7 @@ import os
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Generator, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
@@ -54,6 +54,7 @@ CFG_F_SRC_PREFIX6 = 2
 PROTO = {"tcp": 6, "udp": 17}
 PROTO_NAME = {6: "tcp", 17: "udp"}
 SWAP_CHUNK = 256  # services whose tables are written before their entries are
+SETTLE_CHUNK = 32  # addresses per pyroute2 round in settle(), between pauses
 BUILT_CACHE = 32  # recently built Maglev tables kept (64 KiB each at M = 16381)
 
 ServiceKey = tuple[str, int, str]          # (vip exploded, port, "tcp"/"udp")
@@ -306,19 +307,26 @@ class Datapath:
         if settle:
             self.settle()
 
-    def settle(self) -> None:
+    def settle(self, pause: Callable[[], None] | None = None) -> None:
         """Neighbour entries and next-hop cache entries for what applies added.
         Packets do not depend on it: until it has run they take the FIB path
         (bpf_fib_lookup), and an unresolved neighbour goes through the kernel,
         which resolves it. So the daemon runs it right after answering, and a
-        100,000-backend PUT does not wait for it (~0.5 s)."""
+        100,000-backend PUT does not wait for it (~0.5 s). The work is pyroute2
+        Python that would slow requests down through the GIL, so it goes in
+        small chunks and ``pause()`` runs between them (the daemon's waits
+        while a write is in progress)."""
         with self._lock:
             addrs, self._unsettled = self._unsettled, set()
             timing = self.last_timings
         t1 = time.perf_counter()
-        self._neighbours(addrs)
+        todo = sorted(addrs, key=lambda a: (a.version, a.packed))
+        for i in range(0, len(todo), SETTLE_CHUNK):
+            if pause is not None:
+                pause()
+            self._neighbours(set(todo[i:i + SETTLE_CHUNK]))
         t2 = time.perf_counter()
-        self.refresh_nexthops(full=False)
+        self.refresh_nexthops(full=False, pause=pause)
         t3 = time.perf_counter()
         timing.neighbours, timing.nexthops = t2 - t1, t3 - t2
         timing.total += t3 - t1
@@ -828,7 +836,7 @@ class Datapath:
                 self._attached.pop(name, None)
 
     # --- next hops (NEXTHOP_CACHE) -------------------------------------------------------
-    def refresh_nexthops(self, full: bool = True) -> int:
+    def refresh_nexthops(self, full: bool = True, pause: Callable[[], None] | None = None) -> int:
         """Resolve backends' next hops from the kernel and write the ``nexthops``
         map; returns how many entries changed. ``full=False`` handles the slots
         an apply changed, resolving only addresses not seen before; the daemon
@@ -846,9 +854,13 @@ class Datapath:
         todo = addrs if full else {a for a in addrs if a not in self._nh_cache}
         resolved: dict[IPAddress, NextHop | None] = {}
         if todo:
+            order = sorted(todo, key=lambda a: (a.version, a.packed))
             try:
                 with IPRoute() as ipr:
-                    resolved = nexthop.resolve(ipr, todo, ifindexes)
+                    for i in range(0, len(order), SETTLE_CHUNK):
+                        if pause is not None:
+                            pause()
+                        resolved.update(nexthop.resolve(ipr, order[i:i + SETTLE_CHUNK], ifindexes))
             except Exception as e:  # noqa: BLE001 - the FIB path still forwards
                 log.warning("next-hop refresh failed: %s", e)
                 return 0

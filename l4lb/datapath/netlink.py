@@ -127,6 +127,9 @@ def ensure_neighbours(ipr: IPRoute, addrs: list[ipaddress.IPv4Address | ipaddres
     backends (managed entries), so bpf_fib_lookup rarely says NO_NEIGH.
     Returns how many entries were created. Best effort: logs, never raises."""
     created = 0
+    # One neighbour dump per (family, interface), not one per backend: pyroute2
+    # parses every entry of a dump in Python, and this runs beside API requests.
+    known: dict[tuple[int, int], dict[str, int]] = {}
     for addr in addrs:
         try:
             routes = ipr.route("get", dst=str(addr))
@@ -141,12 +144,18 @@ def ensure_neighbours(ipr: IPRoute, addrs: list[ipaddress.IPv4Address | ipaddres
         if oif is None or isinstance(gw, dict):
             continue
         family = 10 if ":" in str(gw) else 2
-        existing = [n for n in ipr.get_neighbours(family=family, ifindex=oif) if n.get_attr("NDA_DST") == str(gw)]
-        if any(n["state"] & NUD_VALID for n in existing):
+        table = known.get((family, oif))
+        if table is None:
+            table = known[(family, oif)] = {}
+            for n in ipr.get_neighbours(family=family, ifindex=oif):
+                dst = n.get_attr("NDA_DST")
+                table[dst] = table.get(dst, 0) | n["state"]
+        if table.get(str(gw), 0) & NUD_VALID:
             continue
         try:
             ipr.neigh("replace", dst=str(gw), ifindex=oif, family=family, state=0x01,
                       NDA_FLAGS_EXT=NTF_EXT_MANAGED)
+            table[str(gw)] = NUD_VALID  # done: other backends behind this gateway need nothing
             created += 1
         except NetlinkError as e:
             log.warning("cannot add managed neighbour %s on ifindex %s: %s", gw, oif, e)
