@@ -5,9 +5,10 @@ Method A: one BPF_PROG_TEST_RUN with repeat=N on a bench-only build that
 undoes its own encapsulation after XDP_TX, so every pass forwards (NOTES.md:
 the repeat trap). Method B: N calls with repeat=1 on the production build,
 mean of the kernel-reported durations (includes timer overhead).
-Floor programs (XDP_TX, bare IPIP, bare IP6IP6, one FIB lookup, one flow-table
-write) are measured in the same run, and so is the build that asks the FIB for
-every packet instead of the daemon-kept next-hop cache.
+Floor programs (XDP_TX, bare IPIP, bare IP6IP6, one FIB lookup, one write of
+l4lb's flow cache, one kernel LRU-hash write for comparison) are measured in
+the same run, and so is the build that asks the FIB for every packet instead
+of the daemon-kept next-hop cache.
 Run as root: `make bench` or `.venv/bin/python bench/datapath.py`.
 """
 
@@ -31,7 +32,8 @@ from l4lb.models import Service  # noqa: E402
 VIP4, VIP6 = "198.51.100.1", "2001:db8:100::1"
 REPEAT_A = 200_000
 CALLS_B = 20_000
-FLOORS = ("floor_tx", "floor_ipip", "floor_ip6ip6", "floor_fib", "floor_lru", "floor_lru_new")
+FLOORS = ("floor_tx", "floor_ipip", "floor_ip6ip6", "floor_fib", "floor_flow", "floor_flow_new",
+          "floor_lru", "floor_lru_new")
 
 
 def packets() -> dict[str, bytes]:
@@ -56,12 +58,18 @@ def method_b(env: PacketEnv, fd: int, pkt: bytes) -> float:
     return statistics.mean(env.call(loop))
 
 
-def floors(env: PacketEnv, undo: bool) -> dict[str, int]:
+def floors(env: PacketEnv, undo: bool) -> tuple[dict[str, int], object]:
     from bcc import BPF
 
-    from l4lb.datapath.source import bpf_src_dir
+    from l4lb.datapath.loader import flow_cflags
+    from l4lb.datapath.source import assemble
 
-    b = BPF(src_file=str(bpf_src_dir() / "bench_floor.c").encode(), cflags=["-DBENCH_UNDO"] if undo else [])
+    # The flow-cache floors include the datapath's headers: its maps go to a
+    # pin directory of their own, the flow table at l4lb's size.
+    pin_dir = env.cfg.bpffs / "bench-floor-maps"
+    pin_dir.mkdir(exist_ok=True)
+    cflags = [f'-DPIN_DIR="{pin_dir}"', *flow_cflags(env.cfg.flow_table_size)]
+    b = BPF(text=assemble("bench_floor.c").encode(), cflags=cflags + (["-DBENCH_UNDO"] if undo else []))
     return {name: b.load_func(name.encode(), BPF.XDP).fd for name in FLOORS}, b
 
 
@@ -99,7 +107,7 @@ def main() -> None:
             v4 = pk["v4 SYN"]
             v6 = pk["v6 SYN"]
             for name, p in (("floor_tx", v4), ("floor_ipip", v4), ("floor_ip6ip6", v6), ("floor_fib", v4),
-                          ("floor_lru", v4), ("floor_lru_new", v4)):
+                            ("floor_flow", v4), ("floor_flow_new", v4), ("floor_lru", v4), ("floor_lru_new", v4)):
                 rows.append((f"floor {name[6:]}", method_a(env, fa[name], p), method_b(env, fb[name], p)))
             ipip_a = next(r[1] for r in rows if r[0] == "floor ipip")
             print(f"\nDatapath: ns/packet, 100-backend service, M={env.dp.cfg.maglev_m}, "

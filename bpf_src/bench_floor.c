@@ -6,6 +6,9 @@
 #include <linux/if_ether.h>
 #include <linux/ip.h>
 #include <linux/ipv6.h>
+/* The datapath's own flow cache (and so its maps, pinned in a bench-only
+ * PIN_DIR): bench/datapath.py assembles this file like the loader does. */
+#include "lib/flowcache.h"
 
 int floor_tx(struct xdp_md *ctx)
 {
@@ -129,4 +132,47 @@ int floor_lru_new(struct xdp_md *ctx)
         return XDP_ABORTED;
     *seq += 1;
     return lru_write(*seq);
+}
+
+/* What one flow-cache write costs on its own: a 6-word jhash of the key
+ * (l4lb's Maglev hash, which the cache reuses; counted here so the floor is
+ * comparable with floor_lru, whose kernel hash covers the key), flow_locate
+ * and flow_cache_put (bucket lookup, lock, 8-way scan, write), on a table of
+ * the loader's size. floor_flow rewrites one key (l4lb's SYN row under
+ * repeat>1); floor_flow_new writes a new key every pass (new flows, each in
+ * a random bucket: cache misses, like floor_lru_new). The salt comes from a
+ * map so the compiler cannot fold the hash. */
+static __always_inline int flow_write(__u32 salt)
+{
+    struct flow_key k = {};
+    k.src[0] = 0x0700710cb ^ salt;
+    k.dst[0] = 0x016433c6;
+    k.sport = 33333;
+    k.dport = 80;
+    k.proto = 6;
+    k.family = 4;
+    __u32 w[6] = { k.src[0], k.src[1], k.src[2], k.src[3], ((__u32)k.sport << 16) | k.dport, k.proto };
+    struct flow_pos pos;
+    flow_locate(&k, jhash_6words(w, 0), &pos);
+    flow_cache_put(&pos, &k, 7, 1);
+    return XDP_TX;
+}
+
+int floor_flow(struct xdp_md *ctx)
+{
+    __u32 zero = 0;
+    __u32 *seq = floor_seq.lookup(&zero);
+    if (!seq)
+        return XDP_ABORTED;
+    return flow_write(*seq);
+}
+
+int floor_flow_new(struct xdp_md *ctx)
+{
+    __u32 zero = 0;
+    __u32 *seq = floor_seq.lookup(&zero);
+    if (!seq)
+        return XDP_ABORTED;
+    *seq += 1;
+    return flow_write(*seq);
 }

@@ -68,7 +68,7 @@ class DatapathSection(_Section):
     # Map capacities are compile-time sizes: they change only with a restart.
     max_services: int = Field(default=1024, ge=1, le=65536)
     max_backends: int = Field(default=65536, ge=1, le=1 << 22)
-    flow_table_size: int = Field(default=1 << 20, ge=1024, le=1 << 26)
+    flow_table_size: int = Field(default=1 << 20, ge=1024, le=1 << 26)  # a power of two
     icmp_rate: int = Field(default=1000, ge=0, le=1_000_000)
     # "cache": next hops from a map the daemon keeps from routes and neighbours
     # (saves a FIB lookup per packet; the FIB is still asked when the cache has
@@ -107,6 +107,15 @@ class DatapathSection(_Section):
     def _m(cls, v: int) -> int:
         if v not in MAGLEV_SIZES:
             raise ValueError(f"{v} is not an allowed Maglev table size; use one of {', '.join(map(str, MAGLEV_SIZES))}")
+        return v
+
+    @field_validator("flow_table_size")
+    @classmethod
+    def _flow_table_size(cls, v: int) -> int:
+        # The flow table is buckets of 8 ways, and the bucket count a power of two.
+        if v & (v - 1):
+            lo = 1 << (v.bit_length() - 1)
+            raise ValueError(f"{v} is not a power of two (the flow table is set-associative); use {lo} or {lo * 2}")
         return v
 
     @field_validator("maglev_seed")

@@ -4,7 +4,8 @@
  *   MAGLEV_M          Maglev table size (prime)
  *   MAX_SERVICES      service slots (also Maglev outer map size)
  *   MAX_BACKENDS      (service, backend) slots; id 0 is reserved for "none"
- *   FLOW_TABLE_SIZE   LRU connection table entries
+ *   FLOW_TABLE_SIZE   flow table entries (a power of two, see maps.h);
+ *   FLOW_WAYS, FLOW_BUCKETS  its ways per bucket and buckets (powers of two)
  *   MAX_IFACES        attached NICs (devmap slots)
  *   PIN_DIR           bpffs directory the maps are pinned in
  *   BENCH_UNDO        bench-only: undo our own encapsulation after XDP_TX so

@@ -3,6 +3,7 @@
 #include "lib/maps.h"
 #include "lib/parse.h"
 #include "lib/jhash.h"
+#include "lib/flowcache.h"
 
 L4LB_INLINE struct svc_info *service_lookup(struct pkt *p)
 {
@@ -38,16 +39,27 @@ L4LB_INLINE void flow_key_of(struct pkt *p, struct flow_key *fk)
     fk->pad = 0;
 }
 
+/* The flow table's key hash: flow_hash() always with the client port, so one
+ * client's connections spread over buckets even with client-IP affinity. For
+ * the other services that is the Maglev hash already computed: reused. */
+L4LB_INLINE __u32 flow_key_hash(struct pkt *p, struct svc_info *svc, __u32 hash)
+{
+    if (!(svc->flags & SVC_F_NO_SPORT))
+        return hash;
+    __u32 zero = 0;
+    struct lb_config *cfg = config.lookup(&zero);
+    return flow_hash(p, 0, cfg ? cfg->hash_seed : 0);
+}
+
 /* A flow entry is honoured only if its backend slot still belongs to this
  * service, is the same allocation (gen) and is not in maintenance. */
-L4LB_INLINE struct backend_info *flow_backend(struct flow_key *fk, __u32 svc_id, __u32 *id_out)
+L4LB_INLINE struct backend_info *flow_backend(struct flow_pos *pos, struct flow_key *fk, __u32 svc_id, __u32 *id_out)
 {
-    struct flow_value *fv = flows.lookup(fk);
-    if (!fv)
+    __u32 id = 0, gen = 0;
+    if (!flow_cache_get(pos, fk, &id, &gen))
         return 0;
-    __u32 id = fv->backend_id;
     struct backend_info *be = backends.lookup(&id);
-    if (!be || !be->family || be->gen != fv->gen || be->svc_id != svc_id || (be->flags & BE_F_DOWN))
+    if (!be || !be->family || be->gen != gen || be->svc_id != svc_id || (be->flags & BE_F_DOWN))
         return 0;
     *id_out = id;
     return be;
@@ -74,22 +86,23 @@ L4LB_INLINE struct backend_info *maglev_backend(struct svc_info *svc, __u32 hash
 
 /* Pick the backend for this packet: established flows keep theirs (drained
  * backends keep serving them), new flows (SYN, or unknown) go by Maglev and
- * are remembered. */
+ * are remembered. `hash` is flow_hash(p, svc->flags, seed). */
 L4LB_INLINE struct backend_info *choose_backend(struct pkt *p, struct svc_info *svc, __u32 hash, __u32 *id_out)
 {
     struct flow_key fk;
     flow_key_of(p, &fk);
+    struct flow_pos pos;
+    flow_locate(&fk, flow_key_hash(p, svc, hash), &pos);
     int is_syn = p->proto == IPPROTO_TCP && (p->tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN;
     struct backend_info *be;
     if (!is_syn) {
-        be = flow_backend(&fk, svc->id, id_out);
+        be = flow_backend(&pos, &fk, svc->id, id_out);
         if (be)
             return be;
     }
     be = maglev_backend(svc, hash, id_out);
     if (!be)
         return 0;
-    struct flow_value fv = { .backend_id = *id_out, .gen = be->gen };
-    flows.update(&fk, &fv);
+    flow_cache_put(&pos, &fk, *id_out, be->gen);
     return be;
 }

@@ -32,6 +32,7 @@ struct backend_info {
     __u32 gen;        /* bumped on every allocation; flow entries must match it */
 };
 
+/* 8-byte aligned: the flow cache compares and copies keys as five u64s. */
 struct flow_key {
     __u32 src[4];
     __u32 dst[4];
@@ -40,11 +41,42 @@ struct flow_key {
     __u8 proto;
     __u8 family;
     __u16 pad;
+} __attribute__((aligned(8)));
+
+/* The flow table is a set-associative cache of our own (lib/flowcache.h), not
+ * a kernel LRU hash: a SYN costs one bucket write instead of an LRU node
+ * allocation. FLOW_TABLE_SIZE = FLOW_BUCKETS * FLOW_WAYS, both powers of two
+ * (the loader passes them). It is global, not per-CPU (veth runs XDP on the
+ * sender's CPU, so flows move between CPUs): each bucket has a lock word. */
+#ifndef FLOW_WAYS
+#define FLOW_WAYS 8
+#endif
+#ifndef FLOW_BUCKETS
+#define FLOW_BUCKETS (FLOW_TABLE_SIZE / FLOW_WAYS)
+#endif
+
+/* Way tags: 0 = empty; else bits 15..2 of the key hash | FLOW_TAG_USED, plus
+ * FLOW_TAG_EST once a non-SYN packet hit the way (else it is embryonic). */
+#define FLOW_TAG_USED 1U
+#define FLOW_TAG_EST 2U
+
+struct flow_way {
+    struct flow_key key;
+    __u32 backend_id;
+    __u32 gen;        /* backend_info.gen the entry was made for */
 };
 
-struct flow_value {
-    __u32 backend_id;
-    __u32 gen;
+/* Everything an eviction scan reads sits in the first 64 bytes: lock, tags
+ * and last-used times of all ways; then the ways (48 bytes each: 56 bytes per
+ * entry with the header). Tags are 16 bits so that 8 ways fit that line; a
+ * tag only filters, the full key decides. */
+struct flow_bucket {
+    __u64 lock;               /* odd while a CPU holds the bucket; +2 per hold (cmpxchg/xchg) */
+    __u16 tag[FLOW_WAYS];
+    __u32 used[FLOW_WAYS];    /* bpf_jiffies64() when last written or hit; ages compare mod 2^32 */
+    __u32 scratch;            /* flow_cache_put's choice, while it holds the lock */
+    __u32 pad;
+    struct flow_way way[FLOW_WAYS];
 };
 
 #define CFG_F_SRC_PREFIX4 (1U << 0)  /* outer v4 source = prefix | flow-hash bits */
@@ -121,7 +153,7 @@ BPF_F_TABLE("array", int, __u32, maglev_inner, MAGLEV_M, BPF_F_MMAPABLE); /* fil
 BPF_TABLE_PINNED("array_of_maps$maglev_inner", int, int, maglev_outer, 2 * MAX_SERVICES, PIN_DIR "/maglev_outer");
 BPF_TABLE_PINNED("array", __u32, struct backend_info, backends, MAX_BACKENDS, PIN_DIR "/backends");
 BPF_TABLE_PINNED("array", __u32, struct nh_info, nexthops, MAX_BACKENDS, PIN_DIR "/nexthops");
-BPF_TABLE_PINNED("lru_hash", struct flow_key, struct flow_value, flows, FLOW_TABLE_SIZE, PIN_DIR "/flows");
+BPF_TABLE_PINNED("array", __u32, struct flow_bucket, flows, FLOW_BUCKETS, PIN_DIR "/flows");
 BPF_TABLE_PINNED("array", __u32, struct lb_config, config, 1, PIN_DIR "/config");
 BPF_TABLE_PINNED("hash", __u32, struct if_info, ifaces, MAX_IFACES, PIN_DIR "/ifaces");
 /* Not pinned: rebuilt from the configured interfaces before every attach. */

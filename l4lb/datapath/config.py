@@ -20,7 +20,7 @@ class DatapathConfig:
     maglev_seed: bytes = b"l4lb-default"          # 12 bytes; same seed => same tables on every box
     max_services: int = 1024
     max_backends: int = 65536                     # (service, backend) pairs
-    flow_table_size: int = 1 << 20                # LRU connection table entries
+    flow_table_size: int = 1 << 20                # flow table entries, a power of two (8-way buckets)
     outer_src_v4: ipaddress.IPv4Network | None = None   # prefix + flow-hash bits as outer source
     outer_src_v6: ipaddress.IPv6Network | None = None
     icmp_rate: int = 1000                         # too-big replies per second per CPU

@@ -18,6 +18,7 @@ log = logging.getLogger(__name__)
 BPF_FS_MAGIC = 0xCAFE4A11
 ENTRY = "l4lb.c"
 FUNC = "l4lb_xdp"
+FLOW_WAYS = 8  # ways per flow-table bucket (bpf_src/lib/flowcache.h)
 
 
 class _Statfs(ct.Structure):
@@ -32,13 +33,21 @@ def is_bpffs(path: Path) -> bool:
     return (buf.f_type & 0xFFFFFFFF) == BPF_FS_MAGIC
 
 
+def flow_cflags(flow_table_size: int) -> list[str]:
+    """The flow table's geometry: buckets of FLOW_WAYS ways, both powers of two."""
+    n = flow_table_size
+    if n < FLOW_WAYS or n & (n - 1):
+        raise DatapathError(f"flow_table_size must be a power of two >= {FLOW_WAYS}, not {n}")
+    return [f"-DFLOW_TABLE_SIZE={n}", f"-DFLOW_WAYS={FLOW_WAYS}", f"-DFLOW_BUCKETS={n // FLOW_WAYS}"]
+
+
 def layout_cflags(cfg: DatapathConfig) -> list[str]:
     """Flags that change map layouts: pins are only reused when they match."""
     return [
         f"-DMAGLEV_M={cfg.maglev_m}",
         f"-DMAX_SERVICES={cfg.max_services}",
         f"-DMAX_BACKENDS={cfg.max_backends}",
-        f"-DFLOW_TABLE_SIZE={cfg.flow_table_size}",
+        *flow_cflags(cfg.flow_table_size),
     ]
 
 
