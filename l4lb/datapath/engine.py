@@ -54,7 +54,8 @@ CFG_F_SRC_PREFIX6 = 2
 PROTO = {"tcp": 6, "udp": 17}
 PROTO_NAME = {6: "tcp", 17: "udp"}
 SWAP_CHUNK = 256  # services whose tables are written before their entries are
-SETTLE_CHUNK = 32  # addresses per pyroute2 round in settle(), between pauses
+SETTLE_CHUNK = 8  # addresses per pyroute2 round in settle(), between pauses
+NEXTHOP_SLICE = 4096  # next-hop entries written per hold of the lock
 BUILT_CACHE = 32  # recently built Maglev tables kept (64 KiB each at M = 16381)
 
 ServiceKey = tuple[str, int, str]          # (vip exploded, port, "tcp"/"udp")
@@ -317,8 +318,10 @@ class Datapath:
         small chunks and ``pause()`` runs between them (the daemon's waits
         while a write is in progress)."""
         with self._lock:
-            addrs, self._unsettled = self._unsettled, set()
+            addrs, self._unsettled = self._unsettled - self._known_addrs, set()
             timing = self.last_timings
+            if not addrs and not self._nh_dirty:
+                return  # a drain: nothing new to resolve
         t1 = time.perf_counter()
         todo = sorted(addrs, key=lambda a: (a.version, a.packed))
         for i in range(0, len(todo), SETTLE_CHUNK):
@@ -368,7 +371,9 @@ class Datapath:
         want = {keys.get(id(s)) or s.key: s for s in services}
         self._keys = {id(s): k for k, s in want.items()}
         self._keys_held = services  # keeps the objects alive, so their ids stay theirs
-        todo = [k for k in sorted(want) if not self._unchanged(k, want[k])]
+        done = self._done
+        # Sorted after filtering: a drain sorts one key, not 1,000.
+        todo = sorted(k for k, s in want.items() if done.get(k) is not s or not self._unchanged(k, s))
         gone = sorted(k for k in self._svc_ids if k not in want)
         for key in (*todo, *gone):
             self._done.pop(key, None)
@@ -850,8 +855,8 @@ class Datapath:
         with self._lock:
             texts = self._by_addr if full else {self._backends[b].ident[0] for b in self._nh_dirty if b in self._backends}
             addrs = {_ip(a) for a in texts}
-            ifindexes = {k.value for k in self.tables.ifaces.keys()}
-        todo = addrs if full else {a for a in addrs if a not in self._nh_cache}
+            todo = addrs if full else {a for a in addrs if a not in self._nh_cache}
+            ifindexes = {k.value for k in self.tables.ifaces.keys()} if todo else set()
         resolved: dict[IPAddress, NextHop | None] = {}
         if todo:
             order = sorted(todo, key=lambda a: (a.version, a.packed))
@@ -873,7 +878,16 @@ class Datapath:
             dirty, self._nh_dirty = self._nh_dirty, set()
             for a in moved:
                 dirty.update(self._by_addr.get(a.exploded, ()))
-            return self._write_nexthops(dirty)
+        # In slices, each under the lock on its own: 100,000 new slots must not hold
+        # a drain up for half a second. A slot changed meanwhile is written as it is
+        # now (and is dirty again for the next refresh).
+        order, changed = sorted(dirty), 0
+        for i in range(0, len(order), NEXTHOP_SLICE):
+            if pause is not None and i:
+                pause()
+            with self._lock:
+                changed += self._write_nexthops(set(order[i:i + NEXTHOP_SLICE]))
+        return changed
 
     def _write_nexthops(self, bids: set[int]) -> int:
         """Bring the ``nexthops`` entries of ``bids`` in line with the cache (batched)."""
