@@ -238,19 +238,17 @@ class BackendRef:
         return f"[{self.address}]:{self.port}" if self.address.version == 6 else f"{self.address}:{self.port}"
 
 
+def canonical_service(s: Service) -> Service:
+    """Backends in identity order (address family, bytes, effective port)."""
+    order = sorted(s.backends, key=lambda b: (b.address.version, b.address.packed, b.port or s.port))
+    return s if order == s.backends else s.model_copy(update={"backends": order})
+
+
 def canonical(state: DesiredState, trusted: Sequence[Service] = ()) -> DesiredState:
     """Services by name, backends by identity: the stored form, so list order is never a change.
     ``trusted`` services (those of the committed state) are canonical already and not sorted again."""
     known = {id(s) for s in trusted}
-
-    def svc(s: Service) -> Service:
-        if id(s) in known:
-            return s
-        # Identity order (address family, bytes, effective port) from the parsed address.
-        order = sorted(s.backends, key=lambda b: (b.address.version, b.address.packed, b.port or s.port))
-        return s if order == s.backends else s.model_copy(update={"backends": order})
-
-    services = sorted((svc(s) for s in state.services), key=lambda s: s.name)
+    services = sorted((s if id(s) in known else canonical_service(s) for s in state.services), key=lambda s: s.name)
     # A reordering of a valid state is valid: no second validation of every service.
     return state if services == state.services else DesiredState.model_construct(services=services)
 
@@ -739,9 +737,11 @@ class Control:
     def _with_service(self, svc: Service) -> DesiredState:
         # One validated service replaces its namesake (same key): names and keys stay unique, so
         # no DesiredState validation, which would run every Service's validator again.
-        others = [s for s in self._state.services if s.name != svc.name]
-        return canonical(DesiredState.model_construct(
-            services=[svc if s.name == svc.name else s for s in self._state.services]), trusted=others)
+        # The committed list is sorted by name, so putting it in its namesake's place
+        # keeps it canonical without sorting 1,000 services again.
+        svc = canonical_service(svc)
+        return DesiredState.model_construct(
+            services=[svc if s.name == svc.name else s for s in self._state.services])
 
     def _backend_index(self, svc: Service, ref: BackendRef) -> int:
         if ref.port is not None:

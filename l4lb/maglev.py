@@ -496,11 +496,10 @@ def build_many(jobs: Sequence[Mapping[Identity, int]], m: int, seed: bytes) -> I
     fails, the rest is built here."""
     global _workers
     done = 0
-    # Workers serve one batch at a time; whoever finds them busy builds here. Once
-    # they run (a daemon starts them), even one table goes to them: numpy drops
-    # and retakes the GIL around each array operation, so a build here crawls
-    # while another thread of the caller is busy (measured: 3 ms -> 50-90 ms).
-    if (jobs and (len(jobs) >= PARALLEL_MIN or _workers is not None) and _cpus() > 1
+    # Workers serve one batch at a time; whoever finds them busy builds here. A
+    # few tables are built here: a round trip to a worker cost more (~1-2 ms)
+    # than it saved, once the daemon's upkeep stopped competing for the GIL.
+    if (jobs and len(jobs) >= PARALLEL_MIN and _cpus() > 1
             and _workers_lock.acquire(blocking=False)):
         try:
             if _workers is None:

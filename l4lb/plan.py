@@ -160,10 +160,24 @@ def _service_fields(a: Service, b: Service) -> tuple[FieldChange, ...]:
 
 
 def diff(old: DesiredState, new: DesiredState) -> Plan:
-    before = {s.name: s for s in old.services}
-    after = {s.name: s for s in new.services}
     changes: list[ServiceChange] = []
     unchanged: list[str] = []
+    olds, news = old.services, new.services
+    if len(olds) == len(news) and all(a is b or a.name == b.name for a, b in zip(olds, news)):
+        # Same names in the same order (a drain of one of 1,000): compare pairwise.
+        pairs = sorted(zip(olds, news), key=lambda p: p[0].name)
+        for a, b in pairs:
+            if a is b:
+                unchanged.append(a.name)
+                continue
+            fields, backends = _service_fields(a, b), _backend_changes(a, b)
+            if fields or backends:
+                changes.append(ServiceChange("update", a.name, fields, backends))
+            else:
+                unchanged.append(a.name)
+        return Plan(tuple(changes), tuple(unchanged))
+    before = {s.name: s for s in olds}
+    after = {s.name: s for s in news}
     for name in sorted(before.keys() | after.keys()):
         a, b = before.get(name), after.get(name)
         if a is None:
