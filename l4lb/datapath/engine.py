@@ -160,6 +160,7 @@ class Datapath:
         # buffer each service id's table is in force in (the entry's ring).
         self._svc_entry: dict[ServiceKey, tuple[int, int]] = {}
         self._keys: dict[int, ServiceKey] = {}
+        self._clean: set[int] = set()  # ids of the services of the last successful apply
         self._prefetched: tuple[bytes, threading.Thread, dict[tuple[Any, ...], maglev.MaglevTable]] | None = None
         self._labels: tuple[list[tuple[ServiceKey, int]], list[tuple[int, _BackendSlot]]] | None = None
         self._keys_held: list[Service] = []
@@ -216,6 +217,7 @@ class Datapath:
             self._write_config()
             if seed_changed:
                 self._tables.clear()
+                self._clean = set()
                 self._rings.forget_contents()
                 self._reconcile(list(self._applied))
 
@@ -272,6 +274,7 @@ class Datapath:
         self._reindex()
         self._tables.clear()
         self._done.clear()
+        self._clean = set()
         if self._svc_ids:
             log.info("recovered %d services and %d backends from pinned maps",
                      len(self._svc_ids), len(self._backends))
@@ -299,7 +302,8 @@ class Datapath:
                 if isinstance(e, DatapathError):
                     raise
                 raise DatapathError(f"datapath update failed: {e}") from e
-            self._applied = list(services)
+            self._applied = list(services)  # also keeps the objects, so their ids stay theirs
+            self._clean = {id(s) for s in self._applied}
             self._unsettled |= self._new_addrs
             self._new_addrs = set()
         self._rings.grace_soon()  # so the buffers retired now are writable by the next change
@@ -371,9 +375,10 @@ class Datapath:
         want = {keys.get(id(s)) or s.key: s for s in services}
         self._keys = {id(s): k for k, s in want.items()}
         self._keys_held = services  # keeps the objects alive, so their ids stay theirs
-        done = self._done
-        # Sorted after filtering: a drain sorts one key, not 1,000.
-        todo = sorted(k for k, s in want.items() if done.get(k) is not s or not self._unchanged(k, s))
+        # Services of the last successful apply, as objects, are unchanged; others
+        # are checked. Sorted after filtering: a drain sorts one key, not 1,000.
+        clean, self._clean = self._clean, set()
+        todo = sorted(k for k, s in want.items() if id(s) not in clean and not self._unchanged(k, s))
         gone = sorted(k for k in self._svc_ids if k not in want)
         for key in (*todo, *gone):
             self._done.pop(key, None)
