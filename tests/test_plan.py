@@ -68,3 +68,13 @@ def test_plan_is_json_serialisable() -> None:
     p = diff(doc(WEB), doc(DNS, {**WEB, "port": 8080}))
     text = json.dumps(p.to_dict())
     assert json.loads(text)["summary"]["services_created"] == 1
+
+
+def test_to_json_is_exactly_the_dict_form() -> None:
+    """The API writes a whole-document answer with to_json (no dict per backend)."""
+    drained = {**WEB, "backends": [{"address": "192.0.2.1", "state": "draining"}, {"address": "192.0.2.3"}]}
+    odd = {**DNS, "name": "d.n-s_1", "options": {"hash_src_port": False}}
+    for old, new in [(doc(), doc(WEB, DNS)), (doc(WEB, DNS), doc()), (doc(WEB, DNS), doc(drained, odd)),
+                     (doc(WEB), doc(WEB)), (doc(WEB, DNS), doc(drained, DNS))]:
+        p = diff(old, new)
+        assert json.loads(p.to_json()) == p.to_dict()
