@@ -96,24 +96,48 @@ int floor_fib(struct xdp_md *ctx)
     return rc == BPF_FIB_LKUP_RET_SUCCESS ? XDP_TX : XDP_ABORTED;
 }
 
-/* What one flow-table write costs on its own: the same 40-byte key as
- * l4lb's flow_key, into an LRU hash of l4lb's default size. floor_lru
- * rewrites one key (what repeat>1 does to l4lb's SYN row); floor_lru_new
- * inserts a new key every pass (a stream of new flows, with eviction). */
-struct floor_key { __u32 src[4]; __u32 dst[4]; __u16 sport; __u16 dport; __u8 proto; __u8 family; __u16 pad; };
-struct floor_val { __u32 backend_id; __u32 gen; };
-BPF_TABLE("lru_hash", struct floor_key, struct floor_val, floor_flows, 1048576);
+/* The flow of the flow-table floors: l4lb's 40-byte flow_key, its client
+ * address salted so that a pass can write a new key. The salt comes from a map
+ * so the compiler cannot fold the hash. */
 BPF_PERCPU_ARRAY(floor_seq, __u32, 1);
 
-static __always_inline int lru_write(__u32 salt)
+static __always_inline void floor_key(struct flow_key *k, __u32 salt)
 {
-    struct floor_key k = {};
-    k.src[0] = 0x0700710cb ^ salt;
-    k.dst[0] = 0x016433c6;
-    k.sport = 33333;
-    k.dport = 80;
-    k.proto = 6;
-    k.family = 4;
+    k->src[0] = 0x0700710cb ^ salt;
+    k->dst[0] = 0x016433c6;
+    k->sport = 33333;
+    k->dport = 80;
+    k->proto = 6;
+    k->family = 4;
+}
+
+/* floor_seq's value, bumped first when `bump` (a new key every pass). */
+static __always_inline int floor_salt(int bump, __u32 *salt)
+{
+    __u32 zero = 0;
+    __u32 *seq = floor_seq.lookup(&zero);
+    if (!seq)
+        return -1;
+    if (bump)
+        *seq += 1;
+    *salt = *seq;
+    return 0;
+}
+
+/* What one flow-table write costs on its own: the key into an LRU hash of
+ * l4lb's default size, as the flow table was before flowcache.h. floor_lru
+ * rewrites one key (what repeat>1 does to l4lb's SYN row); floor_lru_new
+ * inserts a new key every pass (a stream of new flows, with eviction). */
+struct floor_val { __u32 backend_id; __u32 gen; };
+BPF_TABLE("lru_hash", struct flow_key, struct floor_val, floor_flows, 1048576);
+
+static __always_inline int lru_write(int bump)
+{
+    __u32 salt;
+    if (floor_salt(bump, &salt))
+        return XDP_ABORTED;
+    struct flow_key k = {};
+    floor_key(&k, salt);
     struct floor_val v = { .backend_id = 7, .gen = 1 };
     floor_flows.update(&k, &v);
     return XDP_TX;
@@ -126,12 +150,7 @@ int floor_lru(struct xdp_md *ctx)
 
 int floor_lru_new(struct xdp_md *ctx)
 {
-    __u32 zero = 0;
-    __u32 *seq = floor_seq.lookup(&zero);
-    if (!seq)
-        return XDP_ABORTED;
-    *seq += 1;
-    return lru_write(*seq);
+    return lru_write(1);
 }
 
 /* What one flow-cache write costs on its own: a 6-word jhash of the key
@@ -140,17 +159,14 @@ int floor_lru_new(struct xdp_md *ctx)
  * and flow_cache_put (bucket lookup, lock, 8-way scan, write), on a table of
  * the loader's size. floor_flow rewrites one key (l4lb's SYN row under
  * repeat>1); floor_flow_new writes a new key every pass (new flows, each in
- * a random bucket: cache misses, like floor_lru_new). The salt comes from a
- * map so the compiler cannot fold the hash. */
-static __always_inline int flow_write(__u32 salt)
+ * a random bucket: cache misses, like floor_lru_new). */
+static __always_inline int flow_write(int bump)
 {
+    __u32 salt;
+    if (floor_salt(bump, &salt))
+        return XDP_ABORTED;
     struct flow_key k = {};
-    k.src[0] = 0x0700710cb ^ salt;
-    k.dst[0] = 0x016433c6;
-    k.sport = 33333;
-    k.dport = 80;
-    k.proto = 6;
-    k.family = 4;
+    floor_key(&k, salt);
     __u32 w[6] = { k.src[0], k.src[1], k.src[2], k.src[3], ((__u32)k.sport << 16) | k.dport, k.proto };
     struct flow_pos pos;
     flow_locate(&k, jhash_6words(w, 0), &pos);
@@ -160,19 +176,10 @@ static __always_inline int flow_write(__u32 salt)
 
 int floor_flow(struct xdp_md *ctx)
 {
-    __u32 zero = 0;
-    __u32 *seq = floor_seq.lookup(&zero);
-    if (!seq)
-        return XDP_ABORTED;
-    return flow_write(*seq);
+    return flow_write(0);
 }
 
 int floor_flow_new(struct xdp_md *ctx)
 {
-    __u32 zero = 0;
-    __u32 *seq = floor_seq.lookup(&zero);
-    if (!seq)
-        return XDP_ABORTED;
-    *seq += 1;
-    return flow_write(*seq);
+    return flow_write(1);
 }

@@ -78,7 +78,7 @@ int l4lb_xdp(struct xdp_md *ctx)
         return VERDICT(XDP_PASS, REASON_PASS_FIB, len);
     __u32 hash = flow_hash(&p, svc_flags, cfg->hash_seed);
     __u32 be_id = 0;
-    struct backend_info *be = choose_backend(&p, svc, hash, &be_id);
+    struct backend_info *be = choose_backend(&p, svc, hash, cfg->hash_seed, &be_id);
     if (!be)
         return VERDICT(XDP_DROP, REASON_DROP_NO_BACKEND, len);
     count_backend(be_id, len);

@@ -42,13 +42,11 @@ L4LB_INLINE void flow_key_of(struct pkt *p, struct flow_key *fk)
 /* The flow table's key hash: flow_hash() always with the client port, so one
  * client's connections spread over buckets even with client-IP affinity. For
  * the other services that is the Maglev hash already computed: reused. */
-L4LB_INLINE __u32 flow_key_hash(struct pkt *p, struct svc_info *svc, __u32 hash)
+L4LB_INLINE __u32 flow_key_hash(struct pkt *p, struct svc_info *svc, __u32 hash, __u32 seed)
 {
     if (!(svc->flags & SVC_F_NO_SPORT))
         return hash;
-    __u32 zero = 0;
-    struct lb_config *cfg = config.lookup(&zero);
-    return flow_hash(p, 0, cfg ? cfg->hash_seed : 0);
+    return flow_hash(p, 0, seed);
 }
 
 /* A flow entry is honoured only if its backend slot still belongs to this
@@ -86,13 +84,15 @@ L4LB_INLINE struct backend_info *maglev_backend(struct svc_info *svc, __u32 hash
 
 /* Pick the backend for this packet: established flows keep theirs (drained
  * backends keep serving them), new flows (SYN, or unknown) go by Maglev and
- * are remembered. `hash` is flow_hash(p, svc->flags, seed). */
-L4LB_INLINE struct backend_info *choose_backend(struct pkt *p, struct svc_info *svc, __u32 hash, __u32 *id_out)
+ * are remembered. `hash` is flow_hash(p, svc->flags, seed), `seed` the config's
+ * (passed in: the caller has the config already). */
+L4LB_INLINE struct backend_info *choose_backend(struct pkt *p, struct svc_info *svc, __u32 hash, __u32 seed,
+                                                 __u32 *id_out)
 {
     struct flow_key fk;
     flow_key_of(p, &fk);
     struct flow_pos pos;
-    flow_locate(&fk, flow_key_hash(p, svc, hash), &pos);
+    flow_locate(&fk, flow_key_hash(p, svc, hash, seed), &pos);
     int is_syn = p->proto == IPPROTO_TCP && (p->tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN;
     struct backend_info *be;
     if (!is_syn) {

@@ -59,9 +59,6 @@ class Tables:
         v.dmac[:] = list(dmac)
         self.nexthops[ct.c_uint32(bid)] = v
 
-    def clear_nexthop(self, bid: int) -> None:
-        self.nexthops[ct.c_uint32(bid)] = self.nexthops.Leaf()
-
     def write_nexthops(self, rows: list[tuple[int, Any, int]]) -> None:
         """write_nexthop for many (bid, next hop, gen) in one batch syscall; the
         next hop has ifindex, mtu, smac, dmac (nexthop.NextHop)."""
@@ -134,22 +131,9 @@ class Tables:
                 out[k if isinstance(k, int) else k.value] = v
         return out
 
-    def write_backend(self, bid: int, addr: IPAddress, port: int, svc_id: int, gen: int, flags: int) -> None:
-        v = self.backends.Leaf()
-        v.addr[:] = addr_words(addr)
-        v.port = port_be(port)
-        v.family = addr.version
-        v.flags = flags
-        v.svc_id = svc_id
-        v.gen = gen
-        self.backends[ct.c_uint32(bid)] = v
-
-    def clear_backend(self, bid: int) -> None:
-        self.backends[ct.c_uint32(bid)] = self.backends.Leaf()
-
     def write_backends(self, bids: list[int], addrs: list[IPAddress], ports: list[int], svc_ids: list[int],
                        gens: list[int], flags: list[int]) -> None:
-        """write_backend for many slots in one batch syscall (slots in list order)."""
+        """Backend entries for many slots in one batch syscall (slots in list order)."""
         if not bids:
             return
         rows = np.zeros(len(bids), dtype=self._backend_dtype())
