@@ -35,6 +35,7 @@ from l4lb.models import Backend, BackendState, DesiredState, FieldError, IPAddre
 from l4lb.plan import Plan, diff
 from l4lb.background import Background
 from l4lb.store import Record, Store
+from l4lb.view import View
 
 log = logging.getLogger("l4lbd.control")
 
@@ -366,6 +367,35 @@ class Control:
         self._last_write = 0.0
         self._settle = (Background(lambda: settle(pause=self._pause), "l4lb-settle")
                         if settle is not None else None)
+        self._subscribers: list[Callable[[View], None]] = []
+
+    # -- subscribers (health, BGP, fleet status: l4lb/view.py) -------------------------
+
+    def subscribe(self, fn: Callable[[View], None]) -> None:
+        """Call ``fn(view)`` now and after every change that reached the datapath.
+        It runs under the control lock, in the writer's thread: it must only
+        record the view and wake its own worker, never block or call back in."""
+        with self._lock:
+            self._subscribers.append(fn)
+            self._call(fn, self.view())
+
+    def view(self) -> View:
+        snap = self._snap
+        return View(snap.revision, snap.state, tuple(snap.state.services), dict(self.interfaces), self.ready)
+
+    def _publish(self) -> None:
+        if not self._subscribers:
+            return
+        view = self.view()
+        for fn in self._subscribers:
+            self._call(fn, view)
+
+    @staticmethod
+    def _call(fn: Callable[[View], None], view: View) -> None:
+        try:
+            fn(view)
+        except Exception:  # noqa: BLE001 - a subscriber's bug must not fail a write
+            log.exception("subscriber %r failed", fn)
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -375,6 +405,7 @@ class Control:
             self._dp.apply(self._state.services)
             self.converged = True
             self.degraded = None
+            self._publish()
 
     def heal(self) -> bool:
         """Retry converging after a failed rollback; True when consistent."""
@@ -393,6 +424,7 @@ class Control:
         with self._lock:
             used = self._dp.attach(list(interfaces), mode)
             self.interfaces.update(used)
+            self._publish()
             return used
 
     def detach(self, interfaces: Sequence[str]) -> None:
@@ -400,6 +432,7 @@ class Control:
             self._dp.detach(list(interfaces))
             for i in interfaces:
                 self.interfaces.pop(i, None)
+            self._publish()
 
     def update_runtime(self, datapath_config: Any) -> None:
         """Datapath knobs that need no new program (seed, outer sources, ICMP rate)."""
@@ -710,6 +743,7 @@ class Control:
                  ", ".join(f"{k}={v}" for k, v in s.items() if v))
         if self._settle is not None:
             self._settle.kick()
+        self._publish()
         if bulk:
             # A big document leaves ~10^6 long-lived objects: without this, the next
             # requests each pay a full collection scanning all of them (~150 ms).

@@ -357,3 +357,25 @@ def test_readyz_is_503_while_degraded(control: Control, dp: RecordingDatapath) -
     assert r.status_code == 503 and "could not be restored" in r.json()["detail"]
     assert client.get("/healthz").status_code == 200  # alive, just not consistent
     assert control.heal() and client.get("/readyz").status_code == 200
+
+
+def test_subscribers_see_every_change_that_reached_the_datapath(control: Control, dp: RecordingDatapath) -> None:
+    views = []
+    control.subscribe(views.append)
+    assert len(views) == 1 and views[0].converged  # the current view at once
+    control.put_service(svc("a", backends=["192.0.2.1", "192.0.2.2"]))
+    assert views[-1].revision == control.revision and [s.name for s in views[-1].effective] == ["a"]
+    assert views[-1].serving() == {"a": False}  # nothing attached yet
+    control.attach(["eth9"], "auto")
+    assert views[-1].serving() == {"a": True} and views[-1].interfaces == {"eth9": "generic"}
+    control.patch_backend("a", BackendRef.parse("192.0.2.1"), state=BackendState.draining)
+    control.patch_backend("a", BackendRef.parse("192.0.2.2"), state=BackendState.maintenance)
+    assert views[-1].serving() == {"a": False}  # no backend takes new connections
+    n = len(views)
+    dp.fail_on.add(len(dp.applied) + 1)
+    with pytest.raises(ApplyFailed):
+        control.delete_service("a")
+    assert len(views) == n  # a failed write changed nothing and published nothing
+    control.subscribe(lambda v: 1 / 0)  # a broken subscriber does not fail writes
+    control.delete_service("a")
+    assert views[-1].effective == ()
