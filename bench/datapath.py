@@ -9,11 +9,14 @@ Floor programs (XDP_TX, bare IPIP, bare IP6IP6, one FIB lookup, one write of
 l4lb's flow cache, one kernel LRU-hash write for comparison) are measured in
 the same run, and so is the build that asks the FIB for every packet instead
 of the daemon-kept next-hop cache.
-Run as root: `make bench` or `.venv/bin/python bench/datapath.py`.
+Run as root: `make bench` or `.venv/bin/python bench/datapath.py`; `--quick`
+(2,000 repeats/calls, a 64k-entry flow table) runs every step in seconds, for
+tests/test_bench.py: its figures are not measurements.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import statistics
 import sys
@@ -21,6 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import maglev_build  # noqa: E402
 from scapy.all import IP, TCP, Ether, IPv6, Raw, raw  # noqa: E402
 
 from l4lb.datapath import Datapath  # noqa: E402
@@ -30,8 +34,9 @@ from l4lb.lab.pktenv import PacketEnv, edge_backends_v4, edge_backends_v6  # noq
 from l4lb.models import Service  # noqa: E402
 
 VIP4, VIP6 = "198.51.100.1", "2001:db8:100::1"
-REPEAT_A = 200_000
-CALLS_B = 20_000
+REPEAT_A, CALLS_B = 200_000, 20_000        # --quick: QUICK_RUNS each
+QUICK_RUNS = 2_000
+QUICK_FLOW_TABLE = 1 << 16
 FLOORS = ("floor_tx", "floor_ipip", "floor_ip6ip6", "floor_fib", "floor_flow", "floor_flow_new",
           "floor_lru", "floor_lru_new")
 
@@ -47,39 +52,33 @@ def packets() -> dict[str, bytes]:
     }
 
 
-def method_a(env: PacketEnv, fd: int, pkt: bytes) -> float:
-    runs = [env.call(test_run, fd, pkt, ingress_ifindex=env.edge_ifindex, repeat=REPEAT_A)[2] for _ in range(3)]
+def method_a(env: PacketEnv, fd: int, pkt: bytes, repeat: int) -> float:
+    runs = [env.call(test_run, fd, pkt, ingress_ifindex=env.edge_ifindex, repeat=repeat)[2] for _ in range(3)]
     return float(min(runs))
 
 
-def method_b(env: PacketEnv, fd: int, pkt: bytes) -> float:
+def method_b(env: PacketEnv, fd: int, pkt: bytes, calls: int) -> float:
     def loop() -> list[int]:
-        return [test_run(fd, pkt, ingress_ifindex=env.edge_ifindex)[2] for _ in range(CALLS_B)]
+        return [test_run(fd, pkt, ingress_ifindex=env.edge_ifindex)[2] for _ in range(calls)]
     return statistics.mean(env.call(loop))
 
 
 def floors(env: PacketEnv, undo: bool) -> tuple[dict[str, int], object]:
     from bcc import BPF
 
-    from l4lb.datapath.loader import flow_cflags
-    from l4lb.datapath.source import assemble
-
-    # The flow-cache floors include the datapath's headers: its maps go to a
-    # pin directory of their own, the flow table at l4lb's size.
-    pin_dir = env.cfg.bpffs / "bench-floor-maps"
-    pin_dir.mkdir(exist_ok=True)
-    cflags = [f'-DPIN_DIR="{pin_dir}"', *flow_cflags(env.cfg.flow_table_size)]
-    b = BPF(text=assemble("bench_floor.c").encode(), cflags=cflags + (["-DBENCH_UNDO"] if undo else []))
+    b = env.compile_floors(undo=undo)
     return {name: b.load_func(name.encode(), BPF.XDP).fd for name in FLOORS}, b
 
 
 def main() -> None:
-    import time
-
-    from l4lb import maglev
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="smoke run: every step, few iterations, small state")
+    quick = ap.parse_args().quick
+    repeat, calls = (QUICK_RUNS, QUICK_RUNS) if quick else (REPEAT_A, CALLS_B)
+    env_cfg = {"flow_table_size": QUICK_FLOW_TABLE} if quick else {}
 
     with private_bpffs("l4lb-bench-") as bpffs:
-        with PacketEnv(bpffs, n_backends=100, prefix="l4bench") as env:
+        with PacketEnv(bpffs, n_backends=100, prefix="l4bench", **env_cfg) as env:
             s4 = Service(name="bench4", vip=VIP4, port=80, backends=[{"address": a} for a in edge_backends_v4(100)])
             s6 = Service(name="bench6", vip=VIP6, port=80, backends=[{"address": a} for a in edge_backends_v6(100)])
             env.apply([s4, s6])
@@ -98,35 +97,30 @@ def main() -> None:
             for name, p in pk.items():
                 v, _, _ = env.run(p)
                 assert v == 3, f"{name}: expected XDP_TX, got {v}"
-                rows.append((f"l4lb {name}", method_a(env, undo.prog_fd, p), method_b(env, env.dp.prog_fd, p)))
+                rows.append((f"l4lb {name}", method_a(env, undo.prog_fd, p, repeat),
+                             method_b(env, env.dp.prog_fd, p, calls)))
             for name, p in pk.items():
-                rows.append((f"  fib build {name}", method_a(env, fib_undo.prog_fd, p),
-                             method_b(env, fib_prod.prog_fd, p)))
+                rows.append((f"  fib build {name}", method_a(env, fib_undo.prog_fd, p, repeat),
+                             method_b(env, fib_prod.prog_fd, p, calls)))
             fa, ba = floors(env, undo=True)
             fb, bb = floors(env, undo=False)
             v4 = pk["v4 SYN"]
             v6 = pk["v6 SYN"]
             for name, p in (("floor_tx", v4), ("floor_ipip", v4), ("floor_ip6ip6", v6), ("floor_fib", v4),
                             ("floor_flow", v4), ("floor_flow_new", v4), ("floor_lru", v4), ("floor_lru_new", v4)):
-                rows.append((f"floor {name[6:]}", method_a(env, fa[name], p), method_b(env, fb[name], p)))
+                rows.append((f"floor {name[6:]}", method_a(env, fa[name], p, repeat),
+                             method_b(env, fb[name], p, calls)))
             ipip_a = next(r[1] for r in rows if r[0] == "floor ipip")
             print(f"\nDatapath: ns/packet, 100-backend service, M={env.dp.cfg.maglev_m}, "
-                  f"A = repeat {REPEAT_A} (undo build, best of 3), B = mean of {CALLS_B} single runs")
+                  f"flow table {env.dp.cfg.flow_table_size}, A = repeat {repeat} (undo build, best of 3), "
+                  f"B = mean of {calls} single runs{' (--quick: not a measurement)' if quick else ''}")
             print(f"{'program / packet':<26}{'method A':>10}{'method B':>10}{'A - bare IPIP':>15}")
             for name, a, b in rows:
                 print(f"{name:<26}{a:>10.0f}{b:>10.0f}{a - ipip_a:>15.0f}")
             for dp in (undo, fib_undo, fib_prod):
                 env.call(dp.close)
     print("\nMaglev table build (pure Python + numpy)")
-    try:
-        import maglev_build
-
-        for row in maglev_build.measure():
-            print("  " + "  ".join(f"{k}={v}" for k, v in row.items()))
-    except Exception as e:  # the table above is the main result
-        t0 = time.perf_counter()
-        maglev.build({(f"192.0.2.{i % 250}", 1000 + i): 1 for i in range(1000)}, 65521, b"l4lb-default")
-        print(f"  M=65521 N=1000: {1000 * (time.perf_counter() - t0):.1f} ms ({e})")
+    maglev_build.print_table(maglev_build.measure(**(maglev_build.QUICK if quick else {})))
 
 
 if __name__ == "__main__":

@@ -1,11 +1,14 @@
 """Maglev table build times (pure Python + numpy, no kernel).
 
-Run: ``.venv/bin/python bench/maglev_build.py``. Importable: ``measure()``
-returns one dict per case so bench/datapath.py can fold it into its report.
+Run: ``.venv/bin/python bench/maglev_build.py`` (``--quick``: two small cases,
+3 runs each, for tests/test_bench.py). Importable: ``measure()`` returns one
+dict per case and ``print_table()`` prints them, so bench/datapath.py can fold
+them into its report.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import statistics
 import sys
@@ -22,6 +25,7 @@ from l4lb.maglev import build  # noqa: E402
 
 CASES: tuple[tuple[int, int], ...] = ((16381, 100), (65521, 1000), (131071, 3), (16381, 1000))
 SEED = bytes(range(12))
+QUICK: dict = {"cases": ((251, 10), (4093, 100)), "runs": 3}   # measure(**QUICK)
 
 
 def _weights(n: int) -> dict[tuple[str, int], int]:
@@ -63,13 +67,22 @@ def measure(cases: tuple[tuple[int, int], ...] = CASES, runs: int = 7) -> list[d
     return results
 
 
-def main() -> None:
+def print_table(results: list[dict]) -> None:
     print(f"{'m':>7} {'N':>5} {'median ms':>10} {'min ms':>8} {'max ms':>8} {'cold ms':>8}")
-    for r in measure():
+    for r in results:
         print(
             f"{r['m']:>7} {r['backends']:>5} {r['median_ms']:>10.1f} {r['min_ms']:>8.1f}"
             f" {r['max_ms']:>8.1f} {r['cold_ms']:>8.1f}"
         )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description="Maglev table build times")
+    ap.add_argument("--quick", action="store_true", help="smoke run: two small cases, 3 runs each")
+    quick = ap.parse_args().quick
+    print(f"Maglev build, wall ms (median/min/max of the runs; cold = a new seed)"
+          f"{' (--quick: not a measurement)' if quick else ''}")
+    print_table(measure(**(QUICK if quick else {})))
 
 
 if __name__ == "__main__":

@@ -20,11 +20,14 @@
    CPU time (the rate one core sustains: the machine may be shared, and the producer needs the
    other core) and what the saturated ring lost. The target applies to the per-core rate.
 
-Run as root: `.venv/bin/python bench/recorder.py` (``--drain-only``, ``--cost-only``).
+Run as root: `.venv/bin/python bench/recorder.py` (``--drain-only``, ``--cost-only``; ``--quick``:
+every table with 2,000 repeats/passes, 1 round, ~8 filters per mask (still 32 + 32 masks) and 0.5 s
+drains, for tests/test_bench.py: its figures are not measurements and its targets are not judged).
 """
 
 from __future__ import annotations
 
+import argparse
 import ctypes as ct
 import ipaddress
 import random
@@ -33,6 +36,7 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from scapy.all import IP, TCP, Ether, IPv6, Raw, raw
@@ -49,10 +53,22 @@ from l4lb.recorder.perfring import PerfRings, online_cpus
 from l4lb.recorder.recording import RecordingSpec
 
 VIP4, VIP6 = "198.51.100.1", "2001:db8:100::1"
-REPEAT = 200_000
-ROUNDS = 3
 TARGET_ADDED_NS = 25.0
 TARGET_DRAIN_PPS = 300_000
+
+
+@dataclass(frozen=True)
+class Sizes:
+    repeat: int = 200_000       # BPF_PROG_TEST_RUN repeat of the cost table
+    rounds: int = 3             # cost table rounds (builds alternate)
+    per_mask: int = 330         # filters per mask: 64 masks, >= 16k filters
+    passes: int = 50_000        # reader table: program passes (2 samples each)
+    pages: int = 4096           # reader table: ring pages a CPU (2 x passes samples of 128 bytes fit)
+    drain_s: float = 5.0        # drain table: seconds measured per row
+    settle_s: float = 0.5       # drain table: producer running before the measurement starts
+
+
+QUICK = Sizes(repeat=2_000, rounds=1, per_mask=8, passes=2_000, pages=256, drain_s=0.5, settle_s=0.2)
 
 
 def frame(src: str, dst: str, sport: int = 33333, dport: int = 80) -> bytes:
@@ -69,7 +85,7 @@ PROBES = {
 }
 
 
-def bench_filters(n_per_mask: int = 330) -> list[Filter]:
+def bench_filters(n_per_mask: int) -> list[Filter]:
     """32 IPv4 + 32 IPv6 masks, n_per_mask filters each; none matches the 'no hit' probes."""
     r = random.Random(7)
     out: set[Filter] = set()
@@ -100,47 +116,45 @@ def bench_filters(n_per_mask: int = 330) -> list[Filter]:
     return sorted(out, key=str)
 
 
-def measure(env: PacketEnv) -> dict[str, float]:
+def measure(env: PacketEnv, repeat: int) -> dict[str, float]:
     fd = env.dp.prog_fd
-    return {name: float(min(env.call(test_run, fd, p, ingress_ifindex=env.edge_ifindex, repeat=REPEAT)[2]
+    return {name: float(min(env.call(test_run, fd, p, ingress_ifindex=env.edge_ifindex, repeat=repeat)[2]
                             for _ in range(3)))
             for name, p in PROBES.items()}
 
 
-def floor_tx(env: PacketEnv) -> float:
+def floor_tx(env: PacketEnv, repeat: int) -> float:
     from bcc import BPF
 
-    from l4lb.datapath.source import bpf_src_dir
-
-    b = BPF(src_file=str(bpf_src_dir() / "bench_floor.c").encode(), cflags=["-DBENCH_UNDO"])
+    b = env.compile_floors(undo=True)
     fd = b.load_func(b"floor_tx", BPF.XDP).fd
     p = PROBES["v4 rejected early"]
-    v = float(min(env.call(test_run, fd, p, ingress_ifindex=env.edge_ifindex, repeat=REPEAT)[2] for _ in range(3)))
+    v = float(min(env.call(test_run, fd, p, ingress_ifindex=env.edge_ifindex, repeat=repeat)[2] for _ in range(3)))
     b.cleanup()
     return v
 
 
-def cost_table(env: PacketEnv) -> bool:
-    filters = bench_filters()
+def cost_table(env: PacketEnv, sz: Sizes, judge: bool) -> bool:
+    filters = bench_filters(sz.per_mask)
     masks = compile_masks(filters)
     entries = [FilterEntry(f, 0) for f in filters]
     rd = RecorderDatapath(env.dp)
     base = list(env.dp.cfg.extra_cflags)
     results: dict[str, list[dict[str, float]]] = {"disarmed build": [], "armed, no filter": [], "armed, 64 masks": []}
-    for _ in range(ROUNDS):
+    for _ in range(sz.rounds):
         old = env.call(env.dp.replace_program, base)       # disarmed build
         if old is not None:
             old.bpf.cleanup()
         rd.masks = rd.maps = None
-        results["disarmed build"].append(measure(env))
+        results["disarmed build"].append(measure(env, sz.repeat))
         env.call(rd.set_filters, entries)                  # armed build, all filters
-        results["armed, 64 masks"].append(measure(env))
+        results["armed, 64 masks"].append(measure(env, sz.repeat))
         env.call(rd.set_filters, [])                       # same build, no filter left
-        results["armed, no filter"].append(measure(env))
-    floor = floor_tx(env)
+        results["armed, no filter"].append(measure(env, sz.repeat))
+    floor = floor_tx(env, sz.repeat)
     med = {k: {p: statistics.median(r[p] for r in v) for p in PROBES} for k, v in results.items()}
-    print(f"\nNon-matching traffic, ns/packet (BPF_PROG_TEST_RUN repeat={REPEAT}, BENCH_UNDO build, "
-          f"median of {ROUNDS} rounds x min of 3)")
+    print(f"\nNon-matching traffic, ns/packet (BPF_PROG_TEST_RUN repeat={sz.repeat}, BENCH_UNDO build, "
+          f"median of {sz.rounds} rounds x min of 3)")
     print(f"filters loaded: {len(filters)} ({sum(m.family == 4 for m in masks)} IPv4 masks, "
           f"{sum(m.family == 6 for m in masks)} IPv6 masks); floor XDP_TX program: {floor:.1f} ns")
     print(f"{'probe':28} {'disarmed':>9} {'armed/idle':>11} {'+ns':>6} {'armed/64m':>10} {'+ns':>6}")
@@ -151,8 +165,8 @@ def cost_table(env: PacketEnv) -> bool:
         if "rejected" in p and full - d > TARGET_ADDED_NS:
             ok = False
     print(f"target: <= {TARGET_ADDED_NS:.0f} ns added with 32 masks and no match "
-          f"(early-rejected probes): {'met' if ok else 'NOT met'}")
-    return ok
+          f"(early-rejected probes): {verdict(ok, judge, 'met', 'NOT met')}")
+    return ok or not judge
 
 
 def _busy(stop: threading.Event) -> None:
@@ -160,13 +174,12 @@ def _busy(stop: threading.Event) -> None:
         sum(range(100))
 
 
-def reader_table(env: PacketEnv, passes: int = 50_000) -> None:
+def reader_table(env: PacketEnv, passes: int, pages: int) -> None:
     rd = RecorderDatapath(env.dp)
     env.call(rd.set_filters, [FilterEntry(parse_filter(f"203.0.113.7 0 {VIP4} 80 tcp"), 0, 128)])
     assert rd.maps is not None
     table = rd.maps.bpf[b"rec_events"]
     p = frame("203.0.113.7", VIP4, dport=80)
-    pages = 4096                     # 16 MiB a CPU: 2 x passes samples of 128 bytes fit
 
     def produce() -> None:
         env.call(test_run, env.dp.prog_fd, p, ingress_ifindex=env.edge_ifindex, repeat=passes)
@@ -216,9 +229,9 @@ def reader_table(env: PacketEnv, passes: int = 50_000) -> None:
     env.call(rd.set_filters, [])
 
 
-def drain_table(env: PacketEnv, seconds: float = 5.0) -> bool:
+def drain_table(env: PacketEnv, seconds: float, settle: float, judge: bool) -> bool:
     ok = True
-    print(f"\nDrain: packets written to pcapng ({seconds:.0f} s each, producer saturating the ring)")
+    print(f"\nDrain: packets written to pcapng ({seconds:g} s each, producer saturating the ring)")
     print(f"{'capture':8} {'written/s':>10} {'drain CPU':>10} {'written/s/core':>15} {'lost/s':>10} {'file MB':>8}")
     rates = []
     for caplen in (128, 0):
@@ -238,7 +251,7 @@ def drain_table(env: PacketEnv, seconds: float = 5.0) -> bool:
                 worker.start()
                 assert mgr.drain._thread is not None and mgr.drain._thread.ident is not None
                 clock = time.pthread_getcpuclockid(mgr.drain._thread.ident)
-                time.sleep(0.5)
+                time.sleep(settle)
                 p0, l0, t0, c0 = rec.packets, rec.lost, time.monotonic(), time.clock_gettime(clock)
                 time.sleep(seconds)
                 p1, l1, t1, c1 = rec.packets, rec.lost, time.monotonic(), time.clock_gettime(clock)
@@ -255,11 +268,25 @@ def drain_table(env: PacketEnv, seconds: float = 5.0) -> bool:
               f"{(l1 - l0) / wall:10,.0f} {size / 1e6:8.1f}")
         ok = ok and per_core >= TARGET_DRAIN_PPS
     print(f"drain rate: {min(rates):,.0f} packets/s on one core (lowest row; target >= {TARGET_DRAIN_PPS:,}): "
-          f"{'PASS' if ok else 'MISS'}")
-    return ok
+          f"{verdict(ok, judge)}")
+    return ok or not judge
+
+
+def verdict(ok: bool, judge: bool, yes: str = "PASS", no: str = "MISS") -> str:
+    return (yes if ok else no) if judge else "not judged (--quick)"
 
 
 def main() -> int:
+    ap = argparse.ArgumentParser(description="Recorder benchmark (run as root)")
+    only = ap.add_mutually_exclusive_group()
+    only.add_argument("--cost-only", action="store_true", help="only the non-matching traffic table")
+    only.add_argument("--drain-only", action="store_true", help="only the ring reading and drain tables")
+    ap.add_argument("--quick", action="store_true", help="smoke run: every table, few iterations, small state")
+    args = ap.parse_args()
+    sz = QUICK if args.quick else Sizes()
+    judge = not args.quick
+    if args.quick:
+        print("--quick: a smoke run; its figures are not measurements")
     with private_bpffs("prf-recbench-bpffs-") as bpffs:
         with PacketEnv(bpffs, n_backends=8, prefix="prf", maglev_m=251, max_backends=4096,
                        flow_table_size=65536, extra_cflags=("-DBENCH_UNDO",)) as env:
@@ -267,10 +294,10 @@ def main() -> int:
             bes6 = [{"address": a} for a in edge_backends_v6(4)]
             env.apply([Service(name="w4", vip=VIP4, port=80, backends=bes4),
                        Service(name="w6", vip=VIP6, port=80, backends=bes6)])
-            cost_ok = "--drain-only" in sys.argv or cost_table(env)
-            if "--cost-only" not in sys.argv:
-                reader_table(env)
-            drain_ok = "--cost-only" in sys.argv or drain_table(env)
+            cost_ok = args.drain_only or cost_table(env, sz, judge)
+            if not args.cost_only:
+                reader_table(env, sz.passes, sz.pages)
+            drain_ok = args.cost_only or drain_table(env, sz.drain_s, sz.settle_s, judge)
     return 0 if cost_ok and drain_ok else 1
 
 

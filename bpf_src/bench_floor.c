@@ -1,4 +1,4 @@
-/* Floor programs for bench/datapath.py, measured in the same run as l4lb:
+/* Floor programs for the benches (bench/datapath.py, bench/recorder.py), measured in the same run as l4lb:
  * what XDP_TX alone costs, and what a bare IPIP / IP6IP6 encapsulator costs
  * (no parsing, lookup or hashing). With -DBENCH_UNDO the encapsulators take
  * their header off again so repeat>1 keeps feeding them the same packet. */
@@ -7,7 +7,7 @@
 #include <linux/ip.h>
 #include <linux/ipv6.h>
 /* The datapath's own flow cache (and so its maps, pinned in a bench-only
- * PIN_DIR): bench/datapath.py assembles this file like the loader does. */
+ * PIN_DIR): compiled by PacketEnv.compile_floors (l4lb/lab/pktenv.py). */
 #include "lib/flowcache.h"
 
 int floor_tx(struct xdp_md *ctx)
@@ -125,11 +125,11 @@ static __always_inline int floor_salt(int bump, __u32 *salt)
 }
 
 /* What one flow-table write costs on its own: the key into an LRU hash of
- * l4lb's default size, as the flow table was before flowcache.h. floor_lru
+ * the flow table's size, as the flow table was before flowcache.h. floor_lru
  * rewrites one key (what repeat>1 does to l4lb's SYN row); floor_lru_new
  * inserts a new key every pass (a stream of new flows, with eviction). */
 struct floor_val { __u32 backend_id; __u32 gen; };
-BPF_TABLE("lru_hash", struct flow_key, struct floor_val, floor_flows, 1048576);
+BPF_TABLE("lru_hash", struct flow_key, struct floor_val, floor_flows, FLOW_TABLE_SIZE);
 
 static __always_inline int lru_write(int bump)
 {

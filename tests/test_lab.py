@@ -15,6 +15,7 @@ import threading
 
 import pytest
 
+from l4lb.datapath.source import compile_bpf
 from l4lb.lab import netns
 from l4lb.lab.topology import (LB_IP4, LB_IP6, NET_A4, NET_A6, NET_B4, NET_B6, UDP_PORT, VIP_NET4,
                                VIP_NET6, Lab)
@@ -310,7 +311,7 @@ int xdp_l2fwd(struct xdp_md *ctx)
 def l2fwd():
     from bcc import BPF
 
-    b = BPF(text=L2FWD.encode())
+    b = compile_bpf("test_lab:l2fwd", text=L2FWD)
     yield b, b.load_func(b"xdp_l2fwd", BPF.XDP)
     b.cleanup()
 

@@ -20,12 +20,13 @@ import pytest
 
 from conftest import _require_root
 from l4lb.datapath import libbpf
+from l4lb.datapath.source import compile_bpf
 from l4lb.recorder import perfring
 from l4lb.recorder.perfring import PAGE, PerfRingError, PerfRings, online_cpus, split
 
 pytestmark = [pytest.mark.bpf]
 
-EMIT_C = b"""
+EMIT_C = """
 #include <uapi/linux/bpf.h>
 struct meta { u64 seq; u32 cap; u32 len; };
 BPF_PERF_OUTPUT(events);
@@ -62,7 +63,7 @@ class Emitter:
     def __init__(self) -> None:
         from bcc import BPF
 
-        self.bpf = BPF(text=EMIT_C)
+        self.bpf = compile_bpf("test_perfring:emit", text=EMIT_C)
         self.fd = self.bpf.load_func(b"emit", BPF.XDP).fd
         self.map_fd = self.bpf[b"events"].map_fd
         self.counters = self.bpf[b"counters"]

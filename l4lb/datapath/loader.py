@@ -1,4 +1,4 @@
-"""Compile the XDP program with BCC and pin/reuse its maps on a bpffs."""
+"""Compile the XDP program (source.compile_bpf) and pin/reuse its maps on a bpffs."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from l4lb.datapath.config import DatapathConfig, DatapathError
-from l4lb.datapath.source import assemble, enum_names, layout_digest
+from l4lb.datapath.source import assemble, compile_bpf, enum_names, layout_digest
 
 log = logging.getLogger(__name__)
 
@@ -77,11 +77,11 @@ def compile_program(cfg: DatapathConfig, *, entry: str = ENTRY, func: str = FUNC
     pin_dir = cfg.bpffs / f"maps-{layout_digest(text, layout)}"
     pin_dir.mkdir(mode=0o700, exist_ok=True)
     cflags = [*layout, f'-DPIN_DIR="{pin_dir}"', *feature_cflags(cfg), *cfg.extra_cflags]
+    bpf = compile_bpf(entry, cflags)
     try:
-        bpf = BPF(text=text.encode(), cflags=cflags)
         fn = bpf.load_func(func.encode(), BPF.XDP)
     except Exception as e:  # BCC raises bare Exception with the verifier log on stderr
-        raise DatapathError(f"BPF compile/load of {entry} failed: {e}") from e
+        raise DatapathError(f"BPF load of {entry}:{func} failed: {e}") from e
     reasons = [n for n in enum_names(text, "l4lb_reason", "REASON_") if n != "max"]
     return Program(bpf, fn.fd, pin_dir, reasons, text)
 

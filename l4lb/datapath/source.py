@@ -1,10 +1,15 @@
-"""Assemble the BPF C source for BCC.
+"""Assemble and compile the project's BPF C sources: the one way to compile them.
 
 BCC rewrites map method calls (``services.lookup(&k)``) only in the main
 translation unit, not inside #included headers. The tree keeps one header
 per concern (like Katran's lib/bpf/), so we inline the project's own
 ``#include "lib/..."`` headers here, once each (#pragma once semantics), with
 #line markers so compiler errors still name the real file and line.
+
+Every BPF program of the project (the loader's l4lb.c, the lab's decap.c, the
+benches' bench_floor.c, a test's own small program) is compiled by
+:func:`compile_bpf`, so none of them can miss that step (tests/test_source.py
+checks that nothing else calls BCC's compiler).
 """
 
 from __future__ import annotations
@@ -13,6 +18,9 @@ import hashlib
 import re
 from importlib import resources
 from pathlib import Path
+from typing import Any, Iterable
+
+from l4lb.datapath.config import DatapathError
 
 _INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"\s*$')
 _PRAGMA_ONCE = re.compile(r"^\s*#\s*pragma\s+once\s*$")
@@ -22,31 +30,53 @@ def bpf_src_dir() -> Path:
     return Path(str(resources.files("l4lb.bpf_src")))
 
 
-def assemble(entry: str, root: Path | None = None) -> str:
-    """Return `entry` (relative to bpf_src/) with local headers inlined."""
-    root = root or bpf_src_dir()
+def assemble(entry: str, root: Path | None = None, *, text: str | None = None) -> str:
+    """Return `entry` (relative to bpf_src/) with local headers inlined.
+
+    With `text`, that C is assembled instead (its includes resolved against
+    bpf_src/ all the same) and `entry` only names it in #line markers.
+    """
+    root = (root or bpf_src_dir()).resolve()
     seen: set[Path] = set()
     out: list[str] = []
 
-    def emit(path: Path) -> None:
-        path = path.resolve()
-        if path in seen:
-            return
-        seen.add(path)
-        rel = path.relative_to(root.resolve())
-        out.append(f'#line 1 "{rel}"')
-        for n, line in enumerate(path.read_text().splitlines(), start=1):
+    def emit(name: str, body: str) -> None:
+        out.append(f'#line 1 "{name}"')
+        for n, line in enumerate(body.splitlines(), start=1):
             m = _INCLUDE.match(line)
             if m and (root / m.group(1)).is_file():
-                emit(root / m.group(1))
-                out.append(f'#line {n + 1} "{rel}"')
+                header = (root / m.group(1)).resolve()
+                if header not in seen:
+                    seen.add(header)
+                    emit(str(header.relative_to(root)), header.read_text())
+                out.append(f'#line {n + 1} "{name}"')
             elif _PRAGMA_ONCE.match(line):
                 out.append("")
             else:
                 out.append(line)
 
-    emit(root / entry)
+    if text is None:
+        path = (root / entry).resolve()
+        seen.add(path)
+        text = path.read_text()
+    emit(entry, text)
     return "\n".join(out) + "\n"
+
+
+def compile_bpf(entry: str, cflags: Iterable[str] = (), *, text: str | None = None) -> Any:
+    """Compile `entry` of bpf_src/ with BCC (its lib/ headers inlined) and return the ``bcc.BPF``.
+
+    With `text`, that C is compiled instead (a test's own small program) and
+    `entry` names it. BCC raises a bare Exception (the compiler's or verifier's
+    log went to stderr): it becomes a DatapathError that names the entry.
+    """
+    from bcc import BPF  # imported here: only code that compiles needs libbcc
+
+    src = assemble(entry, text=text)
+    try:
+        return BPF(text=src.encode(), cflags=list(cflags))
+    except Exception as e:
+        raise DatapathError(f"BPF compile of {entry} failed: {e}") from e
 
 
 def enum_names(text: str, enum: str, prefix: str) -> list[str]:

@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import ctypes as ct
 import errno
-import importlib.resources
 import ipaddress
 import socket
 import threading
 from dataclasses import dataclass
 from typing import Any, Iterable
 
+from l4lb.datapath.source import compile_bpf
 from l4lb.lab import netns
 
 # indices of decap_stats (keep in sync with bpf_src/decap.c)
@@ -45,10 +45,6 @@ def _mode_flags(mode: str) -> int:
         return _MODES[mode]
     except KeyError:
         raise ValueError(f"mode must be one of {sorted(_MODES)}, not {mode!r}") from None
-
-
-def source_text() -> str:
-    return (importlib.resources.files("l4lb.bpf_src") / "decap.c").read_text()
 
 
 def _key_bytes(addr: str | ipaddress.IPv4Address | ipaddress.IPv6Address) -> bytes:
@@ -105,7 +101,7 @@ class Decap:
         from bcc import BPF  # imported late: the pure helpers above need no bcc
 
         self._BPF = BPF
-        self.bpf = BPF(text=source_text().encode(), cflags=list(cflags))
+        self.bpf = compile_bpf("decap.c", cflags)
         self.fn_decap = self.bpf.load_func(b"xdp_decap", BPF.XDP)
         self.fn_pass = self.bpf.load_func(b"xdp_pass", BPF.XDP)
         self._addrs = self.bpf[b"decap_addrs"]

@@ -1,7 +1,8 @@
 """A one-namespace environment for running the real XDP program on crafted
 packets (BPF_PROG_TEST_RUN): an 'edge' veth with backends as static
 neighbours, a second veth for XDP_REDIRECT, forwarding on so bpf_fib_lookup
-works. Used by the packet tests and bench/datapath.py."""
+works. Used by the packet tests and the benches (with the floor programs of
+bpf_src/bench_floor.c, see PacketEnv.compile_floors)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ from typing import Any
 
 from l4lb.datapath import Datapath, DatapathConfig
 from l4lb.datapath.libbpf import test_run
+from l4lb.datapath.loader import flow_cflags
+from l4lb.datapath.source import compile_bpf
 from l4lb.lab import netns
 
 EDGE_IF, EDGE_PEER = "edge0", "edge0p"
@@ -115,6 +118,15 @@ class PacketEnv:
         assert self.dp is not None
         return self.call(test_run, self.dp.prog_fd, packet, ingress_ifindex=ingress or self.edge_ifindex,
                          repeat=repeat)
+
+    def compile_floors(self, *, undo: bool) -> Any:
+        """bpf_src/bench_floor.c as a ``bcc.BPF``: the floor programs benches measure beside
+        l4lb. Its flow-cache floors use the datapath's headers at this env's flow-table size,
+        their maps pinned in a directory of their own; ``undo`` builds with -DBENCH_UNDO."""
+        pin_dir = self.cfg.bpffs / "bench-floor-maps"
+        pin_dir.mkdir(exist_ok=True)
+        cflags = [f'-DPIN_DIR="{pin_dir}"', *flow_cflags(self.cfg.flow_table_size)]
+        return compile_bpf("bench_floor.c", cflags + (["-DBENCH_UNDO"] if undo else []))
 
     def close(self) -> None:
         try:
