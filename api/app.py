@@ -11,6 +11,7 @@ from l4lb.control import Control
 
 from . import errors
 from .metrics import Metrics
+from .bgp import router as bgp_router
 from .recordings import router as recordings_router
 from .routes import router
 from .schemas import Problem
@@ -36,6 +37,7 @@ def create_app(control: Control, *, version: str = "0.1.0") -> FastAPI:
     errors.install(app)
     app.include_router(router)
     app.include_router(recordings_router)
+    app.include_router(bgp_router)
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:

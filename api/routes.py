@@ -14,6 +14,7 @@ from fastapi import Path as PathParam
 from fastapi.responses import PlainTextResponse
 
 from . import errors
+from .bgp import status_extras
 from .etags import precondition, quote
 from .schemas import (
     BackendBody,
@@ -216,9 +217,9 @@ def get_stats(request: Request) -> Stats:
 
 
 @router.get("/v1/status", response_model=Status, tags=["observe"],
-            summary="Interfaces and XDP modes, program id, map fill levels, revision")
+            summary="Interfaces and XDP modes, program id, map fill levels, revision, fleet digest, BGP summary")
 def get_status(request: Request) -> Status:
-    return Status.model_validate(_control(request).status())
+    return Status.model_validate(_control(request).status() | status_extras(request))
 
 
 @router.get("/healthz", response_model=Health, tags=["observe"], summary="The daemon answers")

@@ -27,6 +27,7 @@ class ServiceBody(_Body):
     protocol: Protocol = Protocol.tcp
     options: ServiceOptions = ServiceOptions()
     backends: list[Backend] = Field(default_factory=list, max_length=MAX_BACKENDS_PER_SERVICE)
+    announce: bool = Field(default=True, description="Announce the VIP over BGP while this box can serve it")
 
 
 class BackendBody(_Body):
@@ -135,6 +136,9 @@ class Status(BaseModel):
     interfaces: dict[str, str] = Field(description="Attached interface -> XDP mode in use")
     limits: dict[str, int]
     datapath: dict[str, Any] = Field(description="Program id, attachments and map fill levels from the datapath")
+    digest: dict[str, Any] | None = Field(default=None, description="What this box forwards, comparable across "
+                                          "a tier: seed hash, per-service table hashes in backend identities, digest")
+    bgp: dict[str, Any] | None = Field(default=None, description="Box drain state, sessions, announced prefixes")
 
 
 class Health(BaseModel):

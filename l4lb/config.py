@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
+from l4lb.bgp.config import BgpSection
 from l4lb.models import DEFAULT_MAGLEV_M, MAGLEV_SIZES, MAX_BACKENDS_PER_SERVICE
 
 if TYPE_CHECKING:
@@ -178,7 +179,7 @@ class TcpListener(_Section):
                     "set localhost_only_insecure = true"
                 )
             return self
-        object.__setattr__(self, "token", SecretStr(_read_token(self.token_file)))
+        object.__setattr__(self, "token", SecretStr(read_secret(self.token_file)))
         return self
 
 
@@ -202,18 +203,19 @@ def _split_hostport(v: str) -> tuple[str, int]:
     return host, int(port)
 
 
-def _read_token(path: Path) -> str:
+def read_secret(path: Path, key: str = "token_file", min_len: int = MIN_TOKEN_LEN) -> str:
+    """One secret (a token, a BGP password) from a file that other users cannot read."""
     try:
         st = path.stat()
         text = path.read_text(encoding="utf-8").strip()
     except OSError as e:
-        raise ValueError(f"token_file {path}: {e.strerror}") from None
+        raise ValueError(f"{key} {path}: {e.strerror}") from None
     except UnicodeDecodeError:
-        raise ValueError(f"token_file {path} is not UTF-8 text") from None
+        raise ValueError(f"{key} {path} is not UTF-8 text") from None
     if st.st_mode & (stat.S_IROTH | stat.S_IWOTH):
-        raise ValueError(f"token_file {path} is accessible by other users (mode {stat.S_IMODE(st.st_mode):04o}); chmod o-rwx")
-    if len(text) < MIN_TOKEN_LEN or any(c.isspace() for c in text):
-        raise ValueError(f"token_file {path} must hold one token of at least {MIN_TOKEN_LEN} characters, no spaces")
+        raise ValueError(f"{key} {path} is accessible by other users (mode {stat.S_IMODE(st.st_mode):04o}); chmod o-rwx")
+    if len(text) < min_len or any(c.isspace() for c in text):
+        raise ValueError(f"{key} {path} must hold one secret of at least {min_len} characters, no spaces")
     return text
 
 
@@ -263,6 +265,7 @@ class Config(_Section):
     datapath: DatapathSection
     api: ApiSection = ApiSection()
     limits: LimitsSection = LimitsSection()
+    bgp: BgpSection | None = None  # announce VIPs through a BGP speaker (l4lb/bgp)
 
     @field_validator("log_level")
     @classmethod

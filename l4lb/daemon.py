@@ -208,6 +208,8 @@ class Daemon:
         self._last_status = ""
         self._app: Any = None
         self._recorder: Any = None     # recorder.manager.RecorderManager
+        self._bgp: Any = None          # l4lb.bgp.reconciler.Reconciler, with [bgp]
+        self._digest: Any = None       # l4lb.fleet.Digester
 
     # -- start -----------------------------------------------------------------------
 
@@ -252,12 +254,38 @@ class Daemon:
             log.info("XDP attached: %s", ", ".join(f"{i} ({m})" for i, m in used.items()))
         else:
             log.warning("datapath.interfaces is empty: nothing is attached")
+        self._start_rooms()
         # Recorder: recordings of an earlier run are listed again; on TERM they are closed.
         from l4lb.recorder.manager import RecorderManager
 
         self._recorder = RecorderManager(cfg.recorder_dir, self._dp)
 
+    def _start_rooms(self) -> None:
+        """Subscribers of the control core. Only now, once attached: the first view they get
+        is converged and attached, so BGP never withdraws a VIP while the daemon starts."""
+        from l4lb.fleet import Digester
+
+        assert self.control is not None
+        self._digest = Digester(self._dp, self.cfg.datapath.seed_bytes, self.cfg.datapath.maglev_m)
+        self.control.subscribe(self._digest.on_view)
+        if self.cfg.bgp is not None:
+            from l4lb.bgp.bird import Bird
+            from l4lb.bgp.box import BoxStore
+            from l4lb.bgp.reconciler import Reconciler
+
+            try:
+                self._bgp = Reconciler(self.cfg.bgp, Bird(self.cfg.bgp), BoxStore(self.cfg.state_dir / "box.json"))
+            except ValueError as e:
+                raise StartupError(f"bgp: {e}") from None
+            self._bgp.start()
+            self.control.subscribe(self._bgp.on_view)
+            log.info("BGP: driving %s through %s", self.cfg.bgp.speaker, self.cfg.bgp.bird_socket)
+
     def close(self) -> None:
+        # The BGP worker stops; the speaker keeps announcing (a restart withdraws nothing).
+        if self._bgp is not None:
+            with contextlib.suppress(Exception):
+                self._bgp.stop()
         # Recordings are closed cleanly (files complete) and the recorder disarmed.
         if self._recorder is not None:
             with contextlib.suppress(Exception):
@@ -330,6 +358,12 @@ class Daemon:
         self._reload_lock = asyncio.Lock()
         self._app = create_app(self.control, version=__version__)
         self._app.state.recorder = self._recorder
+        self._app.state.digest = self._digest
+        self._app.state.bgp = self._bgp
+        if self._bgp is not None:
+            from l4lb.api.bgp import BgpCollector
+
+            self._app.state.metrics.registry.register(BgpCollector(self._bgp))
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stopping.set)
         loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(self.reload()))
@@ -435,6 +469,13 @@ class Daemon:
             except Exception as e:  # noqa: BLE001 - e.g. a layout change: needs a restart
                 log.error("datapath settings not applied (%s); they take effect at the next start", e)
         restart = [k for k in old.restart_only_changes(new) if k.removeprefix("datapath.") not in runtime]
+        if self._digest is not None:
+            self._digest.set_seed(new.datapath.seed_bytes, old.datapath.maglev_m)
+        if (old.bgp is None) != (new.bgp is None):
+            restart.append("bgp")
+        elif self._bgp is not None and new.bgp != old.bgp:
+            self._bgp.update_config(new.bgp)
+            log.info("BGP settings updated")
         # Interfaces: attach new ones (all of them if the mode changed), detach dropped ones.
         old_if, new_if = old.datapath.interfaces, new.datapath.interfaces
         to_attach = list(new_if) if new.datapath.xdp_mode != old.datapath.xdp_mode else [i for i in new_if if i not in old_if]
@@ -492,6 +533,17 @@ class Daemon:
 def detach(cfg: Config) -> int:
     from l4lb.datapath import Datapath
 
+    if cfg.bgp is not None:
+        # Stopping for good: withdraw first, so routers stop sending before XDP goes.
+        from l4lb.bgp.bird import Bird, SpeakerError
+        from l4lb.bgp.reconciler import withdraw_all
+
+        try:
+            withdraw_all(cfg.bgp, Bird(cfg.bgp))
+            print(f"l4lbd: every VIP withdrawn from BGP ({cfg.bgp.bird_include})")
+        except (SpeakerError, OSError) as e:
+            print(f"l4lbd: BGP withdraw failed: {e}", file=sys.stderr)
+            return 1
     dp = Datapath(cfg.datapath_config())
     try:
         dp.detach(cfg.datapath.interfaces)

@@ -122,6 +122,8 @@ class Service(_Strict):
     protocol: Protocol = Protocol.tcp
     options: ServiceOptions = ServiceOptions()
     backends: list[Backend] = Field(default_factory=list, max_length=MAX_BACKENDS_PER_SERVICE)
+    announce: bool = Field(default=True, description="Announce the VIP over BGP while this box can serve it "
+                           "(only when [bgp] is configured)")
 
     @field_validator("name")
     @classmethod

@@ -168,7 +168,7 @@ def _field_changes(created: bool, *values: Any) -> tuple[FieldChange, ...]:
 
 def _service_fields(a: Service, b: Service) -> tuple[FieldChange, ...]:
     out = []
-    for name in ("vip", "port", "protocol"):
+    for name in ("vip", "port", "protocol", "announce"):
         va, vb = getattr(a, name), getattr(b, name)
         if va != vb:
             out.append(FieldChange(name, _jsonable(va), _jsonable(vb)))

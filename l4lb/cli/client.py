@@ -28,9 +28,14 @@ class Endpoint:
     url: str | None = None         # http(s)://host:port of the TCP listener
     token: str | None = None       # bearer token, only sent with url
     timeout: float = 60.0
+    name: str | None = None        # a fleet file's name for the box
 
     def describe(self) -> str:
         return self.url if self.url else f"unix:{self.socket}"
+
+    @property
+    def label(self) -> str:
+        return self.name or self.describe()
 
 
 def read_token(path: Path) -> str:

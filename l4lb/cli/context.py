@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -23,9 +23,16 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 @dataclass
 class App:
-    endpoint: Endpoint
+    endpoints: list[Endpoint]       # one box, or the boxes of a fleet (apply, fleet status)
     output: str = "table"
     _client: Client | None = field(default=None, repr=False)
+
+    @property
+    def endpoint(self) -> Endpoint:
+        if len(self.endpoints) != 1:
+            raise click.UsageError(f"this command talks to one box, and {len(self.endpoints)} are given "
+                                   "(only apply and fleet take several)")
+        return self.endpoints[0]
 
     @property
     def client(self) -> Client:
@@ -52,6 +59,30 @@ def endpoint_from(socket: str | None, url: str | None, token_file: str | None, t
     return Endpoint(socket=Path(socket or DEFAULT_SOCKET), timeout=timeout)
 
 
+def fleet_endpoints(path: str, timeout: float) -> list[Endpoint]:
+    """A fleet file: ``boxes:`` mapping a name to ``url`` (+ ``token_file``) or ``socket``."""
+    import yaml
+
+    try:
+        doc = yaml.safe_load(Path(path).read_text())
+    except OSError as e:
+        raise InputError(f"fleet file {path}: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise InputError(f"fleet file {path}: invalid YAML: {str(e).splitlines()[0]}") from None
+    boxes = doc.get("boxes") if isinstance(doc, dict) else None
+    if not isinstance(boxes, dict) or not boxes:
+        raise InputError(f"fleet file {path} needs a `boxes:` mapping of name -> {{url: ..}} or {{socket: ..}}")
+    out = []
+    for name, spec in boxes.items():
+        if not isinstance(spec, dict) or set(spec) - {"url", "socket", "token_file"} or \
+                ("url" in spec) == ("socket" in spec):
+            raise InputError(f"fleet file {path}: box {name!r} needs exactly one of url: or socket: "
+                             "(and token_file: with url:)")
+        ep = endpoint_from(spec.get("socket"), spec.get("url"), spec.get("token_file"), timeout)
+        out.append(replace(ep, name=str(name)))
+    return out
+
+
 def _set_output(ctx: click.Context, _: click.Parameter, value: str | None) -> None:
     app = ctx.find_object(App)
     if value is not None and app is not None:
@@ -72,7 +103,8 @@ def output_option(f: F) -> F:
 def _completion_client(ctx: click.Context) -> Client | None:
     root = ctx.find_root().params
     try:
-        ep = endpoint_from(root.get("socket"), root.get("url"), root.get("token_file"), 2.0)
+        ep = endpoint_from(next(iter(root.get("sockets") or ()), None), next(iter(root.get("urls") or ()), None),
+                           root.get("token_file"), 2.0)
     except InputError:
         return None
     return Client(ep)

@@ -21,8 +21,8 @@ from collections.abc import Sequence
 import click
 from click.core import ParameterSource
 
-from . import backends, record, services, state, stats, status
-from .context import App, endpoint_from
+from . import backends, box, fleet, record, services, state, stats, status
+from .context import App, endpoint_from, fleet_endpoints
 from .errors import EXIT_INTERRUPTED, CliError
 from .output import FORMATS
 
@@ -34,16 +34,18 @@ YAML/JSON); 3 the daemon cannot be reached (down, socket permission, network);
 130 interrupted.
 
 \b
-Environment: L4LBCTL_SOCKET, L4LBCTL_URL, L4LBCTL_TOKEN_FILE, L4LBCTL_TOKEN,
-L4LBCTL_OUTPUT. Shell completion: eval "$(_L4LBCTL_COMPLETE=bash_source l4lbctl)".
+Environment: L4LBCTL_SOCKET, L4LBCTL_URL, L4LBCTL_FLEET, L4LBCTL_TOKEN_FILE,
+L4LBCTL_TOKEN, L4LBCTL_OUTPUT. Shell completion: eval "$(_L4LBCTL_COMPLETE=bash_source l4lbctl)".
 """
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100}, epilog=EPILOG)
-@click.option("-s", "--socket", envvar="L4LBCTL_SOCKET", metavar="PATH",
-              help="l4lbd's unix socket [default: /run/l4lbd/l4lbd.sock].")
-@click.option("--url", envvar="L4LBCTL_URL", metavar="URL",
-              help="Use the TCP listener instead, e.g. http://127.0.0.1:9180 (needs a token).")
+@click.option("-s", "--socket", "sockets", envvar="L4LBCTL_SOCKET", metavar="PATH", multiple=True,
+              help="l4lbd's unix socket [default: /run/l4lbd/l4lbd.sock]; repeat for a fleet (apply, fleet).")
+@click.option("--url", "urls", envvar="L4LBCTL_URL", metavar="URL", multiple=True,
+              help="Use the TCP listener instead, e.g. http://127.0.0.1:9180 (needs a token); repeat for a fleet.")
+@click.option("--fleet", "fleet_file", envvar="L4LBCTL_FLEET", metavar="FILE", type=click.Path(dir_okay=False),
+              help="YAML file naming the boxes of a tier (see `l4lbctl fleet --help`).")
 @click.option("--token-file", envvar="L4LBCTL_TOKEN_FILE", metavar="PATH",
               help="File holding the bearer token for --url (or the token itself in L4LBCTL_TOKEN).")
 @click.option("--timeout", type=click.FloatRange(min=0.1), default=60.0, show_default=True, metavar="SECS",
@@ -52,8 +54,8 @@ L4LBCTL_OUTPUT. Shell completion: eval "$(_L4LBCTL_COMPLETE=bash_source l4lbctl)
               envvar="L4LBCTL_OUTPUT", show_default=True, help="Output format: tables for people, json/yaml for scripts.")
 @click.version_option(package_name="l4lb", prog_name="l4lbctl")
 @click.pass_context
-def cli(ctx: click.Context, socket: str | None, url: str | None, token_file: str | None, timeout: float,
-        output: str) -> None:
+def cli(ctx: click.Context, sockets: tuple[str, ...], urls: tuple[str, ...], fleet_file: str | None,
+        token_file: str | None, timeout: float, output: str) -> None:
     """Operate l4lbd, the XDP layer-4 load balancer, through its REST API.
 
     \b
@@ -63,18 +65,29 @@ def cli(ctx: click.Context, socket: str | None, url: str | None, token_file: str
     l4lbctl export > state.yaml; $EDITOR state.yaml; l4lbctl apply -f state.yaml --dry-run
     l4lbctl stats --rate --watch
     """
-    if url and socket:  # the one on the command line wins over the environment
-        cmdline = {n for n in ("socket", "url") if ctx.get_parameter_source(n) is ParameterSource.COMMANDLINE}
+    given = {n for n, v in (("sockets", sockets), ("urls", urls), ("fleet_file", fleet_file)) if v}
+    if len(given) > 1:  # the ones on the command line win over the environment
+        cmdline = {n for n in given if ctx.get_parameter_source(n) is ParameterSource.COMMANDLINE}
         if len(cmdline) != 1:
-            raise click.UsageError("give --socket or --url, not both (check L4LBCTL_SOCKET and L4LBCTL_URL)")
-        socket, url = (socket, None) if cmdline == {"socket"} else (None, url)
-    app = App(endpoint_from(socket, url, token_file, timeout), output.lower())
+            raise click.UsageError("give --socket, --url or --fleet, not several kinds "
+                                   "(check L4LBCTL_SOCKET, L4LBCTL_URL and L4LBCTL_FLEET)")
+        sockets = sockets if "sockets" in cmdline else ()
+        urls = urls if "urls" in cmdline else ()
+        fleet_file = fleet_file if "fleet_file" in cmdline else None
+    if fleet_file:
+        endpoints = fleet_endpoints(fleet_file, timeout)
+    elif urls:
+        endpoints = [endpoint_from(None, u, token_file, timeout) for u in urls]
+    else:
+        endpoints = [endpoint_from(s, None, token_file, timeout) for s in sockets or (None,)]
+    app = App(endpoints, output.lower())
     ctx.obj = app
     ctx.call_on_close(app.close)
 
 
 COMMANDS: tuple[click.Command, ...] = (
     status.status, services.service, backends.backend, state.apply, state.export, stats.stats, record.record,
+    box.box, fleet.fleet,
 )
 for _command in COMMANDS:
     cli.add_command(_command)

@@ -127,9 +127,9 @@ def summary_text(summary: dict[str, int]) -> str:
 # --- commands --------------------------------------------------------------------------------------
 
 
-def _stale_hint(app: App, revision: int | None) -> str:
+def _stale_hint(client: Any, revision: int | None) -> str:
     try:
-        now = revision_of(app.client.get("/v1/state"))
+        now = revision_of(client.get("/v1/state"))
     except CliError:
         now = None
     at = f" (it is at revision {now} now)" if now is not None else ""
@@ -139,54 +139,109 @@ def _stale_hint(app: App, revision: int | None) -> str:
     return f"the desired state changed while applying{at}: run apply again, or use --force"
 
 
-@click.command("apply", short_help="Apply a desired-state document (YAML/JSON), or --dry-run it.")
+@click.command("apply", short_help="Apply a desired-state document (YAML/JSON) to one box or a fleet, or --dry-run it.")
 @click.option("-f", "--file", "path", required=True, type=click.Path(dir_okay=False, allow_dash=True),
               help="YAML or JSON desired-state document ('-' = stdin).")
 @click.option("--dry-run", is_flag=True, help="Show what would change; apply nothing.")
 @click.option("--force", is_flag=True, help="Apply even if the state changed since the file's revision.")
+@click.option("--continue", "keep_going", is_flag=True,
+              help="With several boxes: go on after a box fails, and report each (default: stop at the first).")
 @output_option
 @pass_app
-def apply(app: App, path: str, dry_run: bool, force: bool) -> None:
+def apply(app: App, path: str, dry_run: bool, force: bool, keep_going: bool) -> None:
     """Make the daemon's desired state equal to FILE, in one transaction.
 
     FILE is what `l4lbctl export` writes (YAML, or JSON). Its `revision:` says
     which state it was based on: if the daemon has moved on since, apply is refused
     (exit 4) unless --force. Without `revision:`, the current state is the base.
     `services: []` removes every service; an empty file is an error.
+
+    With several boxes (--url/--socket repeated, or --fleet FILE) the same
+    document goes to each box in turn, each against its own current revision:
+    the first failure stops the rollout (boxes after it are untouched), or with
+    --continue every box is tried and the failures are reported at the end.
     """
     doc, revision = load_document(path)
+    if len(app.endpoints) > 1:
+        if revision is not None and not force:
+            raise InputError(f"{path} carries `revision: {revision}`, which names one box's state",
+                             "for a fleet, export with --no-revision (each box is checked against its own revision)")
+        _apply_fleet(app, path, doc, dry_run, force, keep_going)
+        return
+    result = _apply_one(app.client, path, doc, revision, dry_run, force)
+    if app.output != "table":
+        emit(result, app.output)
+        return
+    _show_result(result, dry_run)
+
+
+def _apply_one(client: Any, path: str, doc: dict[str, Any], revision: int | None, dry_run: bool,
+               force: bool) -> dict[str, Any]:
     headers: dict[str, str] = {}
     if not force:
         if revision is not None:
             headers["If-Match"] = f'"r{revision}"'
         else:
-            etag = app.client.get("/v1/state").headers.get("ETag")
+            etag = client.get("/v1/state").headers.get("ETag")
             if etag:
                 headers["If-Match"] = etag
     try:
-        r = app.client.request("PUT", "/v1/state", json=doc, headers=headers,
-                               params={"dry_run": "true"} if dry_run else None)
+        r = client.request("PUT", "/v1/state", json=doc, headers=headers,
+                           params={"dry_run": "true"} if dry_run else None)
     except ApiError as e:
         if e.status == 412:
-            e.hint = _stale_hint(app, revision)
+            e.hint = _stale_hint(client, revision)
         elif e.status == 422:  # locations are "body.services.0.vip": name the file instead
             e.message = f"{'<stdin>' if path == '-' else path}: " + e.message.replace("body.", "")
             e.errors = []
         raise
-    result = r.json()
-    if app.output != "table":
-        emit(result, app.output)
-        return
+    return r.json()
+
+
+def _show_result(result: dict[str, Any], dry_run: bool, indent: str = "") -> None:
     plan = result["plan"]
     for line in plan_lines(plan):
-        click.echo(line)
+        click.echo(indent + line)
     if plan["empty"]:
-        click.echo(f"no changes (revision {result['revision']})")
+        click.echo(f"{indent}no changes (revision {result['revision']})")
     elif dry_run:
-        click.echo(f"dry run: would have {summary_text(plan['summary'])}; nothing applied "
+        click.echo(f"{indent}dry run: would have {summary_text(plan['summary'])}; nothing applied "
                    f"(revision {result['revision']})")
     else:
-        click.echo(f"applied revision {result['revision']}: {summary_text(plan['summary'])}")
+        click.echo(f"{indent}applied revision {result['revision']}: {summary_text(plan['summary'])}")
+
+
+def _apply_fleet(app: App, path: str, doc: dict[str, Any], dry_run: bool, force: bool, keep_going: bool) -> None:
+    from .client import Client
+
+    results: dict[str, Any] = {}
+    failed: list[str] = []
+    for ep in app.endpoints:
+        if failed and not keep_going:
+            results[ep.label] = {"status": "skipped"}
+            continue
+        try:
+            with Client(ep) as client:
+                result = _apply_one(client, path, doc, None, dry_run, force)
+            results[ep.label] = {"status": "ok", **result}
+            if app.output == "table":
+                click.echo(f"{ep.label}:")
+                _show_result(result, dry_run, "  ")
+        except CliError as e:
+            failed.append(ep.label)
+            results[ep.label] = {"status": "failed", "error": e.message}
+            if app.output == "table":
+                click.echo(f"{ep.label}: FAILED")
+                for line in e.lines():
+                    click.echo("  " + line, err=True)
+    if app.output != "table":
+        emit({"boxes": results}, app.output)
+    if failed:
+        skipped = [n for n, r in results.items() if r["status"] == "skipped"]
+        raise CliError(f"apply failed on {', '.join(failed)}"
+                       + (f"; not tried: {', '.join(skipped)}" if skipped else ""),
+                       None if keep_going else "fix it and apply again (boxes already done report no changes), "
+                       "or --continue to try every box")
 
 
 def export_document(state: dict[str, Any], revision: int | None) -> dict[str, Any]:

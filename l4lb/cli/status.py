@@ -47,4 +47,14 @@ def status(app: App) -> None:
         ("Maps", _maps(dp.get("maps") or {})),
         ("Limits", ", ".join(f"{k.removeprefix('max_').replace('_', ' ')} {v}" for k, v in limits.items()) or "-"),
     ]
+    digest = s.get("digest") or {}
+    if digest.get("digest"):
+        pairs.append(("Digest", f"{digest['digest']} (seed {digest['seed']}; compare boxes: l4lbctl fleet status)"))
+    bgp = s.get("bgp")
+    if bgp:
+        when = time.strftime("%H:%M:%S", time.localtime(bgp["last_change"])) if bgp.get("last_change") else "-"
+        pairs += [("BGP", f"box {bgp['box']}, last change {when}" + (f", ERROR {bgp['error']}" if bgp.get("error") else "")),
+                  ("BGP sessions", ", ".join(f"{p} {st}" for p, st in bgp["sessions"].items()) or "-"),
+                  ("Announced", ", ".join(bgp["announced"]) or "nothing"),
+                  ("Withdrawn", ", ".join(bgp["withdrawn"]) or "-")]
     click.echo(fields(pairs))

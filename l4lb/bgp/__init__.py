@@ -1,0 +1,1 @@
+"""BGP: announce the VIPs this box can serve through a real BGP speaker (BIRD 2); see reconciler.py."""
