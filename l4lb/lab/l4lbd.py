@@ -35,14 +35,22 @@ def to_toml(doc: dict[str, Any]) -> str:
     """Enough TOML for our config: scalars/lists at top, then (nested) tables."""
     lines: list[str] = []
 
-    def table(prefix: str, d: dict[str, Any]) -> None:
-        scalars = {k: v for k, v in d.items() if not isinstance(v, dict)}
+    def table(prefix: str, d: dict[str, Any], array: bool = False) -> None:
+        def is_tables(v: Any) -> bool:
+            return isinstance(v, list) and bool(v) and all(isinstance(x, dict) for x in v)
+
+        scalars = {k: v for k, v in d.items() if not isinstance(v, dict) and not is_tables(v)}
         tables = {k: v for k, v in d.items() if isinstance(v, dict)}
-        if prefix:
+        if prefix and not array:
             lines.append(f"\n[{prefix}]")
         lines.extend(f"{k} = {toml_value(v)}" for k, v in scalars.items())
         for k, v in tables.items():
             table(f"{prefix}.{k}" if prefix else k, v)
+        for k, v in d.items():
+            if is_tables(v):  # an array of tables: [[prefix.k]] per element
+                for item in v:
+                    lines.append(f"\n[[{prefix}.{k}]]" if prefix else f"\n[[{k}]]")
+                    table(f"{prefix}.{k}" if prefix else k, item, array=True)
 
     table("", doc)
     return "\n".join(lines) + "\n"

@@ -66,6 +66,8 @@ VIP_NET6 = ipaddress.ip_network("2001:db8:0:100::/64")
 
 LB_IP4 = "192.0.2.1"
 LB_IP6 = "2001:db8:0:1::1"
+ROUTER_HOST = 254         # the optional router (a tier of LBs behind ECMP): 192.0.2.254
+MAX_LBS = 9               # lb = .1, lb2 = .2, ... lb9 = .9
 LB_B_IP4 = "203.0.113.1"
 LB_B_IP6 = "2001:db8:0:2::1"
 
@@ -211,8 +213,8 @@ class Iface:
 @dataclass(frozen=True)
 class Host:
     """A client, the LB or a backend: one netns with one or two NICs."""
-    name: str                # "c1", "lb", "b1"
-    role: str                # "client" | "lb" | "backend"
+    name: str                # "c1", "lb", "lb2", "router", "b1"
+    role: str                # "client" | "lb" | "router" | "backend"
     ns: str
     ifaces: tuple[Iface, ...]
     vips4: tuple[str, ...] = ()     # backends: VIPs held on lo
@@ -320,6 +322,11 @@ class Lab:
       prime_neighbours    ping LB->backends and clients->LB at start so that
                           neighbour entries exist (bpf_fib_lookup needs them)
       prefix              namespace name prefix (``cleanup(prefix)`` finds leftovers)
+      lbs                 LB namespaces on segment A: ``lb`` (.1), ``lb2`` (.2), ... (a tier)
+      router              add ``router`` (.254) on segment A: clients route the VIPs via
+                          it instead of via ``lb``; forwarding, ECMP hashing on L4
+                          (``fib_multipath_hash_policy=1``), no ICMP redirects. What
+                          runs on it (a routing daemon) is up to the caller.
     """
 
     def __init__(
@@ -339,11 +346,15 @@ class Lab:
         decap_mode: str = "native",
         prime_neighbours: bool = True,
         prefix: str = PREFIX,
+        lbs: int = 1,
+        router: bool = False,
     ):
         if not 1 <= clients <= MAX_CLIENTS:
             raise ValueError(f"clients must be 1..{MAX_CLIENTS}")
         if not 1 <= backends or backends + seg_b_backends > MAX_BACKENDS or seg_b_backends < 0:
             raise ValueError(f"backends must be >= 1 and backends + seg_b_backends <= {MAX_BACKENDS}")
+        if not 1 <= lbs <= MAX_LBS:
+            raise ValueError(f"lbs must be 1..{MAX_LBS}")
         if clients * client_extra_addrs > 100 or client_extra_addrs < 0:
             raise ValueError("clients * client_extra_addrs must be <= 100")
         for v in vips4:
@@ -366,6 +377,8 @@ class Lab:
         self.decap_mode = decap_mode
         self.prime_neighbours = prime_neighbours
         self.prefix = prefix
+        self.n_lbs = lbs
+        self.with_router = router
 
         self.tag = secrets.token_hex(3)
         self.bridge_ns = self._ns("br")
@@ -397,6 +410,19 @@ class Lab:
     @property
     def lb(self) -> Host:
         return self.hosts["lb"]
+
+    @property
+    def lbs(self) -> dict[str, Host]:
+        """Every LB of the lab (one, or a tier): ``lb``, ``lb2``, ..."""
+        return {n: h for n, h in self.hosts.items() if h.role == "lb"}
+
+    @property
+    def router_ip4(self) -> str:
+        return _addr4(NET_A4, ROUTER_HOST)
+
+    @property
+    def router_ip6(self) -> str:
+        return _addr6(NET_A6, ROUTER_HOST)
 
     # LB shortcuts (what a test needs to attach / drive the LB program)
     @property
@@ -501,6 +527,11 @@ class Lab:
         if self.n_seg_b:
             lb_nics.append(nic(NODE_IF_B, "b", 1, "v-lb2", self.backend_mtu))
         plan.append({"name": "lb", "role": "lb", "nics": lb_nics})
+        for k in range(2, self.n_lbs + 1):
+            plan.append({"name": f"lb{k}", "role": "lb", "nics": [nic(NODE_IF, "a", k, f"v-lb{k}", self.backend_mtu)]})
+        if self.with_router:
+            plan.append({"name": "router", "role": "router",
+                         "nics": [nic(NODE_IF, "a", ROUTER_HOST, "v-rt", self.backend_mtu)]})
         for j in range(1, self.n_backends + self.n_seg_b + 1):
             seg = "a" if j <= self.n_backends else "b"
             plan.append({"name": f"b{j}", "role": "backend",
@@ -545,9 +576,15 @@ class Lab:
             ns = self._ns(h["name"])
             s: dict[str, Any] = dict(common6)
             s.update({"net.ipv4.conf.all.rp_filter": 0, "net.ipv4.conf.default.rp_filter": 0})
-            if h["role"] == "lb":
+            if h["role"] in ("lb", "router"):
                 s.update({"net.ipv4.ip_forward": 1, "net.ipv6.conf.all.forwarding": 1,
                           "net.ipv6.conf.default.forwarding": 1})
+            if h["role"] == "router":  # one-armed: clients and LBs share its segment
+                s.update({"net.ipv4.fib_multipath_hash_policy": 1, "net.ipv6.fib_multipath_hash_policy": 1,
+                          "net.ipv4.conf.all.send_redirects": 0, "net.ipv4.conf.default.send_redirects": 0})
+            if h["role"] == "client":
+                s.update({"net.ipv4.conf.all.accept_redirects": 0, "net.ipv6.conf.all.accept_redirects": 0,
+                          "net.ipv4.conf.default.accept_redirects": 0, "net.ipv6.conf.default.accept_redirects": 0})
             if h["role"] == "backend":
                 s.update({"net.ipv4.conf.all.arp_ignore": 1, "net.ipv4.conf.default.arp_ignore": 1,
                           "net.ipv4.conf.all.arp_announce": 2, "net.ipv4.conf.default.arp_announce": 2})
@@ -570,10 +607,11 @@ class Lab:
                     cmds.append(f"addr add {a}/{n['plen6']} dev {n['name']} nodad")
                 cmds.append(f"link set {n['name']} up")
             if h["role"] == "client":
-                for net in (VIP_NET4, NET_B4):
-                    cmds.append(f"route add {net} via {LB_IP4}")
-                for net in (VIP_NET6, NET_B6):
-                    cmds.append(f"route add {net} via {LB_IP6}")
+                gw4, gw6 = (self.router_ip4, self.router_ip6) if self.with_router else (LB_IP4, LB_IP6)
+                cmds.append(f"route add {VIP_NET4} via {gw4}")
+                cmds.append(f"route add {VIP_NET6} via {gw6}")
+                cmds.append(f"route add {NET_B4} via {LB_IP4}")
+                cmds.append(f"route add {NET_B6} via {LB_IP6}")
             if h["role"] == "backend":
                 for v in self.vips4:
                     cmds.append(f"addr add {v}/32 dev lo")
@@ -596,7 +634,7 @@ class Lab:
             from l4lb.lab.decap import Decap
 
             self.decap = self._decap_arg if self._decap_arg is not None else Decap.shared()
-            for nic in self.lb.ifaces:
+            for nic in (n for lb in self.lbs.values() for n in lb.ifaces):
                 self.decap.attach_pass(self.bridge_ns, nic.peer, self.decap_mode)
             for b in self.backends.values():
                 for a in (b.ip4, b.ip6):
@@ -667,10 +705,12 @@ class Lab:
         procs = []
         for b in self.backends.values():
             for a in (b.ip4, b.ip6):
-                procs.append(netns.popen(self.lb_ns, "ping", "-c1", "-W2", "-q", a,
-                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+                for lb in self.lbs.values():
+                    procs.append(netns.popen(lb.ns, "ping", "-c1", "-W2", "-q", a,
+                                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        gateways = (LB_IP4, LB_IP6) + ((self.router_ip4, self.router_ip6) if self.with_router else ())
         for c in self.clients.values():
-            for a in (LB_IP4, LB_IP6):
+            for a in gateways:
                 procs.append(netns.popen(c.ns, "ping", "-c1", "-W2", "-q", a,
                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         targets = [a for c in self.clients.values() for a in c.addresses()]

@@ -1,0 +1,186 @@
+"""A tier of LB boxes behind an ECMP router, on top of the lab (root only).
+
+``Lab(lbs=N, router=True)`` gives the namespaces (clients, ``router``, ``lb``
+… ``lbN``, backends, all on segment A). A ``Tier`` runs what a real tier runs:
+
+* on the router, BIRD 2 with one eBGP session per box (BFD, short timers),
+  ``merge paths on`` so the kernel gets one ECMP route with a next hop per
+  box (hashed on L4: the lab sets ``fib_multipath_hash_policy=1``), and the
+  RFC 8326 graceful-shutdown community honoured (local preference 0);
+* on each box, BIRD 2 (its own process, so it outlives l4lbd, as the
+  distribution's unit does) whose main config includes what l4lbd generates,
+  and l4lbd itself with a ``[bgp]`` section, the same seed and the same
+  services on every box.
+
+The router's config is the README's BIRD example, generated here so the
+test and the documentation cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from l4lb.lab import netns
+from l4lb.lab.l4lbd import L4lbd, default_config
+from l4lb.lab.topology import Lab
+
+ROUTER_AS = 65000
+TIER_AS = 65010
+SEED = "dGllci1zZWVkLTEy"  # base64 of "tier-seed-12": the same on every box
+
+
+def router_config(router_ip: str, boxes: Iterable[str], *, bfd_ms: int = 100, log: str = "syslog") -> str:
+    """BIRD 2 on the upstream router: ECMP over the boxes, BFD, graceful shutdown honoured."""
+    peers = "\n".join(f"protocol bgp lb_{ip.replace('.', '_')} from tier {{ neighbor {ip} as {TIER_AS}; }}"
+                      for ip in boxes)
+    return f"""log {log} all;
+router id {router_ip};
+protocol device {{}}
+protocol bfd {{ interface "*" {{ min rx interval {bfd_ms} ms; min tx interval {bfd_ms} ms; multiplier 3; }}; }}
+# One kernel route per VIP with a next hop per box (ECMP).
+protocol kernel {{ ipv4 {{ export all; }}; merge paths on; }}
+protocol kernel {{ ipv6 {{ export all; }}; merge paths on; }}
+# RFC 8326: a box that drains tags its routes GRACEFUL_SHUTDOWN; prefer the others.
+filter from_tier {{ if (65535, 0) ~ bgp_community then bgp_local_pref = 0; accept; }}
+template bgp tier {{
+  local as {ROUTER_AS};
+  bfd on;
+  hold time 9;
+  connect delay time 1; connect retry time 1; error wait time 1, 5;
+  ipv4 {{ import filter from_tier; export none; }};
+}}
+{peers}
+"""
+
+
+def box_bird_config(include_dir: Path, log: str = "syslog") -> str:
+    """A box's BIRD main config: what /etc/bird/bird.conf holds after `make install` adds our include."""
+    return f"""log {log} all;
+protocol device {{}}
+include "{include_dir}/*.conf";
+"""
+
+
+@dataclass
+class Box:
+    name: str
+    ns: str
+    ip: str
+    dir: Path
+    l4lbd: L4lbd
+    bird: subprocess.Popen | None = None
+
+    @property
+    def bird_socket(self) -> Path:
+        return self.dir / "bird.ctl"
+
+    @property
+    def include(self) -> Path:
+        return self.dir / "bird" / "l4lbd.conf"
+
+
+@dataclass
+class Tier:
+    lab: Lab
+    workdir: Path
+    bpffs: Path
+    services: list[dict[str, Any]]
+    bgp: dict[str, Any] = field(default_factory=dict)   # extra [bgp] keys for every box
+    boxes: dict[str, Box] = field(default_factory=dict)
+    router_bird: subprocess.Popen | None = None
+
+    @property
+    def router_socket(self) -> Path:
+        return self.workdir / "router.ctl"
+
+    # -- bring-up -----------------------------------------------------------------------
+
+    def up(self, timeout: float = 120) -> "Tier":
+        lab = self.lab
+        rdir = self.workdir
+        rdir.mkdir(parents=True, exist_ok=True)
+        conf = rdir / "router.conf"
+        conf.write_text(router_config(lab.router_ip4, [h.ip4 for h in lab.lbs.values()],
+                                      log=f'"{rdir / "router.log"}"'))
+        self.router_bird = lab.popen("router", "bird", "-f", "-c", conf, "-s", self.router_socket,
+                                     "-P", rdir / "router.pid", stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        for name, host in lab.lbs.items():
+            d = self.workdir / name
+            (d / "bird").mkdir(parents=True, exist_ok=True)
+            pins = self.bpffs / f"tier-{lab.tag}-{name}"
+            pins.mkdir(exist_ok=True)
+            cfg = default_config(d, pins, [host.ifname])
+            cfg["datapath"]["maglev_seed"] = SEED
+            box = Box(name, host.ns, host.ip4, d, L4lbd(host.ns, d, cfg))
+            cfg["bgp"] = {"local_as": TIER_AS, "router_id": host.ip4, "hold_time": 9, "connect_retry": 1,
+                          "poll_interval": 0.5, "drain_delay": 5, "bird_socket": str(box.bird_socket),
+                          "bird_include": str(box.include),
+                          "peers": [{"address": lab.router_ip4, "remote_as": ROUTER_AS, "bfd": True}], **self.bgp}
+            (d / "bird.conf").write_text(box_bird_config(d / "bird", log=f'"{d / "bird.log"}"'))
+            self.boxes[name] = box
+            self.start_bird(box)
+        # The boxes compile their programs at the same time (the slow part of a start).
+        with ThreadPoolExecutor(len(self.boxes)) as ex:
+            list(ex.map(lambda b: b.l4lbd.start(wait=False), self.boxes.values()))
+        for box in self.boxes.values():
+            box.l4lbd.wait_ready(timeout)
+            with box.l4lbd.client() as c:
+                r = c.put("/v1/state", json={"services": self.services})
+                assert r.status_code == 200, r.text
+        return self
+
+    def start_bird(self, box: Box) -> None:
+        box.bird = self.lab.popen(box.ns, "bird", "-f", "-c", box.dir / "bird.conf", "-s", box.bird_socket,
+                                  "-P", box.dir / "bird.pid", stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+    def down(self) -> None:
+        for box in self.boxes.values():
+            box.l4lbd.kill()
+            if box.bird is not None:
+                netns.stop(box.bird)
+        if self.router_bird is not None:
+            netns.stop(self.router_bird)
+
+    # -- looking at the router ------------------------------------------------------------
+
+    def nexthops(self, prefix: str) -> set[str]:
+        """Next hops of the router's kernel route to ``prefix`` (one per box announcing it)."""
+        out = netns.ip(self.lab.ns_of("router"), "-j", "route", "show", prefix).stdout
+        hops: set[str] = set()
+        for r in json.loads(out or "[]"):
+            if "gateway" in r:
+                hops.add(r["gateway"])
+            hops.update(h["gateway"] for h in r.get("nexthops", []) if "gateway" in h)
+        return hops
+
+    def wait_nexthops(self, prefix: str, want: Callable[[set[str]], bool] | set[str], timeout: float = 30,
+                      step: float = 0.01) -> float:
+        """Seconds until the router's next hops for ``prefix`` satisfy ``want``; AssertionError at timeout."""
+        ok = want if callable(want) else (lambda h: h == want)
+        t0 = time.monotonic()
+        while True:
+            hops = self.nexthops(prefix)
+            if ok(hops):
+                return time.monotonic() - t0
+            if time.monotonic() - t0 > timeout:
+                raise AssertionError(f"router's next hops for {prefix} after {timeout}s: {sorted(hops)}\n"
+                                     + self.router_birdc("show", "protocols"))
+            time.sleep(step)
+
+    def router_birdc(self, *args: str) -> str:
+        return subprocess.run(["birdc", "-s", str(self.router_socket), *args], capture_output=True, text=True,
+                              timeout=30).stdout
+
+    def box_of_flow(self, src: str, sport: int, dst: str, dport: int, proto: str = "udp") -> str:
+        """The box the router's ECMP hash sends this flow to (the kernel's own answer)."""
+        out = netns.ip(self.lab.ns_of("router"), "-j", "route", "get", dst, "from", src, "iif", "eth0",
+                       "ipproto", proto, "sport", sport, "dport", dport).stdout
+        gw = json.loads(out)[0]["gateway"]
+        return next(n for n, b in self.boxes.items() if b.ip == gw)
