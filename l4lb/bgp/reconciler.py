@@ -131,8 +131,8 @@ class Reconciler:
                 view, box, cfg, dirty = self._view, self._box, self.cfg, self._dirty
                 self._dirty = False
             try:
-                if view is not None and (dirty or deadline is not None):
-                    self._reconcile(view, box, cfg)
+                if view is not None and (dirty or deadline is not None) and self._reconcile(view, box, cfg):
+                    next_poll = 0.0  # the speaker has news: read it back at once
                 if time.monotonic() >= next_poll:
                     self._poll()
                     next_poll = time.monotonic() + cfg.poll_interval
@@ -156,10 +156,12 @@ class Reconciler:
             self._reconcile(view, box, cfg)
         self._poll()
 
-    def _reconcile(self, view: View, box: BoxState, cfg: BgpSection) -> None:
+    def _reconcile(self, view: View, box: BoxState, cfg: BgpSection) -> bool:
+        """Plan and hand the result to the speaker; True if the speaker was told something new."""
         prefixes = planner.plan(view, box, cfg, self._clock())
         if prefixes is None:
-            return  # not converged: don't know, change nothing
+            return False  # not converged: don't know, change nothing
+        changed = False
         text = render(cfg, prefixes)
         try:
             changed = self._speaker.configure(text)
@@ -171,6 +173,7 @@ class Reconciler:
             log.error("BGP: %s", e)
             self._error = str(e)
         self._record(prefixes, failed=self._error is not None)
+        return changed
 
     def _record(self, prefixes: tuple[planner.Prefix, ...], failed: bool) -> None:
         now = self._clock()

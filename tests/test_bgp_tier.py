@@ -1,0 +1,320 @@
+"""A tier of three l4lb boxes behind a real ECMP router, VIPs over BGP (issue 13).
+
+One lab for the module: a router namespace running BIRD 2 (BFD, ``merge
+paths on``, L4 ECMP hashing), a client behind it, three LB namespaces each
+running l4lbd + its own BIRD, three shared backends. Every box gets the same
+seed and the same document. What is proven, with real BGP sessions, real
+kernel routes and real traffic:
+
+* every box announces; the router installs one route per VIP with a next hop
+  per box, and the boxes' digests are identical;
+* flows spread over the boxes, and each flow's backend is the same whichever
+  box handles it;
+* kill -9 of one l4lbd (and its restart) withdraws nothing and fails no request;
+* a service without a usable backend on one box is withdrawn from that box only
+  (and ``fleet status`` flags that box's table);
+* ``box drain`` moves new traffic off the box while its route still exists
+  (graceful shutdown), then withdraws it; ``undrain`` brings it back;
+* losing a box (its link down) is detected by BFD, the router drops its next
+  hop, and 100 long-lived connections, some of which ECMP moves to the
+  surviving boxes, keep working (0 broken). The convergence time is printed.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from l4lb.lab.tier import Tier
+from l4lb.lab.topology import Lab
+
+pytestmark = [pytest.mark.netns, pytest.mark.bpf]
+
+L4LBCTL = str(Path(os.sys.executable).with_name("l4lbctl"))
+UDP = 5353
+
+
+@pytest.fixture(scope="module")
+def tier(bpffs: Path, lab_decap):
+    if shutil.which("bird") is None:
+        pytest.fail("BIRD 2 is not installed: run scripts/setup.sh (apt-get install bird2)", pytrace=False)
+    with Lab(clients=1, backends=3, lbs=3, router=True, prefix="l4bgp", decap=lab_decap) as lab:
+        addrs = [h.ip4 for h in lab.backends.values()]
+        services = [
+            {"name": "web10", "vip": lab.vips4[0], "port": 80, "backends": [{"address": a} for a in addrs]},
+            {"name": "dns10", "vip": lab.vips4[0], "port": UDP, "protocol": "udp",
+             "backends": [{"address": a} for a in addrs]},
+            {"name": "web11", "vip": lab.vips4[1], "port": 80, "backends": [{"address": a} for a in addrs]},
+        ]
+        work = Path(tempfile.mkdtemp(prefix="l4bgp-"))
+        t = Tier(lab, work, bpffs, services)
+        try:
+            t.up()
+            for vip in lab.vips4:
+                t.wait_nexthops(f"{vip}/32", all_boxes(t))
+            yield t
+        finally:
+            t.down()
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def all_boxes(t: Tier) -> set[str]:
+    return {b.ip for b in t.boxes.values()}
+
+
+def ctl(t: Tier, *args: str, boxes: list[str] | None = None) -> subprocess.CompletedProcess[str]:
+    socks = [a for n in (boxes or list(t.boxes)) for a in ("-s", str(t.boxes[n].l4lbd.socket))]
+    return subprocess.run([L4LBCTL, *socks, *args], capture_output=True, text=True, timeout=60)
+
+
+def udp_backends(t: Tier, ports: range) -> dict[int, str | None]:
+    """One datagram per client port through the VIP; which backend answered each."""
+    lab = t.lab
+    out = {}
+    for p in ports:
+        r = lab.udp("c1", lab.vips4[0], port=UDP, sport=p)
+        out[p] = r.backend if r else None
+    return out
+
+
+def packets(t: Tier, box: str, service: str) -> int:
+    with t.boxes[box].l4lbd.client() as c:
+        return next(s["packets"] for s in c.get("/v1/stats").json()["services"] if s["name"] == service)
+
+
+def test_every_box_announces_and_the_router_has_one_next_hop_per_box(tier: Tier) -> None:
+    for vip in tier.lab.vips4:
+        assert tier.nexthops(f"{vip}/32") == all_boxes(tier)
+    for name, box in tier.boxes.items():
+        want = {f"{v}/32": "announced" for v in tier.lab.vips4}
+        deadline = time.monotonic() + 5  # the daemon reads the speaker back every poll_interval
+        with box.l4lbd.client() as c:
+            while True:
+                bgp = c.get("/v1/bgp").json()
+                if {p["prefix"]: p["state"] for p in bgp["prefixes"]} == want:
+                    break
+                assert time.monotonic() < deadline, (name, bgp)
+                time.sleep(0.1)
+            status = c.get("/v1/status").json()
+            metrics = c.get("/metrics").text
+        assert [s["bgp_state"] for s in bgp["sessions"]] == ["Established"], (name, bgp)
+        assert status["bgp"]["announced"] == [f"{v}/32" for v in tier.lab.vips4]
+        assert f'l4lb_bgp_session_established{{peer="{tier.lab.router_ip4}",state="Established"}} 1.0' in metrics
+        assert 'l4lb_bgp_prefix_announced{prefix="198.51.100.10/32",reason="serving",state="announced"} 1.0' in metrics
+    cp = ctl(tier, "fleet", "status")
+    assert cp.returncode == 0, cp.stdout + cp.stderr
+    assert cp.stdout.count(" same") == 3 and "DIFFERS" not in cp.stdout, cp.stdout
+    table = ctl(tier, "status", boxes=["lb2"])
+    assert "Announced:     198.51.100.10/32, 198.51.100.11/32" in table.stdout, table.stdout
+
+
+def test_flows_spread_over_boxes_and_keep_their_backend_whichever_box(tier: Tier) -> None:
+    lab, ports = tier.lab, range(41000, 41060)
+    before = {n: packets(tier, n, "dns10") for n in tier.boxes}
+    via_router = udp_backends(tier, ports)
+    assert None not in via_router.values(), via_router
+    got = {n: packets(tier, n, "dns10") - before[n] for n in tier.boxes}
+    assert sum(got.values()) == len(ports) and all(v > 0 for v in got.values()), got
+    # The router's own hash says which box had each flow; the boxes' counters agree.
+    c1 = lab.clients["c1"].ip4
+    chosen = {p: tier.box_of_flow(c1, p, lab.vips4[0], UDP) for p in ports}
+    assert {n: list(chosen.values()).count(n) for n in tier.boxes} == got
+    # The same flows pinned to each box in turn (a /32 route on the client) land on the same backends.
+    for name, box in tier.boxes.items():
+        lab.run("c1", "ip", "route", "replace", f"{lab.vips4[0]}/32", "via", box.ip)
+        try:
+            assert udp_backends(tier, ports) == via_router, f"{name} picks other backends"
+        finally:
+            lab.run("c1", "ip", "route", "del", f"{lab.vips4[0]}/32")
+
+
+class Traffic(threading.Thread):
+    """curl through a VIP, one connection after another, until stopped."""
+
+    def __init__(self, t: Tier, vip: str) -> None:
+        super().__init__(daemon=True)
+        self.t, self.url = t, t.lab.url(vip)
+        self.ok, self.failed = 0, []
+        self.stop_flag = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop_flag.is_set():
+            r = self.t.lab.curl("c1", self.url)
+            if r.ok:
+                self.ok += 1
+            else:
+                self.failed.append(r.stderr.strip() or r.fields)
+
+
+class HopWatch(threading.Thread):
+    """Polls the router's next hops for a prefix; records every distinct set."""
+
+    def __init__(self, t: Tier, prefix: str) -> None:
+        super().__init__(daemon=True)
+        self.t, self.prefix = t, prefix
+        self.seen: list[set[str]] = []
+        self.stop_flag = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop_flag.is_set():
+            hops = self.t.nexthops(self.prefix)
+            if not self.seen or self.seen[-1] != hops:
+                self.seen.append(hops)
+            time.sleep(0.02)
+
+
+def test_kill9_of_l4lbd_withdraws_nothing_and_fails_no_request(tier: Tier) -> None:
+    box = tier.boxes["lb2"]
+    include = box.include.read_text()
+    prefix = f"{tier.lab.vips4[0]}/32"
+    traffic, watch = Traffic(tier, tier.lab.vips4[0]), HopWatch(tier, prefix)
+    traffic.start()
+    watch.start()
+    try:
+        time.sleep(1)
+        box.l4lbd.kill9()
+        time.sleep(1.5)                      # no daemon at all; its BIRD goes on
+        box.l4lbd.start()                    # compiles, converges, attaches, then plans
+        time.sleep(1.5)
+    finally:
+        traffic.stop_flag.set()
+        watch.stop_flag.set()
+        traffic.join(60)
+        watch.join(10)
+    assert traffic.failed == [] and traffic.ok > 0, traffic.failed[:3]
+    assert watch.seen == [all_boxes(tier)], f"the router's next hops changed: {watch.seen}"
+    assert box.include.read_text() == include
+
+
+def test_service_without_usable_backend_is_withdrawn_from_that_box_only(tier: Tier) -> None:
+    vip10, vip11 = (f"{v}/32" for v in tier.lab.vips4)
+    box = tier.boxes["lb3"]
+    with box.l4lbd.client() as c:
+        doc = c.get("/v1/state").json()
+        for b in tier.lab.backends.values():
+            r = c.patch(f"/v1/services/web11/backends/{b.ip4}", json={"state": "draining"})
+            assert r.status_code == 200, r.text
+    try:
+        tier.wait_nexthops(vip11, all_boxes(tier) - {box.ip})
+        assert tier.nexthops(vip10) == all_boxes(tier)
+        with box.l4lbd.client() as c:
+            p11 = next(p for p in c.get("/v1/bgp").json()["prefixes"] if p["prefix"] == vip11)
+        assert (p11["state"], p11["reason"]) == ("withdrawn", "no usable backend: web11")
+        cp = ctl(tier, "fleet", "status")
+        rows = {line.split()[0]: line for line in cp.stdout.splitlines()[1:]}
+        assert cp.returncode == 1 and f"boxes differ: unix:{box.l4lbd.socket}" in cp.stderr, cp.stdout + cp.stderr
+        assert rows.pop(f"unix:{box.l4lbd.socket}").endswith("DIFFERS: web11 table"), cp.stdout
+        assert all(r.endswith("same") for r in rows.values()), cp.stdout
+    finally:
+        with box.l4lbd.client() as c:
+            assert c.put("/v1/state", json={"services": doc["services"]}).status_code == 200
+    tier.wait_nexthops(vip11, all_boxes(tier))
+    assert ctl(tier, "fleet", "status").returncode == 0
+
+
+def test_box_drain_moves_new_traffic_off_before_the_withdraw(tier: Tier) -> None:
+    prefix = f"{tier.lab.vips4[0]}/32"
+    box = tier.boxes["lb3"]
+    cp = ctl(tier, "box", "drain", "--delay", "4", boxes=["lb3"])
+    assert cp.returncode == 0 and "draining: graceful shutdown now" in cp.stdout, cp.stdout + cp.stderr
+    try:
+        t0 = time.monotonic()
+        tier.wait_nexthops(prefix, all_boxes(tier) - {box.ip}, timeout=3.5)
+        # Still announced (graceful shutdown community, MED, prepend): the router holds the path, not as best.
+        routes = tier.router_birdc("show", "route", "for", prefix, "all")
+        assert routes.count("via ") == 3 and "(65535,0)" in routes, routes
+        before = packets(tier, "lb3", "dns10")
+        assert None not in udp_backends(tier, range(42000, 42030)).values()
+        assert packets(tier, "lb3", "dns10") == before, "new flows still reach the draining box"
+        assert time.monotonic() - t0 < 4, "too slow to show the graceful phase apart from the withdraw"
+        # Then the withdraw: the router no longer has lb3's path at all.
+        deadline = time.monotonic() + 15
+        while tier.router_birdc("show", "route", "for", prefix, "all").count("via ") != 2:
+            assert time.monotonic() < deadline, tier.router_birdc("show", "route", "for", prefix, "all")
+            time.sleep(0.1)
+        status = ctl(tier, "box", "status", boxes=["lb3"]).stdout
+        assert "drained" in status and "withdrawn" in status, status
+    finally:
+        assert ctl(tier, "box", "undrain", boxes=["lb3"]).returncode == 0
+    tier.wait_nexthops(prefix, all_boxes(tier))
+
+
+def _http_get(sock: socket.socket) -> str:
+    """One keep-alive GET on an open connection; the backend's name."""
+    sock.sendall(b"GET / HTTP/1.1\r\nHost: vip\r\n\r\n")
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(4096)
+        if not chunk:
+            raise ConnectionError("closed by peer")
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = int(next(line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")))
+    while len(body) < length:
+        chunk = sock.recv(4096)
+        if not chunk:
+            raise ConnectionError("closed by peer")
+        body += chunk
+    return body.decode().splitlines()[0].partition("=")[2]
+
+
+def test_box_lost_bfd_withdraws_it_and_100_long_lived_connections_survive(tier: Tier) -> None:
+    lab = tier.lab
+    vip, prefix = lab.vips4[0], f"{lab.vips4[0]}/32"
+    lost = tier.boxes["lb3"]
+
+    def connect() -> list[socket.socket]:
+        out = []
+        for _ in range(100):
+            s = socket.create_connection((vip, 80), timeout=15)
+            out.append(s)
+        return out
+
+    conns = lab.call("c1", connect)
+    try:
+        first = [_http_get(s) for s in conns]
+        c1 = lab.clients["c1"].ip4
+        moved = [i for i, s in enumerate(conns)
+                 if tier.box_of_flow(c1, s.getsockname()[1], vip, 80, "tcp") == "lb3"]
+        assert moved, "no connection went through the box about to be lost"
+        broken: list[str] = []
+        answers: dict[int, list[str]] = {i: [] for i in range(len(conns))}
+        stop = threading.Event()
+
+        def keep_talking() -> None:  # requests on every connection while the box goes away
+            while not stop.is_set():
+                for i, s in enumerate(conns):
+                    try:
+                        answers[i].append(_http_get(s))
+                    except OSError as e:
+                        broken.append(f"{i}: {e}")
+
+        talker = threading.Thread(target=keep_talking, daemon=True)
+        talker.start()
+        time.sleep(0.3)
+        t0 = time.monotonic()
+        lab.run(lost.ns, "ip", "link", "set", "eth0", "down")
+        converged = tier.wait_nexthops(prefix, all_boxes(tier) - {lost.ip}, timeout=20)
+        time.sleep(1.0)
+        stop.set()
+        talker.join(60)
+        print(f"\nbox lost (link down): router converged in {converged * 1000:.0f} ms (BFD 100 ms x 3); "
+              f"{len(moved)} of {len(conns)} connections moved by ECMP; {len(broken)} broken")
+        assert broken == [], broken[:5]
+        assert all(a == [first[i]] * len(a) and a for i, a in answers.items()), "a connection changed backend"
+        assert converged < 2.0, f"withdraw took {converged:.2f}s: BFD should find a lost box in ~0.3s"
+        after = [_http_get(s) for s in conns]
+        assert after == first
+        assert time.monotonic() - t0 < 30
+    finally:
+        for s in conns:
+            s.close()
+        lab.run(lost.ns, "ip", "link", "set", "eth0", "up")
