@@ -86,6 +86,24 @@ put "$ROOT/systemd/l4lbd.sysusers" /etc/sysusers.d/l4lbd.conf 0644
 put "$ROOT/systemd/l4lbd.toml" "$PREFIX/share/l4lbd/l4lbd.toml.sample" 0644
 put "$ROOT/README.md" "$PREFIX/share/l4lbd/README.md" 0644
 
+# BGP (optional): BIRD 2 runs as its own service (the distribution's bird.service)
+# and includes what l4lbd generates; l4lbd needs BIRD's group for its socket.
+BIRD_CONF=/etc/bird/bird.conf
+BIRD_INCLUDE='include "/run/l4lbd/bird/*.conf";   # l4lbd: VIPs this box announces (see l4lbd.toml [bgp])'
+if getent group bird >/dev/null && [ -f "$BIRD_CONF" ]; then
+  put "$ROOT/systemd/l4lbd-bgp.conf" /etc/systemd/system/l4lbd.service.d/bgp.conf 0644
+  if [ -n "$DESTDIR" ]; then
+    say "bird       $BIRD_CONF not changed (DESTDIR set); on the target add: $BIRD_INCLUDE"
+  elif grep -qF '/run/l4lbd/bird/*.conf' "$BIRD_CONF"; then
+    say "unchanged  $BIRD_CONF (includes l4lbd's file)"
+  else
+    printf '\n%s\n' "$BIRD_INCLUDE" >> "$BIRD_CONF"
+    say "updated    $BIRD_CONF: added $BIRD_INCLUDE (then: systemctl reload bird)"
+  fi
+else
+  say "bird       not installed: BGP announcements need bird2 (scripts/setup.sh installs it), then make install again"
+fi
+
 # The config is the operator's: never overwritten. It names no secret (an API
 # token lives in its own file), so it is world-readable like most of /etc.
 CONF=/etc/l4lbd/l4lbd.toml

@@ -226,7 +226,8 @@ def test_service_add_list_show_edit_delete(lab: DaemonLab, api: httpx.Client) ->
         "name": "web", "vip": VIP4, "port": 80, "protocol": "tcp",
         "options": {"l4_dnat": False, "hash_src_port": True, "maglev_weights": True},
         "backends": [{"address": "192.0.2.1", "port": None, "weight": 100, "state": "active"},
-                     {"address": "192.0.2.2", "port": None, "weight": 50, "state": "active"}]}
+                     {"address": "192.0.2.2", "port": None, "weight": 50, "state": "active"}],
+        "announce": True}
     alt = api.get("/v1/services/alt").json()
     assert alt["options"] == {"l4_dnat": True, "hash_src_port": False, "maglev_weights": True}
     assert [(b["address"], b["port"]) for b in alt["backends"]] == [("2001:db8::10", 8443), ("2001:db8::11", None)]

@@ -32,9 +32,12 @@ def test_sample_config_is_valid_and_documents_every_key() -> None:
     assert cfg.api.mode == 0o600
     text = SAMPLE.read_text()
     # Every key of every section appears in the sample (commented or not).
-    for model in (cfgmod.Config, cfgmod.DatapathSection, cfgmod.ApiSection, cfgmod.LimitsSection, cfgmod.TcpListener):
+    from l4lb.bgp import config as bgp
+
+    for model in (cfgmod.Config, cfgmod.DatapathSection, cfgmod.ApiSection, cfgmod.LimitsSection, cfgmod.TcpListener,
+                  bgp.BgpSection, bgp.Peer, bgp.Bfd, bgp.Attributes):
         for name, field in model.model_fields.items():
-            if field.exclude or name in ("datapath", "api", "limits", "tcp"):
+            if field.exclude or name in ("datapath", "api", "limits", "tcp", "bgp", "peers", "services"):
                 continue
             assert f"{name} =" in text, f"{model.__name__}.{name} is not documented in {SAMPLE.name}"
 

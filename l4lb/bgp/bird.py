@@ -166,7 +166,9 @@ class Bird:
     def write(self, text: str) -> None:
         """Atomically replace the include file, readable by BIRD's group (that of its socket), not by others."""
         path = self.cfg.bird_include
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o750)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.parent.stat().st_uid == os.geteuid():
+            os.chmod(path.parent, 0o750)  # the unit's UMask=0077 would leave BIRD's group out
         try:
             gid = os.stat(self.cfg.bird_socket).st_gid
         except OSError:

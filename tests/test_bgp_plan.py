@@ -1,0 +1,185 @@
+"""The BGP room's pure parts: planner, BIRD config rendering (checked by the real
+``bird -p`` parser), session/route parsing, [bgp] config validation, box state
+store, and the fleet comparison of digests. No kernel, no daemon."""
+
+from __future__ import annotations
+
+import subprocess
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from l4lb.bgp import plan as planner
+from l4lb.bgp.bird import parse_protocols, parse_routes, render
+from l4lb.bgp.box import BOX, BoxState, BoxStore, Drain
+from l4lb.bgp.config import BgpSection
+from l4lb.cli.fleet import compare
+from l4lb.config import ConfigError, parse
+from l4lb.models import DesiredState, Service
+from l4lb.view import View
+
+BGP = BgpSection.model_validate({"local_as": 65010, "router_id": "192.0.2.1", "communities": ["65010:1"],
+                                 "peers": [{"address": "192.0.2.254", "remote_as": 65000, "bfd": True}],
+                                 "services": {"web": {"communities": ["65010:80", "65010:7:9"], "med": 20}},
+                                 "drain_delay": 10})
+
+
+def svc(name: str, vip: str, port: int = 80, backends: int = 2, announce: bool = True, state: str = "active") -> Service:
+    base = "192.0.2." if ":" not in vip else "2001:db8::"
+    return Service(name=name, vip=vip, port=port, announce=announce,
+                   backends=[{"address": f"{base}{100 + i}", "state": state} for i in range(backends)])
+
+
+def view(*services: Service, converged: bool = True, attached: bool = True) -> View:
+    return View(1, DesiredState(services=list(services)), tuple(services), {"eth0": "native"} if attached else {},
+                converged)
+
+
+def by_prefix(prefixes) -> dict[str, planner.Prefix]:
+    return {p.prefix: p for p in prefixes}
+
+
+def test_not_converged_means_do_not_know() -> None:
+    assert planner.plan(view(svc("web", "198.51.100.10"), converged=False), BoxState(), BGP, 0) is None
+
+
+def test_serving_prefixes_with_union_of_communities_and_lowest_med() -> None:
+    got = by_prefix(planner.plan(view(svc("web", "198.51.100.10"), svc("dns", "198.51.100.10", 53),
+                                      svc("v6", "2001:db8::10")), BoxState(), BGP, 0))
+    p = got["198.51.100.10/32"]
+    assert (p.announce, p.reason, p.services) == (True, planner.SERVING, ("dns", "web"))
+    assert p.communities == ("65010:1", "65010:7:9", "65010:80") and p.med == 20 and p.prepend == 0
+    assert got["2001:db8::10/128"].announce and got["2001:db8::10/128"].communities == ("65010:1",)
+
+
+def test_withdraw_reasons() -> None:
+    got = by_prefix(planner.plan(view(svc("web", "198.51.100.10"), svc("dns", "198.51.100.10", 53, backends=0),
+                                      svc("off", "198.51.100.11", announce=False),
+                                      svc("drained", "198.51.100.12", state="draining")), BoxState(), BGP, 0))
+    assert got["198.51.100.10/32"].reason == "no usable backend: dns" and not got["198.51.100.10/32"].announce
+    assert got["198.51.100.11/32"].reason == planner.ANNOUNCE_OFF
+    assert got["198.51.100.12/32"].reason == "no usable backend: drained"
+    # Only services that announce count: an announce=false service without backends does not hold the VIP back.
+    ok = planner.plan(view(svc("web", "198.51.100.10"), svc("x", "198.51.100.10", 53, backends=0, announce=False)),
+                      BoxState(), BGP, 0)
+    assert ok[0].announce
+    detached = planner.plan(view(svc("web", "198.51.100.10"), attached=False), BoxState(), BGP, 0)
+    assert detached[0].reason == planner.NOT_ATTACHED
+
+
+def test_drain_is_graceful_then_withdrawn() -> None:
+    box = BoxState().with_drain(BOX, Drain(since=100.0, delay=10.0))
+    v = view(svc("web", "198.51.100.10"), svc("api", "198.51.100.11"))
+    p = planner.plan(v, box, BGP, 105.0)[0]
+    assert (p.announce, p.reason, p.med, p.prepend, p.withdraw_at) == (True, planner.DRAINING, 4294967295, 3, 110.0)
+    assert "65535:0" in p.communities
+    assert planner.next_deadline(planner.plan(v, box, BGP, 105.0), 105.0) == 5.0
+    assert all(not p.announce and p.reason == planner.DRAINED for p in planner.plan(v, box, BGP, 110.0))
+    # A service drain touches its VIP only; draining again keeps the first deadline.
+    one = BoxState().with_drain("api", Drain(100.0, 10.0)).with_drain("api", Drain(200.0, 10.0))
+    got = by_prefix(planner.plan(v, one, BGP, 120.0))
+    assert got["198.51.100.10/32"].reason == planner.SERVING and got["198.51.100.11/32"].reason == planner.DRAINED
+
+
+def test_box_store_round_trip_and_bad_file(tmp_path: Path) -> None:
+    store = BoxStore(tmp_path / "box.json")
+    assert store.load() == BoxState()
+    state = BoxState().with_drain(BOX, Drain(1.5, 30.0)).with_drain("web", Drain(2.0, 0.0))
+    store.save(state)
+    assert store.load() == state and [p.name for p in tmp_path.iterdir()] == ["box.json"]
+    (tmp_path / "box.json").write_text("{\"drains\": 3}")
+    with pytest.raises(ValueError, match="unreadable box state"):
+        store.load()
+
+
+def test_render_is_accepted_by_bird_and_carries_the_attributes(tmp_path: Path) -> None:
+    box = BoxState().with_drain("api", Drain(0.0, 1e9))
+    v = view(svc("web", "198.51.100.10"), svc("api", "198.51.100.11"), svc("v6", "2001:db8::10"),
+             svc("down", "198.51.100.12", backends=0))
+    cfg = BGP.model_copy(update={"next_hop_v6": "2001:db8::1"})
+    text = render(cfg, planner.plan(v, box, cfg, 1.0))
+    assert "route 198.51.100.12/32" not in text and "route 198.51.100.10/32 blackhole;" in text
+    assert "if net = 198.51.100.11/32 then { bgp_community.add((65010, 1)); bgp_community.add((65535, 0)); " \
+           "bgp_med = 4294967295; bgp_path.prepend(65010); bgp_path.prepend(65010); bgp_path.prepend(65010); }" in text
+    assert "bgp_large_community.add((65010, 7, 9));" in text and "route 2001:db8::10/128 blackhole;" in text
+    assert "ipv6 { table l4lb_v6; import none; export filter l4lb_export_v6; next hop address 2001:db8::1; };" in text
+    main, inc = tmp_path / "bird.conf", tmp_path / "l4lbd.d"
+    inc.mkdir()
+    (inc / "l4lbd.conf").write_text(text)
+    main.write_text(f'protocol device {{}}\ninclude "{inc}/*.conf";\n')
+    cp = subprocess.run(["bird", "-p", "-c", str(main)], capture_output=True, text=True, timeout=30)
+    assert cp.returncode == 0, cp.stderr + text
+    # Mutation check of the check itself: BIRD refuses a broken file.
+    (inc / "l4lbd.conf").write_text(text.replace("blackhole;", "blackhole", 1))
+    assert subprocess.run(["bird", "-p", "-c", str(main)], capture_output=True, timeout=30).returncode != 0
+    # Nothing to announce still renders a valid file (sessions stay up, nothing exported).
+    (inc / "l4lbd.conf").write_text(render(cfg, ()))
+    assert subprocess.run(["bird", "-p", "-c", str(main)], capture_output=True, timeout=30).returncode == 0
+
+
+def test_parse_birdc_output() -> None:
+    text = """BIRD 2.0.12 ready.
+Name       Proto      Table      State  Since         Info
+device1    Device     ---        up     18:05:43.470
+l4lb_vips_v4 Static     l4lb_v4    up     18:05:43.470
+l4lb_peer_192_0_2_254 BGP        ---        start  18:05:34.012  Active        Socket: Connection refused
+"""
+    (s,) = parse_protocols(text, BGP)
+    assert (s.peer, s.state, s.bgp_state, s.info, s.established) == \
+        ("192.0.2.254", "start", "Active", "Socket: Connection refused", False)
+    assert parse_protocols("BIRD 2.0.12 ready.\n", BGP)[0].state == "unknown"
+    routes = "BIRD 2.0.12 ready.\nTable l4lb_v4:\n198.51.100.11/32     blackhole [l4lb_vips_v4 18:05:09.562] * (200)\n"
+    assert parse_routes(routes) == {"198.51.100.11/32"}
+
+
+def _cfg(bgp: str) -> str:
+    return f'[datapath]\ninterfaces = ["eth0"]\n[bgp]\n{bgp}\n'
+
+
+@pytest.mark.parametrize("bgp, problem", [
+    ('local_as = 65010\nrouter_id = "192.0.2.1"', "bgp.peers: required key is missing"),
+    ('local_as = 0\nrouter_id = "192.0.2.1"\n[[bgp.peers]]\naddress = "192.0.2.254"\nremote_as = 1',
+     "bgp.local_as: Input should be greater than or equal to 1"),
+    ('local_as = 1\nrouter_id = "2001:db8::1"\n[[bgp.peers]]\naddress = "192.0.2.254"\nremote_as = 1', "bgp.router_id"),
+    ('local_as = 1\nrouter_id = "192.0.2.1"\ncommunities = ["65536:1"]\n[[bgp.peers]]\naddress = "192.0.2.254"\n'
+     'remote_as = 1', "each part of a standard community is at most 65535"),
+    ('local_as = 1\nrouter_id = "192.0.2.1"\n[[bgp.peers]]\naddress = "192.0.2.254"\nremote_as = 1\npassword = "x"',
+     "put the BGP password in a file"),
+    ('local_as = 1\nrouter_id = "192.0.2.1"\n[[bgp.peers]]\naddress = "192.0.2.254"\nremote_as = 1\n'
+     '[[bgp.peers]]\naddress = "192.0.2.254"\nremote_as = 2', "peer 192.0.2.254 is listed twice"),
+    ('local_as = 1\nrouter_id = "192.0.2.1"\nhold = 3\n[[bgp.peers]]\naddress = "192.0.2.254"\nremote_as = 1',
+     "bgp.hold: unknown key"),
+])
+def test_bad_bgp_config_is_refused_with_the_key(bgp: str, problem: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        parse(_cfg(bgp))
+    assert any(problem in p for p in e.value.problems), e.value.problems
+
+
+def test_password_file_must_be_private() -> None:
+    with tempfile.NamedTemporaryFile("w", delete=False) as f:
+        f.write("s3cret\n")
+    path = Path(f.name)
+    try:
+        path.chmod(0o644)
+        text = _cfg(f'local_as = 1\nrouter_id = "192.0.2.1"\n[[bgp.peers]]\naddress = "192.0.2.254"\n'
+                    f'remote_as = 1\npassword_file = "{path}"')
+        with pytest.raises(ConfigError, match="accessible by other users"):
+            parse(text)
+        path.chmod(0o600)
+        peer = parse(text).bgp.peers[0]
+        assert peer.password.get_secret_value() == "s3cret" and "s3cret" not in repr(peer)
+        assert 'password "s3cret";' in render(parse(text).bgp, ())
+    finally:
+        path.unlink()
+
+
+def test_fleet_compare_flags_the_odd_box() -> None:
+    def st(seed: str, **tables: str) -> dict:
+        return {"digest": {"seed": seed, "services": tables, "digest": "x"}}
+
+    boxes = {"a": st("s", web="1", dns="2"), "b": st("s", web="1", dns="2"), "c": st("s", web="9", dns="2"),
+             "d": st("t", web="1"), "e": None}
+    assert compare(boxes) == {"c": ["web table"], "d": ["maglev seed", "dns missing"], "e": ["unreachable"]}
+    assert compare({"a": st("s", web="1"), "b": st("s", web="1")}) == {}
