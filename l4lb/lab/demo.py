@@ -5,7 +5,8 @@ second NIC), starts the real ``l4lbd`` on the LB with a config file, creates
 IPv4 and IPv6 services with ``l4lbctl``, sends real curl traffic, shows the
 ipvsadm-like stats table, drains a backend and shows traffic moving, sends
 traffic out of the second NIC (XDP_REDIRECT), records a pcap of a few flows
-and prints tshark's view of it. ``--keep`` leaves everything up until Ctrl-C
+and prints tshark's view of it. Then a tier: two boxes behind a router running
+BIRD with ECMP, VIPs over BGP, a box drained and brought back. ``--keep`` leaves everything up until Ctrl-C
 and says how to poke at it; ``python -m l4lb.lab.demo down`` (``make
 demo-down``) removes leftovers of an interrupted run.
 """
@@ -26,6 +27,7 @@ from pathlib import Path
 from l4lb.lab import netns
 from l4lb.lab.bpffs import private_bpffs
 from l4lb.lab.l4lbd import L4lbd, default_config
+from l4lb.lab.tier import Tier
 from l4lb.lab.topology import Lab
 
 PREFIX = "l4demo"
@@ -199,6 +201,7 @@ def _up(bpffs: Path, keep: bool) -> int:
                     pass
             daemon.stop()
             step("tearing the lab down")
+        tier_demo(bpffs, work / "tier")
         print("\ndemo OK")
         return 0
     except DemoError as e:
@@ -217,6 +220,43 @@ def _up(bpffs: Path, keep: bool) -> int:
         if daemon is not None:
             daemon.kill()
         shutil.rmtree(work, ignore_errors=True)
+
+
+def tier_demo(bpffs: Path, work: Path) -> None:
+    """Two boxes behind an ECMP router, VIPs over BGP: announce, fleet status, drain, undrain."""
+    step("a tier: 2 LB boxes (l4lbd + BIRD each) behind a router running BIRD with ECMP, over BGP")
+    with Lab(clients=1, backends=2, lbs=2, router=True, prefix=PREFIX) as lab:
+        vip = lab.vip4
+        tier = Tier(lab, work, bpffs, [{"name": "web", "vip": vip, "port": 80,
+                                        "backends": [{"address": h.ip4} for h in lab.backends.values()]}],
+                    bgp={"drain_delay": 3})
+        try:
+            tier.up()
+            hops = tier.wait_nexthops(f"{vip}/32", {b.ip for b in tier.boxes.values()})
+            print(f"  the router has one next hop per box after {hops:.1f}s:")
+            show(["ip", "netns", "exec", lab.ns_of("router"), "ip", "route", "show", vip])
+            print("    " + netns.ip(lab.ns_of("router"), "route", "show", vip).stdout.strip().replace("\n", "\n    "))
+            print(f"  IPv4 {vip} through the router: {dict(traffic(lab, vip))}")
+            socks = [a for b in tier.boxes.values() for a in ("-s", str(b.l4lbd.socket))]
+            Ctl(tier.boxes["lb2"].l4lbd.socket)("box", "status")
+            show(["l4lbctl", *socks, "fleet", "status"])
+            print("    " + Ctl(tier.boxes["lb"].l4lbd.socket)(*socks, "fleet", "status", echo=False)
+                  .rstrip().replace("\n", "\n    "))
+            lb2 = Ctl(tier.boxes["lb2"].l4lbd.socket)
+            step("draining lb2: graceful-shutdown community first (the router stops choosing it), withdraw after 3 s")
+            lb2("box", "drain", "--delay", "3")
+            tier.wait_nexthops(f"{vip}/32", {tier.boxes["lb"].ip})
+            print("  the router still holds lb2's route, not as best:")
+            print("    " + tier.router_birdc("show", "route", "for", f"{vip}/32").strip().replace("\n", "\n    "))
+            time.sleep(3.5)
+            lb2("box", "status")
+            lb2("box", "undrain")
+            tier.wait_nexthops(f"{vip}/32", {b.ip for b in tier.boxes.values()})
+            print("  lb2 is back in the ECMP route")
+        except AssertionError as e:
+            raise DemoError(f"the tier did not converge: {e}") from None
+        finally:
+            tier.down()
 
 
 def down() -> int:
