@@ -22,6 +22,7 @@ kernel routes and real traffic:
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -214,10 +215,19 @@ def test_service_without_usable_backend_is_withdrawn_from_that_box_only(tier: Ti
         assert rows.pop(f"unix:{box.l4lbd.socket}").endswith("DIFFERS: web11 table"), cp.stdout
         assert all(r.endswith("same") for r in rows.values()), cp.stdout
     finally:
-        with box.l4lbd.client() as c:
-            assert c.put("/v1/state", json={"services": doc["services"]}).status_code == 200
+        # One document to the whole tier: the other boxes have nothing to change.
+        path = box.dir / "state.json"
+        path.write_text(json.dumps({"services": doc["services"]}))
+        cp = ctl(tier, "apply", "-f", str(path))
+        assert cp.returncode == 0 and cp.stdout.count("no changes") == 2, cp.stdout + cp.stderr
     tier.wait_nexthops(vip11, all_boxes(tier))
     assert ctl(tier, "fleet", "status").returncode == 0
+    # A refused document stops the rollout at the first box; the others are not tried.
+    path.write_text(json.dumps({"services": [{"name": "bad", "vip": "198.51.100.10", "port": 0}]}))
+    cp = ctl(tier, "apply", "-f", str(path))
+    assert cp.returncode == 1 and "not tried: unix:" in cp.stderr and cp.stderr.count("unix:") == 3, cp.stderr
+    cp = ctl(tier, "apply", "--continue", "-f", str(path))
+    assert cp.returncode == 1 and cp.stdout.count("FAILED") == 3 and "not tried" not in cp.stderr, cp.stderr
 
 
 def test_box_drain_moves_new_traffic_off_before_the_withdraw(tier: Tier) -> None:

@@ -641,7 +641,8 @@ def test_unreachable_daemon_is_one_plain_line(lab: DaemonLab, tmp_path: Path) ->
     assert "is not a unix socket" in fails(None, 3, "-s", str(tmp_path / "file"), "export")
     assert "connection refused by http://127.0.0.1:1" in fails(None, 3, "--url", "http://127.0.0.1:1", "stats")
     assert "must look like http://127.0.0.1:9180" in fails(None, 2, "--url", "unix:/x", "status")
-    assert "give --socket or --url, not both" in fails(None, 2, "-s", "/x", "--url", "http://127.0.0.1:1", "status")
+    assert "give --socket, --url or --fleet, not several kinds" in fails(None, 2, "-s", "/x", "--url", "http://127.0.0.1:1", "status")
+    assert "this command talks to one box, and 2 are given" in fails(None, 2, "-s", "/x", "-s", "/y", "status")
 
 
 def test_socket_permission_denied(lab: DaemonLab) -> None:
