@@ -17,7 +17,8 @@ kernel routes and real traffic:
   (graceful shutdown), then withdraws it; ``undrain`` brings it back;
 * losing a box (its link down) is detected by BFD, the router drops its next
   hop, and 100 long-lived connections, some of which ECMP moves to the
-  surviving boxes, keep working (0 broken). The convergence time is printed.
+  surviving boxes, keep working (0 broken). The convergence time is printed;
+* ``l4lbd --detach`` (stopping for good) withdraws the box's VIPs.
 """
 
 from __future__ import annotations
@@ -328,3 +329,13 @@ def test_box_lost_bfd_withdraws_it_and_100_long_lived_connections_survive(tier: 
         for s in conns:
             s.close()
         lab.run(lost.ns, "ip", "link", "set", "eth0", "up")
+
+
+def test_detach_withdraws_every_vip_before_removing_xdp(tier: Tier) -> None:
+    box = tier.boxes["lb"]
+    box.l4lbd.stop()
+    cp = box.l4lbd.run_cli("--detach")
+    assert cp.returncode == 0 and "every VIP withdrawn from BGP" in cp.stdout, cp.stdout + cp.stderr
+    for vip in tier.lab.vips4:
+        tier.wait_nexthops(f"{vip}/32", lambda h: box.ip not in h and len(h) > 0, timeout=5)
+    assert "route " not in box.include.read_text()
