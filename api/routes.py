@@ -219,7 +219,8 @@ def get_stats(request: Request) -> Stats:
 @router.get("/v1/status", response_model=Status, tags=["observe"],
             summary="Interfaces and XDP modes, program id, map fill levels, revision, fleet digest, BGP summary")
 def get_status(request: Request) -> Status:
-    return Status.model_validate(_control(request).status() | status_extras(request))
+    pending = list(getattr(request.app.state, "pending_restart", None) or [])
+    return Status.model_validate(_control(request).status() | status_extras(request) | {"pending_restart": pending})
 
 
 @router.get("/healthz", response_model=Health, tags=["observe"], summary="The daemon answers")

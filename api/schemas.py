@@ -139,6 +139,8 @@ class Status(BaseModel):
     digest: dict[str, Any] | None = Field(default=None, description="What this box forwards, comparable across "
                                           "a tier: seed hash, per-service table hashes in backend identities, digest")
     bgp: dict[str, Any] | None = Field(default=None, description="Box drain state, sessions, announced prefixes")
+    pending_restart: list[str] = Field(default_factory=list, description="Config keys whose value in the file "
+                                       "differs from the one in force and that take effect only at the next start")
 
 
 class Health(BaseModel):

@@ -314,16 +314,23 @@ class Config(_Section):
         )
 
     def restart_only_changes(self, new: "Config") -> list[str]:
-        """Keys that differ in ``new`` but take effect only at the next start."""
-        changed = []
-        for key in ("state_dir", "recorder_dir"):
-            if getattr(self, key) != getattr(new, key):
-                changed.append(key)
-        for key in ("bpffs", "maglev_m", "maglev_seed", "outer_src_v4", "outer_src_v6",
-                    "max_services", "max_backends", "flow_table_size", "icmp_rate", "nexthop"):
-            if getattr(self.datapath, key) != getattr(new.datapath, key):
-                changed.append(f"datapath.{key}")
+        """Keys that differ in ``new`` and that no reload applies to a running datapath
+        (a run-time datapath key counts too: it is pending while its update failed)."""
+        changed = [key for key in ("state_dir", "recorder_dir") if getattr(self, key) != getattr(new, key)]
+        changed += [f"datapath.{key}" for key in (*RESTART_DATAPATH_KEYS, *RUNTIME_DATAPATH_KEYS)
+                    if getattr(self.datapath, key) != getattr(new.datapath, key)]
         return changed
+
+    def with_runtime_datapath(self, new: "Config") -> "Config":
+        """This config with ``new``'s run-time datapath keys: what a reload can put in force
+        while the program (its layout, the restart-only keys) stays as started."""
+        update = {k: getattr(new.datapath, k) for k in RUNTIME_DATAPATH_KEYS}
+        return self.model_copy(update={"datapath": self.datapath.model_copy(update=update)})
+
+
+# [datapath] keys a reload applies to the running program, and those only a restart applies.
+RUNTIME_DATAPATH_KEYS = ("maglev_seed", "outer_src_v4", "outer_src_v6", "icmp_rate")
+RESTART_DATAPATH_KEYS = ("bpffs", "maglev_m", "max_services", "max_backends", "flow_table_size", "nexthop")
 
 
 def _location(loc: tuple[int | str, ...]) -> str:

@@ -198,7 +198,8 @@ def bind_tcp(host: str, port: int) -> socket.socket:
 class Daemon:
     def __init__(self, config_path: Path, cfg: Config) -> None:
         self.config_path = config_path
-        self.cfg = cfg
+        self.cfg = cfg                  # the file as last loaded (run-time keys in force)
+        self.running = cfg              # the settings in force: restart-only keys as started
         self.pending_restart: list[str] = []
         self.control: Control | None = None
         self._dp: Any = None
@@ -360,6 +361,7 @@ class Daemon:
         self._app.state.recorder = self._recorder
         self._app.state.digest = self._digest
         self._app.state.bgp = self._bgp
+        self._app.state.pending_restart = self.pending_restart
         if self._bgp is not None:
             from l4lb.api.bgp import BgpCollector
 
@@ -461,21 +463,26 @@ class Daemon:
             log.error("reload refused, keeping the running config: limits: %s", e.detail)
             return False
         setup_logging(new.log_level_number)
-        runtime = ("maglev_seed", "outer_src_v4", "outer_src_v6", "icmp_rate")
-        if any(getattr(old.datapath, k) != getattr(new.datapath, k) for k in runtime):
+        # Run-time datapath keys go to the running program, whose layout (M, capacities)
+        # stays the one it was started with whatever the file now says.
+        running = self.running
+        wanted = running.with_runtime_datapath(new)
+        if wanted.datapath != running.datapath:
             try:
-                await loop.run_in_executor(None, self.control.update_runtime, new.datapath_config())
+                await loop.run_in_executor(None, self.control.update_runtime, wanted.datapath_config())
+                running = wanted
                 log.info("datapath run-time settings updated")
-            except Exception as e:  # noqa: BLE001 - e.g. a layout change: needs a restart
+            except Exception as e:  # noqa: BLE001 - they stay pending (and are retried at the next HUP)
                 log.error("datapath settings not applied (%s); they take effect at the next start", e)
-        restart = [k for k in old.restart_only_changes(new) if k.removeprefix("datapath.") not in runtime]
         if self._digest is not None:
-            self._digest.set_seed(new.datapath.seed_bytes, old.datapath.maglev_m)
-        if (old.bgp is None) != (new.bgp is None):
-            restart.append("bgp")
-        elif self._bgp is not None and new.bgp != old.bgp:
+            self._digest.set_seed(running.datapath.seed_bytes, running.datapath.maglev_m)
+        if self._bgp is not None and new.bgp is not None and new.bgp != old.bgp:
             self._bgp.update_config(new.bgp)
             log.info("BGP settings updated")
+        self.running = running
+        # What still differs between the settings in force and the file: changing a key
+        # back to its running value takes it off the list.
+        restart = pending_restart(running, new)
         # Interfaces: attach new ones (all of them if the mode changed), detach dropped ones.
         old_if, new_if = old.datapath.interfaces, new.datapath.interfaces
         to_attach = list(new_if) if new.datapath.xdp_mode != old.datapath.xdp_mode else [i for i in new_if if i not in old_if]
@@ -505,7 +512,9 @@ class Daemon:
         if os.path.exists(new.api.socket):
             with contextlib.suppress(OSError):
                 os.chmod(new.api.socket, new.api.mode)
-        self.pending_restart = sorted(set(self.pending_restart) | set(restart))
+        self.pending_restart = restart
+        if self._app is not None:
+            self._app.state.pending_restart = restart
         if restart:
             log.warning("changed settings that take effect only at the next start: %s", ", ".join(restart))
         log.info("configuration reloaded from %s", self.config_path)
@@ -528,6 +537,15 @@ class Daemon:
             return 1
         finally:
             self.close()
+
+
+def pending_restart(running: Config, new: Config) -> list[str]:
+    """Keys whose value in ``new`` (the file) differs from the one in force and that only
+    a restart applies: restart-only keys, and a [bgp] section added or removed."""
+    keys = running.restart_only_changes(new)
+    if (running.bgp is None) != (new.bgp is None):
+        keys.append("bgp")
+    return sorted(keys)
 
 
 def detach(cfg: Config) -> int:

@@ -162,6 +162,25 @@ def test_restart_only_changes() -> None:
     assert a.restart_only_changes(a) == []
 
 
+def test_pending_restart_is_the_difference_between_running_and_file() -> None:
+    """SIGHUP's list: what the file says and the running daemon does not do yet, no more."""
+    from l4lb.daemon import pending_restart
+
+    running = parse(MINIMAL)
+    seed = base64.b64encode(b"0123456789ab").decode()
+    m509 = parse(MINIMAL + f"maglev_m = 509\nmaglev_seed = '{seed}'\nicmp_rate = 5\n")
+    assert pending_restart(running, m509) == ["datapath.icmp_rate", "datapath.maglev_m", "datapath.maglev_seed"]
+    # A reload puts the run-time keys in force; M stays as started.
+    after = running.with_runtime_datapath(m509)
+    assert (after.datapath.maglev_m, after.datapath.seed_bytes, after.datapath.icmp_rate) == (16381, b"0123456789ab", 5)
+    assert pending_restart(after, m509) == ["datapath.maglev_m"]
+    # Changing M back takes it off the list (it used to warn until the next restart).
+    assert pending_restart(after, parse(MINIMAL + f"maglev_seed = '{seed}'\nicmp_rate = 5\n")) == []
+    bgp = "[bgp]\nlocal_as = 65010\nrouter_id = '192.0.2.1'\n[[bgp.peers]]\naddress = '192.0.2.254'\nremote_as = 65000\n"
+    assert pending_restart(running, parse(MINIMAL + bgp)) == ["bgp"]
+    assert pending_restart(parse(MINIMAL + bgp), running) == ["bgp"]
+
+
 def test_load_reports_unreadable_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot read"):
         cfgmod.load(tmp_path / "missing.toml")

@@ -260,6 +260,10 @@ def test_sighup_reload(lab: DaemonLab) -> None:
         assert status["interfaces"] == {"lbt0a": "generic", "lbt1a": "generic"}
         assert lab.xdp_prog_id("lbt1a") is not None
         assert "take effect only at the next start: datapath.maglev_m" in lab.log_text()
+        assert status["pending_restart"] == ["datapath.maglev_m"]
+        shown = subprocess.run([str(Path(PY).parent / "l4lbctl"), "--socket", str(lab.socket), "status"],
+                               capture_output=True, text=True, timeout=60)
+        assert "Restart needed:  for datapath.maglev_m" in shown.stdout, shown.stdout + shown.stderr
         msgs = notify.wait("READY=1", timeout=5)
         # (a WATCHDOG=1 or STATUS= sent just before the HUP may come first)
         reloading = [i for i, m in enumerate(msgs) if m.startswith("RELOADING=1\nMONOTONIC_USEC=")]
@@ -288,8 +292,17 @@ def test_sighup_reload(lab: DaemonLab) -> None:
         refused = lab.nsexec(PY, "-c", "import httpx; httpx.get('http://127.0.0.1:9180/healthz')", check=False)
         assert refused.returncode != 0 and "ConnectError" in refused.stderr
         assert c.get("/healthz").status_code == 200  # the unix socket stays
-    lab.config["datapath"]["maglev_m"] = 251
-    lab.config["limits"]["max_backends_per_service"] = 64
+
+        # M back to the running value: nothing is pending any more (the list used to only grow).
+        lab.config["datapath"]["maglev_m"] = 251
+        lab.config["limits"]["max_backends_per_service"] = 64
+        lab.write_config()
+        notify.clear()
+        _reload(lab, "configuration reloaded")
+        assert c.get("/v1/status").json()["pending_restart"] == []
+        wait_for(lambda: any(m.startswith("STATUS=") for m in notify.texts()), what="STATUS= after the reload")
+        statuses = [m for m in notify.texts() if m.startswith("STATUS=")]
+        assert "restart needed" not in statuses[-1], statuses
 
 
 def test_sighup_dropping_an_interface_detaches_it(lab: DaemonLab) -> None:

@@ -69,7 +69,7 @@ def _select(stats: dict[str, Any], names: tuple[str, ...]) -> dict[str, Any]:
 @click.option("--rate", is_flag=True, help="Add pkt/s and bytes/s over the daemon's last sampling interval.")
 @click.option("--reasons", is_flag=True, help="Also the datapath's per-reason counters (tx, pass_*, drop_*, ...).")
 @click.option("--watch", type=click.FloatRange(min=0.1), is_flag=False, flag_value=2.0, default=None,
-              metavar="[SECS]", help="Redraw every SECS seconds (default 2) until Ctrl-C.")
+              metavar="[SECS]", help="Redraw every SECS seconds (default 2) until Ctrl-C (exit 130).")
 @output_option
 @pass_app
 def stats(app: App, services: tuple[str, ...], rate: bool, reasons: bool, watch: float | None) -> None:
@@ -91,16 +91,15 @@ def stats(app: App, services: tuple[str, ...], rate: bool, reasons: bool, watch:
     if watch is None:
         click.echo(frame())
         return
+    # Ctrl-C ends it like any interrupted l4lbctl: "Interrupted." and exit 130 (main()),
+    # so a script can tell a watch that was stopped from one that finished.
     tty = sys.stdout.isatty()
-    try:
-        while True:
-            text = frame()
-            if app.output == "table":
-                if tty:
-                    click.clear()
-                head = f"Every {watch:g} s: l4lbctl stats{' --rate' if rate else ''}  {time.strftime('%Y-%m-%d %H:%M:%S')}"
-                text = f"{head}\n\n{text}\n"
-            click.echo(text)
-            time.sleep(watch)
-    except KeyboardInterrupt:
-        return  # Ctrl-C is how --watch ends: a success
+    while True:
+        text = frame()
+        if app.output == "table":
+            if tty:
+                click.clear()
+            head = f"Every {watch:g} s: l4lbctl stats{' --rate' if rate else ''}  {time.strftime('%Y-%m-%d %H:%M:%S')}"
+            text = f"{head}\n\n{text}\n"
+        click.echo(text)
+        time.sleep(watch)

@@ -36,6 +36,9 @@ def status(app: App) -> None:
     ]
     if s.get("degraded"):
         pairs.append(("Degraded", s["degraded"]))
+    if s.get("pending_restart"):
+        pairs.append(("Restart needed", "for " + ", ".join(s["pending_restart"])
+                      + " (changed in the config file; in force at the next start)"))
     pairs += [
         ("Revision", revision),
         ("Services", s["services"]),
