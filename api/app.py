@@ -9,7 +9,7 @@ from fastapi.openapi.utils import get_openapi
 
 from l4lb.control import Control
 
-from . import errors
+from . import docs, errors
 from .metrics import Metrics
 from .bgp import router as bgp_router
 from .recordings import router as recordings_router
@@ -31,7 +31,9 @@ REST API of **l4lbd**, the XDP layer-4 load balancer.
 
 
 def create_app(control: Control, *, version: str = "0.1.0") -> FastAPI:
-    app = FastAPI(title="l4lbd", version=version, description=DESCRIPTION)
+    # No CDN: /docs and its assets are served locally (api/docs.py); ReDoc, CDN-only, is off.
+    app = FastAPI(title="l4lbd", version=version, description=DESCRIPTION, docs_url=None, redoc_url=None)
+    docs.install(app)
     app.state.control = control
     app.state.metrics = Metrics(control)
     errors.install(app)

@@ -4,7 +4,7 @@
 #   1. Debian packages (BCC, kernel headers, iproute2, ethtool, tshark, ...)
 #   2. kernel build headers where BCC looks for them (/lib/modules/$(uname -r))
 #   3. a venv from Debian's python with system site packages (to see bcc)
-#   4. pip install of the project (editable) with its test extras
+#   4. pip install of the project (editable) with its test and bench extras
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -81,9 +81,9 @@ WANT="$(sha256sum "$ROOT/pyproject.toml" | cut -d' ' -f1)"
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$WANT" ] && "$VENV/bin/python" -c "import l4lb" 2>/dev/null; then
   say "python packages: up to date"
 else
-  say "pip install -e .[test] into $VENV"
+  say "pip install -e .[test,bench] into $VENV (the appliance, plus what tests and benches use)"
   # (grep drops the harmless "Location ... is ignored" noise of some pip configs)
-  "$VENV/bin/pip" install -q --disable-pip-version-check -e "$ROOT[test]" 2> >(grep -v "is ignored: it is neither" >&2)
+  "$VENV/bin/pip" install -q --disable-pip-version-check -e "$ROOT[test,bench]" 2> >(grep -v "is ignored: it is neither" >&2)
   echo "$WANT" > "$STAMP"
 fi
 say "ready: venv $VENV (python: $VENV/bin/python)"

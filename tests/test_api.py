@@ -90,6 +90,39 @@ def test_openapi_and_docs(client: httpx.Client) -> None:
     assert "swagger" in client.get("/docs").text.lower()
 
 
+def test_docs_need_no_internet(client: httpx.Client) -> None:
+    """/docs names only the daemon's own URLs (an edge box may reach no CDN), and each is served:
+    the assets byte for byte from the packaged Swagger UI, the spec it loads from /openapi.json."""
+    import re
+    from html.parser import HTMLParser
+
+    from swagger_ui_bundle import swagger_ui_path
+
+    page = client.get("/docs")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+
+    class Urls(HTMLParser):
+        urls: list[str] = []
+
+        def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+            self.urls += [v for k, v in attrs if k in ("src", "href") and v]
+
+    parser = Urls()
+    parser.feed(page.text)
+    # ...and in the inline script that starts Swagger UI (url: '/openapi.json').
+    urls = parser.urls + re.findall(r"""(?:url|oauth2RedirectUrl)['"]?\s*:\s*['"]([^'"]+)['"]""", page.text)
+    assert "://" not in page.text.replace("window.location.origin", ""), "an absolute URL (CDN?) in /docs"
+    assert {"/docs/assets/swagger-ui-bundle.js", "/docs/assets/swagger-ui.css", "/openapi.json"} <= set(urls), urls
+    for url in urls:
+        assert url.startswith("/") and not url.startswith("//"), url
+        r = client.get(url)
+        assert r.status_code == 200, url
+        if url.startswith("/docs/assets/"):
+            assert r.content == (swagger_ui_path / url.removeprefix("/docs/assets/")).read_bytes(), url
+    assert client.get("/openapi.json").json()["openapi"].startswith("3.1")  # Swagger UI 5 renders 3.1
+    assert client.get("/redoc").status_code == 404  # ReDoc is CDN-only: not offered
+
+
 def test_health_and_readiness(client: httpx.Client) -> None:
     assert client.get("/healthz").json() == {"status": "ok", "detail": None}
     assert client.get("/readyz").json()["status"] == "ready"
