@@ -619,12 +619,54 @@ def test_stats_watch_redraws_until_ctrl_c(lab: DaemonLab, api: httpx.Client) -> 
         proc.send_signal(signal.SIGINT)
         rest, err = proc.communicate(timeout=30)
         # The documented exit code for an interrupted l4lbctl, and one plain line.
-        assert proc.returncode == 130 and err == "Interrupted.\n", (proc.returncode, err)
+        assert proc.returncode == 130 and err.strip() == "Interrupted.", (proc.returncode, err)
         if fmt == "json":  # one document per line
             docs = [json.loads(line) for line in lines + rest.splitlines() if line.strip()]
             assert len(docs) >= 3 and all(d["services"][0]["name"] == "web" for d in docs)
         else:
             assert sum(f"TCP   {VIP4}:80" in line for line in lines) >= 2
+
+
+# --- import from ipvsadm / keepalived ------------------------------------------------------------------------------------
+
+
+def contains(small: Any, big: Any) -> bool:
+    """Every key of `small` is in `big` with the same value (recursively; lists element by element)."""
+    if isinstance(small, dict):
+        return isinstance(big, dict) and all(k in big and contains(v, big[k]) for k, v in small.items())
+    if isinstance(small, list):
+        return isinstance(big, list) and len(small) == len(big) and all(map(contains, small, big))
+    return small == big
+
+
+def test_import_pipes_into_apply(lab: DaemonLab, api: httpx.Client) -> None:
+    """`l4lbctl import ... | l4lbctl apply -f -`: the real CLI twice, a real daemon; what the daemon
+    holds afterwards is what the importer printed, and the notes went to stderr with file and line."""
+    data = Path(__file__).parent / "data" / "import"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("L4LBCTL_")} | {"L4LBCTL_SOCKET": str(lab.socket)}
+    for kind, path, stdin in (("ipvsadm", data / "ipvsadm.rules", True),
+                              ("keepalived", data / "keepalived" / "keepalived.conf", False)):
+        src = f"< {path} {L4LBCTL} import ipvsadm -" if stdin else f"{L4LBCTL} import {kind} {path}"
+        cp = subprocess.run(["bash", "-o", "pipefail", "-c", f"{src} | {L4LBCTL} apply -f -"], env=env,
+                            capture_output=True, text=True, timeout=120)
+        assert cp.returncode == 0 and "Traceback" not in cp.stderr, cp.stdout + cp.stderr
+        assert "applied revision" in cp.stdout, cp.stdout
+        notes = [line for line in cp.stderr.splitlines() if line.startswith("Note: ")]
+        assert notes and all(line.split(":", 3)[2].isdigit() for line in notes), cp.stderr
+        assert any(": approximated: " in line for line in notes) and any(": skipped: " in line for line in notes)
+        imported = yaml.safe_load(run(None, "import", kind, str(path)).stdout)
+        state = api.get("/v1/state").json()
+        have = {s["name"]: s for s in state["services"]}
+        assert set(have) == {s["name"] for s in imported["services"]}
+        for want in imported["services"]:
+            assert contains(want, have[want["name"]]), (want, have[want["name"]])
+    assert any(s.get("options", {}).get("l4_dnat") for s in state["services"])
+    # Bad syntax: exit 2 with file and line, nothing on stdout, nothing applied.
+    before = api.get("/v1/state").json()
+    bad = run(None, "import", "ipvsadm", "-", stdin="-A -t 198.51.100.1:80 -s rr --bogus\n")
+    assert bad.returncode == 2 and bad.stdout == ""
+    assert bad.stderr == "Error: <stdin>:1: not an ipvsadm rule: option --bogus not recognized\nHint: nothing was imported\n"
+    assert api.get("/v1/state").json() == before
 
 
 # --- reaching the daemon -------------------------------------------------------------------------------------------------
