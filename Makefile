@@ -13,8 +13,9 @@ test: setup
 bench: setup
 	$(PY) bench/datapath.py
 
+# `make demo KEEP=1` leaves the lab up until Ctrl-C (see the README's quick start).
 demo: setup
-	$(PY) -m l4lb.lab.demo up
+	$(PY) -m l4lb.lab.demo up $(if $(KEEP),--keep)
 
 demo-down:
 	$(PY) -m l4lb.lab.demo down

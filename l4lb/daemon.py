@@ -45,6 +45,10 @@ log = logging.getLogger("l4lbd")
 FAULT_ENV = "L4LBD_TEST_FAULT_FILE"
 
 
+PUBLIC_SEED = ("datapath.maglev_seed is the public default: set your own, the same on every box of a tier "
+               "(head -c12 /dev/urandom | base64), so crafted packets cannot aim at one flow-table bucket")
+
+
 class StartupError(RuntimeError):
     """Something the operator must fix before l4lbd can start."""
 
@@ -223,6 +227,8 @@ class Daemon:
         problems = preflight(cfg)
         if problems:
             raise StartupError("; ".join(problems))
+        if cfg.datapath.maglev_seed == config_mod.DEFAULT_SEED:
+            log.warning(PUBLIC_SEED)
         try:
             cfg.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
             self._store = Store(cfg.db_path)
@@ -584,14 +590,42 @@ def setup_logging(level: int) -> None:
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="l4lbd", description="XDP layer-4 load balancer daemon")
+DESCRIPTION = """XDP layer-4 load balancer daemon
+
+l4lbd attaches l4lb's XDP program to the interfaces of its config, keeps the
+desired state (services and backends) durable in SQLite and applies it to the
+program's pinned maps, and serves the REST API that l4lbctl(1) uses. Start:
+it validates the config, compiles the program, reuses the pinned maps,
+converges them to the stored state, attaches (replacing a running l4lb
+program atomically), and only then tells systemd READY=1."""
+
+EPILOG = """\
+Signals: TERM and INT stop the API and exit; the XDP program stays attached and
+the maps stay pinned, so traffic keeps flowing while l4lbd is down or
+restarting. HUP re-reads the config file: a bad file is refused and the running
+config kept; keys that only a start applies are listed in l4lbctl status
+("Restart needed") until the file and the running daemon agree again.
+
+Files: /etc/l4lbd/l4lbd.toml (the config; the sample with every key is in
+PREFIX/share/l4lbd), /var/lib/l4lbd (state, recordings), /run/l4lbd/l4lbd.sock
+(the API), /sys/fs/bpf/l4lb (pinned maps).
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="l4lbd", description=DESCRIPTION, epilog=EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", type=Path, default=config_mod.DEFAULT_PATH, help="TOML config (%(default)s)")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--check-config", action="store_true", help="validate the config (and the host) and exit")
-    mode.add_argument("--detach", action="store_true", help="remove XDP from the configured interfaces and exit")
+    mode.add_argument("--detach", action="store_true", help="remove XDP from the configured interfaces and exit "
+                      "(with [bgp], every VIP is withdrawn first)")
     p.add_argument("--version", action="version", version=f"l4lbd {__version__}")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
 
     try:
         cfg = config_mod.load(args.config)
@@ -606,6 +640,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"l4lbd: {args.config} is valid: interfaces {', '.join(cfg.datapath.interfaces) or 'none'} "
               f"({cfg.datapath.xdp_mode}), Maglev M={cfg.datapath.maglev_m}, API {cfg.api.socket}"
               + (f" and tcp {cfg.api.tcp.listen}" if cfg.api.tcp else ""))
+        if cfg.datapath.maglev_seed == config_mod.DEFAULT_SEED:
+            print(f"l4lbd: warning: {PUBLIC_SEED}", file=sys.stderr)
         return 0
     setup_logging(cfg.log_level_number)
     if args.detach:

@@ -12,7 +12,10 @@
 #   $PREFIX/libexec/l4lbd-prepare-bpffs   the unit's ExecStartPre (mounts bpffs if missing, pin dir)
 #   $PREFIX/share/l4lbd/                  the sample config and the README, always current
 #   /etc/systemd/system/l4lbd.service     the unit (paths rewritten to $PREFIX)
-#   /etc/l4lbd/l4lbd.toml                 the config: installed once, never overwritten
+#   /etc/l4lbd/l4lbd.toml                 the config: installed once (with a random maglev_seed),
+#                                         never overwritten
+#   /usr/local/share/man/man1/l4lbctl.1   man pages, made from the commands' own help by the venv
+#   /usr/local/share/man/man8/l4lbd.8
 #   /etc/sysusers.d/l4lbd.conf            the service user l4lbd (created now unless DESTDIR is set)
 #   /usr/local/bin/l4lbd, l4lbctl         symlinks into the venv
 #
@@ -29,6 +32,7 @@ PREFIX="${PREFIX:-/opt/l4lb}"
 while [[ "$PREFIX" = */ ]]; do PREFIX="${PREFIX%/}"; done
 DEFAULT_PREFIX=/opt/l4lb
 SERVICE_USER=l4lbd
+DEFAULT_SEED=bDRsYi1kZWZhdWx0   # base64("l4lb-default"), l4lb.config.DEFAULT_SEED
 WITH_VENV=1
 
 say() { printf '[install] %s\n' "$*"; }
@@ -37,7 +41,7 @@ die() { printf '[install] ERROR: %s\n' "$*" >&2; exit 1; }
 for arg in "$@"; do
   case "$arg" in
     --no-venv) WITH_VENV=0 ;;
-    -h|--help) sed -n '2,21p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,24p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) die "unknown argument: $arg (see --help)" ;;
   esac
 done
@@ -113,9 +117,21 @@ if [ -e "$DESTDIR$CONF" ]; then
   else
     say "kept       $CONF (yours, never overwritten; compare with $PREFIX/share/l4lbd/l4lbd.toml.sample)"
   fi
+  # A config that still uses the public default seed: say so (it is not ours to edit).
+  if ! grep -Eq '^[[:space:]]*maglev_seed[[:space:]]*=' "$DESTDIR$CONF" || grep -q "$DEFAULT_SEED" "$DESTDIR$CONF"; then
+    say "WARNING    $CONF uses the public default datapath.maglev_seed: set your own, the same on every box"
+    say "           of a tier (README: A tier of boxes); e.g. maglev_seed = \"$(head -c12 /dev/urandom | base64)\""
+  fi
 else
-  install -D -m 0644 "$ROOT/systemd/l4lbd.toml" "$DESTDIR$CONF"
-  say "installed  $CONF (mode 0644) from the sample: set datapath.interfaces before starting"
+  # The sample names no seed (the public default would apply): a new box gets a random one.
+  # Every box behind one ECMP group needs the same seed: copy it from the first box's config.
+  SEED="$(head -c12 /dev/urandom | base64)"
+  sed "s|^# maglev_seed = .*|maglev_seed = \"$SEED\"   # random, by make install: the same on every box of a tier|" \
+    "$ROOT/systemd/l4lbd.toml" > "$TMP/l4lbd.toml"
+  grep -q "^maglev_seed = \"$SEED\"" "$TMP/l4lbd.toml" || die "the sample config has no '# maglev_seed = ' line to fill"
+  install -D -m 0644 "$TMP/l4lbd.toml" "$DESTDIR$CONF"
+  say "installed  $CONF (mode 0644) from the sample, with a random datapath.maglev_seed (copy it to the"
+  say "           other boxes of a tier); set datapath.interfaces before starting"
 fi
 
 for tool in l4lbd l4lbctl; do
@@ -181,6 +197,17 @@ else
   if [ -n "$DESTDIR" ]; then
     say "venv       note: its scripts name $V; a venv is not relocatable, so install on the box itself"
   fi
+fi
+
+# --- man pages ---------------------------------------------------------------------------------------
+# Made by the venv from the commands' own parsers (l4lb/manpages.py), so they match --help.
+# (-I, from /: the installed package, not the checkout this script runs from)
+if [ -x "$DESTDIR$VENV/bin/python" ] && (cd / && "$DESTDIR$VENV/bin/python" -I -c "import l4lb.manpages" 2>/dev/null); then
+  (cd / && "$DESTDIR$VENV/bin/python" -I -m l4lb.manpages "$TMP/man" >/dev/null)
+  put "$TMP/man/man1/l4lbctl.1" /usr/local/share/man/man1/l4lbctl.1 0644
+  put "$TMP/man/man8/l4lbd.8" /usr/local/share/man/man8/l4lbd.8 0644
+else
+  say "man pages  skipped: no venv at $VENV yet (run make install without --no-venv)"
 fi
 
 # --- systemd ---------------------------------------------------------------------------------------

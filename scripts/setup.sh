@@ -18,7 +18,8 @@ command -v apt-get >/dev/null || die "this script targets Debian 12 (no apt-get 
 # --- 1. Debian packages -------------------------------------------------------
 PKGS=(python3-bpfcc bpfcc-tools python3-venv python3-pip python3-yaml libbpf1
       iproute2 ethtool tshark curl libcap2-bin util-linux iputils-ping procps
-      systemd make bird2)   # bird2: the BGP speaker l4lbd drives (and the lab's router)
+      systemd make bird2    # bird2: the BGP speaker l4lbd drives (and the lab's router)
+      man-db groff-base)    # the man pages make install writes (tests render them with man -l)
 KVER="$(uname -r)"
 # Prefer the running kernel's own headers (a real Debian edge box); fall back
 # to the distribution's generic headers when the kernel has no package.

@@ -200,7 +200,13 @@ def test_check_config_ok(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
 
     p = write(tmp_path, f"[datapath]\ninterfaces = ['lo']\nbpffs = '{tmp_path}'\n")
     assert main(["--config", str(p), "--check-config"]) == 0
-    assert "is valid" in capsys.readouterr().out
+    out = capsys.readouterr()
+    assert "is valid" in out.out
+    assert "warning: datapath.maglev_seed is the public default" in out.err  # no seed given
+    seed = base64.b64encode(b"0123456789ab").decode()
+    p.write_text(p.read_text() + f"maglev_seed = '{seed}'\n")
+    assert main(["--config", str(p), "--check-config"]) == 0
+    assert capsys.readouterr().err == ""
 
 
 def test_check_config_bad_key_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

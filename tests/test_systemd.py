@@ -23,6 +23,7 @@ PID 1 here is not systemd, so the unit cannot be started for real. Instead:
 
 from __future__ import annotations
 
+import base64
 import ctypes as ct
 import errno
 import functools
@@ -44,6 +45,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import click
 import pytest
 from test_daemon_harness import NotifyListener, require_root
 
@@ -592,13 +594,21 @@ def test_install_puts_the_promised_files_with_sane_modes(installed: tuple[Path, 
         "opt/l4lb/libexec/l4lbd-prepare-bpffs": 0o755,
         "opt/l4lb/share/l4lbd/l4lbd.toml.sample": 0o644,
         "opt/l4lb/share/l4lbd/README.md": 0o644,
+        "usr/local/share/man/man1/l4lbctl.1": 0o644,
+        "usr/local/share/man/man8/l4lbd.8": 0o644,
     }
     for rel, mode in files.items():
         st = (root / rel).lstat()
         assert stat.S_ISREG(st.st_mode) and stat.S_IMODE(st.st_mode) == mode and st.st_uid == 0, rel
         assert f"/{rel}" in out, f"install did not say it put {rel}"
     src = root.parent / "src"
-    assert (root / "etc/l4lbd/l4lbd.toml").read_bytes() == (src / "systemd/l4lbd.toml").read_bytes()
+    # The sample, with a random seed filled in (the sample names none: the public default).
+    conf, sample = (root / "etc/l4lbd/l4lbd.toml").read_text(), (src / "systemd/l4lbd.toml").read_text()
+    seed = installed_seed(root)
+    assert len(base64.b64decode(seed, validate=True)) == 12 and seed != config_mod.DEFAULT_SEED
+    assert re.sub(r"^maglev_seed = .*$", "# maglev_seed = ...", conf, flags=re.M) == \
+        re.sub(r"^# maglev_seed = .*$", "# maglev_seed = ...", sample, flags=re.M)
+    assert config_mod.parse(conf).datapath.maglev_seed == seed
     helper = (root / "opt/l4lb/libexec/l4lbd-prepare-bpffs").read_bytes()
     assert helper == (src / "systemd/l4lbd-prepare-bpffs").read_bytes()
     # The unit as shipped (PREFIX is the default).
@@ -622,6 +632,43 @@ def test_install_puts_the_promised_files_with_sane_modes(installed: tuple[Path, 
     assert any(venv.glob("lib/python3*/site-packages/l4lb/bpf_src/l4lb.c")), "BPF sources ship as package data"
     version = subprocess.run([str(venv / "bin/l4lbd"), "--version"], capture_output=True, text=True)
     assert version.returncode == 0 and version.stdout.startswith("l4lbd ")
+    # What the appliance needs and no more: Swagger UI's assets, no packet libraries (tests and benches only).
+    probe = subprocess.run([str(venv / "bin/python"), "-I", "-c", "import importlib.util as u; "
+                            "print([bool(u.find_spec(m)) for m in ('swagger_ui_bundle', 'scapy', 'dpkt')])"],
+                           capture_output=True, text=True, cwd="/")
+    assert probe.stdout.strip() == "[True, False, False]", probe.stdout + probe.stderr
+
+
+def installed_seed(root: Path) -> str:
+    m = re.search(r'^maglev_seed = "([^"]+)"', (root / "etc/l4lbd/l4lbd.toml").read_text(), re.M)
+    assert m, "make install wrote no maglev_seed"
+    return m.group(1)
+
+
+def test_installed_man_pages_render(installed: tuple[Path, str]) -> None:
+    """`man -l` renders both pages without a groff warning, and they carry every command and option."""
+    root, _ = installed
+    from l4lb.cli.main import cli
+    from l4lb.daemon import build_parser
+
+    def render(page: Path) -> str:
+        cp = subprocess.run(["man", "--warnings", "-l", str(page)], capture_output=True, text=True,
+                            env={**os.environ, "MANWIDTH": "100", "MAN_KEEP_FORMATTING": "0"}, timeout=60)
+        assert cp.returncode == 0 and cp.stderr == "", cp.stderr
+        return re.sub(r".\x08", "", cp.stdout)  # drop overstriking, should a pager leave it
+
+    ctl = render(root / "usr/local/share/man/man1/l4lbctl.1")
+    assert ctl.startswith("L4LBCTL(1)") and "EXIT STATUS" in ctl and "130 interrupted" in ctl
+    assert "L4LBCTL_SOCKET" in ctl.split("ENVIRONMENT", 1)[1]
+    for name, group in cli.commands.items():
+        for sub in ([f"{name} {s}" for s in group.commands] if isinstance(group, click.Group) else [name]):
+            assert re.search(rf"^ +l4lbctl {sub} ", ctl, re.M), f"no section for l4lbctl {sub}"
+    assert "--dry-run" in ctl and "--rotate-size" in ctl
+    daemon = render(root / "usr/local/share/man/man8/l4lbd.8")
+    assert daemon.startswith("L4LBD(8)")
+    for option in (a for action in build_parser()._actions for a in action.option_strings):
+        assert option in daemon, option
+    assert "SIGNALS" in daemon and "a bad file is refused" in " ".join(daemon.split())
 
 
 def test_install_is_idempotent(installed: tuple[Path, str]) -> None:
@@ -661,6 +708,20 @@ def test_install_prefix_rewrites_the_unit(tmp_path: Path) -> None:
     assert PREFIX + "/" not in (tmp_path / "etc/systemd/system/l4lbd.service").read_text()
     assert (tmp_path / "usr/local/l4lb/libexec/l4lbd-prepare-bpffs").is_file()
     assert not (tmp_path / "usr/local/l4lb/venv").exists() and not (tmp_path / "opt").exists()
+    assert "man pages  skipped: no venv" in cp.stdout
+
+
+def test_every_box_gets_its_own_random_seed_and_an_existing_default_is_flagged(
+        installed: tuple[Path, str], tmp_path: Path) -> None:
+    cp = run_install(tmp_path, "--no-venv")
+    assert cp.returncode == 0 and "with a random datapath.maglev_seed" in cp.stdout, cp.stdout + cp.stderr
+    assert installed_seed(tmp_path) != installed_seed(installed[0])  # one per install: copy it across a tier
+    conf = tmp_path / "etc/l4lbd/l4lbd.toml"
+    mine = re.sub(r"^maglev_seed = .*\n", "", conf.read_text(), flags=re.M)  # an operator's file without one
+    conf.write_text(mine)
+    cp = run_install(tmp_path, "--no-venv")
+    assert cp.returncode == 0 and conf.read_text() == mine  # never overwritten...
+    assert "WARNING    /etc/l4lbd/l4lbd.toml uses the public default datapath.maglev_seed" in cp.stdout  # ...but flagged
 
 
 @pytest.mark.parametrize("args,env,message", [

@@ -6,18 +6,28 @@ IPv4 and IPv6 services with ``l4lbctl``, sends real curl traffic, shows the
 ipvsadm-like stats table, drains a backend and shows traffic moving, sends
 traffic out of the second NIC (XDP_REDIRECT), records a pcap of a few flows
 and prints tshark's view of it. Then a tier: two boxes behind a router running
-BIRD with ECMP, VIPs over BGP, a box drained and brought back. ``--keep`` leaves everything up until Ctrl-C
-and says how to poke at it; ``python -m l4lb.lab.demo down`` (``make
-demo-down``) removes leftovers of an interrupted run.
+BIRD with ECMP, VIPs over BGP, a box drained and brought back.
+
+    python -m l4lb.lab.demo [up] [--keep]   (make demo [KEEP=1])
+    python -m l4lb.lab.demo down            (make demo-down)
+
+``--keep`` leaves the first lab up until Ctrl-C (or SIGTERM) and says how to
+poke at it, including how to kill and restart l4lbd in it: the lab belongs to
+the demo process, not to the daemon, so it outlives any number of restarts.
+``down`` removes namespaces left by demo runs that are gone (a killed demo);
+a running demo's, kept or not (or ``make test``'s), are spared: those end with
+Ctrl-C in their own shell.
 """
 
 from __future__ import annotations
 
+import argparse
 import collections
 import json
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -127,7 +137,44 @@ def record(ctl: Ctl, lab: Lab, workdir: Path) -> None:
         print("    " + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
 
 
+class Stopped(Exception):
+    """SIGTERM: end the demo now, tearing everything down (no tier demo)."""
+
+
+def _stop(signum: int, frame: object) -> None:
+    raise Stopped()
+
+
+def keep_open(lab: Lab, daemon: L4lbd, backend: str) -> None:
+    """Wait for Ctrl-C while the user pokes at the lab. The lab stays up whatever happens to
+    l4lbd: killing and restarting it (as the README's Operations section does) is the point."""
+    step("the lab is up. Try, in another shell:")
+    c1 = lab.ns_of("c1")
+    ctl = f"L4LBCTL_SOCKET={daemon.socket} {L4LBCTL}"
+    l4lbd = [str(Path(sys.executable).with_name("l4lbd")), "--config", str(daemon.config_path)]
+    print(f"  ip netns exec {c1} curl http://{lab.vip4}/")
+    print(f"  ip netns exec {c1} curl -g 'http://[{lab.vip6}]/'")
+    print(f"  {ctl} stats --rate --watch")
+    print(f"  {ctl} backend drain web4 {backend}")
+    print(f"  daemon log: {daemon.log_path}")
+    print(f"  kill -9 l4lbd (XDP keeps forwarding, the maps stay pinned): kill -9 {daemon.proc.pid if daemon.proc else ''}")
+    print(f"  start it again in the LB's namespace (hitless: it reuses the pinned maps):")
+    print(f"    ip netns exec {lab.lb_ns} {shlex.join(l4lbd)} >> {daemon.log_path} 2>&1 &")
+    print("  Ctrl-C here (or kill -TERM {}) tears it all down.".format(os.getpid()), flush=True)
+    said_exit = False
+    try:
+        while True:
+            if not said_exit and daemon.proc is not None and daemon.proc.poll() is not None:
+                print(f"  (l4lbd exited with {daemon.proc.returncode}; the lab stays up: start it again as above)",
+                      flush=True)
+                said_exit = True
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        print()
+
+
 def up(keep: bool) -> int:
+    signal.signal(signal.SIGTERM, _stop)
     with private_bpffs("l4lb-demo-bpffs-") as bpffs:
         return _up(bpffs, keep)
 
@@ -185,24 +232,14 @@ def _up(bpffs: Path, keep: bool) -> int:
             record(ctl, lab, work)
 
             if keep:
-                step("the lab is up. Try, in another shell:")
-                c1 = lab.ns_of("c1")
-                print(f"  ip netns exec {c1} curl http://{lab.vip4}/")
-                print(f"  ip netns exec {c1} curl -g 'http://[{lab.vip6}]/'")
-                print(f"  L4LBCTL_SOCKET={daemon.socket} {L4LBCTL} stats --rate --watch")
-                print(f"  L4LBCTL_SOCKET={daemon.socket} {L4LBCTL} backend drain web4 "
-                      f"{lab.backend_addrs[victim][0]}")
-                print(f"  daemon log: {daemon.log_path}")
-                print("  Ctrl-C here tears it all down (or `make demo-down` from another shell).")
-                try:
-                    while daemon.proc is not None and daemon.proc.poll() is None:
-                        time.sleep(1)
-                except KeyboardInterrupt:
-                    pass
+                keep_open(lab, daemon, lab.backend_addrs[victim][0])
             daemon.stop()
             step("tearing the lab down")
         tier_demo(bpffs, work / "tier")
         print("\ndemo OK")
+        return 0
+    except Stopped:
+        print("\ndemo stopped (SIGTERM): everything torn down", file=sys.stderr)
         return 0
     except DemoError as e:
         print(f"\ndemo FAILED: {e}", file=sys.stderr)
@@ -260,16 +297,30 @@ def tier_demo(bpffs: Path, work: Path) -> None:
 
 
 def down() -> int:
-    removed = netns.cleanup(PREFIX, force=True)
-    print(f"removed {len(removed)} namespaces" if removed else "nothing to remove")
+    """Remove what demo runs that are gone left behind; spare the labs of runs still alive."""
+    removed = netns.cleanup(PREFIX)
+    live = sorted({t for ns in netns.list_netns(PREFIX + "-") if (t := netns.tag_of(ns, PREFIX))})
+    print(f"removed {len(removed)} namespaces of demo runs that are gone" if removed else "nothing to remove")
+    for tag in live:
+        pid = (netns.OWNER_DIR / f"{tag}.owner").read_text().split()[0] if netns.owner_alive(tag) else "?"
+        print(f"spared lab {PREFIX}-{tag}-*: its demo (or test) is still running (pid {pid}); "
+              "Ctrl-C it in its shell, or kill -TERM it")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = argv if argv is not None else sys.argv[1:]
-    if args[:1] == ["down"]:
+    p = argparse.ArgumentParser(prog="python -m l4lb.lab.demo", description="l4lb in network namespaces, "
+                                "step by step (make demo)")
+    keep_help = "leave the first lab up until Ctrl-C, to poke at it"
+    p.add_argument("--keep", action="store_true", help=keep_help)
+    sub = p.add_subparsers(dest="command")
+    u = sub.add_parser("up", help="build the lab, run the demo, tear it down (the default)")
+    u.add_argument("--keep", action="store_true", default=argparse.SUPPRESS, help=keep_help)
+    sub.add_parser("down", help="remove namespaces of demo runs that are gone (running ones are spared)")
+    args = p.parse_args(argv)
+    if args.command == "down":
         return down()
-    return up(keep="--keep" in args)
+    return up(keep=args.keep)
 
 
 if __name__ == "__main__":
