@@ -57,8 +57,8 @@ def add(app: App, service: str, backend: BackendRef, weight: int, state: str) ->
     """Add BACKEND to SERVICE; refused if it is there already.
 
     \b
-    l4lbctl backend add web 192.0.2.3
-    l4lbctl backend add web6 [2001:db8::3]:8080 --weight 50
+    l4lbctl backend add api 192.0.2.103
+    l4lbctl backend add api6 [2001:db8:0:1::103]:8443 --weight 50
     """
     # Read, check absence, write with the service's ETag: a concurrent add of the same
     # backend (or any change) gets a 412 instead of being silently replaced.

@@ -60,8 +60,8 @@ def cli(ctx: click.Context, sockets: tuple[str, ...], urls: tuple[str, ...], fle
 
     \b
     l4lbctl status
-    l4lbctl service add web 198.51.100.1:80/tcp -b 192.0.2.1 -b 192.0.2.2
-    l4lbctl backend drain web 192.0.2.1
+    l4lbctl service add api 198.51.100.80:80/tcp -b 192.0.2.101 -b 192.0.2.102
+    l4lbctl backend drain api 192.0.2.101
     l4lbctl export > state.yaml; $EDITOR state.yaml; l4lbctl apply -f state.yaml --dry-run
     l4lbctl stats --rate --watch
     """

@@ -144,7 +144,7 @@ def add(app: App, name: str, address: ServiceAddress | None, vip: str | None, po
     """Create service NAME; refused if it exists already.
 
     \b
-    l4lbctl service add web 198.51.100.1:80/tcp -b 192.0.2.1 -b 192.0.2.2@50
+    l4lbctl service add api 198.51.100.80:80/tcp -b 192.0.2.101 -b 192.0.2.102@50
     l4lbctl service add dns --vip 2001:db8::53 --port 53 --proto udp
     l4lbctl service add alt [2001:db8::1]:443 --dnat -b [2001:db8::10]:8443
     """
