@@ -2,6 +2,7 @@
 
     ipvsadm     ``ipvsadm -S -n`` rules
     keepalived  keepalived.conf (2.2) virtual servers, real servers and checkers
+    keepalived_conf  its syntax: blocks, comments, includes, variables
     ipvs        what IPVS's schedulers, persistence and forwarding mean in l4lb (shared)
     result      the document, the notes (file, line, what became of it), validation
 

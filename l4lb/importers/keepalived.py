@@ -1,12 +1,8 @@
 """keepalived.conf (keepalived 2.2) -> l4lb services, with its checkers as health checks.
 
-Pure apart from reading the files it includes, through a ``read`` callable
-(:func:`parse_file` reads the disk). What is read:
+Pure apart from reading the files it includes (``keepalived_conf`` reads the
+syntax: blocks, comments, includes, variables). What is understood:
 
-* the syntax: ``keyword args... { ... }`` blocks (a ``{`` may also start the
-  next line), ``#`` and ``!`` comments, ``"quoted strings"``, ``\\`` line
-  continuations, ``include GLOB`` (relative to the including file; nested),
-  ``$NAME=value`` definitions used as ``$NAME`` or ``${NAME}``;
 * ``virtual_server IP PORT``, ``virtual_server group NAME`` (each address and
   port of the ``virtual_server_group``, ranges like ``192.0.2.1-3``, becomes a
   service), ``real_server IP [PORT]``, ``weight``, ``protocol``, ``lb_algo`` /
@@ -29,15 +25,14 @@ from __future__ import annotations
 
 import glob
 import ipaddress
-import os
 import re
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from . import ipvs
-from .ipvs import Notes, Remarks
+from .ipvs import Notes
+from .keepalived_conf import Globber, Lexer, Reader, Stmt, tree
 from .result import Draft, Result, SourceError, finish, service_name
 
 # keepalived's defaults (keepalived.conf(5), 2.2)
@@ -52,172 +47,6 @@ NO_EQUIVALENT_CHECKERS = ("MISC_CHECK", "SMTP_CHECK", "BFD_CHECK", "PING_CHECK",
 TIMING = ("delay_loop", "connect_timeout", "retry", "nb_get_retry", "delay_before_retry", "warmup")
 LB_KINDS = {"dr": "g", "tun": "i", "nat": "m"}
 OVERRIDABLE = {"type", "port", "via", "path", "host"}  # what a backend's health override may change
-
-Reader = Callable[[str], str]
-Globber = Callable[[str], list[str]]
-
-
-# --- syntax -------------------------------------------------------------------------------------
-
-
-@dataclass
-class Stmt:
-    """``keyword args...`` and, for a block, its statements."""
-
-    keyword: str
-    args: list[str]
-    source: str
-    line: int
-    children: list["Stmt"] | None = None
-
-    def where(self) -> tuple[str, int]:
-        return self.source, self.line
-
-    def first(self, *keywords: str) -> "Stmt | None":
-        return next((c for c in self.children or [] if c.keyword in keywords), None)
-
-
-_VAR = re.compile(r"\$\{(\w+)\}|\$(\w+)")
-
-
-def _split(text: str, source: str, n: int) -> list[str]:
-    """Words of one logical line: quotes kept together, comments dropped, braces apart."""
-    out: list[str] = []
-    word, quoted, i = "", False, 0
-    while i < len(text):
-        c = text[i]
-        if quoted:
-            if c == '"':
-                quoted = False
-                out.append(word)
-                word = ""
-            else:
-                word += c
-        elif c == '"':
-            if word:
-                out.append(word)
-            word, quoted = "", True
-        elif c in "#!":
-            break
-        elif c.isspace() or c in "{}":
-            if word:
-                out.append(word)
-            word = ""
-            if c in "{}":
-                out.append(c)
-        else:
-            word += c
-        i += 1
-    if quoted:
-        raise SourceError(source, n, "a quoted string is not closed")
-    if word:
-        out.append(word)
-    return out
-
-
-class _Lexer:
-    def __init__(self, read: Reader, globber: Globber, notes: Notes) -> None:
-        self.read, self.glob, self.notes = read, globber, notes
-        self.vars: dict[str, str] = {}
-        self.depth = 0
-
-    def lines(self, path: str) -> list[tuple[str, int, list[str]]]:
-        """(file, line, words) of ``path`` with its includes expanded in place."""
-        try:
-            text = self.read(path)
-        except OSError as e:
-            raise SourceError(path, 0, f"cannot read: {e.strerror or e}") from None
-        out: list[tuple[str, int, list[str]]] = []
-        pending, start = "", 0
-        for n, raw in enumerate(text.splitlines(), 1):
-            if raw.rstrip().endswith("\\"):
-                pending, start = pending + raw.rstrip()[:-1] + " ", start or n
-                continue
-            line, first = pending + raw, start or n
-            pending, start = "", 0
-            out += self._line(path, first, line)
-        if pending:
-            out += self._line(path, start, pending)
-        return out
-
-    def _line(self, path: str, n: int, line: str) -> list[tuple[str, int, list[str]]]:
-        stripped = line.strip()
-        if stripped.startswith("@"):
-            host = stripped.split(None, 1)[0]
-            self.notes.add(path, n, host, "ignored", "a line for one host only (keepalived's conditional "
-                           "configuration): import the file on that box, or remove the prefix")
-            return []
-        m = re.match(r"^\$(\w+)\s*=\s*(.*)$", stripped)
-        if m:
-            self.vars[m.group(1)] = m.group(2).strip()
-            return []
-        if "$" in line:
-            def value(v: re.Match[str]) -> str:
-                name = v.group(1) or v.group(2)
-                if name not in self.vars:
-                    raise SourceError(path, n, f"${name} is not defined (before this line)")
-                return self.vars[name]
-            line = _VAR.sub(value, line)
-        words = _split(line, path, n)
-        if words[:1] == ["include"]:
-            return self._include(path, n, words)
-        return [(path, n, words)] if words else []
-
-    def _include(self, path: str, n: int, words: list[str]) -> list[tuple[str, int, list[str]]]:
-        if len(words) != 2:
-            raise SourceError(path, n, "include takes one file name or pattern")
-        pattern = words[1]
-        if not os.path.isabs(pattern):
-            pattern = os.path.join(os.path.dirname(path), pattern)
-        files = sorted(self.glob(pattern))
-        if not files:
-            self.notes.add(path, n, f"include {words[1]}", "ignored", "no file matches")
-            return []
-        self.depth += 1
-        if self.depth > 16:
-            raise SourceError(path, n, "includes nested more than 16 deep (does a file include itself?)")
-        try:
-            return [x for f in files for x in self.lines(f)]
-        finally:
-            self.depth -= 1
-
-
-def _tree(lines: list[tuple[str, int, list[str]]]) -> list[Stmt]:
-    root: list[Stmt] = []
-    stack: list[list[Stmt]] = [root]
-    last_open: Stmt | None = None  # a statement that may still take a "{" from the next line
-    for source, n, words in lines:
-        cur: Stmt | None = None
-        for w in words:
-            if w == "{":
-                target = cur or last_open
-                if target is None or target.children is not None:
-                    raise SourceError(source, n, "'{' without a keyword before it")
-                target.children = []
-                stack.append(target.children)
-                cur = last_open = None
-            elif w == "}":
-                if len(stack) == 1:
-                    raise SourceError(source, n, "'}' without a block to close")
-                stack.pop()
-                cur = last_open = None
-            elif cur is None:
-                cur = Stmt(w, [], source, n)
-                stack[-1].append(cur)
-            else:
-                cur.args.append(w)
-        last_open = cur
-    if len(stack) > 1:
-        opened = _unclosed(root)
-        raise SourceError(opened.source, opened.line, f"block {opened.keyword} is never closed")
-    return root
-
-
-def _unclosed(stmts: list[Stmt]) -> Stmt:
-    s = [x for x in stmts if x.children is not None][-1]
-    inner = [x for x in s.children or [] if x.children is not None]
-    return _unclosed(s.children or []) if inner else s
-
 
 # --- meaning --------------------------------------------------------------------------------------
 
@@ -271,7 +100,7 @@ def parse_file(path: str) -> Result:
 
 def parse(path: str, read: Reader, globber: Globber = glob.glob) -> Result:
     notes = Notes()
-    top = _tree(_Lexer(read, globber, notes).lines(path))
+    top = tree(Lexer(read, globber, notes).lines(path))
     ctx = _Ctx(notes, {s.args[0]: s for s in top if s.keyword == "virtual_server_group" and s.args})
     drafts: list[Draft] = []
     for s in top:

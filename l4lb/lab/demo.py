@@ -158,7 +158,7 @@ def keep_open(lab: Lab, daemon: L4lbd, backend: str) -> None:
     print(f"  {ctl} backend drain web4 {backend}")
     print(f"  daemon log: {daemon.log_path}")
     print(f"  kill -9 l4lbd (XDP keeps forwarding, the maps stay pinned): kill -9 {daemon.proc.pid if daemon.proc else ''}")
-    print(f"  start it again in the LB's namespace (hitless: it reuses the pinned maps):")
+    print("  start it again in the LB's namespace (hitless: it reuses the pinned maps):")
     print(f"    ip netns exec {lab.lb_ns} {shlex.join(l4lbd)} >> {daemon.log_path} 2>&1 &")
     print("  Ctrl-C here (or kill -TERM {}) tears it all down.".format(os.getpid()), flush=True)
     said_exit = False
