@@ -5,6 +5,7 @@
 #   2. kernel build headers where BCC looks for them (/lib/modules/$(uname -r))
 #   3. a venv from Debian's python with system site packages (to see bcc)
 #   4. pip install of the project (editable) with its test and bench extras
+#   5. the benches' C helpers (bench/c/*.c -> build/), rebuilt when their source changes
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -19,7 +20,8 @@ command -v apt-get >/dev/null || die "this script targets Debian 12 (no apt-get 
 PKGS=(python3-bpfcc bpfcc-tools python3-venv python3-pip python3-yaml libbpf1
       iproute2 ethtool tshark curl libcap2-bin util-linux iputils-ping procps
       systemd make bird2    # bird2: the BGP speaker l4lbd drives (and the lab's router)
-      man-db groff-base)    # the man pages make install writes (tests render them with man -l)
+      man-db groff-base     # the man pages make install writes (tests render them with man -l)
+      gcc libc6-dev linux-libc-dev)   # the benches' C helpers (bench/c/)
 KVER="$(uname -r)"
 # Prefer the running kernel's own headers (a real Debian edge box); fall back
 # to the distribution's generic headers when the kernel has no package.
@@ -87,4 +89,19 @@ else
   "$VENV/bin/pip" install -q --disable-pip-version-check -e "$ROOT[test,bench]" 2> >(grep -v "is ignored: it is neither" >&2)
   echo "$WANT" > "$STAMP"
 fi
+# --- 5. bench helpers ---------------------------------------------------------------
+# bench/traffic.py's frame generator and bench/datapath.py's test-run loop (C: a
+# Python sender or loop is too slow, see the sources' headers).
+build_helper() {  # build_helper OUTPUT SOURCE GCC-FLAGS...
+  local out="$ROOT/build/$1" src="$ROOT/bench/c/$2"; shift 2
+  if [ -x "$out" ] && [ "$out" -nt "$src" ]; then
+    say "bench helper: build/$(basename "$out") up to date"
+  else
+    mkdir -p "$ROOT/build"
+    gcc -O2 -Wall -Wextra -Werror "$@" -o "$out" "$src"
+    say "bench helper: built build/$(basename "$out") from bench/c/$(basename "$src")"
+  fi
+}
+build_helper trafficgen trafficgen.c
+build_helper testrun_batch.so testrun_batch.c -shared -fPIC
 say "ready: venv $VENV (python: $VENV/bin/python)"

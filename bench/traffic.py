@@ -1,0 +1,320 @@
+#!/usr/bin/env python3
+"""Real-frames benchmark (not a test): frames through a veth into the LB's XDP program.
+
+In a private network namespace (PacketEnv: documentation addresses, torn down
+after), build/trafficgen (bench/c/trafficgen.c, built by scripts/setup.sh) sends
+TCP frames to a VIP from one end of a veth pair (edge0p) with an AF_PACKET
+socket: sendmmsg in batches of 256, PACKET_QDISC_BYPASS, a fresh header and
+fresh IPv4/TCP checksums in every frame. The program under test runs in native
+XDP mode on the other end (edge0) and sends each frame back with XDP_TX (l4lb:
+encapsulated to the backend; the floor: MAC addresses swapped). A counter
+program on edge0p (bench/c/traffic_xdp.c) counts what comes back by kind and
+drops it. The sender is pinned to one CPU; the veth's NAPI runs both XDP
+programs on that same CPU, so 1e9 / rate is the whole path's ns per frame.
+
+Rows (each a trial of --seconds, rows interleaved, --rounds rounds): the floor
+(MAC swap + XDP_TX) for v4 and for v6 frames; l4lb with every frame the same
+flow (non-SYN: flow-table hits); l4lb with a new flow every frame (a SYN from
+the next client address/port: a flow-table miss, Maglev and an insert); l4lb
+with the recorder armed (one filter on another client: nothing recorded).
+Printed: returned frames in Mpps, min/median/max over rounds, and ns per frame
+above the floor of the same family in the same round (1e9/rate_row -
+1e9/rate_floor) — the figure that compares, because the floor's own path (veth,
+skb-free XDP_TX, NAPI) is most of the total.
+
+Every trial checks what came back: the counts by kind, and every sampled frame
+(each 1024th, 64 kept) decoded by scapy: outer header to the backend that
+l4lb's Maglev in Python (l4lb/maglev.py, l4lb/flowhash.py) predicts for the
+inner flow, from the LB's address, to that backend's MAC; inner TCP checksum
+valid; inner flow the one sent. Any mismatch fails the run (exit 1).
+
+Run as root: `.venv/bin/python bench/traffic.py` (about 40 s per round with the
+default 5 s trials); `--quick` (0.25 s trials, 2 rounds, 64k-entry flow table)
+runs every step, for tests/test_bench.py: its figures are not measurements.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import ipaddress
+import os
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from scapy.all import IP, TCP, Ether, IPv6, raw
+
+from l4lb import flowhash, maglev
+from l4lb.datapath import netlink
+from l4lb.datapath.engine import hash_seed
+from l4lb.datapath.loader import compile_program
+from l4lb.datapath.recorder import FilterEntry, RecorderMaps, recorder_cflags
+from l4lb.datapath.source import compile_bpf
+from l4lb.lab import netns
+from l4lb.lab.bpffs import private_bpffs
+from l4lb.lab.flows import FLOW_SPACE, flow_of
+from l4lb.lab.pktenv import (
+    EDGE_IF, EDGE_PEER, EDGE_V4, EDGE_V6, PacketEnv, backend_mac, edge_backends_v4, edge_backends_v6,
+)
+from l4lb.models import Service
+from l4lb.recfilter import compile_masks, parse_filter
+
+ROOT = Path(__file__).resolve().parent.parent
+TRAFFICGEN = ROOT / "build" / "trafficgen"
+XDP_SOURCE = ROOT / "bench" / "c" / "traffic_xdp.c"     # the floor and the receiver
+VIP4, VIP6 = "198.51.100.1", "2001:db8:100::1"
+CLIENT = {4: "203.0.113.0", 6: "2001:db8:77::"}   # last byte: the flow number's (l4lb/lab/flows.py)
+FRAME_LEN = {4: 64, 6: 84}                        # Ethernet + IP + TCP + 10 bytes
+SAME_FLOW = 7                                     # the flow number of the same-flow rows
+N_BACKENDS = 100
+RX_IPIP, RX_IP6IP6, RX_OTHER = range(3)           # enum rx_kind of traffic_xdp.c
+RECORDER_FILTER = f"192.0.2.77 0 {VIP4} 80 tcp"   # armed, never matches the bench's clients
+
+
+@dataclass(frozen=True)
+class Row:
+    label: str
+    prog: str       # "floor", "l4lb" or "recorder"
+    family: int
+    new_flows: bool
+
+    @property
+    def kind(self) -> int:
+        if self.prog == "floor":
+            return RX_OTHER
+        return RX_IPIP if self.family == 4 else RX_IP6IP6
+
+
+ROWS = (
+    Row("floor v4: MAC swap + XDP_TX", "floor", 4, False),
+    Row("floor v6: MAC swap + XDP_TX", "floor", 6, False),
+    Row("l4lb v4, same flow (flow-table hit)", "l4lb", 4, False),
+    Row("l4lb v6, same flow (flow-table hit)", "l4lb", 6, False),
+    Row("l4lb v4, new flow every frame (SYN)", "l4lb", 4, True),
+    Row("l4lb v6, new flow every frame (SYN)", "l4lb", 6, True),
+    Row("l4lb v4, same flow, recorder armed, no match", "recorder", 4, False),
+)
+
+
+@dataclass(frozen=True)
+class Trial:
+    mpps: float       # returned frames of the expected kind per second
+    sent_mpps: float
+    returned: int
+    sent: int
+    checked: int      # sampled frames decoded and checked
+
+
+class BenchError(RuntimeError):
+    """What came back is not what l4lb should have sent."""
+
+
+class Rig:
+    """The namespace, the programs and the swaps between them on edge0."""
+
+    def __init__(self, env: PacketEnv, cpu: int) -> None:
+        self.env, self.cpu = env, cpu
+        seed = env.dp.cfg.maglev_seed
+        self.services = {
+            4: Service(name="t4", vip=VIP4, port=80, backends=[{"address": a} for a in edge_backends_v4(N_BACKENDS)]),
+            6: Service(name="t6", vip=VIP6, port=80, backends=[{"address": a} for a in edge_backends_v6(N_BACKENDS)]),
+        }
+        env.apply(list(self.services.values()))
+        m = env.dp.cfg.maglev_m
+        self.tables = {f: maglev.build(s.maglev_weights(), m, seed) for f, s in self.services.items()}
+        self.seed = hash_seed(seed)
+        self.macs = {ipaddress.ip_address(a): backend_mac(i + 1)
+                     for addrs in (edge_backends_v4(N_BACKENDS), edge_backends_v6(N_BACKENDS))
+                     for i, a in enumerate(addrs)}
+        self.peer_mac = netns.link_info(env.ns, EDGE_PEER)["address"]
+        self.next_flow = {4: 0, 6: 0}
+        # The recorder build, armed with one filter that the bench's frames never match.
+        entries = [FilterEntry(parse_filter(RECORDER_FILTER), 0)]
+        masks = compile_masks(e.filter for e in entries)
+        cfg = dataclasses.replace(env.dp.cfg, extra_cflags=(*env.dp.cfg.extra_cflags, *recorder_cflags(masks)))
+        self.recorder = env.call(compile_program, cfg)
+        RecorderMaps(self.recorder.bpf).write(entries, masks)
+        from bcc import BPF
+
+        self.rx = compile_bpf("traffic_xdp.c", text=XDP_SOURCE.read_text())
+        self.fds = {"floor": self.rx.load_func(b"floor_macswap", BPF.XDP).fd,
+                    "l4lb": env.dp.prog_fd, "recorder": self.recorder.fd}
+        rx_fd = self.rx.load_func(b"rx_count", BPF.XDP).fd
+        self.modes = {EDGE_PEER: env.call(self._attach, EDGE_PEER, rx_fd, None)}
+        self.current = env.dp.prog_fd  # PacketEnv attached the datapath to edge0
+        self.modes[EDGE_IF] = env.call(self._attach, EDGE_IF, self.current, self.current)
+
+    @staticmethod
+    def _attach(ifname: str, fd: int, expected: int | None) -> str:
+        from pyroute2 import IPRoute
+
+        with IPRoute() as ipr:
+            state = netlink.xdp_state(ipr, netlink.ifindex(ipr, ifname))
+            return netlink.attach(ipr, ifname, fd, "native", expected, state)
+
+    def use(self, prog: str) -> None:
+        fd = self.fds[prog]
+        if fd != self.current:
+            self.env.call(self._attach, EDGE_IF, fd, self.current)
+            self.current = fd
+
+    def counts(self) -> list[int]:
+        per_cpu = self.rx["rx_counts"][0]
+        return [sum(c.kind[k] for c in per_cpu) for k in range(3)]
+
+    def samples(self) -> list[bytes]:
+        out = []
+        for slot in self.rx["rx_samples"].values():
+            out += [bytes(s.data[:s.len]) for s in slot if s.len]
+        return out
+
+    def send(self, row: Row, seconds: float) -> tuple[int, float, int]:
+        """Run the sender; (frames sent, seconds, first flow number)."""
+        fam = row.family
+        first = self.next_flow[fam] if row.new_flows else SAME_FLOW
+        cmd = [TRAFFICGEN, "-i", EDGE_PEER, "-s", self.peer_mac, "-d", self.env.edge_mac, "-c", CLIENT[fam],
+               "-v", VIP4 if fam == 4 else VIP6, "-p", 80, "-n", 0 if row.new_flows else 1, "-f", first,
+               "-F", "S" if row.new_flows else "A", "-t", seconds, "-C", self.cpu, "-l", FRAME_LEN[fam]]
+        out = dict(kv.split("=") for kv in netns.run(self.env.ns, *cmd, timeout=seconds + 60).stdout.split())
+        if row.new_flows:
+            self.next_flow[fam] = int(out["next"])
+        return int(out["sent"]), float(out["seconds"]), first
+
+    def trial(self, row: Row, seconds: float) -> Trial:
+        self.use(row.prog)
+        self.rx["rx_samples"].clear()
+        before = self.counts()
+        sent, took, first = self.send(row, seconds)
+        time.sleep(0.05)  # the last batch's frames still in the veth rings
+        after = self.counts()
+        got = [a - b for a, b in zip(after, before)]
+        returned = got[row.kind]
+        stray = sum(got) - returned
+        # A few stray frames are the LB namespace's own (IPv6 neighbour/router traffic on edge0).
+        if stray > max(10, returned // 1000):
+            raise BenchError(f"{row.label}: {stray} of {sum(got)} returned frames were not of the expected kind {got}")
+        checked = self.check(row, self.samples(), first, self.next_flow[row.family])
+        if returned and not checked:
+            raise BenchError(f"{row.label}: no sampled frame to check")
+        return Trial(returned / took / 1e6, sent / took / 1e6, returned, sent, checked)
+
+    def check(self, row: Row, samples: list[bytes], first: int, end: int) -> int:
+        for data in samples:
+            frame = Ether(data)
+            inner = frame[IP] if row.family == 4 else frame[IPv6]
+            if row.prog != "floor":
+                outer = inner
+                if (outer.proto if row.family == 4 else outer.nh) != (4 if row.family == 4 else 41):
+                    raise BenchError(f"{row.label}: not encapsulated: {frame.summary()}")
+                inner = outer.payload
+                want = self.backend(row.family, inner.src, inner[TCP].sport)
+                src = EDGE_V4 if row.family == 4 else EDGE_V6
+                if (ipaddress.ip_address(outer.dst), ipaddress.ip_address(outer.src), frame.dst) != \
+                        (want, ipaddress.ip_address(src), self.macs[want]):
+                    raise BenchError(f"{row.label}: {inner.src} port {inner[TCP].sport} went to {outer.dst} "
+                                     f"({frame.dst}) from {outer.src}; Maglev in Python says {want} "
+                                     f"({self.macs[want]}) from {src}")
+            self.check_inner(row, raw(inner), first, end)
+        return len(samples)
+
+    def check_inner(self, row: Row, ip: bytes, first: int, end: int) -> None:
+        sent = Ether(dst=self.env.edge_mac, src=self.peer_mac) / (IP(ip) if row.family == 4 else IPv6(ip))
+        tcp = sent[TCP]
+        fresh = sent.copy()
+        del fresh[TCP].chksum
+        if row.family == 4:
+            del fresh[IP].chksum
+        if raw(Ether(raw(fresh))) != raw(sent):
+            raise BenchError(f"{row.label}: inner checksums do not verify: {sent.summary()}")
+        flow = flow_of(raw(sent))
+        span = (end - first) % FLOW_SPACE
+        ok = (flow - first) % FLOW_SPACE < span if row.new_flows else flow == first
+        if not ok or tcp.dport != 80 or tcp.flags != ("S" if row.new_flows else "A"):
+            raise BenchError(f"{row.label}: a frame the sender did not send came back: {sent.summary()}")
+
+    def backend(self, family: int, client: str, sport: int) -> Any:
+        s = self.services[family]
+        h = flowhash.flow_hash(client, sport, s.port, 6, self.seed, hash_src_port=s.options.hash_src_port)
+        ident = self.tables[family].backend_at(h % self.tables[family].m)
+        assert ident is not None
+        return ipaddress.ip_address(ident[0])
+
+    def close(self) -> None:
+        self.recorder.bpf.cleanup()
+        self.rx.cleanup()
+
+
+def spread(values: list[float]) -> tuple[float, float, float]:
+    return min(values), statistics.median(values), max(values)
+
+
+def report(trials: dict[Row, list[Trial]], args: argparse.Namespace, cpu: int, loads: list[tuple[float, ...]],
+           modes: dict[str, str], flow_table: int) -> None:
+    floors = {r.family: trials[r] for r in ROWS if r.prog == "floor"}
+    print(f"\nReal frames through a veth into the LB's XDP program: {args.rounds} rounds of {args.seconds:g} s "
+          f"trials, rows interleaved{'  (--quick: not a measurement)' if args.quick else ''}")
+    print(f"sender: build/trafficgen (AF_PACKET, sendmmsg x 256, PACKET_QDISC_BYPASS, fresh headers and "
+          f"checksums per frame), pinned to CPU {cpu} with both XDP programs; frames {FRAME_LEN[4]} B (v4) / "
+          f"{FRAME_LEN[6]} B (v6); XDP {modes[EDGE_IF]} on {EDGE_IF}, {modes[EDGE_PEER]} on {EDGE_PEER}")
+    print(f"l4lb: {N_BACKENDS}-backend services, M={args.maglev_m}, flow table {flow_table:,} entries; load average "
+          f"{' '.join(f'{x:.1f}' for x in loads[0])} at start, {' '.join(f'{x:.1f}' for x in loads[1])} at end "
+          f"({os.cpu_count()} CPUs)")
+    print(f"{'row':<46}{'Mpps min':>10}{'med':>7}{'max':>7}{'+ns/frame min':>15}{'med':>7}{'max':>7}"
+          f"{'returned':>10}{'checked':>9}")
+    for row in ROWS:
+        ts = trials[row]
+        mpps = spread([t.mpps for t in ts])
+        cells = f"{mpps[0]:>10.3f}{mpps[1]:>7.3f}{mpps[2]:>7.3f}"
+        if row.prog == "floor":
+            extra = f"{'':>15}{'':>7}{'':>7}"
+        else:
+            ns = spread([1e3 / t.mpps - 1e3 / f.mpps for t, f in zip(ts, floors[row.family])])
+            extra = f"{ns[0]:>15.0f}{ns[1]:>7.0f}{ns[2]:>7.0f}"
+        back = sum(t.returned for t in ts) / max(1, sum(t.sent for t in ts))
+        print(f"{row.label:<46}{cells}{extra}{back:>10.1%}{sum(t.checked for t in ts):>9}")
+    print("+ns/frame: 1e9/rate of the row - 1e9/rate of the floor of the same family, in the same round. "
+          "returned: frames back / frames sent; checked: sampled frames decoded and matched against Maglev in "
+          "Python.\nKatran's paths: 'same flow' is an LRU/flow-table hit; 'new flow every frame' a flow-table "
+          "miss with an insert of every flow (Katran's default stops storing new flows above its rate limit).")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="smoke run: 0.25 s trials, 2 rounds, small flow table")
+    ap.add_argument("--seconds", type=float, default=5.0, help="length of one trial (default 5)")
+    ap.add_argument("--rounds", type=int, default=3, help="rounds of interleaved trials (default 3)")
+    ap.add_argument("--cpu", type=int, default=(os.cpu_count() or 1) - 1, help="CPU to pin the sender to")
+    args = ap.parse_args()
+    if args.quick:
+        args.seconds, args.rounds = 0.25, 2
+    if not TRAFFICGEN.exists():
+        print(f"{TRAFFICGEN} is missing: scripts/setup.sh (make setup) builds it", file=sys.stderr)
+        return 1
+    flow_table = 1 << 16 if args.quick else 1 << 20
+    loads = [os.getloadavg()]
+    with private_bpffs("l4lb-traffic-") as bpffs:
+        with PacketEnv(bpffs, n_backends=N_BACKENDS, prefix="l4traffic", flow_table_size=flow_table) as env:
+            args.maglev_m = env.dp.cfg.maglev_m
+            rig = Rig(env, args.cpu)
+            try:
+                trials: dict[Row, list[Trial]] = {r: [] for r in ROWS}
+                for _ in range(args.rounds):
+                    for row in ROWS:
+                        trials[row].append(rig.trial(row, args.seconds))
+                modes = rig.modes
+            except BenchError as e:
+                print(f"FAILED: {e}", file=sys.stderr)
+                return 1
+            finally:
+                rig.close()
+    loads.append(os.getloadavg())
+    report(trials, args, args.cpu, loads, modes, flow_table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
