@@ -1,7 +1,10 @@
 /* Floor programs for the benches (bench/datapath.py, bench/recorder.py), measured in the same run as l4lb:
  * what XDP_TX alone costs, and what a bare IPIP / IP6IP6 encapsulator costs
  * (no parsing, lookup or hashing). With -DBENCH_UNDO the encapsulators take
- * their header off again so repeat>1 keeps feeding them the same packet. */
+ * their header off again so repeat>1 keeps feeding them the same packet; the
+ * *_next ones first step the flow as l4lb's BENCH_NEXT_FLOW build does
+ * (lib/bench.h): the floor of the new-connection rows. bench/traffic.py's
+ * floor (MAC swap) lives with its receiver in bench/c/traffic_xdp.c. */
 #include <uapi/linux/bpf.h>
 #include <linux/if_ether.h>
 #include <linux/ip.h>
@@ -9,6 +12,7 @@
 /* The datapath's own flow cache (and so its maps, pinned in a bench-only
  * PIN_DIR): compiled by PacketEnv.compile_floors (l4lb/lab/pktenv.py). */
 #include "lib/flowcache.h"
+#include "lib/bench.h"
 
 int floor_tx(struct xdp_md *ctx)
 {
@@ -81,6 +85,20 @@ int floor_ipip(struct xdp_md *ctx)
 
 int floor_ip6ip6(struct xdp_md *ctx)
 {
+    return encap(ctx, sizeof(struct ipv6hdr), bpf_htons(ETH_P_IPV6));
+}
+
+int floor_ipip_next(struct xdp_md *ctx)
+{
+    if (bench_next_flow(ctx))
+        return XDP_ABORTED;
+    return encap(ctx, sizeof(struct iphdr), bpf_htons(ETH_P_IP));
+}
+
+int floor_ip6ip6_next(struct xdp_md *ctx)
+{
+    if (bench_next_flow(ctx))
+        return XDP_ABORTED;
     return encap(ctx, sizeof(struct ipv6hdr), bpf_htons(ETH_P_IPV6));
 }
 

@@ -11,6 +11,7 @@
 #include "lib/nexthop.h"
 #include "lib/icmp.h"
 #include "lib/recorder.h"
+#include "lib/bench.h"
 
 #define VERDICT(action, reason, bytes)     \
     ({                                     \
@@ -52,6 +53,10 @@ L4LB_INLINE int bench_undo(struct xdp_md *ctx, int overhead, struct ethhdr *orig
 
 int l4lb_xdp(struct xdp_md *ctx)
 {
+#ifdef BENCH_NEXT_FLOW
+    if (bench_next_flow(ctx))
+        return XDP_ABORTED;
+#endif
     __u64 len = ctx->data_end - ctx->data;
     struct pkt p = {};
     int rc = parse_packet(ctx, &p);

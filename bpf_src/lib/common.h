@@ -10,6 +10,7 @@
  *   PIN_DIR           bpffs directory the maps are pinned in
  *   BENCH_UNDO        bench-only: undo our own encapsulation after XDP_TX so
  *                     BPF_PROG_TEST_RUN with repeat>1 measures forwarding
+ *   BENCH_NEXT_FLOW   bench-only, with BENCH_UNDO: each pass a new flow (lib/bench.h)
  *   RECORDER          enable the n-tuple recorder observation points
  *   NEXTHOP_CACHE     next hops from the daemon-kept `nexthops` map first,
  *                     bpf_fib_lookup only when it has no valid entry

@@ -49,16 +49,26 @@ def _fold(total: np.ndarray) -> np.ndarray:
 
 def _sum16(block: np.ndarray) -> np.ndarray:
     """Per row, the sum of big-endian 16-bit words of `block` (an even number of bytes)."""
-    w = block.astype(np.uint64)
-    return (w[:, 0::2] << 8).sum(axis=1) + w[:, 1::2].sum(axis=1)
+    w = np.ascontiguousarray(block).view(">u2")
+    return w.sum(axis=1, dtype=np.uint64)
 
 
 def flow_frames(template: bytes, first: int, n: int) -> np.ndarray:
     """Flows first .. first+n-1 of `template` (Ethernet, IPv4 without options or IPv6
     without extension headers, then TCP or UDP), one frame per row, with the IPv4
     header checksum and the TCP/UDP checksum recomputed."""
+    out = np.tile(np.frombuffer(template, dtype=np.uint8), (n, 1))
+    for start in range(0, n, CHUNK):  # chunks: the checksum sums widen to 32 bits
+        _fill(out[start:start + CHUNK], template, first + start)
+    return out
+
+
+CHUNK = 1 << 16
+
+
+def _fill(f: np.ndarray, template: bytes, first: int) -> None:
     last, l4, csum_at = _layout(template)
-    f = np.tile(np.frombuffer(template, dtype=np.uint8), (n, 1))
+    n = len(f)
     j = np.arange(first, first + n, dtype=np.int64) % FLOW_SPACE
     port = 1 + j % FLOWS_PER_BYTE
     f[:, last] = j // FLOWS_PER_BYTE
@@ -79,4 +89,3 @@ def flow_frames(template: bytes, first: int, n: int) -> np.ndarray:
     if proto == 17:
         c[c == 0] = 0xFFFF  # a UDP checksum of 0 means "none"
     f[:, l4 + csum_at], f[:, l4 + csum_at + 1] = c >> 8, c & 0xFF
-    return f
