@@ -102,11 +102,20 @@ ROWS = (
 
 @dataclass(frozen=True)
 class Trial:
-    mpps: float       # returned frames of the expected kind per second
-    sent_mpps: float
-    returned: int
+    returned: int     # frames of the expected kind back at the receiver
     sent: int
+    seconds: float    # the sender's wall-clock time
+    cpu_seconds: float  # CPU time of the path: the sender's thread and ksoftirqd on its CPU
     checked: int      # sampled frames decoded and checked
+
+    @property
+    def mpps(self) -> float:
+        return self.returned / self.seconds / 1e6
+
+    @property
+    def cpu_ns(self) -> float:
+        """CPU ns per returned frame."""
+        return self.cpu_seconds * 1e9 / self.returned
 
 
 class BenchError(RuntimeError):
@@ -132,6 +141,7 @@ class Rig:
                      for i, a in enumerate(addrs)}
         self.peer_mac = netns.link_info(env.ns, EDGE_PEER)["address"]
         self.next_flow = {4: 0, 6: 0}
+        self.softirqd = softirqd_pid(cpu)
         # The recorder build, armed with one filter that the bench's frames never match.
         entries = [FilterEntry(parse_filter(RECORDER_FILTER), 0)]
         masks = compile_masks(e.filter for e in entries)
@@ -172,8 +182,8 @@ class Rig:
             out += [bytes(s.data[:s.len]) for s in slot if s.len]
         return out
 
-    def send(self, row: Row, seconds: float) -> tuple[int, float, int]:
-        """Run the sender; (frames sent, seconds, first flow number)."""
+    def send(self, row: Row, seconds: float) -> tuple[int, float, float, int]:
+        """Run the sender; (frames sent, seconds, its thread's CPU seconds, first flow number)."""
         fam = row.family
         first = self.next_flow[fam] if row.new_flows else SAME_FLOW
         cmd = [TRAFFICGEN, "-i", EDGE_PEER, "-s", self.peer_mac, "-d", self.env.edge_mac, "-c", CLIENT[fam],
@@ -182,15 +192,15 @@ class Rig:
         out = dict(kv.split("=") for kv in netns.run(self.env.ns, *cmd, timeout=seconds + 60).stdout.split())
         if row.new_flows:
             self.next_flow[fam] = int(out["next"])
-        return int(out["sent"]), float(out["seconds"]), first
+        return int(out["sent"]), float(out["seconds"]), float(out["cpu_seconds"]), first
 
     def trial(self, row: Row, seconds: float) -> Trial:
         self.use(row.prog)
         self.rx["rx_samples"].clear()
-        before = self.counts()
-        sent, took, first = self.send(row, seconds)
+        before, soft0 = self.counts(), self.softirqd_ns()
+        sent, took, cpu, first = self.send(row, seconds)
         time.sleep(0.05)  # the last batch's frames still in the veth rings
-        after = self.counts()
+        after, soft1 = self.counts(), self.softirqd_ns()
         got = [a - b for a, b in zip(after, before)]
         returned = got[row.kind]
         stray = sum(got) - returned
@@ -200,11 +210,24 @@ class Rig:
         checked = self.check(row, self.samples(), first, self.next_flow[row.family])
         if returned and not checked:
             raise BenchError(f"{row.label}: no sampled frame to check")
-        return Trial(returned / took / 1e6, sent / took / 1e6, returned, sent, checked)
+        return Trial(returned, sent, took, cpu + (soft1 - soft0) / 1e9, checked)
+
+    def softirqd_ns(self) -> int:
+        """CPU time of ksoftirqd on the sender's CPU: the softirq work the kernel
+        deferred there instead of running it in the sender's context."""
+        return int(Path(f"/proc/{self.softirqd}/schedstat").read_text().split()[0])
 
     def check(self, row: Row, samples: list[bytes], first: int, end: int) -> int:
+        """Check the sampled frames that carry the sender's TCP; returns how many. The LB
+        namespace's own chatter (IPv6 neighbour and router messages on edge0) can be
+        sampled too: it is not the sender's, and a couple of such frames are let through."""
+        checked = stray = 0
         for data in samples:
             frame = Ether(data)
+            if TCP not in frame or frame[TCP].dport != 80:
+                stray += 1
+                continue
+            checked += 1
             inner = frame[IP] if row.family == 4 else frame[IPv6]
             if row.prog != "floor":
                 outer = inner
@@ -219,7 +242,9 @@ class Rig:
                                      f"({frame.dst}) from {outer.src}; Maglev in Python says {want} "
                                      f"({self.macs[want]}) from {src}")
             self.check_inner(row, raw(inner), first, end)
-        return len(samples)
+        if stray > 2:
+            raise BenchError(f"{row.label}: {stray} of {len(samples)} sampled frames were not the sender's")
+        return checked
 
     def check_inner(self, row: Row, ip: bytes, first: int, end: int) -> None:
         sent = Ether(dst=self.env.edge_mac, src=self.peer_mac) / (IP(ip) if row.family == 4 else IPv6(ip))
@@ -248,38 +273,60 @@ class Rig:
         self.rx.cleanup()
 
 
+def softirqd_pid(cpu: int) -> int:
+    for comm in Path("/proc").glob("[0-9]*/comm"):
+        try:
+            if comm.read_text().strip() == f"ksoftirqd/{cpu}":
+                return int(comm.parent.name)
+        except OSError:  # a process that just ended
+            continue
+    raise BenchError(f"no ksoftirqd/{cpu} thread")
+
+
 def spread(values: list[float]) -> tuple[float, float, float]:
     return min(values), statistics.median(values), max(values)
 
 
-def report(trials: dict[Row, list[Trial]], args: argparse.Namespace, cpu: int, loads: list[tuple[float, ...]],
-           modes: dict[str, str], flow_table: int) -> None:
+def report(trials: dict[Row, list[Trial]], args: argparse.Namespace, loads: list[tuple[float, ...]],
+           modes: dict[str, str], cfg: Any) -> None:
     floors = {r.family: trials[r] for r in ROWS if r.prog == "floor"}
+    w = max(len(r.label) for r in ROWS) + 2
+
+    def table(title: str, head: str, cells: Any) -> None:
+        print(f"\n{title}\n{'row':<{w}}{head}")
+        for row in ROWS:
+            print(f"{row.label:<{w}}{cells(row, trials[row], floors[row.family])}")
+
+    def three(values: list[float], fmt: str, width: int = 7) -> str:
+        return "".join(f"{x:>{width}{fmt}}" for x in spread(values))
+
+    def over(ts: list[Trial], fs: list[Trial], ns: Any) -> str:
+        return " " * 21 if ts is fs else three([ns(t) - ns(f) for t, f in zip(ts, fs)], ".0f")
+
     print(f"\nReal frames through a veth into the LB's XDP program: {args.rounds} rounds of {args.seconds:g} s "
           f"trials, rows interleaved{'  (--quick: not a measurement)' if args.quick else ''}")
-    print(f"sender: build/trafficgen (AF_PACKET, sendmmsg x 256, PACKET_QDISC_BYPASS, fresh headers and "
-          f"checksums per frame), pinned to CPU {cpu} with both XDP programs; frames {FRAME_LEN[4]} B (v4) / "
-          f"{FRAME_LEN[6]} B (v6); XDP {modes[EDGE_IF]} on {EDGE_IF}, {modes[EDGE_PEER]} on {EDGE_PEER}")
-    print(f"l4lb: {N_BACKENDS}-backend services, M={args.maglev_m}, flow table {flow_table:,} entries; load average "
-          f"{' '.join(f'{x:.1f}' for x in loads[0])} at start, {' '.join(f'{x:.1f}' for x in loads[1])} at end "
-          f"({os.cpu_count()} CPUs)")
-    print(f"{'row':<46}{'Mpps min':>10}{'med':>7}{'max':>7}{'+ns/frame min':>15}{'med':>7}{'max':>7}"
-          f"{'returned':>10}{'checked':>9}")
-    for row in ROWS:
-        ts = trials[row]
-        mpps = spread([t.mpps for t in ts])
-        cells = f"{mpps[0]:>10.3f}{mpps[1]:>7.3f}{mpps[2]:>7.3f}"
-        if row.prog == "floor":
-            extra = f"{'':>15}{'':>7}{'':>7}"
-        else:
-            ns = spread([1e3 / t.mpps - 1e3 / f.mpps for t, f in zip(ts, floors[row.family])])
-            extra = f"{ns[0]:>15.0f}{ns[1]:>7.0f}{ns[2]:>7.0f}"
-        back = sum(t.returned for t in ts) / max(1, sum(t.sent for t in ts))
-        print(f"{row.label:<46}{cells}{extra}{back:>10.1%}{sum(t.checked for t in ts):>9}")
-    print("+ns/frame: 1e9/rate of the row - 1e9/rate of the floor of the same family, in the same round. "
-          "returned: frames back / frames sent; checked: sampled frames decoded and matched against Maglev in "
-          "Python.\nKatran's paths: 'same flow' is an LRU/flow-table hit; 'new flow every frame' a flow-table "
-          "miss with an insert of every flow (Katran's default stops storing new flows above its rate limit).")
+    print(f"sender: build/trafficgen (AF_PACKET, sendmmsg x 256, PACKET_QDISC_BYPASS, fresh headers and checksums "
+          f"per frame), pinned to CPU {args.cpu}, where the veth's NAPI also runs both XDP programs; frames "
+          f"{FRAME_LEN[4]} B (v4) / {FRAME_LEN[6]} B (v6); XDP {modes[EDGE_IF]} on {EDGE_IF} (the LB), "
+          f"{modes[EDGE_PEER]} on {EDGE_PEER} (the receiver)")
+    print(f"l4lb: {N_BACKENDS}-backend services, M={cfg.maglev_m}, flow table {cfg.flow_table_size:,} entries; "
+          f"{os.cpu_count()} CPUs, load average {' '.join(f'{x:.1f}' for x in loads[0])} at start, "
+          f"{' '.join(f'{x:.1f}' for x in loads[1])} at end")
+    table("By wall clock: frames back per second, and ns per frame above the floor (1e9/rate - 1e9/rate of the "
+          "floor of the same family, same round)",
+          f"{'Mpps min':>10}{'med':>7}{'max':>7}{'+ns min':>10}{'med':>7}{'max':>7}{'returned':>10}{'checked':>9}",
+          lambda row, ts, fs: f"   {three([t.mpps for t in ts], '.3f')}   {over(ts, fs, lambda t: 1e3 / t.mpps)}"
+                              f"{sum(t.returned for t in ts) / max(1, sum(t.sent for t in ts)):>10.1%}"
+                              f"{sum(t.checked for t in ts):>9}")
+    table("By CPU time of the path (the sender's thread + ksoftirqd on its CPU): ns per frame, and above the floor; "
+          "'CPU share': that time / wall clock",
+          f"{'ns min':>10}{'med':>7}{'max':>7}{'+ns min':>10}{'med':>7}{'max':>7}{'CPU share':>11}",
+          lambda row, ts, fs: f"   {three([t.cpu_ns for t in ts], '.0f')}   {over(ts, fs, lambda t: t.cpu_ns)}"
+                              f"{statistics.median(t.cpu_seconds / t.seconds for t in ts):>11.0%}")
+    print("returned: frames back of the expected kind / frames sent; checked: sampled frames decoded by scapy and "
+          "matched against Maglev in Python (backend address and MAC, outer source, inner flow and checksums).\n"
+          "The CPU-time table holds on a shared machine, where another process can take the CPU from the sender "
+          "(CPU share < 100 %); on a quiet one both tables agree.")
 
 
 def main() -> int:
@@ -294,25 +341,24 @@ def main() -> int:
     if not TRAFFICGEN.exists():
         print(f"{TRAFFICGEN} is missing: scripts/setup.sh (make setup) builds it", file=sys.stderr)
         return 1
-    flow_table = 1 << 16 if args.quick else 1 << 20
+    flow_table = 1 << 16 if args.quick else 1 << 20  # 1 << 20: the datapath's default
     loads = [os.getloadavg()]
     with private_bpffs("l4lb-traffic-") as bpffs:
         with PacketEnv(bpffs, n_backends=N_BACKENDS, prefix="l4traffic", flow_table_size=flow_table) as env:
-            args.maglev_m = env.dp.cfg.maglev_m
             rig = Rig(env, args.cpu)
             try:
                 trials: dict[Row, list[Trial]] = {r: [] for r in ROWS}
                 for _ in range(args.rounds):
                     for row in ROWS:
                         trials[row].append(rig.trial(row, args.seconds))
-                modes = rig.modes
+                modes, cfg = rig.modes, env.dp.cfg
             except BenchError as e:
                 print(f"FAILED: {e}", file=sys.stderr)
                 return 1
             finally:
                 rig.close()
     loads.append(os.getloadavg())
-    report(trials, args, args.cpu, loads, modes, flow_table)
+    report(trials, args, loads, modes, cfg)
     return 0
 
 
