@@ -17,10 +17,18 @@ Rows (each a trial of --seconds, rows interleaved, --rounds rounds): the floor
 flow (non-SYN: flow-table hits); l4lb with a new flow every frame (a SYN from
 the next client address/port: a flow-table miss, Maglev and an insert); l4lb
 with the recorder armed (one filter on another client: nothing recorded).
-Printed: returned frames in Mpps, min/median/max over rounds, and ns per frame
-above the floor of the same family in the same round (1e9/rate_row -
-1e9/rate_floor) — the figure that compares, because the floor's own path (veth,
-skb-free XDP_TX, NAPI) is most of the total.
+Printed, min/median/max over rounds, two ways:
+- by wall clock: returned frames in Mpps, and ns per frame above the floor of
+  the same family in the same round (1e9/rate_row - 1e9/rate_floor): the figure
+  that compares, because the floor's own path (sender, veth, NAPI) is most of
+  the total;
+- by CPU time of the path: the sender's thread time (it runs the veth's NAPI,
+  so both XDP programs, in its softirqs) plus ksoftirqd's on that CPU, per
+  returned frame, and above the floor. On a machine shared with other work the
+  sender gets only part of its CPU and the wall-clock rates swing; the CPU time
+  does not. (Softirq work the kernel happens to run in another task's context
+  on that CPU is missed: at most a veth ring, 256 frames, each time the sender
+  loses the CPU.) On a quiet machine both agree; 'CPU share' says how quiet.
 
 Every trial checks what came back: the counts by kind, and every sampled frame
 (each 1024th, 64 kept) decoded by scapy: outer header to the backend that
