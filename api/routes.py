@@ -28,11 +28,12 @@ from .schemas import (
     Status,
 )
 from l4lb.control import BackendRef, Committed, Control, Invalid, Issue, service_etag, state_etag
-from l4lb.models import NAME_RE, Backend, DesiredState, Service
+from l4lb.models import Backend, DesiredState, Service
+from l4lb.names import NAME_REGEX
 
 router = APIRouter()
 
-Name = Annotated[str, PathParam(pattern=NAME_RE.pattern, description="Service name", examples=["web"])]
+Name = Annotated[str, PathParam(pattern=NAME_REGEX, description="Service name", examples=["web"])]
 BackendPath = Annotated[
     str,
     PathParam(

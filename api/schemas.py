@@ -11,7 +11,9 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from l4lb.models import MAX_BACKENDS_PER_SERVICE, MAX_WEIGHT, Backend, BackendState, IPAddress, Port, Protocol, Service, ServiceOptions
+from l4lb.models import (
+    MAX_BACKENDS_PER_SERVICE, Address, Backend, BackendState, Port, Protocol, Service, ServiceOptions, Weight,
+)
 
 
 class _Body(BaseModel):
@@ -22,7 +24,7 @@ class ServiceBody(_Body):
     """A service as PUT to /v1/services/{name}; ``name`` may be omitted (the URL names it)."""
 
     name: str | None = Field(default=None, description="Must equal the name in the URL if given")
-    vip: IPAddress
+    vip: Address
     port: Port
     protocol: Protocol = Protocol.tcp
     options: ServiceOptions = ServiceOptions()
@@ -33,16 +35,16 @@ class ServiceBody(_Body):
 class BackendBody(_Body):
     """A backend as PUT to /v1/services/{name}/backends/{backend}: address (and port) come from the URL."""
 
-    address: IPAddress | None = Field(default=None, description="Must equal the address in the URL if given")
+    address: Address | None = Field(default=None, description="Must equal the address in the URL if given")
     port: Port | None = Field(default=None, description="Backend port (l4_dnat only); or put it in the URL")
-    weight: int = Field(default=100, ge=0, le=MAX_WEIGHT)
+    weight: Weight = 100
     state: BackendState = BackendState.active
 
 
 class BackendPatch(_Body):
     """Change weight and/or state. ``state: draining`` = no new flows, existing flows stay."""
 
-    weight: int | None = Field(default=None, ge=0, le=MAX_WEIGHT)
+    weight: Weight | None = None
     state: BackendState | None = None
 
     @model_validator(mode="after")

@@ -31,16 +31,17 @@ from typing import Any, Protocol
 
 from pydantic import ValidationError
 
-from l4lb.models import Backend, BackendState, DesiredState, FieldError, IPAddress, Service
+from l4lb.models import Backend, BackendState, DesiredState, IPAddress, Service
 from l4lb.plan import Plan, diff
 from l4lb.background import Background
 from l4lb.store import Record, Store
 from l4lb.view import View
+from l4lb.issues import (  # noqa: F401 (the API and the CLI import these from here)
+    ApplyFailed, Conflict, ControlError, Invalid, Issue, Loc, NotFound, PreconditionFailed, _dotted, _invalid,
+    issues_from_errors, issues_from_validation,
+)
 
 log = logging.getLogger("l4lbd.control")
-
-Loc = tuple[str | int, ...]
-
 
 class DatapathLike(Protocol):
     """What the control core needs from l4lb.datapath.Datapath."""
@@ -50,93 +51,6 @@ class DatapathLike(Protocol):
     def detach(self, interfaces: Sequence[str]) -> None: ...
     def stats(self) -> Any: ...
     def status(self) -> dict: ...
-
-
-# --- errors ---------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Issue:
-    """One thing wrong with a request, at a location such as ("body", "backends", 2, "address")."""
-
-    loc: Loc
-    msg: str
-    type: str = "value_error"
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"loc": list(self.loc), "msg": self.msg, "type": self.type}
-
-
-class ControlError(Exception):
-    status = 500
-    slug = "internal-error"
-    title = "Internal error"
-
-    def __init__(self, detail: str, errors: Sequence[Issue] = ()) -> None:
-        super().__init__(detail)
-        self.detail = detail
-        self.errors = list(errors)
-
-
-class NotFound(ControlError):
-    status, slug, title = 404, "not-found", "Not found"
-
-
-class Conflict(ControlError):
-    status, slug, title = 409, "conflict", "Conflicts with another object"
-
-
-class PreconditionFailed(ControlError):
-    status, slug, title = 412, "precondition-failed", "Precondition failed"
-
-
-class Invalid(ControlError):
-    status, slug, title = 422, "validation-error", "Invalid request"
-
-
-class ApplyFailed(ControlError):
-    status, slug, title = 500, "apply-failed", "The change could not be applied; nothing was changed"
-
-
-def _strip_union_tag(loc: Sequence[str | int]) -> Loc:
-    # pydantic puts validator descriptions ("lax-or-strict[...]") in locs of union members.
-    return tuple(p for p in loc if not (isinstance(p, str) and ("[" in p or p in ("function-after", "function-plain"))))
-
-
-def issues_from_errors(errors: Sequence[Mapping[str, Any]], prefix: Loc = ()) -> list[Issue]:
-    """pydantic error dicts → located issues; model-level FieldErrors keep their own field location."""
-    out: list[Issue] = []
-    seen_ip: set[Loc] = set()
-    for e in errors:
-        loc = prefix + _strip_union_tag(e.get("loc", ()))
-        msg = str(e.get("msg", "")).removeprefix("Value error, ")
-        kind = str(e.get("type", "value_error"))
-        exc = (e.get("ctx") or {}).get("error")
-        if isinstance(exc, FieldError):
-            loc += exc.loc
-        if kind in ("ip_v4_address", "ip_v6_address"):
-            # The address union reports both members; say it once.
-            if loc in seen_ip:
-                continue
-            seen_ip.add(loc)
-            kind, msg = "ip_address", f"{e.get('input')!r} is not a valid IPv4 or IPv6 address"
-        elif kind == "extra_forbidden":
-            msg = "unknown field"
-        out.append(Issue(loc, msg, kind))
-    return out
-
-
-def issues_from_validation(err: ValidationError, prefix: Loc = ()) -> list[Issue]:
-    return issues_from_errors(err.errors(include_url=False), prefix)
-
-
-def _invalid(err: ValidationError, prefix: Loc) -> Invalid:
-    issues = issues_from_validation(err, prefix)
-    return Invalid("; ".join(f"{_dotted(i.loc)}: {i.msg}" for i in issues), issues)
-
-
-def _dotted(loc: Loc) -> str:
-    return ".".join(str(p) for p in loc)
 
 
 # --- preconditions (ETags) ------------------------------------------------------------------
@@ -227,8 +141,10 @@ class BackendRef:
             addr = ipaddress.ip_address(host)
         except ValueError:
             raise ValueError(f"{host!r} is not a valid IPv4 or IPv6 address") from None
+        if isinstance(addr, ipaddress.IPv6Address) and addr.scope_id:
+            raise ValueError(f"{host!r} has a zone index; backends are named by their global address")
         if port is not None:
-            if not port.isdigit() or not 1 <= int(port) <= 65535:
+            if not (port.isascii() and port.isdigit()) or not 1 <= int(port) <= 65535:
                 raise ValueError(f"port {port!r} must be 1-65535")
             return cls(addr, int(port))
         return cls(addr, None)

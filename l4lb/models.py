@@ -7,14 +7,26 @@ these models, so the datapath can trust families, ports and limits.
 from __future__ import annotations
 
 import ipaddress
-import re
 from enum import Enum
 from functools import lru_cache
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, Strict, ValidationInfo, field_validator,
+    model_validator,
+)
 
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+from l4lb.addresses import IPAddress, unusable
+from l4lb.names import NAME_RULE, valid_name
+
+# Validation context for documents read back from the store: rules added after
+# a row was written (address classes, the name pattern) must not stop the
+# daemon from starting; the store logs what such a row breaks.
+STORED = {"stored": True}
+
+
+def _stored(info: ValidationInfo) -> bool:
+    return bool(info.context and info.context.get("stored"))
 
 
 @lru_cache(maxsize=1 << 17)
@@ -28,15 +40,26 @@ def _ip_or_none(text: str) -> IPAddress | None:
 def _parse_ip(v: Any) -> Any:
     """Parse each distinct address text once: a 100,000-backend document names
     the same servers for many VIPs, and parsing was most of its validation.
-    Text that is no address goes on to the type's own validator, which words the error."""
+    Text that is no address goes on to the type's own validator, which words the error.
+    Only text (or an address object) is an address: pydantic would take 1 as 0.0.0.1."""
     if isinstance(v, str):
         ip = _ip_or_none(v)
         if ip is not None:
             return ip
+        return v
+    if isinstance(v, (ipaddress.IPv4Address, ipaddress.IPv6Address)):
+        return v
+    raise ValueError(f"an address is a string such as \"192.0.2.1\" or \"2001:db8::1\", not {type(v).__name__} {v!r}")
+
+
+def _usable(v: IPAddress, info: ValidationInfo) -> IPAddress:
+    problem = None if _stored(info) else unusable(v)
+    if problem is not None:
+        raise ValueError(f"{problem}: not usable as a VIP or backend")
     return v
 
 
-Address = Annotated[IPAddress, BeforeValidator(_parse_ip)]
+Address = Annotated[IPAddress, BeforeValidator(_parse_ip), AfterValidator(_usable)]
 
 
 @lru_cache(maxsize=1 << 17)
@@ -50,7 +73,6 @@ DEFAULT_MAGLEV_M = 16381
 
 MAX_BACKENDS_PER_SERVICE = 1024
 MAX_WEIGHT = 65535
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 
 
 class FieldError(ValueError):
@@ -78,7 +100,10 @@ class BackendState(str, Enum):
     maintenance = "maintenance"  # out of the table and existing flows moved away
 
 
-Port = Annotated[int, Field(ge=1, le=65535)]
+# Strict: JSON true is not port 1, 80.0 is not port 80.
+Port = Annotated[int, Strict(), Field(ge=1, le=65535)]
+Weight = Annotated[int, Strict(), Field(ge=0, le=MAX_WEIGHT)]
+Flag = Annotated[bool, Strict()]
 
 
 class _Strict(BaseModel):
@@ -90,7 +115,7 @@ class Backend(_Strict):
     port: Port | None = Field(
         default=None, description="Backend port; used only with l4_dnat. Defaults to the service port."
     )
-    weight: int = Field(default=100, ge=0, le=MAX_WEIGHT)
+    weight: Weight = 100
     state: BackendState = BackendState.active
 
     @property
@@ -108,11 +133,11 @@ class Backend(_Strict):
 
 
 class ServiceOptions(_Strict):
-    l4_dnat: bool = Field(default=False, description="Rewrite the destination port to the backend port")
-    hash_src_port: bool = Field(
+    l4_dnat: Flag = Field(default=False, description="Rewrite the destination port to the backend port")
+    hash_src_port: Flag = Field(
         default=True, description="Include the client port in the flow hash (false = client-IP affinity)"
     )
-    maglev_weights: bool = Field(default=True, description="Honour backend weights (false = all equal)")
+    maglev_weights: Flag = Field(default=True, description="Honour backend weights (false = all equal)")
 
 
 class Service(_Strict):
@@ -127,17 +152,18 @@ class Service(_Strict):
 
     @field_validator("name")
     @classmethod
-    def _name(cls, v: str) -> str:
-        if not NAME_RE.match(v):
-            raise ValueError(
-                "name must be 1-63 characters of letters, digits, '_', '.', '-', starting with a letter or digit"
-            )
+    def _name(cls, v: str, info: ValidationInfo) -> str:
+        if not valid_name(v) and not _stored(info):
+            raise ValueError(f"name must be {NAME_RULE}")
         return v
 
     @model_validator(mode="after")
-    def _consistent(self) -> "Service":
+    def _consistent(self, info: ValidationInfo) -> "Service":
         seen: set[tuple[IPAddress, int]] = set()
         for i, b in enumerate(self.backends):
+            if b.address == self.vip and not _stored(info):
+                raise FieldError(f"backend {b.address} is the service's own VIP: its packets would come back "
+                                 "to the load balancer", ("backends", i, "address"))
             if b.address.version != self.vip.version:
                 raise FieldError(
                     f"backend {b.address} is IPv{b.address.version} but VIP {self.vip} is IPv{self.vip.version}",
@@ -153,8 +179,6 @@ class Service(_Strict):
             if ident in seen:
                 raise FieldError(f"backend {b.address} port {ident[1]} is listed twice", ("backends", i))
             seen.add(ident)
-        if self.vip.is_unspecified or self.vip.is_multicast:
-            raise FieldError(f"VIP {self.vip} is not a unicast address", ("vip",))
         return self
 
     @property

@@ -34,7 +34,7 @@ from typing import NamedTuple
 
 from pydantic import ValidationError
 
-from l4lb.models import DesiredState, Service
+from l4lb.models import STORED, DesiredState, Service
 
 SCHEMA_VERSION = 2
 # Positions of a freshly numbered state are i * GAP: a service inserted between
@@ -223,7 +223,7 @@ class Store:
             raise StoreError(f"{self.path}: schema 1 file without its desired-state row")
         revision, document, updated_at = row
         try:
-            state = DesiredState.model_validate_json(document)
+            state = DesiredState.model_validate_json(document, context=STORED)
         except ValidationError as e:
             raise StoreError(
                 f"{self.path}: stored document (revision {revision}) is invalid, not converted to schema 2: {e}"
@@ -267,7 +267,7 @@ class Store:
                                  f"(revision {revision})")
             last = (name, position)
             try:
-                svc = Service.model_validate_json(document)
+                svc = _read_service(document, name)
             except ValidationError as e:
                 # A row this version refuses (e.g. written by a laxer one): do
                 # not guess, make the operator look.
@@ -367,3 +367,18 @@ class Store:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _read_service(document: str, name: str) -> Service:
+    """A stored row. One that breaks a rule added since it was written (address
+    classes, the whole-name pattern) is kept as it is, so the datapath keeps
+    forwarding it, and logged: the operator fixes or removes it through the API."""
+    try:
+        return Service.model_validate_json(document)
+    except ValidationError as strict:
+        svc = Service.model_validate_json(document, context=STORED)  # still invalid: the caller refuses it
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'service'}: {e['msg'].removeprefix('Value error, ')}"
+                             for e in strict.errors(include_url=False))
+        log.warning("stored service %r breaks a rule of this version (%s); kept as stored: "
+                    "change or remove it through the API", name, problems)
+        return svc

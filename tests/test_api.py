@@ -188,7 +188,22 @@ SERVICE_ERRORS = [
     (web(backends=[{"address": "192.0.2.1"}, {"address": "2001:db8::5"}]), ["body", "backends", 1, "address"],
      f"backend 2001:db8::5 is IPv6 but VIP {VIP4} is IPv4"),
     (web(vip="198.51.100.300"), ["body", "vip"], "'198.51.100.300' is not a valid IPv4 or IPv6 address"),
-    (web(vip="224.0.0.1"), ["body", "vip"], "VIP 224.0.0.1 is not a unicast address"),
+    (web(vip="224.0.0.1"), ["body", "vip"], "224.0.0.1 is a multicast address: not usable as a VIP or backend"),
+    # Address classes, each refused with its reason (issue 11): VIPs and backends alike.
+    *[(web(vip=vip, backends=[]), ["body", "vip"], reason) for vip, reason in [
+        ("127.0.0.1", "loopback"), ("255.255.255.255", "broadcast"), ("169.254.10.1", "link-local"),
+        ("240.0.0.1", "reserved 240.0.0.0/4"), ("0.0.0.0", "unspecified"), ("0.1.2.3", "0.0.0.0/8"),
+        ("fe80::1", "link-local"), ("fe80::1%eth0", "zone index"), ("::ffff:198.51.100.1", "IPv4-mapped"),
+        ("::1", "loopback"), ("ff02::1", "multicast"), ("4000::1", "reserved IPv6")]],
+    *[(web(backends=[{"address": a}]), ["body", "backends", 0, "address"], reason) for a, reason in [
+        ("0.0.0.0", "unspecified"), ("255.255.255.255", "broadcast"), ("224.0.0.5", "multicast"),
+        ("127.0.0.1", "loopback"), (VIP4, "is the service's own VIP")]],
+    # Strict types: no bool for an int, no number for an address, no text for a flag.
+    (web(port=True), ["body", "port"], "valid integer, not true"),
+    (web(port=80.0), ["body", "port"], "valid integer, not 80.0"),
+    (web(vip=1), ["body", "vip"], "not int 1"),
+    (web(backends=[{"address": "192.0.2.1", "weight": True}]), ["body", "backends", 0, "weight"], "not true"),
+    ({**web(), "options": {"l4_dnat": "yes"}}, ["body", "options", "l4_dnat"], 'valid boolean, not "yes"'),
     (web(port=0), ["body", "port"], "greater than or equal to 1"),
     (web(port=70000), ["body", "port"], "less than or equal to 65535"),
     (web(protocol="icmp"), ["body", "protocol"], "'tcp' or 'udp'"),
@@ -247,6 +262,14 @@ def test_service_validation_errors(lab: DaemonLab, client: httpx.Client, body: d
     ("put", "/v1/state", {"json": {"services": [{"name": "a", **web(backends=[{"address": "2001:db8::1"}])}]}},
      ["body", "services", 0, "backends", 0, "address"], "is IPv6 but VIP"),
     ("put", "/v1/state", {"json": {"service": []}}, ["body", "service"], "unknown field"),
+    # Issue 11: "abc\n" was stored through the document and could never be addressed again.
+    ("put", "/v1/state", {"json": {"services": [{"name": "abc\n", **web()}]}},
+     ["body", "services", 0, "name"], "name must be 1-63 letters"),
+    ("get", "/v1/services/web%0A", {}, ["path", "name"], "should match pattern"),
+    ("put", "/v1/services/web/backends/fe80::1%25eth0", {"json": {}}, ["path", "backend"], "zone index"),
+    ("put", "/v1/services/web/backends/192.0.2.9", {"json": {"weight": True}}, ["body", "weight"], "not true"),
+    ("patch", "/v1/services/web/backends/192.0.2.1", {"json": {"weight": False}}, ["body", "weight"], "not false"),
+    ("put", "/v1/services/web/backends/" + VIP4, {"json": {}}, ["body", "backends", 2, "address"], "own VIP"),
     ("put", "/v1/state?dry_run=maybe", {"json": {"services": []}}, ["query", "dry_run"], "boolean"),
 ])
 def test_request_validation_errors(lab: DaemonLab, client: httpx.Client, method: str, path: str,

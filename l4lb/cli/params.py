@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import click
 
-from .specs import BackendRef, ServiceAddress
+from l4lb.names import NAME_RULE, valid_name
 
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")  # as l4lb.models.NAME_RE
+from .specs import BackendRef, ServiceAddress
 
 
 class BackendRefType(click.ParamType):
@@ -44,8 +43,8 @@ class NameType(click.ParamType):
     name = "NAME"
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
-        if not NAME_RE.match(str(value)):
-            self.fail(f"{value!r}: 1-63 letters, digits, '_', '.', '-', starting with a letter or digit", param, ctx)
+        if not valid_name(str(value)):
+            self.fail(f"{value!r}: {NAME_RULE}", param, ctx)
         return str(value)
 
 

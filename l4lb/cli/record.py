@@ -42,7 +42,7 @@ from .errors import EXIT_INTERRUPTED, CliError, Unreachable
 from .output import emit, fields, table
 
 MAX_CAPTURE_LENGTH = 16384            # recorder.recording.MAX_CAPTURE_LENGTH (kept import-free here)
-NAME_RE = re.compile(r"^[A-Za-z0-9_. -]{0,64}$")   # as api/recordings.py RecordingBody.name
+NAME_RE = re.compile(r"[A-Za-z0-9_. -]{0,64}")   # as api/recordings.py RecordingBody.name, whole
 REASONS = {
     "max_packets": "packet limit reached", "max_bytes": "byte limit reached",
     "max_duration": "duration reached", "max_files": "file limit reached", "stopped": "stopped",
@@ -101,7 +101,7 @@ class RecNameType(click.ParamType):
     name = "NAME"
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
-        if not NAME_RE.match(str(value)):
+        if not NAME_RE.fullmatch(str(value)):
             self.fail(f"{value!r}: up to 64 letters, digits, spaces, '_', '.', '-'", param, ctx)
         return str(value)
 
