@@ -539,3 +539,11 @@ def test_schemathesis_no_server_errors(lab: DaemonLab) -> None:
                     {"name": "fuzz", "backend": "192.0.2.200"})
         assert not any(code >= 500 for code in seen)
         assert {200, 201, 204, 404, 422} <= set(seen), seen  # reached the success paths too
+
+
+def test_accepted_documents_round_trip_through_the_daemon(lab: DaemonLab, client: httpx.Client, tmp_path: Path) -> None:
+    """test_roundtrip.py's property against the real daemon (a few examples: each is a real apply)."""
+    from test_roundtrip import run_roundtrips
+
+    seen = run_roundtrips(client, tmp_path, examples=16)
+    assert sum(seen.values()) == 16 and seen["accepted"] >= 1, seen

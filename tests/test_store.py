@@ -402,6 +402,25 @@ def test_corrupt_service_row_named(tmp_path: Path, document: str, message: str) 
         s.read()
 
 
+def test_row_breaking_a_newer_rule_is_kept_and_logged(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Rows an older version accepted (a loopback VIP, a name ending in a newline) must not stop
+    the daemon from starting: kept as they are, with a warning naming what to fix."""
+    path = tmp_path / "s.db"
+    with Store(path) as s:
+        with s.write(0, of([svc("a", 1), svc("b", 2)])):
+            pass
+    legacy = json.loads(svc("b", 2).model_dump_json()) | {"name": "b\n", "vip": "127.0.0.1"}
+    db = sqlite3.connect(path)
+    db.execute("UPDATE services SET name = 'b\n', document = ? WHERE name = 'b'", (json.dumps(legacy),))
+    db.commit()
+    db.close()
+    with caplog.at_level(logging.WARNING, logger="l4lb.store"), Store(path) as s:
+        got = s.read().state.services
+    assert [(x.name, str(x.vip)) for x in got] == [("a", "203.0.113.7"), ("b\n", "127.0.0.1")]
+    assert "stored service 'b\\n' breaks a rule of this version" in caplog.text
+    assert "127.0.0.1 is a loopback address" in caplog.text and "name must be" in caplog.text
+
+
 def test_rows_sharing_a_position_refused(tmp_path: Path) -> None:
     path = tmp_path / "s.db"
     with Store(path) as s:
