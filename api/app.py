@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import FastAPI
@@ -10,6 +11,7 @@ from fastapi.openapi.utils import get_openapi
 from l4lb.control import Control
 
 from . import docs, errors
+from .limits import DEFAULT_MAX_BODY_BYTES, BodyLimit
 from .metrics import Metrics
 from .bgp import router as bgp_router
 from .recordings import router as recordings_router
@@ -25,15 +27,20 @@ REST API of **l4lbd**, the XDP layer-4 load balancer.
   (412 if somebody changed it meanwhile). The desired-state document's tag is its
   revision; a service's tag covers that service (and its backends) only.
 * Errors are `application/problem+json` with an `errors` list of located problems.
+* Bodies are limited: PUT /v1/state to `api.max_body_bytes` (16 MiB by default),
+  every other request to 1 MiB; over the limit is 413, decided before the body is
+  read when `Content-Length` says so.
 * The unix socket is guarded by file permissions; the optional TCP listener needs
   `Authorization: Bearer <token>` (except `/healthz` and `/readyz`).
 """
 
 
-def create_app(control: Control, *, version: str = "0.1.0") -> FastAPI:
+def create_app(control: Control, *, version: str = "0.1.0",
+               max_body_bytes: Callable[[], int] = lambda: DEFAULT_MAX_BODY_BYTES) -> FastAPI:
     # No CDN: /docs and its assets are served locally (api/docs.py); ReDoc, CDN-only, is off.
     app = FastAPI(title="l4lbd", version=version, description=DESCRIPTION, docs_url=None, redoc_url=None)
     docs.install(app)
+    app.add_middleware(BodyLimit, max_body_bytes=max_body_bytes)
     app.state.control = control
     app.state.metrics = Metrics(control)
     errors.install(app)

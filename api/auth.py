@@ -3,16 +3,19 @@
 It wraps the ASGI app of that listener only. The token is read through a
 callable so a SIGHUP reload can change it without restarting the listener.
 Health probes stay open: they reveal nothing and load balancers probe them
-without credentials.
+without credentials. The check needs the headers only: a refused request's body is
+never buffered or parsed (uvicorn drops it as it arrives, within the listener's
+body deadline).
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
-import json
 from collections.abc import Callable
 from typing import Any
+
+from .errors import send_problem
 
 OPEN_PATHS = frozenset({"/healthz", "/readyz"})
 
@@ -40,13 +43,5 @@ class BearerAuth:
 
 
 async def _unauthorized(send: Callable, detail: str) -> None:
-    body = json.dumps({
-        "type": "urn:l4lb:problem:unauthorized", "title": "Unauthorized", "status": 401,
-        "detail": f"{detail}: send Authorization: Bearer <token from api.tcp.token_file>", "errors": [],
-    }).encode()
-    await send({"type": "http.response.start", "status": 401, "headers": [
-        (b"content-type", b"application/problem+json"),
-        (b"content-length", str(len(body)).encode()),
-        (b"www-authenticate", b'Bearer realm="l4lbd"'),
-    ]})
-    await send({"type": "http.response.body", "body": body})
+    await send_problem(send, 401, f"{detail}: send Authorization: Bearer <token from api.tcp.token_file>",
+                       slug="unauthorized", headers=[(b"www-authenticate", b'Bearer realm="l4lbd"')])

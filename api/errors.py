@@ -7,7 +7,9 @@
 
 from __future__ import annotations
 
+import json
 import logging
+from collections.abc import Awaitable, Callable, Sequence
 from http import HTTPStatus
 from typing import Any
 
@@ -42,6 +44,17 @@ def problem(
     return JSONResponse(body, status_code=status, media_type=PROBLEM_TYPE, headers=headers)
 
 
+async def send_problem(send: Callable[[dict], Awaitable[None]], status: int, detail: str, *, slug: str,
+                       headers: Sequence[tuple[bytes, bytes]] = ()) -> None:
+    """A problem answer written straight to ASGI ``send``: for middleware that answers before
+    (or instead of) the app, e.g. without reading the request body."""
+    body = json.dumps({"type": problem_type(slug), "title": HTTPStatus(status).phrase, "status": status,
+                       "detail": detail, "errors": []}).encode()
+    await send({"type": "http.response.start", "status": status, "headers": [
+        (b"content-type", PROBLEM_TYPE.encode()), (b"content-length", str(len(body)).encode()), *headers]})
+    await send({"type": "http.response.body", "body": body})
+
+
 def _loc_text(loc: tuple) -> str:
     return ".".join(str(p) for p in loc)
 
@@ -70,9 +83,11 @@ def install(app: FastAPI) -> None:
         return problem(exc.status_code, detail, headers=getattr(exc, "headers", None))
 
     @app.exception_handler(Exception)
-    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error")
-        return problem(500, f"internal error: {type(exc).__name__}: {exc}", slug="internal-error")
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        # The exception's text stays in the log: it may name files and internals.
+        log.exception("unhandled error in %s %s", request.method, request.url.path)
+        return problem(500, f"internal error ({type(exc).__name__}); the daemon's log has the details",
+                       slug="internal-error")
 
 
 def _issues_from_request(exc: RequestValidationError) -> list[Issue]:
@@ -93,6 +108,7 @@ _PROBLEM_DOCS = {
     404: "No such service or backend",
     409: "Conflicts with another service (VIP:port/protocol in use)",
     412: "If-Match / If-None-Match precondition failed (stale ETag)",
+    413: "The request body is over the limit (api.max_body_bytes for PUT /v1/state, 1 MiB for others)",
     422: "Invalid request: see `errors` for the located problems",
     500: "The change could not be applied; the previous state is still in force",
 }

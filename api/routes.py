@@ -12,9 +12,12 @@ from typing import Annotated
 from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi import Path as PathParam
 from fastapi.responses import PlainTextResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import ClientDisconnect
 
 from . import errors
 from .bgp import status_extras
+from .document import parse_state
 from .etags import precondition, quote
 from .schemas import (
     BackendBody,
@@ -27,7 +30,7 @@ from .schemas import (
     Stats,
     Status,
 )
-from l4lb.control import BackendRef, Committed, Control, Invalid, Issue, service_etag, state_etag
+from l4lb.control import BackendRef, Committed, Control, Invalid, Issue, Precondition, service_etag, state_etag
 from l4lb.models import Backend, DesiredState, Service
 from l4lb.names import NAME_REGEX
 
@@ -78,15 +81,31 @@ def get_state(request: Request, response: Response) -> DesiredState:
     return state
 
 
+# The body is read by hand (see api/document.py); OpenAPI still shows its schema.
+_STATE_BODY = {"requestBody": {"required": True, "content": {
+    "application/json": {"schema": {"$ref": "#/components/schemas/DesiredState"}}}}}
+
+
 @router.put(
-    "/v1/state", response_model=StateWriteResult, tags=["state"], responses=errors.responses(412, 422, 500),
+    "/v1/state", response_model=StateWriteResult, tags=["state"], responses=errors.responses(412, 413, 422, 500),
     summary="Replace the whole desired state in one transaction (or preview it with dry_run)",
+    openapi_extra=_STATE_BODY,
 )
-def put_state(
-    request: Request, body: DesiredState, if_match: IfMatch = None,
+async def put_state(
+    request: Request, if_match: IfMatch = None,
     dry_run: Annotated[bool, Query(description="Validate and return the plan without applying")] = False,
 ) -> Response:
-    c: Committed = _control(request).replace_state(body, precondition(if_match), dry_run=dry_run)
+    try:
+        raw = await request.body()      # bounded by api.max_body_bytes (api/limits.py)
+    except ClientDisconnect:            # gone, or cut by the listener's body deadline: nobody to answer
+        return Response(status_code=400)
+    pre = precondition(if_match)
+    return await run_in_threadpool(_put_state, _control(request), raw, request.headers.get("content-type"),
+                                   pre, dry_run)
+
+
+def _put_state(control: Control, raw: bytes, content_type: str | None, pre: Precondition, dry_run: bool) -> Response:
+    c: Committed = control.replace_state(parse_state(raw, content_type), pre, dry_run=dry_run)
     # Serialised here, not through response_model (which documents it): the plan of a
     # 100,000-backend document is ~20 MB and FastAPI's validate-then-encode took seconds.
     answer = Response(f'{{"revision":{c.revision},"changed":{json.dumps(c.changed)},'

@@ -22,6 +22,7 @@ import contextlib
 import errno
 import logging
 import os
+import resource
 import signal
 import socket
 import sys
@@ -47,6 +48,9 @@ FAULT_ENV = "L4LBD_TEST_FAULT_FILE"
 
 PUBLIC_SEED = ("datapath.maglev_seed is the public default: set your own, the same on every box of a tier "
                "(head -c12 /dev/urandom | base64), so crafted packets cannot aim at one flow-table bucket")
+
+# Pending connections the kernel queues per listener (asyncio listens again with uvicorn's backlog).
+LISTEN_BACKLOG = 128
 
 
 class StartupError(RuntimeError):
@@ -177,7 +181,7 @@ def bind_unix(path: Path, mode: int) -> socket.socket:
     finally:
         os.umask(old)
     os.chmod(path, mode)
-    sock.listen(128)
+    sock.listen(LISTEN_BACKLOG)
     sock.setblocking(False)
     return sock
 
@@ -191,7 +195,7 @@ def bind_tcp(host: str, port: int) -> socket.socket:
     except OSError as e:
         sock.close()
         raise StartupError(f"api.tcp.listen: cannot listen on {host}:{port}: {e.strerror}") from None
-    sock.listen(128)
+    sock.listen(LISTEN_BACKLOG)
     sock.setblocking(False)
     return sock
 
@@ -311,12 +315,22 @@ class Daemon:
         tcp = self.cfg.api.tcp
         return tcp.token.get_secret_value() if tcp is not None and tcp.token is not None else None
 
+    def _bounds(self, tcp: bool) -> Any:
+        from l4lb.api.guard import Bounds
+
+        api = self.cfg.api  # read per connection: a reload applies to new connections
+        cap = api.tcp.max_connections if tcp and api.tcp is not None else None
+        return Bounds(header_timeout=api.header_timeout, body_timeout=api.body_timeout, max_connections=cap)
+
     async def _start_listener(self, name: str, sock: socket.socket, app: Any, path: Path | None) -> Listener:
         import uvicorn
 
+        from l4lb.api.guard import Watch, guarded_protocol
+
+        protocol = guarded_protocol(lambda: self._bounds(path is None), Watch(name))
         server = _quiet_server_class()(uvicorn.Config(
             app, lifespan="off", log_config=None, access_log=self.cfg.log_level == "debug",
-            timeout_graceful_shutdown=5, server_header=False,
+            timeout_graceful_shutdown=5, server_header=False, http=protocol, backlog=LISTEN_BACKLOG,
         ))
         task = asyncio.create_task(server.serve(sockets=[sock]), name=name)
         while not server.started:
@@ -363,7 +377,7 @@ class Daemon:
         loop = asyncio.get_running_loop()
         self._stopping = asyncio.Event()
         self._reload_lock = asyncio.Lock()
-        self._app = create_app(self.control, version=__version__)
+        self._app = create_app(self.control, version=__version__, max_body_bytes=lambda: self.cfg.api.max_body_bytes)
         self._app.state.recorder = self._recorder
         self._app.state.digest = self._digest
         self._app.state.bgp = self._bgp
@@ -533,6 +547,7 @@ class Daemon:
         # is CPU-bound Python: hand the GIL to a waiting request every 0.5 ms
         # instead of 5 ms, so it adds little to a drain's latency.
         sys.setswitchinterval(0.0005)
+        raise_fd_limit()
         try:
             self.start()
             asyncio.run(self.serve())
@@ -552,6 +567,14 @@ def pending_restart(running: Config, new: Config) -> list[str]:
     if (running.bgp is None) != (new.bgp is None):
         keys.append("bgp")
     return sorted(keys)
+
+
+def raise_fd_limit() -> None:
+    """Soft RLIMIT_NOFILE up to the hard one (the unit sets both): the TCP listener's
+    connections are capped well below it, so the unix socket and the maps always get fds."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 def detach(cfg: Config) -> int:
