@@ -106,11 +106,12 @@ def _issues_from_request(exc: RequestValidationError) -> list[Issue]:
 _PROBLEM_DOCS = {
     401: "Missing or wrong bearer token (TCP listener only)",
     404: "No such service or backend",
-    409: "Conflicts with another service (VIP:port/protocol in use)",
+    409: "Conflicts with another object (VIP:port/protocol in use; a recording's file not servable)",
     412: "If-Match / If-None-Match precondition failed (stale ETag)",
     413: "The request body is over the limit (api.max_body_bytes for PUT /v1/state, 1 MiB for others)",
     422: "Invalid request: see `errors` for the located problems",
     500: "The change could not be applied; the previous state is still in force",
+    507: "The recorder's disk bounds leave no room for a recording (free space, total bytes)",
 }
 
 

@@ -14,6 +14,7 @@ addresses wildcards means IPv4 and IPv6) or objects as ``Filter.from_dict`` acce
 from __future__ import annotations
 
 import os
+import stat
 from collections.abc import Iterator
 from typing import Annotated, Any, Literal
 
@@ -37,6 +38,14 @@ RecId = Annotated[str, PathParam(pattern=r"^[A-Za-z0-9_.-]{1,64}$", description=
 
 class Unavailable(ControlError):
     status, slug, title = 503, "recorder-unavailable", "Recorder not available"
+
+
+class InsufficientStorage(ControlError):
+    status, slug, title = 507, "insufficient-storage", "No room for a recording"
+
+
+class Damaged(ControlError):
+    status, slug, title = 409, "recording-damaged", "Recording file not servable"
 
 
 class StopBody(BaseModel):
@@ -109,9 +118,9 @@ def _get(mgr: Any, rid: str) -> Any:
         raise NotFound(f"no recording {rid!r}") from None
 
 
-@router.post("/v1/recordings", status_code=201, responses=responses(409, 422))
+@router.post("/v1/recordings", status_code=201, responses=responses(409, 422, 507))
 def start_recording(body: RecordingBody, request: Request) -> dict[str, Any]:
-    from l4lb.recorder.manager import FilterLimit, RecorderBusy
+    from l4lb.recorder.manager import FilterLimit, NoRoom, RecorderBusy, TooBig
 
     mgr = _manager(request)
     spec = _spec(body)
@@ -119,8 +128,12 @@ def start_recording(body: RecordingBody, request: Request) -> dict[str, Any]:
         rec = mgr.start(spec)
     except FilterLimit as e:
         raise Invalid(str(e), [Issue(("body", "filters"), str(e), "mask_limit")]) from None
+    except TooBig as e:
+        raise Invalid(str(e), [Issue(("body",), str(e), "disk_limit")]) from None
     except RecorderBusy as e:
         raise Conflict(str(e)) from None
+    except NoRoom as e:
+        raise InsufficientStorage(str(e)) from None
     return rec.to_dict()
 
 
@@ -149,18 +162,27 @@ def delete_recording(rid: RecId, request: Request) -> Response:
     return Response(status_code=204)
 
 
-@router.get("/v1/recordings/{rid}/files/{index}", responses=responses(404))
+@router.get("/v1/recordings/{rid}/files/{index}", responses=responses(404, 409))
 def download_file(rid: RecId, index: Annotated[int, PathParam(ge=0)], request: Request) -> StreamingResponse:
-    from l4lb.recorder.manager import NoSuchFile
+    from l4lb.recorder.manager import Damaged as DamagedFile, NoSuchFile
 
     mgr = _manager(request)
     _get(mgr, rid)
     try:
         path, fmt = mgr.file_path(rid, index)
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-    except (NoSuchFile, FileNotFoundError):
+    except NoSuchFile:
         raise NotFound(f"recording {rid!r} has no file {index}") from None
-    size = os.fstat(fd).st_size   # a running recording's file grows: send what is there now
+    except DamagedFile as e:
+        raise Damaged(str(e)) from None
+    try:  # no symlink, no FIFO (O_NONBLOCK), nothing but a regular file, even if it changed just now
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        raise Damaged(f"file {index} of recording {rid} cannot be opened; it is not served") from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise Damaged(f"file {index} of recording {rid} is not a regular file; it is not served")
+    size = st.st_size   # a running recording's file grows: send what is there now
 
     def body() -> Iterator[bytes]:
         with os.fdopen(fd, "rb") as f:

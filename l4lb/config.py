@@ -25,6 +25,7 @@ from l4lb.models import DEFAULT_MAGLEV_M, MAGLEV_SIZES, MAX_BACKENDS_PER_SERVICE
 
 if TYPE_CHECKING:
     from l4lb.datapath.config import DatapathConfig
+    from l4lb.recorder.budget import DiskLimits
 
 DEFAULT_PATH = Path("/etc/l4lbd/l4lbd.toml")
 DEFAULT_SOCKET = Path("/run/l4lbd/l4lbd.sock")
@@ -32,6 +33,9 @@ DEFAULT_SEED = base64.b64encode(b"l4lb-default").decode()  # same as DatapathCon
 MIN_TOKEN_LEN = 16
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 IFNAME_MAX = 15  # IFNAMSIZ - 1
+DEFAULT_STATE_DIR = Path("/var/lib/l4lbd/state")
+LEGACY_STATE_DIR = Path("/var/lib/l4lbd")
+DB_NAME = "state.sqlite3"
 # PUT /v1/state bodies: the documented 1,000 services x 100 backends are 4.3 MB as
 # sent by the benchmark and 6.9 MB as GET /v1/state returns them (every field).
 DEFAULT_MAX_BODY_BYTES = 16 << 20
@@ -262,6 +266,20 @@ class ApiSection(_Section):
         return self.socket_mode
 
 
+class RecorderSection(_Section):
+    """Disk bounds of the packet recorder (see recorder/budget.py); a SIGHUP applies them."""
+
+    max_total_bytes: int = Field(default=4 << 30, ge=1 << 20, description="all recordings' files together")
+    max_recording_bytes: int = Field(default=1 << 30, ge=1 << 16, description="one recording's files")
+    min_free_bytes: int = Field(default=1 << 30, ge=0, description="free space left on recorder_dir's file system")
+
+    def limits(self) -> "DiskLimits":
+        from l4lb.recorder.budget import DiskLimits
+
+        return DiskLimits(max_total_bytes=self.max_total_bytes, max_recording_bytes=self.max_recording_bytes,
+                          min_free_bytes=self.min_free_bytes)
+
+
 class LimitsSection(_Section):
     max_services: int = Field(default=1024, ge=1)
     max_backends_per_service: int = Field(default=MAX_BACKENDS_PER_SERVICE, ge=1, le=MAX_BACKENDS_PER_SERVICE)
@@ -269,12 +287,15 @@ class LimitsSection(_Section):
 
 class Config(_Section):
     log_level: str = "info"
-    state_dir: Path = Path("/var/lib/l4lbd")
+    # Separate directories under the unit's StateDirectory, so recordings are never
+    # mixed with the store (and recorder.min_free_bytes keeps room for it).
+    state_dir: Path = DEFAULT_STATE_DIR
     recorder_dir: Path = Path("/var/lib/l4lbd/recordings")
     stats_interval: float = Field(default=5.0, gt=0, le=3600, description="seconds between rate samples")
     datapath: DatapathSection
     api: ApiSection = ApiSection()
     limits: LimitsSection = LimitsSection()
+    recorder: RecorderSection = RecorderSection()
     bgp: BgpSection | None = None  # announce VIPs through a BGP speaker (l4lb/bgp)
 
     @field_validator("log_level")
@@ -288,6 +309,17 @@ class Config(_Section):
     @classmethod
     def _dirs(cls, v: Path) -> Path:
         return _absolute(v)
+
+    @model_validator(mode="after")
+    def _dirs_apart(self) -> "Config":
+        if self.recorder_dir == self.state_dir:
+            raise ValueError(f"recorder_dir and state_dir are both {self.state_dir}: give recordings a directory "
+                             "of their own (default /var/lib/l4lbd/recordings)")
+        if "state_dir" not in self.model_fields_set:
+            # Before 0.2 the default state_dir was /var/lib/l4lbd itself: keep using a store there.
+            legacy = not (DEFAULT_STATE_DIR / DB_NAME).exists() and (LEGACY_STATE_DIR / DB_NAME).exists()
+            object.__setattr__(self, "state_dir", LEGACY_STATE_DIR if legacy else DEFAULT_STATE_DIR)
+        return self
 
     @model_validator(mode="after")
     def _limits_fit_maps(self) -> "Config":
@@ -304,7 +336,7 @@ class Config(_Section):
 
     @property
     def db_path(self) -> Path:
-        return self.state_dir / "state.sqlite3"
+        return self.state_dir / DB_NAME
 
     def datapath_config(self) -> "DatapathConfig":
         from l4lb.datapath.config import DatapathConfig  # late: the datapath package imports BCC

@@ -236,6 +236,7 @@ class Daemon:
         try:
             cfg.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
             self._store = Store(cfg.db_path)
+            log.info("desired state in %s; recordings in %s", cfg.db_path, cfg.recorder_dir)
         except (OSError, StoreError) as e:
             raise StartupError(f"state_dir: {e}") from None
         t0 = time.monotonic()
@@ -269,7 +270,7 @@ class Daemon:
         # Recorder: recordings of an earlier run are listed again; on TERM they are closed.
         from l4lb.recorder.manager import RecorderManager
 
-        self._recorder = RecorderManager(cfg.recorder_dir, self._dp)
+        self._recorder = RecorderManager(cfg.recorder_dir, self._dp, limits=cfg.recorder.limits())
 
     def _start_rooms(self) -> None:
         """Subscribers of the control core. Only now, once attached: the first view they get
@@ -483,6 +484,8 @@ class Daemon:
             log.error("reload refused, keeping the running config: limits: %s", e.detail)
             return False
         setup_logging(new.log_level_number)
+        if self._recorder is not None:
+            self._recorder.set_limits(new.recorder.limits())
         # Run-time datapath keys go to the running program, whose layout (M, capacities)
         # stays the one it was started with whatever the file now says.
         running = self.running

@@ -15,6 +15,13 @@ stop_reason ``daemon_shutdown``, its files are completed (pcapng statistics bloc
 and the datapath is disarmed (no filter left, so the program that stays attached costs one
 array look-up per service packet). The metadata stays on disk: after a restart the recordings
 are listed as stopped and their files can be downloaded or deleted.
+
+Disk: every recording writes within a shared :class:`~l4lb.recorder.budget.DiskBudget`
+(per-recording and global byte caps, a free-space reserve); one that meets a bound, or a
+real ENOSPC, stops with the reason (``max_recording_bytes``, ``max_total_bytes``,
+``disk_full``) and its file ends on a whole packet. A start is refused (``NoRoom``) while
+the bounds leave no room. Metadata files that are not what the recorder wrote are skipped
+at load (logged); files that are not regular files are listed as problems, never served.
 """
 
 from __future__ import annotations
@@ -30,8 +37,9 @@ from typing import Any
 
 from l4lb.datapath.recorder import MAX_SLOTS, FilterEntry, RecorderDatapath
 from l4lb.recfilter import MaskLimitError
+from l4lb.recorder.budget import DiskBudget, DiskLimits
 from l4lb.recorder.drain import DEFAULT_PAGES, Drain
-from l4lb.recorder.recording import Recording, RecordingSpec
+from l4lb.recorder.recording import BadMeta, Recording, RecordingSpec, file_problem
 
 log = logging.getLogger(__name__)
 
@@ -56,12 +64,26 @@ class FilterLimit(RecorderError, ValueError):
     """The filters would need more masks than the datapath has room for."""
 
 
+class TooBig(RecorderError, ValueError):
+    """The recording asks for more disk than one recording may have."""
+
+
+class NoRoom(RecorderError):
+    """The recorder's disk bounds leave no room for a new recording now."""
+
+
+class Damaged(RecorderError):
+    """A recording's file on disk is not what the recorder wrote (a symlink, missing, ...)."""
+
+
 class RecorderManager:
     def __init__(self, directory: Path, dp: Any, *, run: Callable[..., Any] | None = None,
-                 page_cnt: int = DEFAULT_PAGES) -> None:
+                 page_cnt: int = DEFAULT_PAGES, limits: DiskLimits = DiskLimits()) -> None:
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         os.chmod(self.directory, 0o700)
+        self.budget = DiskBudget(self.directory, limits)
+        self._ticks = 0
         self._run = run or (lambda fn, *a: fn(*a))
         self._lock = threading.RLock()
         self._recs: dict[str, Recording] = {}
@@ -76,17 +98,27 @@ class RecorderManager:
         for meta in sorted(self.directory.glob("*.json")):
             try:
                 rec = Recording.load_meta(meta)
+            except BadMeta as e:
+                log.warning("recorder: skipping %s: %s", meta, e)
+                continue
             except Exception as e:  # noqa: BLE001 - one bad file must not hide the others
-                log.warning("recorder: ignoring %s: %s", meta, e)
+                log.warning("recorder: skipping %s: %s: %s", meta, type(e).__name__, e)
                 continue
             self._recs[rec.id] = rec
 
     # -- commands ------------------------------------------------------------------------
     def start(self, spec: RecordingSpec) -> Recording:
+        ring = spec.rotation.file_size * spec.rotation.max_files if spec.rotation.ring else None  # type: ignore[operator]
+        too_big = self.budget.refuse_spec(spec.stop.max_bytes, ring)
+        if too_big is not None:
+            raise TooBig(too_big)
         with self._lock:
             slot = self._free_slot()
+            no_room = self.budget.refuse_start()
+            if no_room is not None:
+                raise NoRoom(no_room)
             rid = secrets.token_hex(6)
-            rec = Recording(rid, spec, self.directory, slot)
+            rec = Recording(rid, spec, self.directory, slot, budget=self.budget)
             rec.open(time.monotonic_ns())
             self._active[slot] = rec
             self.drain.set_slots(self._active)
@@ -117,6 +149,7 @@ class RecorderManager:
             self._retire(rec, "deleted")
             rec.remove_files()
             del self._recs[rid]
+        self.budget.rescan()
 
     def get(self, rid: str) -> Recording:
         rec = self._recs.get(rid)
@@ -131,9 +164,20 @@ class RecorderManager:
     def file_path(self, rid: str, index: int) -> tuple[Path, str]:
         rec = self.get(rid)
         try:
-            return rec.file_path(index), rec.spec.fmt
+            path = rec.file_path(index)
         except KeyError:
             raise NoSuchFile(f"recording {rid} has no file {index}") from None
+        except ValueError:      # safe_join: the name leads out of the directory
+            path = None
+        problem = file_problem(self.directory, rec.files[index].name)
+        if path is None or problem is not None:
+            log.warning("recorder: recording %s file %d %s; not served", rid, index, problem or "is unsafe")
+            raise Damaged(f"file {index} of recording {rid} {problem or 'is unsafe'}; it is not served")
+        return path, rec.spec.fmt
+
+    def set_limits(self, limits: DiskLimits) -> None:
+        """A reload: the new bounds apply from the next batch."""
+        self.budget.limits = limits
 
     def close(self) -> None:
         """Daemon shutdown: close every running recording (files intact), disarm, stop draining."""
@@ -179,7 +223,16 @@ class RecorderManager:
             rec.stop(reason)
 
     def _housekeeping(self) -> None:
-        """Drain timer: recordings that ended by a limit give their filters and slot back."""
+        """Drain timer: free space read again (a full rescan every 25 ticks, ~5 s); recordings
+        that ended by a limit give their filters and slot back."""
+        self._ticks += 1
+        try:
+            if self._ticks % 25 == 0:
+                self.budget.rescan()
+            else:
+                self.budget.refresh()
+        except OSError as e:
+            log.warning("recorder: cannot read the free space of %s: %s", self.directory, e.strerror)
         with self._lock:
             done = [r for r in self._active.values() if r.state != "running"]
             for rec in done:
@@ -191,4 +244,5 @@ class RecorderManager:
         return self.drain.ring_lost
 
 
-__all__ = ["FilterLimit", "NoSuchFile", "NoSuchRecording", "RecorderBusy", "RecorderError", "RecorderManager"]
+__all__ = ["Damaged", "FilterLimit", "NoRoom", "NoSuchFile", "NoSuchRecording", "RecorderBusy", "RecorderError",
+           "RecorderManager", "TooBig"]

@@ -27,10 +27,19 @@ from cached option bytes with one ``struct`` call.
 
 Files are created with ``O_CREAT|O_EXCL|O_NOFOLLOW`` and mode 0600: a writer never follows a
 symlink or truncates an existing file. :func:`safe_name` and :func:`safe_join` build the paths.
+
+Full disks: a file always ends on a whole record. The header is written when the file is
+created (if that fails, the file is removed). Staged records go to the file with plain
+``os.write`` calls; if one fails (``ENOSPC``, ``EDQUOT``, ...), the file is cut back to the
+end of the last complete hand-over, those records are dropped and counted, and
+:class:`WriteFailed` (an ``OSError``) tells the caller. ``limit`` caps the file's size
+(with room kept for the closing block): a record that would pass it is not written and
+:class:`LimitReached` is raised, so a caller can stop before the disk is full.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
@@ -38,7 +47,6 @@ import struct
 import time
 from enum import IntEnum
 from pathlib import Path
-from typing import BinaryIO
 
 LINKTYPE_ETHERNET = 1
 DEFAULT_SNAPLEN = 262144
@@ -75,6 +83,21 @@ _U32 = 0xFFFFFFFF
 _U64 = 0xFFFFFFFFFFFFFFFF
 # EPB fixed fields: block type, total length, interface, timestamp high/low, caplen, origlen
 _EPB_HEAD = struct.Struct("<IIIIIII").pack
+
+
+class LimitReached(Exception):
+    """The record would take the file past its ``limit``; nothing was written."""
+
+
+class WriteFailed(OSError):
+    """Handing records to the file failed; the file was cut back to its last whole record.
+    ``dropped_packets`` / ``dropped_bytes`` (captured bytes) are what was lost."""
+
+    def __init__(self, cause: OSError, path: Path, dropped_packets: int, dropped_bytes: int) -> None:
+        super().__init__(cause.errno, cause.strerror or str(cause))
+        self.path = path
+        self.dropped_packets = dropped_packets
+        self.dropped_bytes = dropped_bytes
 
 
 class Direction(IntEnum):
@@ -157,25 +180,25 @@ class _Writer:
         self.autoflush = autoflush
         self._bytes = 0
         self._packets = 0
+        self._data = 0               # captured bytes staged (the records' packet data)
         self._lost = 0
         self._closed = False
         self._staged: list[bytes] = []
+        self._limit: int | None = None
+        self._max_end = 1 << 63      # _limit less room for the closing block
+        self._durable = (0, 0, 0)    # bytes, packets, captured bytes in the file: its last whole record
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
-        fd = os.open(self.path, flags, FILE_MODE)
+        self._fd = os.open(self.path, flags, FILE_MODE)
         try:
-            os.fchmod(fd, FILE_MODE)  # whatever the umask
-            self._f: BinaryIO = os.fdopen(fd, "wb")
-        except BaseException:
-            os.close(fd)
-            raise
-        try:
+            os.fchmod(self._fd, FILE_MODE)  # whatever the umask
             self._write(self._header())
-            if autoflush:
-                self._commit()
-                self._f.flush()
+            self._commit()               # a file on disk always has its header
+            self._closing = len(self._trailer(0))   # the closing block's size (fixed per format)
         except BaseException:
             self._closed = True
-            self._f.close()
+            os.close(self._fd)
+            with contextlib.suppress(OSError):
+                os.unlink(self.path)
             raise
 
     # -- accounting --------------------------------------------------------------------
@@ -197,6 +220,21 @@ class _Writer:
     def closed(self) -> bool:
         return self._closed
 
+    @property
+    def closing_bytes(self) -> int:
+        """What close() will still add (the pcapng statistics block); 0 once closed."""
+        return 0 if self._closed else self._closing
+
+    @property
+    def limit(self) -> int | None:
+        return self._limit
+
+    @limit.setter
+    def limit(self, size: int | None) -> None:
+        """The most bytes the file may reach, closing block included (None: no limit)."""
+        self._limit = size
+        self._max_end = (1 << 63) if size is None else size - self._closing
+
     def note_lost(self, count: int) -> None:
         """Record ``count`` samples lost (e.g. a perf ring ``lost_cb``) since the last packet."""
         if isinstance(count, bool) or not isinstance(count, int) or count < 0:
@@ -214,12 +252,28 @@ class _Writer:
         if len(self._staged) >= STAGE_PIECES:
             self._commit()
 
+    def _room_for(self, size: int) -> None:
+        if self._bytes + size > self._max_end:
+            raise LimitReached(f"{self.path.name}: {size} more bytes would pass the limit of {self._limit}")
+
     def _commit(self) -> None:
-        """Hand the staged records to the file object, in one write."""
-        if self._staged:
-            data = b"".join(self._staged)
-            self._staged.clear()
-            self._f.write(data)
+        """Hand the staged records to the file, in as few writes as the kernel takes."""
+        if not self._staged:
+            return
+        data = memoryview(b"".join(self._staged))
+        self._staged.clear()
+        try:
+            while data:
+                data = data[os.write(self._fd, data):]
+        except OSError as e:
+            end, packets, captured = self._durable
+            dropped = (self._packets - packets, self._data - captured)
+            with contextlib.suppress(OSError):  # cutting back frees space: it works on a full disk
+                os.ftruncate(self._fd, end)
+                os.lseek(self._fd, end, os.SEEK_SET)
+            self._bytes, self._packets, self._data = end, packets, captured
+            raise WriteFailed(e, self.path, *dropped) from e
+        self._durable = (self._bytes, self._packets, self._data)
 
     def _check_open(self) -> None:
         if self._closed:
@@ -254,11 +308,12 @@ class _Writer:
         self._check_open()
         data, orig_len = self._lengths(data, orig_len)
         record = self._record(data, _check_ts(ts_ns), orig_len, direction, verdict, comment)
+        self._room_for(len(record))
+        self._packets += 1               # counted before _write: a failed hand-over drops it too
+        self._data += len(data)
         self._write(record)
-        self._packets += 1
         if self.autoflush:
             self._commit()
-            self._f.flush()
         return len(record)
 
     def write_sample(self, data: bytes, ts_ns: int, orig_len: int, direction: int | None,
@@ -268,19 +323,23 @@ class _Writer:
         orig_len < 2**32``, ``ts_ns`` a u64."""
         if self._closed:
             raise ValueError(f"{self.fmt} writer for {self.path} is closed")
-        self._write(self._record(data, ts_ns, orig_len, direction, verdict, comment))
+        record = self._record(data, ts_ns, orig_len, direction, verdict, comment)
+        self._room_for(len(record))
         self._packets += 1
+        self._data += len(data)
+        self._write(record)
 
     def flush(self, *, fsync: bool = False) -> None:
         """Push buffered records to the file (and to disk with ``fsync=True``)."""
         self._check_open()
         self._commit()
-        self._f.flush()
         if fsync:
-            os.fsync(self._f.fileno())
+            os.fsync(self._fd)
 
     def close(self, *, ts_ns: int | None = None) -> None:
-        """Finish the file (pcapng: interface statistics with the drop count). Idempotent."""
+        """Finish the file (pcapng: interface statistics with the drop count). Idempotent.
+        On a failed write the file is still closed, cut back to its last whole record
+        (without the closing block), and WriteFailed raised."""
         if self._closed:
             return
         end_ns = _check_ts(time.time_ns() if ts_ns is None else ts_ns)
@@ -290,9 +349,8 @@ class _Writer:
             if trailer:
                 self._write(trailer)
             self._commit()
-            self._f.flush()
         finally:
-            self._f.close()
+            os.close(self._fd)
 
     def __enter__(self):
         return self
@@ -398,11 +456,14 @@ class PcapngWriter(_Writer):
         n = len(data)
         pad = -n & 3
         total = tails[4] + n + pad
+        if self._bytes + total > self._max_end:
+            raise LimitReached(f"{self.path.name}: {total} more bytes would pass the limit of {self._limit}")
         staged = self._staged
         staged += (_EPB_HEAD(BT_EPB, total, 0, (ts_ns >> 32) & _U32, ts_ns & _U32, n, orig_len),
                    data, tails[pad], total.to_bytes(4, "little"))
         self._bytes += total
         self._packets += 1
+        self._data += n
         if len(staged) >= STAGE_PIECES:
             self._commit()
 
@@ -490,8 +551,10 @@ __all__ = [
     "Direction",
     "FORMATS",
     "LINKTYPE_ETHERNET",
+    "LimitReached",
     "PcapWriter",
     "PcapngWriter",
+    "WriteFailed",
     "XdpVerdict",
     "open_writer",
     "safe_join",

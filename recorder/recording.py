@@ -14,19 +14,24 @@ statistics block, and records after the last flush are lost).
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging
 import os
+import stat
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from l4lb.recfilter import Filter
 from l4lb.recorder.limits import Action, Limiter, RotationPolicy, StopConditions
-from l4lb.recorder.pcapfile import FORMATS, PcapngWriter, PcapWriter, open_writer, safe_join, safe_name
+from l4lb.recorder.budget import DiskBudget
+from l4lb.recorder.meta import BadMeta, read_meta
+from l4lb.recorder.pcapfile import FORMATS, LimitReached, PcapngWriter, PcapWriter, open_writer, safe_join, safe_name
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +70,7 @@ class FileInfo:
 
 class Recording:
     def __init__(self, rid: str, spec: RecordingSpec, directory: Path, slot: int, *,
-                 started_ns: int | None = None) -> None:
+                 started_ns: int | None = None, budget: DiskBudget | None = None) -> None:
         self.id = rid
         self.spec = spec
         self.directory = directory
@@ -79,15 +84,19 @@ class Recording:
         self.lock = threading.Lock()
         self._writer: PcapngWriter | PcapWriter | None = None
         self._limiter: Limiter | None = None
-        self._sizes: dict[int, int] = {}
+        self._sizes: dict[int, int] = {}      # file index -> bytes (the open file: its writer knows)
         self._dirty = False
         self._saved: dict[str, Any] = {}      # counts of a recording loaded from disk
+        self._budget = budget
+        self._dropped = [0, 0]                # packets, captured bytes counted but lost to a write error
+        self._meta_failed = False
 
     # -- lifecycle --------------------------------------------------------------------
     def open(self, mono_start_ns: int) -> None:
         """Create file 0; the limiter counts time on the datapath's (monotonic) clock."""
         self._limiter = Limiter(self.spec.stop, self.spec.rotation, start_ns=mono_start_ns)
-        self._open_file(0)
+        with self._accounted():
+            self._open_file(0)
         self.save_meta()
 
     def mark_live(self, mono_ns: int) -> None:
@@ -120,30 +129,91 @@ class Recording:
 
     def write_many(self, samples: Iterable[tuple[bytes, int, int, int, int, int | None, str | None]]) -> None:
         """Samples ``(data, mono_ns, wall_ns, orig_len, direction, verdict, comment)`` as for
-        :meth:`write`, under one lock acquisition (the drain's batches)."""
-        with self.lock:
+        :meth:`write`, under one lock acquisition (the drain's batches). The batch may add at
+        most :meth:`_room` bytes to the disk; the record that would pass it stops the recording."""
+        with self.lock, self._accounted():
+            w, lim = self._writer, self._limiter
+            if self.state != "running" or w is None or lim is None:
+                return
+            start = self._footprint()
+            room, why = self._room()
+            w.limit = w.bytes_written + w.closing_bytes + room
             for data, mono_ns, wall_ns, orig_len, direction, verdict, comment in samples:
-                w, lim = self._writer, self._limiter
-                if self.state != "running" or w is None or lim is None:
-                    return
                 d = lim.offer(len(data), mono_ns, file_bytes=w.bytes_written)
                 if d.action is Action.STOP:
                     self._finish(d.reason.value if d.reason else "stopped")
                     return
                 if d.action is Action.ROTATE:
-                    w.close()
-                    self._sizes[self._index_of(w)] = w.bytes_written
-                    if d.overwrite:
-                        old = self.files.pop(d.index, None)
-                        if old is not None:
-                            os.unlink(safe_join(self.directory, old.name))
-                    self._open_file(d.index)
-                    w = self._writer
-                    assert w is not None
-                w.write_sample(data, wall_ns, orig_len, direction, verdict, comment)
+                    try:
+                        w = self._rotate(w, d.index, d.overwrite)
+                    except OSError as e:
+                        self._failed(e, unwritten=(1, len(data)))
+                        return
+                    w.limit = w.bytes_written + w.closing_bytes + room - (self._footprint() - start)
+                try:
+                    w.write_sample(data, wall_ns, orig_len, direction, verdict, comment)
+                except LimitReached:
+                    self._dropped[0] += 1
+                    self._dropped[1] += len(data)
+                    self._finish(why)
+                    return
+                except OSError as e:
+                    self._failed(e)
+                    return
                 self._dirty = True
                 if d.final:
                     self._finish(d.reason.value if d.reason else "stopped")
+                    return
+
+    def _rotate(self, w: PcapngWriter | PcapWriter, index: int, overwrite: bool) -> PcapngWriter | PcapWriter:
+        try:
+            w.close()
+        finally:
+            self._sizes[self._index_of(w)] = w.bytes_written
+        if overwrite:
+            old = self.files.pop(index, None)
+            if old is not None:
+                os.unlink(safe_join(self.directory, old.name))
+                self._sizes.pop(index, None)
+        self._open_file(index)
+        assert self._writer is not None
+        return self._writer
+
+    def _room(self) -> tuple[int, str]:
+        """Bytes this recording may still add to the disk, and the bound that sets it."""
+        if self._budget is None:
+            return 1 << 62, ""
+        own = self._budget.limits.max_recording_bytes - self._footprint()
+        return min((own, "max_recording_bytes"), self._budget.room())
+
+    def _footprint(self) -> int:
+        """Bytes of this recording's files: the open one with what is staged for it and its
+        closing block (reserved from the start, so closing never needs room it lacks)."""
+        w = self._writer
+        if w is None or w.closed:
+            return sum(self._sizes.values())
+        current = self._index_of(w)
+        return sum(n for i, n in self._sizes.items() if i != current) + w.bytes_written + w.closing_bytes
+
+    @contextlib.contextmanager
+    def _accounted(self) -> Iterator[None]:
+        """Tell the shared budget how much the block changed this recording's files."""
+        before = self._footprint()
+        try:
+            yield
+        finally:
+            if self._budget is not None:
+                self._budget.add(self._footprint() - before)
+
+    def _failed(self, e: OSError, unwritten: tuple[int, int] = (0, 0)) -> None:
+        """A write failed (the writer already cut its file back to a whole record): stop."""
+        dropped = (getattr(e, "dropped_packets", 0) + unwritten[0], getattr(e, "dropped_bytes", 0) + unwritten[1])
+        self._dropped[0] += dropped[0]
+        self._dropped[1] += dropped[1]
+        reason = _write_reason(e)
+        log.warning("recording %s: %s writing its file (%d packets not written): stopped (%s)",
+                    self.id, e.strerror or e, dropped[0], reason)
+        self._finish(reason)
 
     def _index_of(self, w: Any) -> int:
         for idx, info in self.files.items():
@@ -167,47 +237,76 @@ class Recording:
                 self._finish(d.reason.value if d.reason else "stopped")
                 return
             if self._dirty and self._writer is not None:
-                self._writer.flush()
+                with self._accounted():
+                    try:
+                        self._writer.flush()
+                    except OSError as e:
+                        self._failed(e)
+                        return
                 self._dirty = False
 
     # -- API side ----------------------------------------------------------------------
     def stop(self, reason: str = "stopped") -> None:
-        with self.lock:
+        with self.lock, self._accounted():
             if self.state == "running":
                 self._finish(reason)
 
     def _finish(self, reason: str) -> None:
+        """Stop: close the file (a failed final write makes the reason a disk one), save the metadata."""
         self.state = "stopped"
         self.stop_reason = reason
         self.stopped_ns = time.time_ns()
-        if self._writer is not None:
-            self._writer.close()
-            self._sizes[self._index_of(self._writer)] = self._writer.bytes_written
+        w = self._writer
+        if w is not None:
+            try:
+                w.close()
+            except OSError as e:
+                self._dropped[0] += getattr(e, "dropped_packets", 0)
+                self._dropped[1] += getattr(e, "dropped_bytes", 0)
+                self.stop_reason = _write_reason(e)
+                log.warning("recording %s: %s closing its file: stopped (%s)", self.id, e.strerror or e,
+                            self.stop_reason)
+            finally:
+                self._sizes[self._index_of(w)] = w.bytes_written
         self.save_meta()
 
     @property
     def packets(self) -> int:
-        return self._limiter.packets if self._limiter is not None else self._saved.get("packets", 0)
+        """Packets in the files (or that were, in a ring's overwritten ones)."""
+        if self._limiter is None:
+            return self._saved.get("packets", 0)
+        return self._limiter.packets - self._dropped[0]
 
     @property
     def bytes(self) -> int:
-        return self._limiter.bytes if self._limiter is not None else self._saved.get("bytes", 0)
+        """Captured bytes of those packets (file headers and per-record overhead not counted)."""
+        if self._limiter is None:
+            return self._saved.get("bytes", 0)
+        return self._limiter.bytes - self._dropped[1]
 
-    def file_list(self) -> list[dict[str, Any]]:
-        out = []
+    def file_list(self) -> tuple[list[dict[str, Any]], list[str]]:
+        """The files as they are on disk, and what is wrong with any of them (such a file is
+        listed without a size or path and is not served)."""
+        out, problems = [], []
         for idx in sorted(self.files):
             info = self.files[idx]
-            try:
-                size = os.stat(safe_join(self.directory, info.name)).st_size
-            except OSError:
-                size = 0
+            entry: dict[str, Any] = {"index": idx, "name": info.name, "size": None}
             if self._writer is not None and not self._writer.closed and self._writer.path.name == info.name:
-                size = self._writer.bytes_written   # buffered records count: they are on their way
-            out.append({"index": idx, "name": info.name, "size": size, "path": str(self.directory / info.name)})
-        return out
+                entry["size"] = self._writer.bytes_written   # buffered records count: they are on their way
+            else:
+                problem = file_problem(self.directory, info.name)
+                if problem is not None:
+                    problems.append(f"file {idx} {problem}")
+                    out.append(entry)
+                    continue
+                entry["size"] = os.lstat(self.directory / info.name).st_size
+            entry["path"] = str(self.directory / info.name)
+            out.append(entry)
+        return out, problems
 
     def to_dict(self) -> dict[str, Any]:
         with self.lock:
+            files, problems = self.file_list()
             return {
                 "id": self.id,
                 "name": self.spec.name,
@@ -216,7 +315,8 @@ class Recording:
                 "packets": self.packets,
                 "bytes": self.bytes,
                 "lost": self.lost,
-                "files": self.file_list(),
+                "files": files,
+                "problems": problems,
                 "filters": [str(f) for f in self.spec.filters],
                 "capture_length": self.spec.capture_length,
                 "format": self.spec.fmt,
@@ -227,12 +327,16 @@ class Recording:
             }
 
     def file_path(self, index: int) -> Path:
-        with self.lock:
+        with self.lock, self._accounted():
             info = self.files.get(index)
             if info is None:
                 raise KeyError(index)
-            if self._writer is not None and not self._writer.closed and self._writer.path.name == info.name:
-                self._writer.flush()
+            w = self._writer
+            if w is not None and not w.closed and w.path.name == info.name:
+                try:
+                    w.flush()
+                except OSError as e:
+                    self._failed(e)
             return safe_join(self.directory, info.name)
 
     def remove_files(self) -> None:
@@ -263,32 +367,68 @@ class Recording:
         }
         path = self.meta_path()
         tmp = path.with_name(path.name + ".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump(d, f)
-        os.replace(tmp, path)
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+            with os.fdopen(fd, "w") as f:
+                json.dump(d, f)
+            os.replace(tmp, path)
+        except OSError as e:
+            # A full disk must not fail the recording's stop: the metadata catches up at the next save.
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            if not self._meta_failed:
+                log.warning("recording %s: metadata not saved (%s); kept in memory", self.id, e.strerror or e)
+            self._meta_failed = True
+            return
+        self._meta_failed = False
 
     @classmethod
     def load_meta(cls, path: Path) -> Recording:
-        """A recording of an earlier daemon run: stopped, files as they are on disk."""
-        d = json.loads(path.read_text())
-        spec = RecordingSpec(
-            filters=tuple(Filter.from_dict(f) for f in d["filters"]),
-            capture_length=d["capture_length"], fmt=d["format"],
-            stop=StopConditions(**_stop_args(d.get("stop") or {})),
-            rotation=RotationPolicy(**_rotate_args(d.get("rotate") or {})),
-            name=d.get("name"),
-        )
-        rec = cls(d["id"], spec, path.parent, -1, started_ns=d["started_ns"])
+        """A recording of an earlier daemon run: stopped, files as they are on disk. Raises
+        BadMeta (saying why, never quoting the file) for a file that is not what save_meta wrote."""
+        d, mtime_ns = read_meta(path)
+        try:
+            spec = RecordingSpec(
+                filters=tuple(Filter.from_dict(f) for f in d.filters),
+                capture_length=d.capture_length, fmt=d.format,
+                stop=StopConditions(**_stop_args(d.stop or {})),
+                rotation=RotationPolicy(**_rotate_args(d.rotate or {})),
+                name=d.name,
+            )
+        except (ValueError, TypeError, KeyError) as e:
+            raise BadMeta(f"its recording spec is invalid: {type(e).__name__}") from None
+        for f in d.files:
+            if f.name != safe_name(d.id, f.index, d.format):
+                raise BadMeta(f"file {f.index} is not named as this recording's files are")
+        rec = cls(d.id, spec, path.parent, -1, started_ns=d.started_ns)
         rec.state = "stopped"
-        rec.stop_reason = d["stop_reason"] if d["state"] == "stopped" else "daemon_restart"
-        rec.stopped_ns = d.get("stopped_ns") or int(path.stat().st_mtime_ns)
-        rec.lost = d.get("lost", 0)
-        rec.files = {f["index"]: FileInfo(f["index"], f["name"]) for f in d["files"]}
-        rec._saved = {"packets": d.get("packets", 0), "bytes": d.get("bytes", 0)}
-        if d["state"] != "stopped":
+        rec.stop_reason = d.stop_reason if d.state == "stopped" else "daemon_restart"
+        rec.stopped_ns = d.stopped_ns or mtime_ns
+        rec.lost = d.lost
+        rec.files = {f.index: FileInfo(f.index, f.name) for f in d.files}
+        rec._saved = {"packets": d.packets, "bytes": d.bytes}
+        if d.state != "stopped":
             rec.save_meta()
         return rec
+
+
+def file_problem(directory: Path, name: str) -> str | None:
+    """Why a recording's file cannot be served as it is (None: it can)."""
+    try:
+        st = os.lstat(safe_join(directory, name))
+    except ValueError:
+        return "leads out of the recorder directory"
+    except FileNotFoundError:
+        return "is missing"
+    except OSError as e:
+        return f"cannot be read ({e.strerror})"
+    if not stat.S_ISREG(st.st_mode):
+        return "is not a regular file (a symlink?)"
+    return None
+
+
+def _write_reason(e: OSError) -> str:
+    return "disk_full" if e.errno in (errno.ENOSPC, errno.EDQUOT) else "write_error"
 
 
 def _stop_dict(s: StopConditions) -> dict[str, Any]:
@@ -313,4 +453,4 @@ def _rotate_args(d: dict[str, Any]) -> dict[str, Any]:
             "max_files": d.get("count")}
 
 
-__all__ = ["FileInfo", "MAX_CAPTURE_LENGTH", "Recording", "RecordingSpec"]
+__all__ = ["BadMeta", "FileInfo", "MAX_CAPTURE_LENGTH", "Recording", "RecordingSpec", "file_problem"]

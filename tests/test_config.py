@@ -35,9 +35,9 @@ def test_sample_config_is_valid_and_documents_every_key() -> None:
     from l4lb.bgp import config as bgp
 
     for model in (cfgmod.Config, cfgmod.DatapathSection, cfgmod.ApiSection, cfgmod.LimitsSection, cfgmod.TcpListener,
-                  bgp.BgpSection, bgp.Peer, bgp.Bfd, bgp.Attributes):
+                  cfgmod.RecorderSection, bgp.BgpSection, bgp.Peer, bgp.Bfd, bgp.Attributes):
         for name, field in model.model_fields.items():
-            if field.exclude or name in ("datapath", "api", "limits", "tcp", "bgp", "peers", "services"):
+            if field.exclude or name in ("datapath", "api", "limits", "tcp", "recorder", "bgp", "peers", "services"):
                 continue
             assert f"{name} =" in text, f"{model.__name__}.{name} is not documented in {SAMPLE.name}"
 
@@ -47,9 +47,32 @@ def test_defaults_of_a_minimal_config() -> None:
     assert cfg.api.socket == Path("/run/l4lbd/l4lbd.sock") and cfg.api.mode == 0o600
     assert cfg.api.tcp is None
     assert cfg.datapath.xdp_mode == "auto" and cfg.datapath.maglev_m == 16381
-    assert cfg.log_level == "info" and cfg.state_dir == Path("/var/lib/l4lbd")
+    assert cfg.log_level == "info" and cfg.state_dir == Path("/var/lib/l4lbd/state")
+    assert cfg.recorder_dir == Path("/var/lib/l4lbd/recordings")
+    assert (cfg.recorder.max_total_bytes, cfg.recorder.max_recording_bytes, cfg.recorder.min_free_bytes) == (
+        4 << 30, 1 << 30, 1 << 30)
+    assert (cfg.api.max_body_bytes, cfg.api.header_timeout, cfg.api.body_timeout) == (16 << 20, 10.0, 60.0)
     dp = cfg.datapath_config()
     assert dp.maglev_seed == b"l4lb-default" and dp.maglev_m == 16381 and dp.bpffs == Path("/sys/fs/bpf/l4lb")
+
+
+def test_store_of_the_old_default_state_dir_is_kept(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before recordings got a directory apart, the default state_dir was /var/lib/l4lbd."""
+    legacy, new = tmp_path / "l4lbd", tmp_path / "l4lbd" / "state"
+    monkeypatch.setattr(cfgmod, "LEGACY_STATE_DIR", legacy)
+    monkeypatch.setattr(cfgmod, "DEFAULT_STATE_DIR", new)
+    assert parse(MINIMAL).state_dir == new                   # nothing there yet: the new default
+    legacy.mkdir()
+    (legacy / "state.sqlite3").write_bytes(b"")
+    assert parse(MINIMAL).state_dir == legacy                # an old install's store is used where it is
+    new.mkdir()
+    (new / "state.sqlite3").write_bytes(b"")
+    assert parse(MINIMAL).state_dir == new                   # once moved, the new place wins
+
+
+def test_recorder_dir_must_not_be_the_state_dir() -> None:
+    msg = refused(MINIMAL.replace("[datapath]", 'state_dir = "/srv/l4"\nrecorder_dir = "/srv/l4"\n[datapath]'))
+    assert "recorder_dir and state_dir are both /srv/l4" in msg
 
 
 def test_full_datapath_section_maps_onto_datapath_config() -> None:
