@@ -9,7 +9,8 @@ included; the small metadata files are not counted):
 * ``min_free_bytes``: free space the recorder leaves on its file system, for everything
   else on it (the state store, logs). Free space is read with ``statvfs`` on every drain
   tick (0.2 s) and what was written since is subtracted, so a burst between two ticks
-  cannot eat the reserve either.
+  cannot eat the reserve either. 0 means no reserve: recordings write until the kernel
+  answers ENOSPC (the writer then cuts the file back to its last whole packet).
 
 A recording asks for :meth:`DiskBudget.room` before each batch and stops with the reason
 of the bound it meets: ``max_recording_bytes``, ``max_total_bytes`` or ``disk_full`` (the
@@ -82,20 +83,23 @@ class DiskBudget:
         """Bytes all recordings together may still write, and the bound that sets it."""
         with self._lock:
             total = self.limits.max_total_bytes - self.used
+            if not self.limits.min_free_bytes:
+                return total, "max_total_bytes"     # no reserve: write until the kernel says ENOSPC
             disk = self._free - (self.used - self._used_at_refresh) - self.limits.min_free_bytes
         return min((total, "max_total_bytes"), (disk, "disk_full"))
 
     def refuse_start(self) -> str | None:
         """Why a new recording cannot start now (None: it can)."""
         self.refresh()
-        room, why = self.room()
-        if room >= MIN_START:
-            return None
-        if why == "disk_full":
+        with self._lock:
+            free, used = self._free, self.used
+        if free - self.limits.min_free_bytes < MIN_START:      # checked even without a reserve
             return (f"the recorder's file system has less than recorder.min_free_bytes = "
-                    f"{self.limits.min_free_bytes} bytes free (plus {MIN_START} to record)")
-        return (f"the recordings use {self.used} bytes of recorder.max_total_bytes = "
-                f"{self.limits.max_total_bytes}: delete old recordings")
+                    f"{self.limits.min_free_bytes} bytes free (plus {MIN_START} to record): delete old recordings")
+        if self.limits.max_total_bytes - used < MIN_START:
+            return (f"the recordings use {used} bytes of recorder.max_total_bytes = "
+                    f"{self.limits.max_total_bytes}: delete old recordings")
+        return None
 
     def refuse_spec(self, max_bytes: int | None, ring_bytes: int | None) -> str | None:
         """Why a recording asking for this much can never fit (None: it can)."""

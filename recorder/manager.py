@@ -167,12 +167,10 @@ class RecorderManager:
             path = rec.file_path(index)
         except KeyError:
             raise NoSuchFile(f"recording {rid} has no file {index}") from None
-        except ValueError:      # safe_join: the name leads out of the directory
-            path = None
         problem = file_problem(self.directory, rec.files[index].name)
-        if path is None or problem is not None:
-            log.warning("recorder: recording %s file %d %s; not served", rid, index, problem or "is unsafe")
-            raise Damaged(f"file {index} of recording {rid} {problem or 'is unsafe'}; it is not served")
+        if problem is not None:
+            log.warning("recorder: recording %s file %d %s; not served", rid, index, problem)
+            raise Damaged(f"file {index} of recording {rid} {problem}; it is not served")
         return path, rec.spec.fmt
 
     def set_limits(self, limits: DiskLimits) -> None:
@@ -234,6 +232,9 @@ class RecorderManager:
         except OSError as e:
             log.warning("recorder: cannot read the free space of %s: %s", self.directory, e.strerror)
         with self._lock:
+            for rec in [r for r in self._recs.values() if r.meta_failed and r.state != "running"]:
+                with rec.lock:
+                    rec.save_meta()      # room again (a recording deleted, the file cut back)?
             done = [r for r in self._active.values() if r.state != "running"]
             for rec in done:
                 log.info("recording %s ended: %s", rec.id, rec.stop_reason)

@@ -534,11 +534,18 @@ def safe_name(recording_id: object, index: int, fmt: str = "pcapng") -> str:
     return f"{cleaned}_{index:06d}.{fmt}"
 
 
+def plain_join(directory: str | os.PathLike[str], name: str) -> Path:
+    """``directory/name`` for a plain ``[A-Za-z0-9_.-]`` name, nothing resolved: for what acts on
+    the name itself and never follows it (unlink, lstat, rename, open with O_NOFOLLOW)."""
+    if not isinstance(name, str) or not _SAFE_NAME.fullmatch(name) or name in (".", ".."):
+        raise ValueError(f"file name {name!r} is not a plain [A-Za-z0-9_.-] name")
+    return Path(directory) / name
+
+
 def safe_join(directory: str | os.PathLike[str], name: str) -> Path:
     """``directory/name``, refusing any name that is not a plain ``[A-Za-z0-9_.-]`` file name
     or that would resolve outside ``directory`` (e.g. through a symlinked file name)."""
-    if not isinstance(name, str) or not _SAFE_NAME.fullmatch(name) or name in (".", ".."):
-        raise ValueError(f"file name {name!r} is not a plain [A-Za-z0-9_.-] name")
+    plain_join(directory, name)
     base = Path(os.path.realpath(directory))
     target = Path(os.path.realpath(base / name))
     if target.parent != base:
@@ -557,6 +564,7 @@ __all__ = [
     "WriteFailed",
     "XdpVerdict",
     "open_writer",
+    "plain_join",
     "safe_join",
     "safe_name",
 ]

@@ -28,10 +28,12 @@ from pathlib import Path
 from typing import Any
 
 from l4lb.recfilter import Filter
-from l4lb.recorder.limits import Action, Limiter, RotationPolicy, StopConditions
 from l4lb.recorder.budget import DiskBudget
+from l4lb.recorder.limits import Action, Limiter, RotationPolicy, StopConditions
 from l4lb.recorder.meta import BadMeta, read_meta
-from l4lb.recorder.pcapfile import FORMATS, LimitReached, PcapngWriter, PcapWriter, open_writer, safe_join, safe_name
+from l4lb.recorder.pcapfile import (
+    FORMATS, LimitReached, PcapngWriter, PcapWriter, open_writer, plain_join, safe_join, safe_name,
+)
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +91,7 @@ class Recording:
         self._saved: dict[str, Any] = {}      # counts of a recording loaded from disk
         self._budget = budget
         self._dropped = [0, 0]                # packets, captured bytes counted but lost to a write error
-        self._meta_failed = False
+        self.meta_failed = False              # the last save_meta failed (a full disk): retried
 
     # -- lifecycle --------------------------------------------------------------------
     def open(self, mono_start_ns: int) -> None:
@@ -173,7 +175,8 @@ class Recording:
         if overwrite:
             old = self.files.pop(index, None)
             if old is not None:
-                os.unlink(safe_join(self.directory, old.name))
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(plain_join(self.directory, old.name))
                 self._sizes.pop(index, None)
         self._open_file(index)
         assert self._writer is not None
@@ -299,7 +302,7 @@ class Recording:
                     problems.append(f"file {idx} {problem}")
                     out.append(entry)
                     continue
-                entry["size"] = os.lstat(self.directory / info.name).st_size
+                entry["size"] = os.lstat(plain_join(self.directory, info.name)).st_size
             entry["path"] = str(self.directory / info.name)
             out.append(entry)
         return out, problems
@@ -337,15 +340,13 @@ class Recording:
                     w.flush()
                 except OSError as e:
                     self._failed(e)
-            return safe_join(self.directory, info.name)
+            return plain_join(self.directory, info.name)   # opened with O_NOFOLLOW by the caller
 
     def remove_files(self) -> None:
         with self.lock:
             for info in self.files.values():
-                try:
-                    os.unlink(safe_join(self.directory, info.name))
-                except FileNotFoundError:
-                    pass
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(plain_join(self.directory, info.name))    # a symlink goes, not its target
             try:
                 os.unlink(self.meta_path())
             except FileNotFoundError:
@@ -353,7 +354,7 @@ class Recording:
 
     # -- metadata on disk --------------------------------------------------------------------
     def meta_path(self) -> Path:
-        return safe_join(self.directory, f"{self.id}.json")
+        return plain_join(self.directory, f"{self.id}.json")
 
     def save_meta(self) -> None:
         d = {
@@ -376,11 +377,12 @@ class Recording:
             # A full disk must not fail the recording's stop: the metadata catches up at the next save.
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
-            if not self._meta_failed:
-                log.warning("recording %s: metadata not saved (%s); kept in memory", self.id, e.strerror or e)
-            self._meta_failed = True
+            if not self.meta_failed:
+                log.warning("recording %s: metadata not saved (%s); kept in memory, retried", self.id,
+                            e.strerror or e)
+            self.meta_failed = True
             return
-        self._meta_failed = False
+        self.meta_failed = False
 
     @classmethod
     def load_meta(cls, path: Path) -> Recording:
@@ -415,9 +417,7 @@ class Recording:
 def file_problem(directory: Path, name: str) -> str | None:
     """Why a recording's file cannot be served as it is (None: it can)."""
     try:
-        st = os.lstat(safe_join(directory, name))
-    except ValueError:
-        return "leads out of the recorder directory"
+        st = os.lstat(plain_join(directory, name))
     except FileNotFoundError:
         return "is missing"
     except OSError as e:

@@ -9,6 +9,8 @@ observation point records it all the same."""
 from __future__ import annotations
 
 import ipaddress
+import json
+import os
 import signal
 import socket
 import struct
@@ -190,8 +192,20 @@ def test_term_closes_recordings_cleanly_and_a_restart_lists_them(lab, tmp_path: 
         types.append(btype)
         off += blen
     assert off == len(data) and types[-1] == 5, "complete blocks, statistics block last"
+    # Metadata that is not what the recorder wrote: skipped at the restart, with a reason logged.
+    rec_dir = lab.dir / "rec"
+    good = json.loads((rec_dir / f"{rid}.json").read_text())
+    (rec_dir / "junk.json").write_text("{not json")
+    (rec_dir / "evil.json").write_text(json.dumps({**good, "id": "evil", "files": [{"index": 0, "name": "../../x"}]}))
+    (rec_dir / "linked.json").symlink_to(rec_dir / f"{rid}.json")
     lab.start()
     with lab.client() as c:
+        listing = c.get("/v1/recordings")
+        assert listing.status_code == 200 and [x["id"] for x in listing.json()["recordings"]] == [rid]
+        skipped = [line for line in lab.log_text().splitlines() if "recorder: skipping" in line]
+        assert len(skipped) == 3 and any("junk.json: document: Invalid JSON" in x for x in skipped), skipped
+        for name in ("junk.json", "evil.json", "linked.json"):
+            (rec_dir / name).unlink()
         r = c.get(f"/v1/recordings/{rid}").json()
         assert (r["state"], r["stop_reason"], r["packets"], r["name"]) == ("stopped", "daemon_shutdown", 3, "across")
         dl = c.get(f"/v1/recordings/{rid}/files/0")
@@ -203,3 +217,27 @@ def test_term_closes_recordings_cleanly_and_a_restart_lists_them(lab, tmp_path: 
         wait_for(lambda: c.get(f"/v1/recordings/{rid2}").json()["packets"] == 2, what="2 packets")
         for x in (rid, rid2):
             assert c.delete(f"/v1/recordings/{x}").status_code == 204
+
+
+@pytest.mark.parametrize("replace", ["symlink", "fifo"])
+def test_a_capture_file_replaced_on_disk_is_listed_as_a_problem_and_not_served(lab, replace: str):
+    with lab.client() as c:
+        rid = c.post("/v1/recordings", json={"filters": [FILTER], "stop": {"packets": 1}}).json()["id"]
+        inject(lab, 1)
+        wait_for(lambda: c.get(f"/v1/recordings/{rid}").json()["state"] == "stopped", what="the recording to stop")
+        path = lab.dir / "rec" / f"{rid}_000000.pcapng"
+        path.unlink()
+        if replace == "symlink":
+            path.symlink_to("/etc/hostname")
+        else:
+            os.mkfifo(path)             # opened naively, a FIFO would hang the download
+        listing = c.get("/v1/recordings")
+        assert listing.status_code == 200
+        rec = next(x for x in listing.json()["recordings"] if x["id"] == rid)
+        assert rec["problems"] == ["file 0 is not a regular file (a symlink?)"]
+        assert rec["files"][0]["size"] is None and "path" not in rec["files"][0]
+        r = c.get(f"/v1/recordings/{rid}/files/0")
+        assert r.status_code == 409 and r.headers["content-type"] == "application/problem+json", r.text
+        assert str(lab.dir) not in r.text and "/etc" not in r.text
+        assert c.delete(f"/v1/recordings/{rid}").status_code == 204
+        assert not path.exists() and not path.is_symlink() and Path("/etc/hostname").exists()
