@@ -50,15 +50,9 @@ def lab(bpffs: Path):
     })
     # A common default fd limit, below the attack's 2,000 connections: unbounded, the daemon
     # ran out of descriptors and the unix socket stalled with the TCP listener.
-    command = the_lab.command
-    the_lab.command = lambda *args: ["prlimit", f"--nofile={FD_LIMIT}:{FD_LIMIT}", *command(*args)]  # type: ignore[method-assign]
-    try:
-        the_lab.start()
-        with the_lab.client() as c:
-            assert c.put("/v1/services/web", json=WEB).status_code == 201
+    the_lab.prefix = ["prlimit", f"--nofile={FD_LIMIT}:{FD_LIMIT}"]
+    with the_lab.running({"web": WEB}):
         yield the_lab
-    finally:
-        the_lab.close()
 
 
 # --- raw HTTP --------------------------------------------------------------------------------------------
@@ -317,7 +311,7 @@ def test_a_big_document_is_validated_off_the_event_loop(lab: DaemonLab) -> None:
     """1,000 services x 100 backends (4.3 MB, as in bench/apply.py): more than this daemon's
     limits allow, so it is refused after being parsed and validated in full. Meanwhile
     /healthz keeps answering: validated in the event loop, it stalled for the whole
-    validation (0.4-0.8 s of pydantic holding the GIL)."""
+    validation (0.4-0.8 s of pydantic holding the GIL, more on a busy machine)."""
     vips = [f"198.51.100.{h}" for h in range(1, 251)] + [f"203.0.113.{h}" for h in range(1, 251)]
     doc = {"services": [
         {"name": f"svc{i:04d}", "vip": vips[i % 500], "port": 80 + i // 500, "options": {"l4_dnat": True},
@@ -328,8 +322,10 @@ def test_a_big_document_is_validated_off_the_event_loop(lab: DaemonLab) -> None:
 
     def put() -> None:
         with lab.client(timeout=60) as c:
+            t0 = time.monotonic()
             answer["r"] = c.put("/v1/state?dry_run=true", content=payload,
                                 headers={"content-type": "application/json"})
+            answer["s"] = time.monotonic() - t0
 
     t = threading.Thread(target=put)
     latencies = []
@@ -341,7 +337,9 @@ def test_a_big_document_is_validated_off_the_event_loop(lab: DaemonLab) -> None:
             latencies.append(time.monotonic() - t0)
             time.sleep(0.01)
     t.join()
-    r = answer["r"]
+    r, put_s = answer["r"], answer["s"]
     assert r.status_code == 422 and "exceed limits.max_services" in r.json()["detail"], r.text[:300]
-    assert max(latencies) < 0.25, sorted(latencies)[-5:]
+    # Relative to the PUT's own time, so a loaded machine slows both alike: in the event loop,
+    # one probe waited for (nearly) the whole PUT (1.2 s of 1.3 s when measured).
+    assert max(latencies) < 0.4 * put_s, (put_s, sorted(latencies)[-5:])
     assert len(latencies) >= 5, latencies                  # the PUT took a while: we did probe during it

@@ -45,19 +45,10 @@ SIZE = 200
 def lab(bpffs: Path) -> Iterator[DaemonLab]:
     assert L4LBCTL.exists(), f"{L4LBCTL} missing: run `.venv/bin/pip install -e . --no-deps`"
     the_lab = DaemonLab(bpffs, "crec")
-    worker = None
-    try:
-        worker = netns.NetnsWorker(the_lab.ns)
-        the_lab.worker = worker  # type: ignore[attr-defined]
-        the_lab.start()
-        with the_lab.client() as c:  # the recorder watches service traffic
-            r = c.put("/v1/services/web", json={"vip": VIP, "port": 80, "backends": [{"address": "192.0.2.1"}]})
-            assert r.status_code == 201, r.text
+    the_lab.worker = netns.NetnsWorker(the_lab.ns)
+    # The recorder watches service traffic.
+    with the_lab.running({"web": {"vip": VIP, "port": 80, "backends": [{"address": "192.0.2.1"}]}}):
         yield the_lab
-    finally:
-        if worker is not None:
-            worker.close()
-        the_lab.close()
 
 
 @pytest.fixture
@@ -111,7 +102,7 @@ def inject(lab: DaemonLab, n: int, *, src: str = CLIENT) -> None:
             for f in frames:
                 s.send(f)
 
-    lab.worker.call(go)  # type: ignore[attr-defined]
+    lab.worker.call(go)
 
 
 def wait_for(pred: Callable[[], Any], what: str, timeout: float = 30) -> Any:

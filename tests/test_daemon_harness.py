@@ -21,10 +21,13 @@ import subprocess
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
+from l4lb.lab import netns
 from l4lb.lab.l4lbd import PY, L4lbd, default_config, to_toml, xdp_prog_id  # noqa: F401 (re-exported)
 
 NS_PREFIX = "l4d"
@@ -52,9 +55,26 @@ class DaemonLab(L4lbd):
         super().__init__(f"{NS_PREFIX}-{os.getpid()}-{tag}", workdir,
                          default_config(workdir, self.bpffs, ["lbt0a"]), env=env)
         self.bpffs.mkdir()
+        self.prefix: list[str] = []              # runs the daemon under e.g. prlimit or unshare (which exec it)
+        self.worker: netns.NetnsWorker | None = None
         _run("ip", "netns", "add", self.ns)
         self.nsexec("ip", "link", "set", "lo", "up")
         self.add_veth("lbt0")
+
+    def command(self, *args: str) -> list[str]:
+        return [*self.prefix, *super().command(*args)]
+
+    @contextmanager
+    def running(self, services: dict[str, dict] | None = None) -> Iterator["DaemonLab"]:
+        """Start the daemon, create ``services`` (name -> body), yield; tear everything down after."""
+        try:
+            self.start()
+            with self.client() as c:
+                for name, body in (services or {}).items():
+                    assert c.put(f"/v1/services/{name}", json=body).status_code == 201
+            yield self
+        finally:
+            self.close()
 
     # -- namespace --------------------------------------------------------------------
 
@@ -84,6 +104,8 @@ class DaemonLab(L4lbd):
     # -- teardown ------------------------------------------------------------------------------
 
     def close(self) -> None:
+        if self.worker is not None:
+            self.worker.close()
         self.kill()
         _run("ip", "netns", "del", self.ns, check=False)
         # Pins hold the maps (and the program) alive: remove them with the netns gone.

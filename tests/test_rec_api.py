@@ -35,15 +35,9 @@ FILTER = f"{CLIENT} 0 {VIP} 80 tcp"
 @pytest.fixture(scope="module")
 def lab(bpffs: Path):
     the_lab = DaemonLab(bpffs, "rec")
-    the_lab.worker = netns.NetnsWorker(the_lab.ns)  # type: ignore[attr-defined]
-    try:
-        the_lab.start()
-        with the_lab.client() as c:
-            assert c.put("/v1/services/web", json=WEB).status_code == 201
+    the_lab.worker = netns.NetnsWorker(the_lab.ns)
+    with the_lab.running({"web": WEB}):
         yield the_lab
-    finally:
-        the_lab.worker.close()
-        the_lab.close()
 
 
 def inject(lab: DaemonLab, n: int, *, src: str = CLIENT, dport: int = 80, size: int = 200, udp: bool = False) -> None:
@@ -57,7 +51,7 @@ def inject(lab: DaemonLab, n: int, *, src: str = CLIENT, dport: int = 80, size: 
             for f in frames:
                 s.send(f)
 
-    lab.worker.call(go)  # type: ignore[attr-defined]
+    lab.worker.call(go)
 
 
 def wait_for(pred, timeout: float = 15, what: str = "condition") -> None:

@@ -12,12 +12,12 @@ state writes must go on working.
 
 from __future__ import annotations
 
-import subprocess
 from pathlib import Path
 
 import pytest
 from test_daemon_harness import DaemonLab
 from test_rec_api import FILTER, WEB, inject, wait_for
+from test_rec_disk import tshark_check
 
 from l4lb.lab import netns
 
@@ -29,32 +29,14 @@ TMPFS = "1m"
 @pytest.fixture(scope="module")
 def lab(bpffs: Path):
     the_lab = DaemonLab(bpffs, "recdisk")
-    the_lab.worker = netns.NetnsWorker(the_lab.ns)  # type: ignore[attr-defined]
+    the_lab.worker = netns.NetnsWorker(the_lab.ns)
     rec = Path(the_lab.config["recorder_dir"])
     rec.mkdir()
     the_lab.config["recorder"] = {"min_free_bytes": 0}
-    command = the_lab.command
-    the_lab.command = lambda *args: [  # type: ignore[method-assign]
-        "unshare", "--mount", "--propagation", "private", "sh", "-c",
-        f'mount -t tmpfs -o size={TMPFS},mode=0700 tmpfs "$1" && shift && exec "$@"', "sh", str(rec),
-        *command(*args)]
-    try:
-        the_lab.start()
-        with the_lab.client() as c:
-            assert c.put("/v1/services/web", json=WEB).status_code == 201
+    the_lab.prefix = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                      f'mount -t tmpfs -o size={TMPFS},mode=0700 tmpfs "$1" && shift && exec "$@"', "sh", str(rec)]
+    with the_lab.running({"web": WEB}):
         yield the_lab
-    finally:
-        the_lab.worker.close()
-        the_lab.close()
-
-
-def tshark_count(path: Path) -> tuple[int, int]:
-    cp = subprocess.run(["tshark", "-r", str(path), "-T", "fields", "-e", "frame.cap_len"],
-                        capture_output=True, text=True, timeout=60)
-    warnings = [line for line in cp.stderr.splitlines() if line.strip() and "Running as user" not in line]
-    assert cp.returncode == 0 and not warnings, cp.stderr
-    lens = [int(x) for x in cp.stdout.split()]
-    return len(lens), sum(lens)
 
 
 def test_a_full_disk_stops_the_recording_cleanly(lab: DaemonLab, tmp_path: Path) -> None:
@@ -80,7 +62,7 @@ def test_a_full_disk_stops_the_recording_cleanly(lab: DaemonLab, tmp_path: Path)
         assert len(dl.content) == on_disk.stat().st_size == got["files"][0]["size"] > 500_000
         copy = tmp_path / "fill.pcapng"
         copy.write_bytes(dl.content)
-        assert tshark_count(copy) == (got["packets"], got["bytes"])
+        assert tshark_check(copy) == (got["packets"], got["bytes"])
 
         # Cutting the file back freed what the failed write had taken; fill that too (as
         # something else on the file system would): no room for another recording, said so
