@@ -24,7 +24,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
-from l4lb.models import NAME_RE
+from l4lb.names import valid_name
 
 ASN = Field(ge=1, le=4294967295)
 # RFC 1997 standard communities "a:b" (16-bit halves) and RFC 8092 large ones "a:b:c" (32-bit parts).
@@ -125,7 +125,7 @@ class BgpSection(_Section):
     @classmethod
     def _names(cls, v: dict[str, Attributes]) -> dict[str, Attributes]:
         for name in v:
-            if not NAME_RE.match(name):
+            if not valid_name(name):
                 raise ValueError(f"{name!r} is not a service name")
         return v
 
