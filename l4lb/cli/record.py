@@ -47,9 +47,13 @@ REASONS = {
     "max_packets": "packet limit reached", "max_bytes": "byte limit reached",
     "max_duration": "duration reached", "max_files": "file limit reached", "stopped": "stopped",
     "daemon_shutdown": "the daemon shut down", "daemon_restart": "the daemon restarted",
-    "failed": "failed",
+    "failed": "failed", "disk_full": "the recorder's disk is full (recorder.min_free_bytes)",
+    "max_recording_bytes": "the recording reached recorder.max_recording_bytes",
+    "max_total_bytes": "the recordings reached recorder.max_total_bytes: delete old ones",
+    "write_error": "writing its file failed (see the daemon's log)",
 }
-ABNORMAL = {"daemon_shutdown", "daemon_restart", "failed"}
+ABNORMAL = {"daemon_shutdown", "daemon_restart", "failed", "disk_full", "max_recording_bytes", "max_total_bytes",
+            "write_error"}
 STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 
 
@@ -214,6 +218,8 @@ def show_recording(rec: dict[str, Any]) -> None:
     if rec["files"]:
         click.echo()
         click.echo(table(["INDEX", "SIZE", "PATH"], [[f["index"], f["size"], file_path(f)] for f in rec["files"]]))
+    for problem in rec.get("problems") or ():
+        click.echo(f"problem: {problem} (not served)")
 
 
 class StatusLine:
