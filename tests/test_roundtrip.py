@@ -192,6 +192,6 @@ def app_client(tmp_path: Path):
 
 
 def test_every_accepted_document_reads_back_is_addressable_and_reapplies_unchanged(app_client, tmp_path: Path):
-    seen = run_roundtrips(app_client, tmp_path, examples=200)
+    seen = run_roundtrips(app_client, tmp_path, examples=120)
     # Both outcomes were really exercised (the strategy leans to valid documents).
-    assert seen["accepted"] >= 40 and seen["refused"] >= 40, seen
+    assert seen["accepted"] >= 25 and seen["refused"] >= 25, seen
