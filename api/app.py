@@ -10,6 +10,7 @@ from fastapi.openapi.utils import get_openapi
 from l4lb.control import Control
 
 from . import docs, errors
+from .health import router as health_router
 from .metrics import Metrics
 from .bgp import router as bgp_router
 from .recordings import router as recordings_router
@@ -35,9 +36,11 @@ def create_app(control: Control, *, version: str = "0.1.0") -> FastAPI:
     app = FastAPI(title="l4lbd", version=version, description=DESCRIPTION, docs_url=None, redoc_url=None)
     docs.install(app)
     app.state.control = control
-    app.state.metrics = Metrics(control)
+    app.state.health = None  # the daemon sets its HealthManager here
+    app.state.metrics = Metrics(control, health=lambda: app.state.health)
     errors.install(app)
     app.include_router(router)
+    app.include_router(health_router)
     app.include_router(recordings_router)
     app.include_router(bgp_router)
 

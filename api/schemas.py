@@ -11,7 +11,19 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from l4lb.models import MAX_BACKENDS_PER_SERVICE, MAX_WEIGHT, Backend, BackendState, IPAddress, Port, Protocol, Service, ServiceOptions
+from l4lb.models import (
+    MAX_BACKENDS_PER_SERVICE,
+    MAX_WEIGHT,
+    Backend,
+    BackendState,
+    HealthCheck,
+    HealthOverride,
+    IPAddress,
+    Port,
+    Protocol,
+    Service,
+    ServiceOptions,
+)
 
 
 class _Body(BaseModel):
@@ -28,6 +40,7 @@ class ServiceBody(_Body):
     options: ServiceOptions = ServiceOptions()
     backends: list[Backend] = Field(default_factory=list, max_length=MAX_BACKENDS_PER_SERVICE)
     announce: bool = Field(default=True, description="Announce the VIP over BGP while this box can serve it")
+    health: HealthCheck | None = None
 
 
 class BackendBody(_Body):
@@ -37,6 +50,7 @@ class BackendBody(_Body):
     port: Port | None = Field(default=None, description="Backend port (l4_dnat only); or put it in the URL")
     weight: int = Field(default=100, ge=0, le=MAX_WEIGHT)
     state: BackendState = BackendState.active
+    health: HealthOverride | None = None
 
 
 class BackendPatch(_Body):
@@ -106,6 +120,7 @@ class BackendStats(Counter):
     address: str
     port: int
     state: BackendState
+    health: str | None = Field(default=None, description="up, down or unknown (null: not checked)")
 
 
 class ServiceStats(Counter):
@@ -113,6 +128,7 @@ class ServiceStats(Counter):
     vip: str
     port: int
     protocol: Protocol
+    fail_open: bool = Field(default=False, description="Every backend is down and all are kept (health)")
     backends: list[BackendStats]
 
 
