@@ -241,12 +241,19 @@ def settle(b: Bench, want: str, timeout: float) -> None:
     raise RuntimeError(f"probes not all {want} after {timeout} s: {b.health()['probes']}\n{b.daemon.log_tail(20)}")
 
 
-def row(label: str, value: str, target: str = "", verdict: str = "") -> None:
-    print(f"  {label:<62} {value:>20}  {target:>12}  {verdict}")
+def table(title: str, head: tuple[str, str, str], rows: list[tuple[str, list[str], str, bool | None]],
+          quick: bool) -> None:
+    """``title``, then a header line and one row per figure: label, three values, target, verdict
+    (none in a quick run: its figures are not measurements)."""
+    print(f"\n{title}")
+    print(f"  {'figure':<56}  {head[0]:>10}  {head[1]:>10}  {head[2]:>10}  {'target':>14}  verdict")
+    for label, values, target, ok in rows:
+        mark = "-" if quick or ok is None else ("PASS" if ok else "MISS")
+        print(f"  {label:<56}  {values[0]:>10}  {values[1]:>10}  {values[2]:>10}  {target or '-':>14}  {mark}")
 
 
-def mmm(xs: list[float], fmt: str) -> str:
-    return "/".join(fmt.format(x) for x in (min(xs), statistics.median(xs), max(xs)))
+def mmm(xs: list[float], fmt: str) -> list[str]:
+    return [fmt.format(x) for x in (min(xs), statistics.median(xs), max(xs))]
 
 
 @click.command()
@@ -298,35 +305,36 @@ def main(quick: bool, targets: int, runs: int, seconds: float, n_drains: int) ->
         finally:
             b.close()
 
-    def verdict(ok: bool) -> str:
-        return "PASS" if ok else "MISS"
-
-    print(f"\nTCP checks, {runs} window(s) of {seconds:g} s, min/median/max (daemon CPU: user+system, % of one core)")
-    row("floor: the same daemon and services, no checks: CPU", mmm(results["idle"], "{:.1f}%"))
+    if quick:
+        print("quick run: a smoke run at a small scale; its figures are not measurements and judge no target")
+    rows: list[tuple[str, list[str], str, bool | None]] = [
+        ("floor: the same daemon and services, no checks: CPU", mmm(results["idle"], "{:.1f}%"), "", None)]
     for mode, n in (("direct", n_direct * per_direct), ("tunnel", n_tunnel * per_tunnel)):
         rates = [r[0] for r in results[mode]]
         cpus = [r[1] for r in results[mode]]
-        fails = sum(r[2] for r in results[mode])
-        per_core = [r / (c / 100) for r, c in zip(rates, cpus) if c > 0]
-        print(f" {mode}: {n} targets every 2 s ({'IP6IP6 via tc hc_encap' if mode == 'tunnel' else 'to the backend'})")
-        row("checks/s", mmm(rates, "{:.0f}"), f">= {TARGET_CHECKS:.0f}", verdict(min(rates) >= TARGET_CHECKS)
-            if not quick else "")
-        row("daemon CPU", mmm(cpus, "{:.1f}%"), f"<= {TARGET_CPU:.0f}%", verdict(max(cpus) <= TARGET_CPU))
-        row("checks/s per core of daemon CPU", mmm(per_core, "{:.0f}") if per_core else "-")
-        row("failed checks in the windows", str(fails))
+        per_core = [r / (c / 100) for r, c in zip(rates, cpus) if c > 0] or [0.0]
+        how = "IP6IP6 by tc hc_encap" if mode == "tunnel" else "to the backend"
+        rows += [(f"{mode} ({how}), {n} targets: checks/s", mmm(rates, "{:.0f}"), f">= {TARGET_CHECKS:.0f}",
+                  min(rates) >= TARGET_CHECKS),
+                 (f"{mode}: daemon CPU", mmm(cpus, "{:.1f}%"), f"<= {TARGET_CPU:.0f}%", max(cpus) <= TARGET_CPU),
+                 (f"{mode}: checks/s per core of daemon CPU", mmm(per_core, "{:.0f}"), "", None),
+                 (f"{mode}: failed checks per window", mmm([float(r[2]) for r in results[mode]], "{:.0f}"), "0",
+                  all(r[2] == 0 for r in results[mode]))]
+    table(f"TCP checks every 2 s, {runs} window(s) of {seconds:g} s (daemon CPU: user+system from /proc, "
+          "% of one core)", ("min", "median", "max"), rows, quick)
     print(f"  tunnel encapsulator counters: {results['tunnel_packets']}")
-    print(f"\nDrain latency, 1 service of {DRAIN_BACKENDS} backends (PATCH draining + undo, {2 * n_drains} "
-          "requests), p50/p99/max")
-    for key, label in (("drain_floor", "floor: no checks"), ("drain_direct", f"{n_direct * per_direct} direct checks "
-                       "running"), ("drain_tunnel", f"{n_tunnel * per_tunnel} tunnel checks running")):
+    rows = []
+    for key, label in (("drain_floor", "floor: no checks"), ("drain_direct", f"{n_direct * per_direct} direct "
+                       "checks running"), ("drain_tunnel", f"{n_tunnel * per_tunnel} tunnel checks running")):
         lat = results[key]
-        p99 = pct(lat, 99)
-        row(label, f"{pct(lat, 50):.1f}/{p99:.1f}/{max(lat):.1f} ms", f"p99 <= {TARGET_DRAIN_P99_MS:.0f} ms",
-            verdict(p99 <= TARGET_DRAIN_P99_MS))
+        rows.append((label, [f"{pct(lat, 50):.1f} ms", f"{pct(lat, 99):.1f} ms", f"{max(lat):.1f} ms"],
+                     f"p99 <= {TARGET_DRAIN_P99_MS:.0f} ms", pct(lat, 99) <= TARGET_DRAIN_P99_MS))
+    table(f"Drains of 1 service of {DRAIN_BACKENDS} backends (PATCH draining + undo, {2 * n_drains} requests)",
+          ("p50", "p99", "max"), rows, quick)
     d = results["detect"]
-    print(f"\nDetection, interval 1 s, fall 3, {len(d)} backends (one service) whose listener went away (refused)")
-    row("seconds from the stop to down: p50/p99/max", f"{pct(d, 50):.2f}/{pct(d, 99):.2f}/{max(d):.2f} s",
-        "<= 3 + 1 s", verdict(max(d) <= 4.0))
+    table(f"Detection at interval 1 s, fall 3: {len(d)} backends (one service) whose listener went away (refused)",
+          ("p50", "p99", "max"), [("seconds from the stop to down", [f"{pct(d, 50):.2f} s", f"{pct(d, 99):.2f} s",
+                                   f"{max(d):.2f} s"], "<= 3 + 1 s", max(d) <= 4.0)], quick)
 
 
 if __name__ == "__main__":
