@@ -7,8 +7,8 @@ one listener on [::]:80 accepts (and closes) every check, and for probes
 through the tunnel the lab's decapsulator (XDP) strips the IP6IP6 header and
 the inner packet reaches VIP:80 (another AnyIP prefix). Measured:
 
-* sustained TCP checks per second and the daemon's CPU (user + system, from
-  /proc, as % of one core), for checks direct to the backends and through
+* sustained TCP checks per second and the daemon's CPU (user + system of
+  l4lbd and its probe worker process, from /proc, as % of one core), for checks direct to the backends and through
   the tunnel (tc encapsulator), at N targets every 2 s. All services of the
   run are applied first without checks; the floor is that daemon, settled,
   measured in the same run; then only the checks are switched on (by mode);
@@ -153,9 +153,17 @@ class Bench:
             return c.get("/v1/health", params={"services": str(services).lower()}).json()
 
     def cpu_seconds(self) -> float:
+        """User + system time of l4lbd and its children (the probe worker)."""
         assert self.daemon.proc is not None
-        fields = Path(f"/proc/{self.daemon.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        pid, total = self.daemon.proc.pid, 0
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                f = stat.read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(stat.parent.name) == pid or int(f[1]) == pid:
+                total += int(f[11]) + int(f[12])
+        return total / os.sysconf("SC_CLK_TCK")
 
     def close(self) -> None:
         if hasattr(self, "daemon"):
@@ -318,14 +326,16 @@ def main(quick: bool, targets: int, runs: int, seconds: float, n_drains: int) ->
         cpus = [r[1] for r in results[mode]]
         per_core = [r / (c / 100) for r, c in zip(rates, cpus) if c > 0] or [0.0]
         how = "IP6IP6 by tc hc_encap" if mode == "tunnel" else "to the backend"
-        rows += [(f"{mode} ({how}), {n} targets: checks/s", mmm(rates, "{:.0f}"), f">= {TARGET_CHECKS:.0f}",
-                  min(rates) >= TARGET_CHECKS),
+        # Sustained: the configured rate (>= 5,000/s) is kept, within 2 %.
+        want = n / every
+        rows += [(f"{mode} ({how}), {n} targets: checks/s", mmm(rates, "{:.0f}"), f">= {0.98 * want:.0f}",
+                  want >= TARGET_CHECKS and min(rates) >= 0.98 * want),
                  (f"{mode}: daemon CPU", mmm(cpus, "{:.1f}%"), f"<= {TARGET_CPU:.0f}%", max(cpus) <= TARGET_CPU),
                  (f"{mode}: checks/s per core of daemon CPU", mmm(per_core, "{:.0f}"), "", None),
                  (f"{mode}: failed checks per window", mmm([float(r[2]) for r in results[mode]], "{:.0f}"), "0",
                   all(r[2] == 0 for r in results[mode]))]
-    table(f"TCP checks every {every:g} s, {runs} window(s) of {seconds:g} s (daemon CPU: user+system from /proc, "
-          "% of one core)", ("min", "median", "max"), rows, quick)
+    table(f"TCP checks every {every:g} s, {runs} window(s) of {seconds:g} s (daemon CPU: user+system of l4lbd "
+          "and its probe worker, from /proc, % of one core)", ("min", "median", "max"), rows, quick)
     print(f"  tunnel encapsulator counters: {results['tunnel_packets']}")
     rows = []
     for key, label in (("drain_floor", "floor: no checks"), ("drain_direct", f"{n_direct * per_direct} direct "

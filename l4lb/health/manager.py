@@ -22,24 +22,23 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
 from l4lb.health.machine import Damping, Transition
 from l4lb.health.overlay import Health
 from l4lb.health.probe import Route
-from l4lb.health.scheduler import ProbeConfig, Scheduler
+from l4lb.health.scheduler import LoopStats, ProbeConfig
 from l4lb.health.store import HealthStore
-from l4lb.health.targets import Probe, ProbeSpec, Timing, probes_of
+from l4lb.health.targets import Probe, ProbeSpec, probes_of
+from l4lb.health.worker import Latency, ProbeWorker
 from l4lb.models import Service
 from l4lb.view import View
 
 log = logging.getLogger("l4lbd.health")
 
 LOG_BURST = 20   # transitions logged one by one per round; the rest are summed up
-LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
 
 class ControlLike(Protocol):
@@ -54,19 +53,6 @@ class TunnelLike(Protocol):
     def counters(self) -> dict[str, int]: ...
 
 
-@dataclass
-class Latency:
-    """A Prometheus-style histogram of check durations (one per check kind and way)."""
-
-    counts: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BUCKETS) + 1))
-    total: float = 0.0
-
-    def observe(self, seconds: float) -> None:
-        i = next((i for i, b in enumerate(LATENCY_BUCKETS) if seconds <= b), len(LATENCY_BUCKETS))
-        self.counts[i] += 1
-        self.total += seconds
-
-
 class HealthManager:
     def __init__(self, state_dir: Path, *, tunnel: TunnelLike | None = None, tunnel_error: str | None = None,
                  damping: Damping = Damping(), max_in_flight: int = 4096) -> None:
@@ -77,9 +63,8 @@ class HealthManager:
         self._tunnel_loaded: TunnelLike | None = None
         self.tunnel_error = tunnel_error or ("the probe tunnel is not set up" if tunnel is None
                                              else "the probe tunnel is being set up")
-        self.scheduler = Scheduler(self._transition, self._result, damping=damping, max_in_flight=max_in_flight,
-                                   restored=self._restored)
-        self.latency: dict[tuple[str, str], Latency] = {}
+        self.worker = ProbeWorker(self._transition, damping=damping, max_in_flight=max_in_flight,
+                                  restored=self._restored)
         self.transitions: deque[Transition] = deque(maxlen=256)   # recent ones, for the API
         self._control: ControlLike | None = None
         self._view: View | None = None
@@ -102,7 +87,6 @@ class HealthManager:
 
     def start(self, control: ControlLike) -> None:
         self._control = control
-        self.scheduler.start()
         self._thread = threading.Thread(target=self._run, name="l4lb-health-apply", daemon=True)
         self._thread.start()
         control.subscribe(self._on_view)
@@ -112,7 +96,7 @@ class HealthManager:
         self._wake.set()
         if self._thread is not None:
             self._thread.join(10)
-        self.scheduler.stop()
+        self.worker.stop()
         self.store.close()
 
     def _on_view(self, view: View) -> None:
@@ -121,17 +105,10 @@ class HealthManager:
         self._wake.set()
 
     def _transition(self, t: Transition) -> None:
-        # In the scheduler's thread.
+        # In the thread that reads the probe worker.
         self._queue.append(t)
         self.transitions.append(t)
         self._wake.set()
-
-    def _result(self, cfg: ProbeConfig, ok: bool, seconds: float) -> None:
-        k = (cfg.spec.kind.value, cfg.spec.via)
-        h = self.latency.get(k)
-        if h is None:
-            h = self.latency[k] = Latency()
-        h.observe(seconds)
 
     # -- the worker ------------------------------------------------------------------
 
@@ -234,7 +211,7 @@ class HealthManager:
                 for p in probes[1:]:
                     timing = timing.merge(p.timing)
                 changes[key] = ProbeConfig(probes[0].spec, timing, self._route(probes[0].spec))
-        self.scheduler.update(changes)
+        self.worker.update(changes)
         if gone:
             # Facts of probes nobody uses any more must not come back with a later service.
             self.store.forget(gone)
@@ -338,27 +315,22 @@ class HealthManager:
 
     # -- reading (API, metrics) ---------------------------------------------------------
 
-    def probe(self, key: str) -> dict[str, Any] | None:
-        state = self.scheduler.state(key)
-        if state is None:
-            return None
-        job = self.scheduler.jobs.get(key)
-        out = state.to_dict(time.monotonic())
-        if job is not None:
-            t = job.config.timing
-            out.update(check=job.config.spec.description, interval=t.interval, timeout=t.timeout, rise=t.rise,
-                       fall=t.fall)
-        return out
+    def details(self) -> dict[str, dict[str, Any]]:
+        """Probe key -> its state, counters, last result and check (from the worker)."""
+        return self.worker.details()
+
+    @property
+    def stats(self) -> LoopStats:
+        return self.worker.stats
+
+    @property
+    def latency(self) -> dict[tuple[str, str], Latency]:
+        return self.worker.latency
 
     def service_probes(self, svc: Service) -> tuple[Probe | None, ...]:
         """``probes_of(svc)``, from what the manager worked out already when it can."""
         seen = self._seen.get(svc.name)
         return seen[1] if seen is not None and seen[0] is svc else probes_of(svc)
-
-    def probes(self) -> Iterator[tuple[str, str, Health]]:
-        """(key, description, state) of every probe."""
-        for key, job in list(self.scheduler.jobs.items()):
-            yield key, job.config.spec.description, job.state.state
 
 
 def from_config(cfg: Any) -> HealthManager | None:

@@ -15,7 +15,8 @@ from prometheus_client.core import (
     StateSetMetricFamily,
 )
 
-from l4lb.health.manager import LATENCY_BUCKETS, HealthManager
+from l4lb.health.manager import HealthManager
+from l4lb.health.worker import LATENCY_BUCKETS
 from l4lb.health.overlay import Health
 from l4lb.health.targets import _text, probes_of
 from l4lb.models import Service
@@ -28,8 +29,13 @@ def _probes(svc: Service, manager: HealthManager | None) -> tuple[Any, ...]:
     return manager.service_probes(svc) if manager is not None else probes_of(svc)
 
 
-def service_report(svc: Service, view: View, health_of: HealthOf, manager: HealthManager | None) -> dict[str, Any]:
+def service_report(svc: Service, view: View, health_of: HealthOf, manager: HealthManager | None,
+                   details: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+    """One service's backends with their health; ``details`` is the manager's
+    snapshot of probe states (fetched here when not given)."""
     probes = _probes(svc, manager)
+    if details is None:
+        details = manager.details() if manager is not None and probes else {}
     backends = []
     for i, b in enumerate(svc.backends):
         p = probes[i] if probes else None
@@ -37,10 +43,9 @@ def service_report(svc: Service, view: View, health_of: HealthOf, manager: Healt
                                "state": b.state.value, "health": health_of(svc.name, i)}
         if p is not None:
             row["key"] = p.key
-            detail = manager.probe(p.key) if manager is not None else None
+            detail = details.get(p.key)
             if detail is not None:
-                detail.pop("health", None)   # the fact in force is the one shown
-                row.update(detail)
+                row.update({k: v for k, v in detail.items() if k != "health"})  # the fact in force is shown
             else:
                 row["check"] = p.spec.description
         backends.append(row)
@@ -51,17 +56,18 @@ def service_report(svc: Service, view: View, health_of: HealthOf, manager: Healt
 
 def report(view: View, health_of: HealthOf, manager: HealthManager | None, *, services: bool = True) -> dict[str, Any]:
     """The whole picture; ``services=False`` leaves out the per-backend part (cheap at 10,000 backends)."""
+    details = manager.details() if manager is not None and services else {}
     counts = {h.value: 0 for h in Health}
     if manager is not None:
-        for _, _, state in manager.probes():
-            counts[state.value] += 1
+        counts.update(manager.stats.states)
     out: dict[str, Any] = {
         "revision": view.revision, "runtime": view.runtime, "enabled": manager is not None,
         "probes": counts, "fail_open": sorted(view.fail_open),
-        "services": [service_report(s, view, health_of, manager) for s in view.desired.services] if services else [],
+        "services": [service_report(s, view, health_of, manager, details) for s in view.desired.services]
+        if services else [],
     }
     if manager is not None:
-        st = manager.scheduler.stats
+        st = manager.stats
         out["checks"] = {**st.results, "not_run": st.not_run, "late": st.late}
         out["tunnel"] = {"ready": manager.tunnel is not None and manager.tunnel_error is None,
                          "error": manager.tunnel_error,
@@ -104,15 +110,14 @@ def metrics(view: View, health_of: HealthOf, manager: HealthManager | None) -> I
             buckets.append((bound, acc))
         hist.add_metric([kind, via], buckets, lat.total)
     yield hist
-    st = manager.scheduler.stats
+    st = manager.stats
     checks = CounterMetricFamily("l4lb_health_checks", "Health checks by result", labels=["result"])
     for k, v in (*st.results.items(), ("not_run", st.not_run)):
         checks.add_metric([k], v)
     yield checks
     probes = GaugeMetricFamily("l4lb_health_probes", "Distinct probes by state", labels=["state"])
     counts = {h.value: 0 for h in Health}
-    for _, _, h2 in manager.probes():
-        counts[h2.value] += 1
+    counts.update(st.states)
     for k, n in counts.items():
         probes.add_metric([k], n)
     yield probes

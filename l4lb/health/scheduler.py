@@ -61,6 +61,7 @@ class LoopStats:
     late: int = 0
     not_run: int = 0
     results: dict[str, int] = field(default_factory=lambda: {"ok": 0, "failed": 0})
+    states: dict[str, int] = field(default_factory=dict)   # probes by state (filled when sent)
 
 
 class Scheduler:
