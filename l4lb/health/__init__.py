@@ -4,7 +4,8 @@
     overlay   (pure) desired services + health facts -> effective services
     machine   (pure) rise/fall and flap damping of one probe's results
     probe     probers on non-blocking sockets: tcp, http(s), udp-dns, tunnel or direct
-    scheduler one selector loop that runs every probe on time
+    scheduler one epoll loop that runs every probe on time
+    worker    that loop in a process of its own (no GIL shared with the API)
     store     the last known state of every probe (state_dir/health.db)
     manager   subscribes to the control core, starts and stops probes, and
               hands transitions back through Control.set_health

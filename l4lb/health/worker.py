@@ -21,6 +21,7 @@ from __future__ import annotations
 import itertools
 import logging
 import multiprocessing
+import os
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -35,6 +36,7 @@ log = logging.getLogger("l4lbd.health")
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 FLUSH_EVERY = 0.2
+NICE = 10
 
 
 class Latency:
@@ -56,6 +58,11 @@ class Latency:
 def serve(conn: Any, damping: Damping, max_in_flight: int, restored: Mapping[str, tuple[Health, float]]) -> None:
     """The worker process: run probes, report transitions and counters, answer queries."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s (probe worker): %(message)s")
+    # Background work: on a busy box the API (a drain) goes first; checks have their timeouts to spare.
+    try:
+        os.nice(NICE)
+    except OSError:  # a syscall filter without @resources (the systemd unit): run at the daemon's priority
+        pass
     lock = threading.Lock()
     pending: list[Transition] = []
     latency: dict[tuple[str, str], Latency] = {}
