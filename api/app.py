@@ -12,6 +12,7 @@ from l4lb.control import Control
 
 from . import docs, errors
 from .limits import DEFAULT_MAX_BODY_BYTES, BodyLimit
+from .health import router as health_router
 from .metrics import Metrics
 from .bgp import router as bgp_router
 from .recordings import router as recordings_router
@@ -42,9 +43,11 @@ def create_app(control: Control, *, version: str = "0.1.0",
     docs.install(app)
     app.add_middleware(BodyLimit, max_body_bytes=max_body_bytes)
     app.state.control = control
-    app.state.metrics = Metrics(control)
+    app.state.health = None  # the daemon sets its HealthManager here
+    app.state.metrics = Metrics(control, health=lambda: app.state.health)
     errors.install(app)
     app.include_router(router)
+    app.include_router(health_router)
     app.include_router(recordings_router)
     app.include_router(bgp_router)
 

@@ -1,12 +1,13 @@
 """Prometheus /metrics: a custom collector that reads the datapath on each scrape.
 
 Per-CPU counters are summed by the datapath's stats(); this only labels them
-(service name, VIP, backend, reason) and adds control-plane gauges.
+(service name, VIP, backend, reason) and adds control-plane gauges, and the
+health room's gauges and check-duration histograms (l4lb/health/report.py).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, generate_latest
@@ -14,6 +15,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from l4lb.control import Control
+from l4lb.health.report import metrics as health_metrics
 from l4lb.models import BackendState
 
 
@@ -97,10 +99,19 @@ def _map_metrics(dp: dict[str, Any]) -> Iterator[Metric]:
     yield size
 
 
+class HealthCollector:
+    def __init__(self, control: Control, health: Callable[[], Any]) -> None:
+        self._control, self._health = control, health
+
+    def collect(self) -> Iterator[Metric]:
+        yield from health_metrics(self._control.view(), self._control.health, self._health())
+
+
 class Metrics:
-    def __init__(self, control: Control) -> None:
+    def __init__(self, control: Control, health: Callable[[], Any] = lambda: None) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(L4lbCollector(control))  # type: ignore[arg-type]
+        self.registry.register(HealthCollector(control, health))  # type: ignore[arg-type]
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST

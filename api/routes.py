@@ -195,7 +195,8 @@ def put_backend(
     if_match: IfMatch = None,
 ) -> Backend:
     ref = _ref(backend)
-    new = Backend(address=body.address or ref.address, port=body.port, weight=body.weight, state=body.state)
+    new = Backend(address=body.address or ref.address, port=body.port, weight=body.weight, state=body.state,
+                  health=body.health)
     c, created, stored = _control(request).put_backend(name, ref, new, precondition(if_match))
     _headers(response, c.revision, service_etag(c.service(name)))
     if created:

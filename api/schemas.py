@@ -12,7 +12,8 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from l4lb.models import (
-    MAX_BACKENDS_PER_SERVICE, Address, Backend, BackendState, Port, Protocol, Service, ServiceOptions, Weight,
+    MAX_BACKENDS_PER_SERVICE, Address, Backend, BackendState, HealthCheck, HealthOverride, Port, Protocol, Service,
+    ServiceOptions, Weight,
 )
 
 
@@ -30,6 +31,7 @@ class ServiceBody(_Body):
     options: ServiceOptions = ServiceOptions()
     backends: list[Backend] = Field(default_factory=list, max_length=MAX_BACKENDS_PER_SERVICE)
     announce: bool = Field(default=True, description="Announce the VIP over BGP while this box can serve it")
+    health: HealthCheck | None = None
 
 
 class BackendBody(_Body):
@@ -39,6 +41,7 @@ class BackendBody(_Body):
     port: Port | None = Field(default=None, description="Backend port (l4_dnat only); or put it in the URL")
     weight: Weight = 100
     state: BackendState = BackendState.active
+    health: HealthOverride | None = None
 
 
 class BackendPatch(_Body):
@@ -108,6 +111,7 @@ class BackendStats(Counter):
     address: str
     port: int
     state: BackendState
+    health: str | None = Field(default=None, description="up, down or unknown (null: not checked)")
 
 
 class ServiceStats(Counter):
@@ -115,6 +119,7 @@ class ServiceStats(Counter):
     vip: str
     port: int
     protocol: Protocol
+    fail_open: bool = Field(default=False, description="Every backend is down and all are kept (health)")
     backends: list[BackendStats]
 
 

@@ -285,6 +285,36 @@ class LimitsSection(_Section):
     max_backends_per_service: int = Field(default=MAX_BACKENDS_PER_SERVICE, ge=1, le=MAX_BACKENDS_PER_SERVICE)
 
 
+class HealthSection(_Section):
+    """Backend health checks (the checks themselves are in the desired state)."""
+
+    enabled: bool = True
+    tunnel: bool = Field(default=True, description="set up probes through the tunnel (device, rule, tc program)")
+    tunnel_device: str = "l4lbhc"
+    tunnel_mtu: int = Field(default=1400, ge=1280, le=9000)
+    mark: int = Field(default=0x4C480000, ge=1 << 16, lt=1 << 32, description="fwmark base (low 16 bits: the backend)")
+    route_table: int = Field(default=19528, ge=1, lt=1 << 31)
+    rule_priority: int = Field(default=1000, ge=1, le=32765)
+    max_in_flight: int = Field(default=4096, ge=16, le=1 << 20)
+    flap_window: float = Field(default=60.0, gt=0, le=86400)
+    flap_max_changes: int = Field(default=4, ge=1, le=1000)
+    flap_hold: float = Field(default=120.0, ge=0, le=86400)
+
+    @field_validator("tunnel_device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if not v or len(v) > IFNAME_MAX - 2 or any(c in v for c in "/: \t\n"):
+            raise ValueError(f"{v!r} is not a valid interface name of at most {IFNAME_MAX - 2} characters")
+        return v
+
+    @field_validator("mark")
+    @classmethod
+    def _mark(cls, v: int) -> int:
+        if v & 0xFFFF:
+            raise ValueError(f"{v:#x} has low bits set; the low 16 bits name the backend (e.g. {v & ~0xFFFF:#x})")
+        return v
+
+
 class Config(_Section):
     log_level: str = "info"
     # Separate directories under the unit's StateDirectory, so recordings are never
@@ -297,6 +327,7 @@ class Config(_Section):
     limits: LimitsSection = LimitsSection()
     recorder: RecorderSection = RecorderSection()
     bgp: BgpSection | None = None  # announce VIPs through a BGP speaker (l4lb/bgp)
+    health: HealthSection = HealthSection()
 
     @field_validator("log_level")
     @classmethod
@@ -361,6 +392,8 @@ class Config(_Section):
         changed = [key for key in ("state_dir", "recorder_dir") if getattr(self, key) != getattr(new, key)]
         changed += [f"datapath.{key}" for key in (*RESTART_DATAPATH_KEYS, *RUNTIME_DATAPATH_KEYS)
                     if getattr(self.datapath, key) != getattr(new.datapath, key)]
+        changed += [f"health.{k}" for k in HealthSection.model_fields
+                    if getattr(self.health, k) != getattr(new.health, k)]
         return changed
 
     def with_runtime_datapath(self, new: "Config") -> "Config":

@@ -26,14 +26,15 @@ import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from functools import lru_cache
 from typing import Any, Protocol
 
 from pydantic import ValidationError
 
+from l4lb.background import Background
+from l4lb.health.overlay import Effective, Health, Overlay
 from l4lb.models import Backend, BackendState, DesiredState, IPAddress, Service
 from l4lb.plan import Plan, diff
-from l4lb.background import Background
+from l4lb.stats import Counters, RateTracker, Sample, flatten_stats, stats_answer
 from l4lb.store import Record, Store
 from l4lb.view import View
 from l4lb.issues import (  # noqa: F401 (the API and the CLI import these from here)
@@ -170,79 +171,6 @@ def canonical(state: DesiredState, trusted: Sequence[Service] = ()) -> DesiredSt
     return state if services == state.services else DesiredState.model_construct(services=services)
 
 
-# --- stats rates ------------------------------------------------------------------------------
-
-
-Counters = dict[tuple, tuple[int, int]]  # flat key -> (packets, bytes)
-
-
-class _Sample:
-    """A datapath stats read, flattened only if a rate is ever computed from it:
-    the periodic sample of 100,000 backends is then a few batch reads."""
-
-    def __init__(self, raw: Any) -> None:
-        self._raw: Any = raw
-        self._flat: Counters | None = None
-
-    @property
-    def flat(self) -> Counters:
-        if self._flat is None:
-            self._flat = flatten_stats(self._raw)
-        return self._flat
-
-
-class RateTracker:
-    """Keeps the last two samples; a fresh read is rated against the newest one at least
-    ``min_age`` old, so rates are over a real interval whatever the request pattern."""
-
-    def __init__(self, min_age: float = 1.0) -> None:
-        self.min_age = min_age
-        self._prev: tuple[float, _Sample] | None = None
-        self._last: tuple[float, _Sample] | None = None
-
-    def base(self, now: float) -> tuple[float, _Sample] | None:
-        for s in (self._last, self._prev):
-            if s is not None and now - s[0] >= self.min_age:
-                return s
-        return None
-
-    def observe(self, now: float, sample: _Sample) -> None:
-        if self._last is None or now - self._last[0] >= self.min_age:
-            self._prev, self._last = self._last, (now, sample)
-
-
-# Cached: every stats sample normalises every backend's key again (100,000 of them).
-@lru_cache(maxsize=1 << 18)
-def _norm_key(key: Any) -> tuple[str, int, str]:
-    """Datapath service key (vip, port, proto) → Service.key form, whatever the datapath's types."""
-    vip, port, proto = key
-    proto_s = {6: "tcp", 17: "udp"}.get(proto, proto) if isinstance(proto, int) else getattr(proto, "value", str(proto))
-    return (ipaddress.ip_address(vip).exploded, int(port), str(proto_s))
-
-
-@lru_cache(maxsize=1 << 18)
-def _norm_ident(ident: Any) -> tuple[str, int]:
-    addr, port = ident
-    return (ipaddress.ip_address(addr).exploded, int(port))
-
-
-def _counter(v: Any) -> tuple[int, int]:
-    if isinstance(v, Mapping):
-        return int(v.get("packets", 0)), int(v.get("bytes", 0))
-    return int(getattr(v, "packets", 0)), int(getattr(v, "bytes", 0))
-
-
-def flatten_stats(raw: Any) -> Counters:
-    out: Counters = {}
-    for k, v in (getattr(raw, "services", None) or {}).items():
-        out[("svc", _norm_key(k))] = _counter(v)
-    for (sk, ident), v in (getattr(raw, "backends", None) or {}).items():
-        out[("be", _norm_key(sk), _norm_ident(ident))] = _counter(v)
-    for reason, v in (getattr(raw, "reasons", None) or {}).items():
-        out[("reason", str(reason))] = _counter(v)
-    return out
-
-
 # --- the core ----------------------------------------------------------------------------------
 
 
@@ -262,6 +190,7 @@ class Control:
         *,
         post_apply_hook: Callable[[], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        overlay: Overlay | None = None,
     ) -> None:
         self._store = store
         self._dp = datapath
@@ -284,6 +213,11 @@ class Control:
         self._settle = (Background(lambda: settle(pause=self._pause), "l4lb-settle")
                         if settle is not None else None)
         self._subscribers: list[Callable[[View], None]] = []
+        # Runtime state beside the document (health): what the datapath holds is
+        # overlay.effective(desired). Health changes bump `runtime`, not the revision.
+        self._overlay = overlay if overlay is not None else Overlay()
+        self._in_force: Effective | None = None
+        self.runtime = 0
 
     # -- subscribers (health, BGP, fleet status: l4lb/view.py) -------------------------
 
@@ -296,8 +230,10 @@ class Control:
             self._call(fn, self.view())
 
     def view(self) -> View:
-        snap = self._snap
-        return View(snap.revision, snap.state, tuple(snap.state.services), dict(self.interfaces), self.ready)
+        snap, eff = self._snap, self._in_force
+        effective = tuple(eff.services) if eff is not None else tuple(snap.state.services)
+        return View(snap.revision, snap.state, effective, dict(self.interfaces), self.ready,
+                    runtime=self.runtime, fail_open=eff.fail_open if eff is not None else frozenset())
 
     def _publish(self) -> None:
         if not self._subscribers:
@@ -318,7 +254,7 @@ class Control:
     def converge(self) -> None:
         """Make the datapath hold the last committed state (daemon start, after a crash)."""
         with self._lock:
-            self._dp.apply(self._state.services)
+            self._apply(self._overlay.effective(self._state.services))
             self.converged = True
             self.degraded = None
             self._publish()
@@ -379,6 +315,41 @@ class Control:
             if issues:
                 raise Invalid("the current desired state exceeds the new limits: " + "; ".join(i.msg for i in issues), issues)
             self.limits = limits
+
+    # -- runtime overlay (health) -----------------------------------------------------------
+
+    def set_health(self, facts: Mapping[str, Health]) -> frozenset[str]:
+        """Health facts by probe key (l4lb/health). The services using them are
+        applied to the datapath with down backends at weight 0; the desired
+        document and its revision do not change, ``runtime`` counts the change.
+        All or nothing: a failed apply leaves datapath and overlay as they were.
+        Returns the services whose effective state changed."""
+        with self._lock:
+            eff = self._overlay.with_facts(facts)
+            if eff.facts == self._overlay.facts:
+                return frozenset()
+            if eff.changed and self.converged:
+                self._apply(eff)
+            else:  # nothing to write (or not converged yet: converge applies the overlay)
+                self._overlay.accept(eff)
+                self._in_force = eff if self._in_force is not None else None
+            self.runtime += 1
+            self._publish()
+            return eff.changed
+
+    def health(self, name: str, index: int) -> str | None:
+        h = self._overlay.health(name, index)
+        return None if h is None else h.value
+
+    def _apply(self, eff: Effective, *, settle_later: bool = False) -> None:
+        """Datapath first, then the overlay: a failure leaves both describing what is in force.
+        ``settle_later``: neighbour upkeep of new backends after the answer (see _commit)."""
+        if settle_later and self._settle is not None:
+            self._dp.apply(eff.services, settle=False)  # type: ignore[call-arg]
+        else:
+            self._dp.apply(eff.services)
+        self._overlay.accept(eff)
+        self._in_force = eff
 
     # -- reads (lock-free: one snapshot each) ---------------------------------------------
 
@@ -514,7 +485,7 @@ class Control:
         # write must not wait for 100,000 counters to be read and flattened.
         now, raw = self._clock(), self._dp.stats()
         with self._lock:
-            self._rates.observe(now, _Sample(raw))
+            self._rates.observe(now, Sample(raw))
 
     def refresh_nexthops(self) -> None:
         """Re-resolve backends' next hops (datapaths without a cache have nothing to do)."""
@@ -523,41 +494,15 @@ class Control:
             refresh()
 
     def stats(self) -> dict[str, Any]:
-        """Counters of every desired service/backend and per-reason totals, with rates."""
+        """Counters of every desired service/backend (with its health) and per-reason totals, with rates."""
         # Read and flatten outside the lock: a write must not wait for 100,000 counters.
-        now, sample = self._clock(), _Sample(self._dp.stats())
-        flat = sample.flat
+        now, sample = self._clock(), Sample(self._dp.stats())
+        sample.flat
         with self._lock:
             base = self._rates.base(now)
             self._rates.observe(now, sample)
             revision, state = self.snapshot()
-        interval = (now - base[0]) if base else None
-        then_flat = base[1].flat if base else {}
-
-        def entry(key: tuple) -> dict[str, Any]:
-            packets, nbytes = flat.get(key, (0, 0))
-            out: dict[str, Any] = {"packets": packets, "bytes": nbytes, "pps": None, "bps": None}
-            if base:
-                # Not in the base sample: created since, and new counters start at 0.
-                then = then_flat.get(key, (0, 0))
-                dp, db = packets - then[0], nbytes - then[1]
-                if dp >= 0 and db >= 0:  # a counter reset (slot reused) has no honest rate
-                    out["pps"] = round(dp / interval, 3)
-                    out["bps"] = round(8 * db / interval, 3)
-            return out
-
-        services = []
-        for s in state.services:
-            backends = [
-                {"address": b.address.compressed, "port": b.identity(s.port)[1], "state": b.state.value,
-                 **entry(("be", s.key, b.identity(s.port)))}
-                for b in s.backends
-            ]
-            services.append({"name": s.name, "vip": s.vip.compressed, "port": s.port,
-                             "protocol": s.protocol.value, **entry(("svc", s.key)), "backends": backends})
-        reasons = {k[1]: entry(k) for k in sorted(flat) if k[0] == "reason"}
-        return {"revision": revision, "rate_interval_seconds": round(interval, 3) if interval else None,
-                "services": services, "reasons": reasons}
+        return stats_answer(revision, state, sample, base, now, self.health, self.view().fail_open)
 
     def raw_stats(self) -> tuple[DesiredState, Counters]:
         """State and flat counters, for the Prometheus collector."""
@@ -630,10 +575,7 @@ class Control:
             with self._store.write(self._revision, new) as revision:
                 staged = True
                 t1 = time.monotonic()
-                if self._settle is not None:
-                    self._dp.apply(new.services, settle=False)  # type: ignore[call-arg]
-                else:
-                    self._dp.apply(new.services)
+                self._apply(self._overlay.effective(new.services), settle_later=True)
                 t2 = time.monotonic()
                 if self._hook is not None:
                     self._hook()
@@ -669,7 +611,7 @@ class Control:
 
     def _restore(self, old: DesiredState) -> None:
         try:
-            self._dp.apply(old.services)
+            self._apply(self._overlay.effective(old.services))
         except Exception as e:  # noqa: BLE001
             self.degraded = f"datapath could not be restored to revision {self._revision}: {e}"
             log.critical("%s", self.degraded)

@@ -219,6 +219,7 @@ class Daemon:
         self._recorder: Any = None     # recorder.manager.RecorderManager
         self._bgp: Any = None          # l4lb.bgp.reconciler.Reconciler, with [bgp]
         self._digest: Any = None       # l4lb.fleet.Digester
+        self._health: Any = None       # l4lb.health.manager.HealthManager
 
     # -- start -----------------------------------------------------------------------
 
@@ -247,7 +248,13 @@ class Daemon:
         except DatapathError as e:
             raise StartupError(f"datapath: {e}") from None
         log.info("datapath loaded in %.1fs", time.monotonic() - t0)
-        self.control = Control(self._store, self._dp, limits_of(cfg), post_apply_hook=_fault_hook())
+        from l4lb.health.manager import from_config
+        from l4lb.health.overlay import Overlay
+
+        # Health starts from its last known states, in force before the first converge.
+        self._health = from_config(cfg)
+        overlay = Overlay(self._health.restored_facts()) if self._health is not None else None
+        self.control = Control(self._store, self._dp, limits_of(cfg), post_apply_hook=_fault_hook(), overlay=overlay)
         revision, state = self.control.snapshot()
         try:
             self.control.set_limits(limits_of(cfg))
@@ -280,6 +287,8 @@ class Daemon:
         assert self.control is not None
         self._digest = Digester(self._dp, self.cfg.datapath.seed_bytes, self.cfg.datapath.maglev_m)
         self.control.subscribe(self._digest.on_view)
+        if self._health is not None:
+            self._health.start(self.control)
         if self.cfg.bgp is not None:
             from l4lb.bgp.bird import Bird
             from l4lb.bgp.box import BoxStore
@@ -298,6 +307,9 @@ class Daemon:
         if self._bgp is not None:
             with contextlib.suppress(Exception):
                 self._bgp.stop()
+        if self._health is not None:
+            with contextlib.suppress(Exception):
+                self._health.stop()
         # Recordings are closed cleanly (files complete) and the recorder disarmed.
         if self._recorder is not None:
             with contextlib.suppress(Exception):
@@ -387,6 +399,7 @@ class Daemon:
             from l4lb.api.bgp import BgpCollector
 
             self._app.state.metrics.registry.register(BgpCollector(self._bgp))
+        self._app.state.health = self._health
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stopping.set)
         loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(self.reload()))

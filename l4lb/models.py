@@ -7,13 +7,14 @@ these models, so the datapath can trust families, ports and limits.
 from __future__ import annotations
 
 import ipaddress
+import re
 from enum import Enum
 from functools import lru_cache
 from typing import Annotated, Any, Literal
 
 from pydantic import (
-    AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, Strict, ValidationInfo, field_validator,
-    model_validator,
+    AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, Strict, ValidationError, ValidationInfo,
+    field_validator, model_validator,
 )
 
 from l4lb.addresses import IPAddress, unusable
@@ -110,6 +111,137 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+# --- health checks (run by l4lb/health; runtime health never enters the document) ---
+
+
+class CheckType(str, Enum):
+    none = "none"
+    tcp = "tcp"            # connect
+    http = "http"
+    https = "https"
+    udp_dns = "udp-dns"    # a query for `query`; any reply to it with RCODE NOERROR
+
+
+HTTP_CHECKS = (CheckType.http, CheckType.https)
+CheckVia = Literal["tunnel", "direct"]
+_TOKEN_RE = re.compile(r"[\x21-\x7e]{1,255}")  # printable ASCII, no space, CR or LF (header-safe)
+_DNS_NAME_RE = re.compile(r"(?=.{1,253}\.?$)([A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?\.)*"
+                          r"[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?\.?")
+
+
+def status_ranges(text: str) -> tuple[tuple[int, int], ...]:
+    """``"200-399"`` / ``"200,204,301-302"`` -> ((200, 399), ...); ValueError names the bad part."""
+    out = []
+    for part in text.split(","):
+        lo, _, hi = part.strip().partition("-")
+        if not (lo.isdigit() and (hi.isdigit() or not _)) or not 100 <= int(lo) <= int(hi or lo) <= 599:
+            raise ValueError(f"{part.strip()!r} is not a status code or range between 100 and 599")
+        out.append((int(lo), int(hi or lo)))
+    return tuple(out)
+
+
+def _check_token(v: str | None, what: str) -> str | None:
+    if v is not None and not _TOKEN_RE.fullmatch(v):
+        raise ValueError(f"{what} must be 1-255 printable ASCII characters without spaces")
+    return v
+
+
+class HealthCheck(_Strict):
+    """How a service's backends are checked. Absent (``health: null``): never."""
+
+    type: CheckType
+    port: Port | None = Field(default=None, description="Port to check; default the backend's port")
+    via: CheckVia = Field(default="tunnel", description="tunnel: to VIP:port encapsulated to the backend, "
+                          "as clients reach it; direct: to the backend's own address")
+    interval: Annotated[float, Strict()] = Field(default=2.0, ge=0.1, le=3600, description="Seconds between checks")
+    timeout: Annotated[float, Strict()] = Field(default=1.0, ge=0.01, le=3600, description="Seconds; at most the interval "
+                           "(default 1, or the interval if shorter)")
+    rise: Annotated[int, Strict()] = Field(default=2, ge=1, le=100, description="Consecutive successes that bring a backend up")
+    fall: Annotated[int, Strict()] = Field(default=3, ge=1, le=100, description="Consecutive failures that take it down")
+    on_all_down: Literal["fail_open", "fail_closed"] = Field(
+        default="fail_open", description="All backends down: keep using all of them (fail_open) or none")
+    method: Literal["GET", "HEAD"] | None = Field(default=None, description="http(s); default GET")
+    path: str | None = Field(default=None, description="http(s); default /")
+    host: str | None = Field(default=None, description="http(s) Host header and TLS SNI; default the "
+                             "address connected to (the VIP through the tunnel)")
+    expect_status: str | None = Field(default=None, description="http(s) codes/ranges, default 200-399")
+    body_contains: str | None = Field(default=None, max_length=1024, description="http(s) GET: substring "
+                                      "of the first 64 KiB of the body")
+    tls_verify: Flag | None = Field(default=None, description="https: verify the certificate (default false)")
+    query: str | None = Field(default=None, description="udp-dns: the name asked for (required)")
+    query_type: Literal["A", "AAAA", "CNAME", "MX", "NS", "PTR", "SOA", "SRV", "TXT"] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_timeout(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "timeout" not in data and isinstance(data.get("interval"), (int, float)):
+            return {**data, "timeout": min(1.0, data["interval"])}
+        return data
+
+    @field_validator("path")
+    @classmethod
+    def _path(cls, v: str | None) -> str | None:
+        if v is not None and not v.startswith("/"):
+            raise ValueError("path must start with /")
+        return _check_token(v, "path")
+
+    @field_validator("host")
+    @classmethod
+    def _host(cls, v: str | None) -> str | None:
+        return _check_token(v, "host")
+
+    @field_validator("expect_status")
+    @classmethod
+    def _status(cls, v: str | None) -> str | None:
+        if v is not None:
+            status_ranges(v)
+        return v
+
+    @field_validator("query")
+    @classmethod
+    def _query(cls, v: str | None) -> str | None:
+        if v is not None and not _DNS_NAME_RE.fullmatch(v):
+            raise ValueError(f"{v!r} is not a DNS name")
+        return v
+
+    @model_validator(mode="after")
+    def _fits_type(self) -> "HealthCheck":
+        if self.timeout > self.interval:
+            raise FieldError(f"timeout {self.timeout} s is longer than the interval {self.interval} s", ("timeout",))
+        http = ("method", "path", "host", "expect_status", "body_contains", "tls_verify")
+        for name in http if self.type not in HTTP_CHECKS else ("tls_verify",) if self.type is CheckType.http else ():
+            if getattr(self, name) is not None:
+                raise FieldError(f"{name} applies to {'https' if name == 'tls_verify' else 'http/https'} "
+                                 f"checks, not {self.type.value}", (name,))
+        if self.body_contains is not None and self.method == "HEAD":
+            raise FieldError("body_contains needs method GET (a HEAD response has no body)", ("body_contains",))
+        for name in ("query", "query_type"):
+            if self.type is not CheckType.udp_dns and getattr(self, name) is not None:
+                raise FieldError(f"{name} applies to udp-dns checks, not {self.type.value}", (name,))
+        if self.type is CheckType.udp_dns and self.query is None:
+            raise FieldError("a udp-dns check needs query (the name to ask for)", ("query",))
+        return self
+
+
+class HealthOverride(_Strict):
+    """One backend's changes to its service's check (``type: none`` exempts it)."""
+
+    type: CheckType | None = None
+    port: Port | None = None
+    via: CheckVia | None = None
+    path: str | None = None
+    host: str | None = None
+
+    def over(self, check: HealthCheck | None) -> HealthCheck:
+        """The check this backend gets (ValueError if the result is not a valid check)."""
+        update = {k: v for k, v in self if v is not None}
+        if self.type is CheckType.none:
+            return HealthCheck(type=CheckType.none)
+        if check is None and "type" not in update:
+            raise ValueError("the service has no health check: give the override a type")
+        return HealthCheck.model_validate({**(check.model_dump() if check else {}), **update})
+
+
 class Backend(_Strict):
     address: Address
     port: Port | None = Field(
@@ -117,6 +249,7 @@ class Backend(_Strict):
     )
     weight: Weight = 100
     state: BackendState = BackendState.active
+    health: HealthOverride | None = Field(default=None, description="Changes to the service's health check")
 
     @property
     def family(self) -> int:
@@ -149,6 +282,7 @@ class Service(_Strict):
     backends: list[Backend] = Field(default_factory=list, max_length=MAX_BACKENDS_PER_SERVICE)
     announce: bool = Field(default=True, description="Announce the VIP over BGP while this box can serve it "
                            "(only when [bgp] is configured)")
+    health: HealthCheck | None = Field(default=None, description="Backend health check (none: never checked)")
 
     @field_validator("name")
     @classmethod
@@ -175,6 +309,12 @@ class Service(_Strict):
                     "set options.l4_dnat to translate ports",
                     ("backends", i, "port"),
                 )
+            if b.health is not None:
+                try:
+                    b.health.over(self.health)
+                except (ValueError, ValidationError) as e:
+                    msg = "; ".join(_messages(e)) if isinstance(e, ValidationError) else str(e)
+                    raise FieldError(f"backend {b.address}: health: {msg}", ("backends", i, "health")) from None
             ident = (b.address, b.port or self.port)
             if ident in seen:
                 raise FieldError(f"backend {b.address} port {ident[1]} is listed twice", ("backends", i))
@@ -217,6 +357,10 @@ class DesiredState(_Strict):
 
 
 Family = Literal[4, 6]
+
+
+def _messages(err: ValidationError) -> list[str]:
+    return [str(e["msg"]).removeprefix("Value error, ") for e in err.errors(include_url=False)]
 
 
 @lru_cache(maxsize=1 << 14)

@@ -22,6 +22,8 @@ class View:
     effective: tuple[Service, ...]   # what the datapath holds: desired with runtime overlays applied
     interfaces: Mapping[str, str] = field(default_factory=dict)  # attached interface -> XDP mode
     converged: bool = False          # the datapath holds ``effective`` (and nothing half-applied)
+    runtime: int = 0                 # bumped by every runtime change (health) that kept the revision
+    fail_open: frozenset[str] = frozenset()  # services kept whole although all their backends are down
 
     def service(self, name: str) -> Service | None:
         return next((s for s in self.effective if s.name == name), None)

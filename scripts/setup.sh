@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One set-up path for a fresh Debian 12 machine (run as root). Idempotent:
 # every step checks first and says whether it did something or found it done.
-#   1. Debian packages (BCC, kernel headers, iproute2, ethtool, tshark, ...)
+#   1. Debian packages (BCC, kernel headers, iproute2, ethtool, tshark, dnsmasq, ...)
 #   2. kernel build headers where BCC looks for them (/lib/modules/$(uname -r))
 #   3. a venv from Debian's python with system site packages (to see bcc)
 #   4. pip install of the project (editable) with its test and bench extras
@@ -20,6 +20,7 @@ command -v apt-get >/dev/null || die "this script targets Debian 12 (no apt-get 
 PKGS=(python3-bpfcc bpfcc-tools python3-venv python3-pip python3-yaml libbpf1
       iproute2 ethtool tshark curl libcap2-bin util-linux iputils-ping procps
       systemd make bird2    # bird2: the BGP speaker l4lbd drives (and the lab's router)
+      dnsmasq-base openssl  # the health-check tests' DNS server and self-signed certificate
       man-db groff-base     # the man pages make install writes (tests render them with man -l)
       gcc libc6-dev linux-libc-dev)   # the benches' C helpers (bench/c/)
 KVER="$(uname -r)"

@@ -306,7 +306,8 @@ def test_backend_endpoints(lab: DaemonLab, client: httpx.Client) -> None:
     assert client.get("/v1/services/web/backends/192.0.2.2:80").json()["weight"] == 50
 
     r = client.put("/v1/services/web/backends/192.0.2.3", json={"weight": 10}, headers={"If-Match": etag})
-    assert r.status_code == 201 and r.json() == {"address": "192.0.2.3", "port": None, "weight": 10, "state": "active"}
+    assert r.status_code == 201 and r.json() == {"address": "192.0.2.3", "port": None, "weight": 10, "state": "active",
+                                               "health": None}
     assert used(lab.dump_maps()["backends"]) == 3
     r = client.put("/v1/services/web/backends/192.0.2.3", json={"weight": 20})
     assert r.status_code == 200 and r.json()["weight"] == 20

@@ -225,9 +225,9 @@ def test_service_add_list_show_edit_delete(lab: DaemonLab, api: httpx.Client) ->
     assert api.get("/v1/services/web").json() == {
         "name": "web", "vip": VIP4, "port": 80, "protocol": "tcp",
         "options": {"l4_dnat": False, "hash_src_port": True, "maglev_weights": True},
-        "backends": [{"address": "192.0.2.1", "port": None, "weight": 100, "state": "active"},
-                     {"address": "192.0.2.2", "port": None, "weight": 50, "state": "active"}],
-        "announce": True}
+        "backends": [{"address": "192.0.2.1", "port": None, "weight": 100, "state": "active", "health": None},
+                     {"address": "192.0.2.2", "port": None, "weight": 50, "state": "active", "health": None}],
+        "announce": True, "health": None}
     alt = api.get("/v1/services/alt").json()
     assert alt["options"] == {"l4_dnat": True, "hash_src_port": False, "maglev_weights": True}
     assert [(b["address"], b["port"]) for b in alt["backends"]] == [("2001:db8::10", 8443), ("2001:db8::11", None)]
@@ -327,15 +327,16 @@ def test_backend_commands(lab: DaemonLab, api: httpx.Client) -> None:
 
     assert ok(lab, "backend", "add", "web", "192.0.2.3", "-w", "20").startswith(
         "backend 192.0.2.3:80 of 'web' added: weight 20, active (revision ")
-    assert backend("web", "192.0.2.3") == {"address": "192.0.2.3", "port": None, "weight": 20, "state": "active"}
+    assert backend("web", "192.0.2.3") == {"address": "192.0.2.3", "port": None, "weight": 20, "state": "active",
+                                           "health": None}
     added = json.loads(ok(lab, "backend", "add", "alt", "[2001:db8::12]:9443", "--state", "draining", "-o", "json"))
-    assert added == {"address": "2001:db8::12", "port": 9443, "weight": 100, "state": "draining"}
+    assert added == {"address": "2001:db8::12", "port": 9443, "weight": 100, "state": "draining", "health": None}
     assert backend("alt", "[2001:db8::12]:9443")["state"] == "draining"
 
     ok(lab, "backend", "drain", "web", "192.0.2.1")
     assert backend("web", "192.0.2.1")["state"] == "draining"
     assert yaml.safe_load(ok(lab, "backend", "drain", "web", "192.0.2.1:80", "--maintenance", "-o", "yaml")) == {
-        "address": "192.0.2.1", "port": None, "weight": 100, "state": "maintenance"}
+        "address": "192.0.2.1", "port": None, "weight": 100, "state": "maintenance", "health": None}
     assert json.loads(ok(lab, "backend", "undrain", "web", "192.0.2.1", "-o", "json"))["state"] == "active"
     assert backend("web", "192.0.2.1")["state"] == "active"
     assert yaml.safe_load(ok(lab, "-o", "yaml", "backend", "weight", "web", "192.0.2.1", "80"))["weight"] == 80
@@ -413,7 +414,7 @@ def test_export_apply_roundtrip(lab: DaemonLab, api: httpx.Client, tmp_path: Pat
     doc = yaml.safe_load(text)
     assert doc["revision"] == int(revision)
     assert {k: v for k, v in doc.items() if k != "revision"} == json.loads(json.dumps(state), object_hook=lambda d: {
-        k: v for k, v in d.items() if not (k == "port" and v is None)})  # port: null is left out
+        k: v for k, v in d.items() if not (k in ("port", "health") and v is None)})  # null is left out
     (tmp_path / "state.yaml").write_text(text)
     (tmp_path / "state.json").write_text(ok(lab, "export", "-o", "json"))
     assert json.loads((tmp_path / "state.json").read_text()) == doc
@@ -570,7 +571,7 @@ def test_stats_show_the_real_counters(lab: DaemonLab, api: httpx.Client) -> None
     inject_udp(lab, VIP4, 53, 20)
 
     table = rows(ok(lab, "stats"))
-    assert table[0] == ["PROT", "ADDRESS:PORT", "NAME", "WEIGHT", "STATE", "PACKETS", "BYTES"]
+    assert table[0] == ["PROT", "ADDRESS:PORT", "NAME", "WEIGHT", "STATE", "HEALTH", "PACKETS", "BYTES"]
     svc = {r[1]: r for r in table[1:]}
     base_dns = next(s for s in base["services"] if s["name"] == "dns")
     udp = svc[f"{VIP4}:53"]
@@ -579,7 +580,8 @@ def test_stats_show_the_real_counters(lab: DaemonLab, api: httpx.Client) -> None
     backends = [r for r in table[1:] if r[0] == "->"]
     assert [r[1:4] for r in backends if r[1].startswith("192.0.2.")] == [
         ["192.0.2.1:53", "30", "active"], ["192.0.2.2:53", "70", "draining"], ["192.0.2.3:53", "100", "active"]]
-    got = sum(int(r[4]) for r in backends if r[1].startswith("192.0.2."))
+    assert all(r[4] == "-" for r in backends)  # no health checks: no health
+    got = sum(int(r[5]) for r in backends if r[1].startswith("192.0.2."))
     assert got - sum(b["packets"] for b in base_dns["backends"]) == 20
     assert svc[f"[{VIP6}]:443"][:3] == ["TCP", f"[{VIP6}]:443", "alt"]
     assert "[2001:db8::10]:8443" in svc and "[2001:db8::11]:443" in svc
@@ -597,7 +599,7 @@ def test_stats_show_the_real_counters(lab: DaemonLab, api: httpx.Client) -> None
         time.sleep(0.3)
     services, reasons, footer = out.strip().split("\n\n")
     assert rows(services)[0][-2:] == ["PKT/S", "BYTES/S"]
-    assert [len(r) for r in rows(services)[1:]] == [7, 8, 8, 8]  # name + 4 figures; weight, state + 4 figures
+    assert [len(r) for r in rows(services)[1:]] == [7, 9, 9, 9]  # name + 4 figures; weight, state, health + 4
     reason = {r[0]: r for r in rows(reasons)[1:]}
     assert rows(reasons)[0] == ["REASON", "PACKETS", "BYTES", "PKT/S", "BYTES/S"]
     assert set(reason) == set(doc["reasons"]) and sum(int(r[1]) for r in reason.values()) >= 20

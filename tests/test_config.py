@@ -35,9 +35,10 @@ def test_sample_config_is_valid_and_documents_every_key() -> None:
     from l4lb.bgp import config as bgp
 
     for model in (cfgmod.Config, cfgmod.DatapathSection, cfgmod.ApiSection, cfgmod.LimitsSection, cfgmod.TcpListener,
-                  cfgmod.RecorderSection, bgp.BgpSection, bgp.Peer, bgp.Bfd, bgp.Attributes):
+                  cfgmod.RecorderSection, cfgmod.HealthSection, bgp.BgpSection, bgp.Peer, bgp.Bfd, bgp.Attributes):
         for name, field in model.model_fields.items():
-            if field.exclude or name in ("datapath", "api", "limits", "tcp", "recorder", "bgp", "peers", "services"):
+            if field.exclude or name in ("datapath", "api", "limits", "tcp", "recorder", "health", "bgp", "peers",
+                                         "services"):
                 continue
             assert f"{name} =" in text, f"{model.__name__}.{name} is not documented in {SAMPLE.name}"
 

@@ -49,6 +49,14 @@
 
 #define L4LB_INLINE static __always_inline
 
+/* bpf_fib_lookup's families (the UAPI headers BPF programs see lack socket.h). */
+#ifndef AF_INET
+#define AF_INET 2
+#endif
+#ifndef AF_INET6
+#define AF_INET6 10
+#endif
+
 #define FAMILY_V4 4
 #define FAMILY_V6 6
 

@@ -11,13 +11,6 @@
 #pragma once
 #include "lib/maps.h"
 
-#ifndef AF_INET
-#define AF_INET 2
-#endif
-#ifndef AF_INET6
-#define AF_INET6 10
-#endif
-
 L4LB_INLINE int fib_next_hop(struct xdp_md *ctx, struct backend_info *be, __u32 outer_len,
                              struct bpf_fib_lookup *fib)
 {

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 import click
 from click.core import ParameterSource
 
-from . import backends, box, fleet, importer, record, services, state, stats, status
+from . import backends, box, fleet, health, importer, record, services, state, stats, status
 from .context import App, endpoint_from, fleet_endpoints
 from .errors import EXIT_INTERRUPTED, CliError
 from .output import FORMATS
@@ -87,7 +87,7 @@ def cli(ctx: click.Context, sockets: tuple[str, ...], urls: tuple[str, ...], fle
 
 COMMANDS: tuple[click.Command, ...] = (
     status.status, services.service, backends.backend, state.apply, state.export, stats.stats, record.record,
-    box.box, fleet.fleet, importer.import_,
+    box.box, fleet.fleet, importer.import_, health.health,
 )
 for _command in COMMANDS:
     cli.add_command(_command)

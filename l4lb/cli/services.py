@@ -11,6 +11,7 @@ import click
 from .client import revision_of, segment
 from .context import App, complete_service, output_option, pass_app
 from .errors import ApiError, CliError
+from .health import ago, backend_rows, check_body, check_options, describe, health_cell
 from .output import count, emit, fields, table
 from .params import BACKEND_WEIGHTED, IP, NAME, PORT, PROTOCOL, SERVICE_ADDRESS
 from .specs import ServiceAddress, hostport
@@ -69,7 +70,7 @@ def _options(l4_dnat: bool | None, hash_src_port: bool | None, maglev_weights: b
     return {k: v for k, v in given.items() if v is not None}
 
 
-def show_service(svc: dict[str, Any], revision: int | None = None) -> None:
+def show_service(svc: dict[str, Any], revision: int | None = None, health: dict[str, Any] | None = None) -> None:
     backends = svc["backends"]
     states = {s: sum(1 for b in backends if b["state"] == s) for s in ("active", "draining", "maintenance")}
     summary = count(len(backends), "backend")
@@ -80,14 +81,27 @@ def show_service(svc: dict[str, Any], revision: int | None = None) -> None:
         ("Address", service_endpoint(svc)),
         ("Options", ", ".join(option_flags(svc["options"])) or "defaults (sport-hash, weights, no dnat)"),
         ("Backends", summary),
+        ("Health check", describe(svc.get("health"))),
     ]
+    if health and health.get("fail_open"):
+        pairs.append(("Health", "FAILING OPEN: every backend is down, all of them are kept"))
     if revision is not None:
         pairs.append(("Revision", revision))
     click.echo(fields(pairs))
     if backends:
         click.echo()
-        rows = [[hostport(b["address"], b.get("port") or svc["port"]), b["weight"], b["state"]] for b in backends]
-        click.echo(table(["BACKEND", "WEIGHT", "STATE"], rows))
+        checked = bool(health and health.get("checked"))
+        hb = backend_rows(health or {})
+        rows = []
+        for b in backends:
+            port = b.get("port") or svc["port"]
+            row: list[Any] = [hostport(b["address"], port), b["weight"], b["state"]]
+            if checked:
+                h = hb.get((b["address"], port), {})
+                row += [health_cell(h.get("health")), ago(h.get("since")), h.get("last_error") or "-"]
+            rows.append(row)
+        extra = ["HEALTH", "SINCE", "LAST ERROR"] if checked else []
+        click.echo(table(["BACKEND", "WEIGHT", "STATE", *extra], rows))
 
 
 @click.group("service", short_help="List, show, add, edit, delete services.")
@@ -126,7 +140,7 @@ def show(app: App, name: str) -> None:
     if app.output != "table":
         emit(r.json(), app.output)
         return
-    show_service(r.json(), revision_of(r))
+    show_service(r.json(), revision_of(r), app.client.json("GET", f"/v1/services/{segment(name)}/health"))
 
 
 @service.command("add")
@@ -136,17 +150,19 @@ def show(app: App, name: str) -> None:
 @option_flags_decorator
 @click.option("-b", "--backend", "backends", type=BACKEND_WEIGHTED, multiple=True,
               help="A backend ADDR, ADDR:PORT or [IPv6]:PORT, optionally @WEIGHT (repeatable).")
+@check_options
 @output_option
 @pass_app
 def add(app: App, name: str, address: ServiceAddress | None, vip: str | None, port: int | None, proto: str | None,
         l4_dnat: bool | None, hash_src_port: bool | None, maglev_weights: bool | None,
-        backends: tuple[Any, ...]) -> None:
+        backends: tuple[Any, ...], check_type: str | None, check_opts: tuple[str, ...]) -> None:
     """Create service NAME; refused if it exists already.
 
     \b
     l4lbctl service add api 198.51.100.80:80/tcp -b 192.0.2.101 -b 192.0.2.102@50
     l4lbctl service add dns --vip 2001:db8::53 --port 53 --proto udp
     l4lbctl service add alt [2001:db8::1]:443 --dnat -b [2001:db8::10]:8443
+    l4lbctl service add web 198.51.100.1:80 -b 192.0.2.1 --check http --check-opt path=/healthz
     """
     vip, port, proto = _merge_address(address, vip, port, proto)
     if vip is None or port is None:
@@ -156,6 +172,8 @@ def add(app: App, name: str, address: ServiceAddress | None, vip: str | None, po
                             "backends": [{k: v for k, v in (("address", str(b.address)), ("port", b.port),
                                                             ("weight", b.weight)) if v is not None}
                                          for b in backends]}
+    if check_type is not None or check_opts:
+        body["health"] = check_body(None, check_type, check_opts)
     try:
         r = app.client.request("PUT", f"/v1/services/{segment(name)}", json=body, headers={"If-None-Match": "*"})
     except ApiError as e:
@@ -176,10 +194,12 @@ def add(app: App, name: str, address: ServiceAddress | None, vip: str | None, po
 @click.argument("address", type=SERVICE_ADDRESS, required=False, metavar="[VIP:PORT[/PROTO]]")
 @address_options
 @option_flags_decorator
+@check_options
 @output_option
 @pass_app
 def edit(app: App, name: str, address: ServiceAddress | None, vip: str | None, port: int | None, proto: str | None,
-         l4_dnat: bool | None, hash_src_port: bool | None, maglev_weights: bool | None) -> None:
+         l4_dnat: bool | None, hash_src_port: bool | None, maglev_weights: bool | None,
+         check_type: str | None, check_opts: tuple[str, ...]) -> None:
     """Change a service's address or options; its backends stay.
 
     Reads the service and writes it back with If-Match, so a change made by
@@ -188,16 +208,21 @@ def edit(app: App, name: str, address: ServiceAddress | None, vip: str | None, p
     \b
     l4lbctl service edit web --port 8080
     l4lbctl service edit web --no-sport-hash --dnat
+    l4lbctl service edit web --check-opt interval=1 --check-opt fall=2
     """
     vip, port, proto = _merge_address(address, vip, port, proto)
     options = _options(l4_dnat, hash_src_port, maglev_weights)
-    if vip is None and port is None and proto is None and not options:
-        raise click.UsageError("nothing to change: give VIP:PORT[/PROTO], --vip, --port, --proto or option flags")
+    checks = check_type is not None or bool(check_opts)
+    if vip is None and port is None and proto is None and not options and not checks:
+        raise click.UsageError("nothing to change: give VIP:PORT[/PROTO], --vip, --port, --proto, option flags "
+                               "or --check/--check-opt")
     r = app.client.get(f"/v1/services/{segment(name)}")
     old, etag = r.json(), r.headers.get("ETag")
     new = {k: v for k, v in old.items() if k != "name"}
     new.update({k: v for k, v in (("vip", vip), ("port", port), ("protocol", proto)) if v is not None})
     new["options"] = {**old["options"], **options}
+    if checks:
+        new["health"] = check_body(old.get("health"), check_type, check_opts)
     if {**new, "name": name} == old:
         if app.output != "table":
             emit(old, app.output)
@@ -218,6 +243,8 @@ def edit(app: App, name: str, address: ServiceAddress | None, vip: str | None, p
     changed = [f"{k} {old[k]} -> {svc[k]}" for k in ("vip", "port", "protocol") if old[k] != svc[k]]
     changed += [f"{k} {json.dumps(old['options'].get(k))} -> {json.dumps(v)}"
                 for k, v in svc["options"].items() if old["options"].get(k) != v]
+    if old.get("health") != svc.get("health"):
+        changed.append(f"health check {describe(svc.get('health'))}")
     click.echo(f"service {name!r} updated: {', '.join(changed)} (revision {revision_of(r)})")
 
 

@@ -245,10 +245,13 @@ def _apply_fleet(app: App, path: str, doc: dict[str, Any], dry_run: bool, force:
 
 
 def export_document(state: dict[str, Any], revision: int | None) -> dict[str, Any]:
-    def backend(b: dict[str, Any]) -> dict[str, Any]:
-        return {k: v for k, v in b.items() if v is not None}  # port: null is the default
+    def compact(d: dict[str, Any]) -> dict[str, Any]:
+        # null is the default of a backend's port and health and of every check setting
+        return {k: compact(v) if isinstance(v, dict) else v for k, v in d.items() if v is not None}
 
-    services = [{**s, "backends": [backend(b) for b in s["backends"]]} for s in state["services"]]
+    services = [{**{k: v for k, v in s.items() if not (k == "health" and v is None)},
+                 **({"health": compact(s["health"])} if s.get("health") else {}),
+                 "backends": [compact(b) for b in s["backends"]]} for s in state["services"]]
     return ({REVISION_KEY: revision} if revision is not None else {}) | {"services": services}
 
 

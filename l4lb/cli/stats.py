@@ -12,6 +12,7 @@ import click
 
 from .context import App, complete_service, output_option, pass_app
 from .errors import CliError
+from .health import health_cell
 from .output import dump, table
 from .params import NAME
 from .specs import hostport
@@ -29,19 +30,19 @@ def _weights(services: list[dict[str, Any]]) -> dict[tuple[str, str, int], int]:
 
 def stats_table(stats: dict[str, Any], weights: dict[tuple[str, str, int], int], *, rate: bool,
                 reasons: bool) -> str:
-    headers = ["PROT", "ADDRESS:PORT", "NAME", "WEIGHT", "STATE", "PACKETS", "BYTES"]
-    right = [False, False, False, True, False, True, True]
+    headers = ["PROT", "ADDRESS:PORT", "NAME", "WEIGHT", "STATE", "HEALTH", "PACKETS", "BYTES"]
+    right = [False, False, False, True, False, False, True, True]
     if rate:
         headers += ["PKT/S", "BYTES/S"]
         right += [True, True]
     rows: list[list[Any]] = []
     for s in stats["services"]:
         rows.append([s["protocol"].upper(), hostport(s["vip"], s["port"]), s["name"], "", "",
-                     s["packets"], s["bytes"]] + (_rates(s) if rate else []))
+                     "FAIL-OPEN" if s.get("fail_open") else "", s["packets"], s["bytes"]] + (_rates(s) if rate else []))
         for b in s["backends"]:
             w = weights.get((s["name"], ipaddress.ip_address(b["address"]).exploded, b["port"]))
-            rows.append(["  ->", hostport(b["address"], b["port"]), "", w, b["state"], b["packets"], b["bytes"]]
-                        + (_rates(b) if rate else []))
+            rows.append(["  ->", hostport(b["address"], b["port"]), "", w, b["state"], health_cell(b.get("health")),
+                         b["packets"], b["bytes"]] + (_rates(b) if rate else []))
     parts = [table(headers, rows, right=right) if rows else "no services"]
     if reasons:
         rheaders = ["REASON", "PACKETS", "BYTES"] + (["PKT/S", "BYTES/S"] if rate else [])

@@ -65,7 +65,25 @@ class Program:
     source: str
 
 
-def compile_program(cfg: DatapathConfig, *, entry: str = ENTRY, func: str = FUNC) -> Program:
+@dataclass(frozen=True)
+class ProgramKind:
+    """What distinguishes the project's programs: their pinned maps' header and
+    directory prefix, the program type, and the reasons enum counters are named by."""
+
+    maps_header: str = "lib/maps.h"
+    pin_prefix: str = "maps"
+    prog_type: str = "xdp"           # "xdp" | "sched_cls"
+    reasons: tuple[str, str] = ("l4lb_reason", "REASON_")
+
+
+XDP_KIND = ProgramKind()
+
+
+def compile_program(cfg: DatapathConfig, *, entry: str = ENTRY, func: str = FUNC, kind: ProgramKind = XDP_KIND,
+                    cflags: list[str] | None = None) -> Program:
+    """Compile ``entry`` with its maps pinned under ``cfg.bpffs``. The XDP
+    program takes its layout and feature switches from ``cfg``; another kind
+    passes its own ``cflags`` (those that change map layouts)."""
     from bcc import BPF  # imported here: only the datapath needs libbcc
 
     if not cfg.bpffs.exists():
@@ -73,16 +91,16 @@ def compile_program(cfg: DatapathConfig, *, entry: str = ENTRY, func: str = FUNC
     if not is_bpffs(cfg.bpffs):
         raise DatapathError(f"{cfg.bpffs} is not on a bpf filesystem (mount -t bpf bpf {cfg.bpffs})")
     text = assemble(entry)
-    layout = layout_cflags(cfg)
-    pin_dir = cfg.bpffs / f"maps-{layout_digest(text, layout)}"
+    layout = layout_cflags(cfg) if cflags is None else cflags
+    pin_dir = cfg.bpffs / f"{kind.pin_prefix}-{layout_digest(text, layout, kind.maps_header)}"
     pin_dir.mkdir(mode=0o700, exist_ok=True)
-    cflags = [*layout, f'-DPIN_DIR="{pin_dir}"', *feature_cflags(cfg), *cfg.extra_cflags]
-    bpf = compile_bpf(entry, cflags)
+    features = [*feature_cflags(cfg), *cfg.extra_cflags] if cflags is None else []
+    bpf = compile_bpf(entry, [*layout, f'-DPIN_DIR="{pin_dir}"', *features])
     try:
-        fn = bpf.load_func(func.encode(), BPF.XDP)
+        fn = bpf.load_func(func.encode(), BPF.XDP if kind.prog_type == "xdp" else BPF.SCHED_CLS)
     except Exception as e:  # BCC raises bare Exception with the verifier log on stderr
         raise DatapathError(f"BPF load of {entry}:{func} failed: {e}") from e
-    reasons = [n for n in enum_names(text, "l4lb_reason", "REASON_") if n != "max"]
+    reasons = [n for n in enum_names(text, *kind.reasons) if n != "max"]
     return Program(bpf, fn.fd, pin_dir, reasons, text)
 
 
@@ -90,7 +108,7 @@ def remove_stale_pins(cfg: DatapathConfig, keep: Path) -> list[Path]:
     """Drop pinned map sets of other layouts once the new program is attached
     (the old program's maps stay alive as long as anything references them)."""
     removed = []
-    for d in cfg.bpffs.glob("maps-*"):
+    for d in cfg.bpffs.glob(keep.name.partition("-")[0] + "-*"):
         if d != keep and d.is_dir():
             shutil.rmtree(d, ignore_errors=True)
             removed.append(d)

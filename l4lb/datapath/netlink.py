@@ -1,10 +1,13 @@
 """Netlink (pyroute2): XDP attach / atomic replace, interface addresses,
-neighbour upkeep for backends, sysctls of attached interfaces."""
+neighbour upkeep for backends, sysctls of attached interfaces; tc egress
+programs and the policy routing of health probes through the tunnel."""
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import logging
+import socket
 from dataclasses import dataclass
 
 from pyroute2 import IPRoute
@@ -23,6 +26,7 @@ log = logging.getLogger(__name__)
 XDP_ATTACHED_NAMES = {0: "none", 1: "native", 2: "generic", 3: "offload", 4: "multi",
                       "none": "none", "xdp": "native", "xdpgeneric": "generic",
                       "xdpoffload": "offload", "xdpmulti": "multi"}
+IFF_UP, IFF_NOARP = 0x1, 0x80
 NTF_EXT_MANAGED = 1  # NDA_FLAGS_EXT: the kernel keeps the entry resolved (Linux >= 5.16)
 NUD_VALID = 0x02 | 0x04 | 0x08 | 0x10 | 0x40 | 0x80  # REACHABLE|STALE|DELAY|PROBE|NOARP|PERMANENT
 
@@ -160,3 +164,67 @@ def ensure_neighbours(ipr: IPRoute, addrs: list[ipaddress.IPv4Address | ipaddres
         except NetlinkError as e:
             log.warning("cannot add managed neighbour %s on ifindex %s: %s", gw, oif, e)
     return created
+
+
+# --- tc egress programs and probe routing (health checks through the tunnel) -------------
+
+TC_EGRESS_PARENT = "ffff:fff3"   # clsact egress
+TC_FILTER_PRIO = 1               # fixed, so that the filter is found again (replaced, deleted)
+
+
+def tc_attach_egress(ipr: IPRoute, idx: int, fd: int, name: str) -> None:
+    """A clsact qdisc on ``idx`` (kept if present) and our direct-action bpf filter
+    on its egress; an existing filter of ours is replaced in one step (no gap)."""
+    try:
+        ipr.tc("add", "clsact", idx)
+    except NetlinkError as e:
+        if e.code != errno.EEXIST:
+            raise
+    ipr.tc("replace-filter", "bpf", idx, ":1", fd=fd, name=name, parent=TC_EGRESS_PARENT,
+           classid=1, direct_action=True, prio=TC_FILTER_PRIO)
+
+
+def tc_detach_egress(ipr: IPRoute, idx: int) -> None:
+    """Remove our egress filter (the clsact qdisc stays: others may use it)."""
+    try:
+        ipr.tc("del-filter", "bpf", idx, ":1", parent=TC_EGRESS_PARENT, prio=TC_FILTER_PRIO)
+    except NetlinkError as e:
+        if e.code not in (errno.ENOENT, errno.EINVAL):
+            raise
+
+
+def ensure_veth(ipr: IPRoute, name: str, peer: str, mtu: int) -> int:
+    """A veth pair, both ends up, ``name`` without ARP/ND (a packet routed to
+    it needs no neighbour) and with ``mtu``; returns its ifindex."""
+    if not ipr.link_lookup(ifname=name):
+        ipr.link("add", ifname=name, kind="veth", peer={"ifname": peer})
+    idx = ifindex(ipr, name)
+    for end in (name, peer):
+        # No IPv6 link-local address and no autoconfiguration: nothing of its own to send.
+        set_sysctl(f"/proc/sys/net/ipv6/conf/{end}/addr_gen_mode", "1")
+        set_sysctl(f"/proc/sys/net/ipv6/conf/{end}/accept_ra", "0")
+    ipr.link("set", index=idx, mtu=mtu, flags=IFF_NOARP | IFF_UP, change=IFF_NOARP | IFF_UP)
+    ipr.link("set", index=ifindex(ipr, peer), state="up")
+    return idx
+
+
+def ensure_mark_routing(ipr: IPRoute, mark: int, mask: int, table: int, priority: int, oif: int) -> None:
+    """Packets whose fwmark matches ``mark/mask`` take ``table``, whose default
+    route (IPv4 and IPv6) leaves through ``oif``. Idempotent."""
+    for family in (socket.AF_INET, socket.AF_INET6):
+        have = [r for r in ipr.get_rules(family=family)
+                if r.get_attr("FRA_TABLE") == table and r.get_attr("FRA_FWMARK") == mark
+                and r.get_attr("FRA_PRIORITY") == priority]
+        if not have:
+            ipr.rule("add", family=family, table=table, priority=priority, fwmark=mark, fwmask=mask)
+        ipr.route("replace", family=family, dst="0.0.0.0/0" if family == socket.AF_INET else "::/0",
+                  table=table, oif=oif)
+
+
+def source_towards(ipr: IPRoute, addr: str) -> str | None:
+    """The LB's own address the kernel would use towards ``addr`` (None: no route)."""
+    try:
+        routes = ipr.route("get", dst=addr)
+    except NetlinkError:
+        return None
+    return routes[0].get_attr("RTA_PREFSRC") if routes else None

@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import hashlib
 import re
+import threading
 from importlib import resources
 from pathlib import Path
 from typing import Any, Iterable
 
 from l4lb.datapath.config import DatapathError
 
+_COMPILE = threading.Lock()  # one BCC/LLVM compile at a time (the probe tunnel compiles in a thread)
 _INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"\s*$')
 _PRAGMA_ONCE = re.compile(r"^\s*#\s*pragma\s+once\s*$")
 
@@ -74,7 +76,8 @@ def compile_bpf(entry: str, cflags: Iterable[str] = (), *, text: str | None = No
 
     src = assemble(entry, text=text)
     try:
-        return BPF(text=src.encode(), cflags=list(cflags))
+        with _COMPILE:
+            return BPF(text=src.encode(), cflags=list(cflags))
     except Exception as e:
         raise DatapathError(f"BPF compile of {entry} failed: {e}") from e
 
@@ -103,9 +106,9 @@ def enum_names(text: str, enum: str, prefix: str) -> list[str]:
     return names
 
 
-def layout_digest(text: str, cflags: list[str]) -> str:
+def layout_digest(text: str, cflags: list[str], maps_header: str = "lib/maps.h") -> str:
     """Identifies a map layout: the pinned maps of one digest are compatible."""
-    maps = resources.files("l4lb.bpf_src").joinpath("lib/maps.h").read_text()
+    maps = resources.files("l4lb.bpf_src").joinpath(maps_header).read_text()
     h = hashlib.sha256(maps.encode())
     for f in sorted(cflags):
         h.update(f.encode() + b"\0")

@@ -17,7 +17,6 @@ egress program that gives DSR replies from a VIP the service port back
 from __future__ import annotations
 
 import ctypes as ct
-import errno
 import ipaddress
 import socket
 import threading
@@ -55,8 +54,6 @@ def _key_bytes(addr: str | ipaddress.IPv4Address | ipaddress.IPv6Address) -> byt
 
 
 _PROTOS = {"tcp": socket.IPPROTO_TCP, "udp": socket.IPPROTO_UDP}
-TC_EGRESS_PARENT = "ffff:fff3"      # clsact egress
-TC_FILTER_PRIO = 1                  # fixed, so that the filter can be found and deleted again
 
 
 @dataclass(frozen=True)
@@ -287,37 +284,27 @@ def _prog_id(fd: int) -> int:
 
 
 def _tc_attach_egress(ifname: str, fd: int, name: str) -> None:
-    """In the current thread's netns: clsact on ``ifname`` (kept if present) and our
-    direct-action bpf filter on its egress."""
+    """In the current thread's netns: our direct-action bpf filter on ``ifname``'s egress."""
     from pyroute2 import IPRoute
-    from pyroute2.netlink.exceptions import NetlinkError
+
+    from l4lb.datapath.netlink import tc_attach_egress
 
     with IPRoute() as ipr:
-        idx = _ifindex(ipr, ifname)
-        try:
-            ipr.tc("add", "clsact", idx)
-        except NetlinkError as e:
-            if e.code != errno.EEXIST:
-                raise
-        ipr.tc("add-filter", "bpf", idx, ":1", fd=fd, name=name, parent=TC_EGRESS_PARENT,
-               classid=1, direct_action=True, prio=TC_FILTER_PRIO)
+        tc_attach_egress(ipr, _ifindex(ipr, ifname), fd, name)
 
 
 def _tc_detach_egress(ifname: str) -> None:
     """Remove our egress filter from ``ifname`` (the clsact qdisc stays: others may use it)."""
     from pyroute2 import IPRoute
-    from pyroute2.netlink.exceptions import NetlinkError
+
+    from l4lb.datapath.netlink import tc_detach_egress
 
     with IPRoute() as ipr:
         try:
             idx = _ifindex(ipr, ifname)
         except LookupError:
             return
-        try:
-            ipr.tc("del-filter", "bpf", idx, ":1", parent=TC_EGRESS_PARENT, prio=TC_FILTER_PRIO)
-        except NetlinkError as e:
-            if e.code not in (errno.ENOENT, errno.EINVAL):
-                raise
+        tc_detach_egress(ipr, idx)
 
 
 def _ifindex(ipr: Any, ifname: str) -> int:

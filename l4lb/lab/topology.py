@@ -22,8 +22,10 @@ One builder for the test suite and the demo.  Picture (segment B is optional)::
   The LB's own veth (``lb_if`` in ``lb_ns``) is left free for the LB program.
 * backends: VIPs on ``lo``, rp_filter 0, arp_ignore 1 / arp_announce 2,
   ``xdp_decap`` on eth0 (IPIP / IP6IP6 addressed to the backend), an HTTP
-  server (ports 80, 8080) and a UDP echo server (5353) bound to every VIP and
-  to the backend's own addresses, answering with ``backend=<name>``.
+  server (ports 80, 8080; optionally HTTPS ports with a given certificate)
+  and a UDP echo server (5353) bound to every VIP and to the backend's own
+  addresses, answering with ``backend=<name>``. ``stop_server(name)`` /
+  ``start_server(name)`` take one backend's servers away and back.
 * clients and backends: ``ethtool -K eth0 tx off`` (veth checksum offload).
 
 Use::
@@ -107,7 +109,7 @@ def _addr6(net: ipaddress.IPv6Network, host: int) -> str:
 
 # Runs inside a backend netns as `python -I -c SERVER NAME SPEC_JSON`.
 SERVER = r'''
-import http.server, json, socket, socketserver, sys, threading
+import http.server, json, socket, socketserver, ssl, sys, threading
 NAME = sys.argv[1]
 SPEC = json.loads(sys.argv[2])
 
@@ -163,11 +165,17 @@ def server_bind(self):
     self.server_port = self.server_address[1]
 
 threads = []
-for addr, port in SPEC["http"]:
+tls = None
+if SPEC.get("https"):
+    tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    tls.load_cert_chain(SPEC["cert"], SPEC["key"])
+for addr, port, secure in [(a, p, False) for a, p in SPEC["http"]] + [(a, p, True) for a, p in SPEC.get("https", [])]:
     cls = type("S", (http.server.ThreadingHTTPServer,),
                {"address_family": family(addr), "allow_reuse_address": True, "daemon_threads": True,
                 "server_bind": server_bind})
     srv = cls((addr, port), Handler)
+    if secure:
+        srv.socket = tls.wrap_socket(srv.socket, server_side=True)
     threads.append(threading.Thread(target=srv.serve_forever, daemon=True))
 
 def echo(sock):
@@ -311,6 +319,7 @@ class Lab:
                           with that many backends behind it (for XDP_REDIRECT)
       vips4, vips6        VIPs held on every backend's lo
       http_ports, udp_ports  server ports on every backend (VIPs and own addresses)
+      https_ports, tls_cert  HTTPS ports on every backend, with (cert file, key file)
       client_extra_addrs  extra addresses per client (v4 and v6) to vary the source
       mtu                 MTU of the client links
       backend_mtu         MTU of the LB's and backends' links and their bridge ports
@@ -339,6 +348,8 @@ class Lab:
         vips6: Sequence[str] = VIPS6,
         http_ports: Sequence[int] = HTTP_PORTS,
         udp_ports: Sequence[int] = UDP_PORTS,
+        https_ports: Sequence[int] = (),
+        tls_cert: tuple[str, str] | None = None,
         client_extra_addrs: int = 0,
         mtu: int = 1500,
         backend_mtu: int | None = None,
@@ -370,6 +381,10 @@ class Lab:
         self.vips6 = tuple(vips6)
         self.http_ports = tuple(http_ports)
         self.udp_ports = tuple(udp_ports)
+        self.https_ports = tuple(https_ports)
+        self.tls_cert = tls_cert
+        if self.https_ports and tls_cert is None:
+            raise ValueError("https_ports need tls_cert=(cert file, key file)")
         self.client_extra_addrs = client_extra_addrs
         self.mtu = mtu
         self.backend_mtu = backend_mtu or mtu
@@ -669,17 +684,30 @@ class Lab:
                 name=h["name"], role=h["role"], ns=ns, ifaces=tuple(ifaces),
                 vips4=self.vips4 if backend else (), vips6=self.vips6 if backend else ())
 
-    def _start_servers(self, timeout: float = 10.0) -> None:
+    def stop_server(self, name: str) -> None:
+        """Stop backend ``name``'s servers (HTTP, HTTPS, UDP echo): its addresses stay."""
+        netns.stop(self._servers.pop(name))
+
+    def start_server(self, name: str) -> None:
+        """Start backend ``name``'s servers again (returns once they listen)."""
+        self._start_servers([name])
+
+    def _start_servers(self, names: Sequence[str] | None = None, timeout: float = 10.0) -> None:
         sel = selectors.DefaultSelector()
         for b in self.backends.values():
+            if names is not None and b.name not in names:
+                continue
             addrs = [*self.vips4, *self.vips6, b.ip4, b.ip6]
-            spec = {"http": [[a, p] for a in addrs for p in self.http_ports],
-                    "udp": [[a, p] for a in addrs for p in self.udp_ports]}
+            spec: dict[str, Any] = {"http": [[a, p] for a in addrs for p in self.http_ports],
+                                    "udp": [[a, p] for a in addrs for p in self.udp_ports]}
+            if self.https_ports and self.tls_cert:
+                spec.update(https=[[a, p] for a in addrs for p in self.https_ports],
+                            cert=self.tls_cert[0], key=self.tls_cert[1])
             p = netns.popen(b.ns, sys.executable, "-I", "-c", SERVER, b.name, json.dumps(spec),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
             self._servers[b.name] = p
             sel.register(p.stdout, selectors.EVENT_READ, b.name)
-        waiting = set(self._servers)
+        waiting = set(names if names is not None else self._servers)
         deadline = time.monotonic() + timeout
         try:
             while waiting:

@@ -1,0 +1,264 @@
+"""One thread, one epoll loop: every probe on time, thousands per second.
+
+Each probe (one per distinct ``ProbeSpec.key``) is due every ``interval``
+seconds, first at a random point within its first interval so that probes
+do not start in bursts. A due probe starts an attempt (l4lb/health/probe.py);
+its result goes through the probe's rise/fall machine, and transitions go to
+``on_transition`` (the manager persists them and tells the control core).
+At most ``max_in_flight`` attempts run at once; a probe that finds no room
+is started a little later and counted as late. An attempt that the LB
+itself cannot start (no socket, no tunnel) is *not run*: no evidence, no
+change.
+
+Probes are added, changed and removed with ``update`` from any thread; the
+loop picks that up at once (an eventfd wakes it). Results and states are read by the API
+from other threads: they are plain attribute reads, updated only here.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import os
+import random
+import resource
+import select
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+from l4lb.health.machine import Damping, ProbeState, Transition
+from l4lb.health.overlay import Health
+from l4lb.health.probe import ATTEMPTS, Attempt, LocalError, Route
+from l4lb.health.targets import ProbeSpec, Timing
+
+log = logging.getLogger("l4lbd.health")
+MAX_EVENTS = 1024
+
+
+@dataclass(frozen=True)
+class ProbeConfig:
+    spec: ProbeSpec
+    timing: Timing
+    route: Route | str      # a Route, or why the probe cannot run (e.g. the tunnel is unavailable)
+
+
+@dataclass
+class Job:
+    key: str
+    config: ProbeConfig
+    state: ProbeState
+    due: float = 0.0
+    running: Attempt | None = None
+
+
+@dataclass
+class LoopStats:
+    started: int = 0
+    finished: int = 0
+    late: int = 0
+    not_run: int = 0
+    results: dict[str, int] = field(default_factory=lambda: {"ok": 0, "failed": 0})
+    states: dict[str, int] = field(default_factory=dict)   # probes by state (filled when sent)
+
+
+class Scheduler:
+    def __init__(self, on_transition: Callable[[Transition], None],
+                 on_result: Callable[[ProbeConfig, bool, float], None] | None = None, *,
+                 damping: Damping = Damping(), max_in_flight: int = 4096,
+                 restored: Mapping[str, tuple[Health, float]] | None = None) -> None:
+        self._on_transition = on_transition
+        self._on_result = on_result
+        self.damping = damping
+        self.max_in_flight = _fd_room(max_in_flight)
+        self.restored = dict(restored or {})   # key -> (state, since) from the last run
+        self.jobs: dict[str, Job] = {}
+        self.stats = LoopStats()
+        self._pending: dict[str, ProbeConfig | None] = {}
+        self._lock = threading.Lock()
+        self._wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._ep = select.epoll()
+        self._ep.register(self._wake, select.EPOLLIN)
+        self._inflight: dict[int, Job] = {}
+        self._due: list[tuple[float, int, Job]] = []
+        self._deadlines: list[tuple[float, int, Job, Attempt]] = []
+        self._seq = itertools.count()
+        self._stop = False
+        self._thread: threading.Thread | None = None
+
+    # -- from other threads ----------------------------------------------------------
+
+    def update(self, probes: Mapping[str, ProbeConfig | None]) -> None:
+        """New or changed probes by key; None removes one."""
+        with self._lock:
+            self._pending.update(probes)
+        os.eventfd_write(self._wake, 1)
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self.run, name="l4lb-health", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop = True
+        os.eventfd_write(self._wake, 1)
+        if self._thread is not None:
+            self._thread.join(10)
+        for job in list(self._inflight.values()):
+            if job.running is not None:
+                job.running.close()
+        self._ep.close()
+        os.close(self._wake)
+
+    def state(self, key: str) -> ProbeState | None:
+        job = self.jobs.get(key)
+        return job.state if job is not None else None
+
+    # -- the loop -----------------------------------------------------------------------
+
+    def run(self) -> None:
+        while not self._stop:
+            try:
+                self._turn()
+            except Exception:  # noqa: BLE001 - a bug must not stop every health check
+                log.exception("health check loop failed; continuing")
+                time.sleep(0.1)
+
+    def _turn(self) -> None:
+        if self._pending:
+            self._reconfigure()
+        now = time.monotonic()
+        due, dl = self._due, self._deadlines
+        wait = min(due[0][0] if due else now + 1.0, dl[0][0] if dl else now + 1.0) - now
+        # Every ready socket first (epoll hands out at most MAX_EVENTS per call):
+        # when the loop ran late (a busy machine, the GIL), an answer that
+        # arrived in time must not be taken for a timeout.
+        events = self._ep.poll(max(wait, 0.0), MAX_EVENTS)
+        while events:
+            for fd, mask in events:
+                self._event(fd, mask)
+            events = self._ep.poll(0, MAX_EVENTS) if len(events) == MAX_EVENTS else []
+        now = time.monotonic()
+        while dl and dl[0][0] <= now:
+            _, _, job, attempt = heapq.heappop(dl)
+            if job.running is attempt:
+                self._finish(job, False, f"timeout after {job.config.timing.timeout:g} s ({attempt.stage})")
+        while due and due[0][0] <= now:
+            _, _, job = heapq.heappop(due)
+            if self.jobs.get(job.key) is job and job.running is None:
+                self._launch(job, now)
+
+    def _event(self, fd: int, mask: int) -> None:
+        job = self._inflight.get(fd)
+        if job is None:
+            if fd == self._wake:
+                os.eventfd_read(self._wake)
+            return
+        attempt = job.running
+        assert attempt is not None
+        try:
+            r = attempt.event(mask)
+        except Exception as e:  # noqa: BLE001 - an odd reply must not stop the loop
+            r = (False, f"{type(e).__name__}: {e}")
+        if isinstance(r, int):
+            self._ep.modify(fd, r)
+        else:
+            self._finish(job, *r)
+
+    def _reconfigure(self) -> None:
+        with self._lock:
+            changes, self._pending = self._pending, {}
+        now = time.monotonic()
+        for key, cfg in changes.items():
+            if cfg is None:
+                job = self.jobs.pop(key, None)
+                if job is not None and job.running is not None:
+                    self._drop(job)
+                continue
+            job = self.jobs.get(key)
+            if job is not None:
+                if cfg.timing.interval < job.config.timing.interval:
+                    job.due = min(job.due, now + cfg.timing.interval)
+                    self._schedule(job)
+                job.config = cfg
+                job.state.timing = cfg.timing
+                continue
+            state, since = self.restored.pop(key, (Health.unknown, time.time()))
+            job = Job(key, cfg, ProbeState(key, cfg.timing, self.damping, state=state, since=since))
+            job.due = now + random.uniform(0, cfg.timing.interval)
+            self.jobs[key] = job
+            self._schedule(job)
+
+    def _schedule(self, job: Job) -> None:
+        heapq.heappush(self._due, (job.due, next(self._seq), job))
+
+    def _launch(self, job: Job, now: float) -> None:
+        interval = job.config.timing.interval
+        # Fixed rate; a loop that fell behind by a whole interval starts afresh.
+        job.due = job.due + interval if job.due + interval > now else now + interval
+        self._schedule(job)
+        route = job.config.route
+        if isinstance(route, str):
+            job.state.skip(route)
+            self.stats.not_run += 1
+            return
+        if len(self._inflight) >= self.max_in_flight:
+            self.stats.late += 1
+            job.due = now + 0.01
+            self._schedule(job)
+            return
+        attempt = ATTEMPTS[job.config.spec.kind](job.config.spec, route, now + job.config.timing.timeout, job.key)
+        self.stats.started += 1
+        job.running = attempt
+        try:
+            r = attempt.start()
+        except LocalError as e:
+            attempt.close()
+            job.running = None
+            job.state.skip(str(e))
+            self.stats.not_run += 1
+            return
+        if isinstance(r, int):
+            fd = attempt.fileno()
+            self._inflight[fd] = job
+            self._ep.register(fd, r)
+            heapq.heappush(self._deadlines, (attempt.deadline, next(self._seq), job, attempt))
+        else:
+            self._finish(job, *r)
+
+    def _drop(self, job: Job) -> None:
+        attempt = job.running
+        assert attempt is not None
+        if attempt.sock is not None:
+            self._inflight.pop(attempt.fileno(), None)
+        attempt.close()  # closing the fd also takes it out of the epoll set
+        job.running = None
+
+    def _finish(self, job: Job, ok: bool, error: str) -> None:
+        attempt = job.running
+        assert attempt is not None
+        latency = time.monotonic() - attempt.started
+        self._drop(job)
+        self.stats.finished += 1
+        self.stats.results["ok" if ok else "failed"] += 1
+        if self._on_result is not None:
+            self._on_result(job.config, ok, latency)
+        t = job.state.observe(ok, error or None, latency, time.monotonic(), time.time())
+        if t is not None:
+            self._on_transition(t)
+
+
+def _fd_room(wanted: int) -> int:
+    """Raise the soft fd limit towards the hard one so ``wanted`` probes fit
+    beside the daemon's own files; returns what fits."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    need = wanted + 1024
+    if soft != resource.RLIM_INFINITY and soft < need:
+        new = need if hard == resource.RLIM_INFINITY else min(need, hard)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+            soft = new
+        except (ValueError, OSError):
+            pass
+    return max(16, min(wanted, int(soft) - 1024 if soft != resource.RLIM_INFINITY else wanted))
