@@ -575,17 +575,17 @@ def test_a_drain_writes_no_outer_slot_and_waits_for_no_grace_period(env):
 def test_prefetched_tables_are_used_by_the_apply_and_are_the_right_ones(env, monkeypatch):
     """A bulk change builds its Maglev tables ahead (while the daemon diffs and
     stages); the apply then builds nothing and packets go where Python says."""
-    from l4lb.datapath import engine
+    from l4lb.datapath import maglevbuild
 
     services = [svc(f"pf{i}", VIP4, 2000 + i, B4[i % 5:i % 5 + 3]) for i in range(20)]
     env.call(env.dp.prefetch, services)
-    assert env.dp._prefetched is not None, "20 new tables should be prefetched"
-    env.dp._prefetched[1].join()
+    assert env.dp._builder.prefetched is not None, "20 new tables should be prefetched"
+    env.dp._builder.prefetched[1].join()
     jobs: list[int] = []
-    real = engine.maglev.build_many
-    monkeypatch.setattr(engine.maglev, "build_many", lambda ws, m, seed: (jobs.append(len(ws)), real(ws, m, seed))[1])
+    real = maglevbuild.maglev.build_many
+    monkeypatch.setattr(maglevbuild.maglev, "build_many", lambda ws, m, seed: (jobs.append(len(ws)), real(ws, m, seed))[1])
     env.apply(services)
-    assert sum(jobs) == 0 and env.dp._prefetched is None
+    assert sum(jobs) == 0 and env.dp._builder.prefetched is None
     for s in services[::4]:
         for sport in range(5000, 5010):
             v, out, _ = env.run(frame(CLIENT4, VIP4, TCP(sport=sport, dport=s.port, flags="S")))

@@ -14,6 +14,8 @@ from l4lb.datapath import libbpf
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 FAMILY = {4: 4, 6: 6}
+CFG_F_SRC_PREFIX4 = 1  # maps.h CFG_F_*
+CFG_F_SRC_PREFIX6 = 2
 
 
 def addr_words(addr: IPAddress) -> list[int]:
@@ -50,6 +52,29 @@ class Tables:
         self.backend_stats = bpf[b"backend_stats"]
         self.reason_stats = bpf[b"reason_stats"]
         self.nexthops = bpf[b"nexthops"]
+
+    # --- run-time config ---------------------------------------------------------
+    def write_config(self, cfg: Any, hash_seed: int) -> None:
+        """``lb_config`` from a DatapathConfig: flow-hash seed, outer-source prefixes, ICMP rate."""
+        c = self.config.Leaf()
+        c.hash_seed = hash_seed
+        c.icmp_rate = cfg.icmp_rate
+        c.icmp_burst = max(1, cfg.icmp_rate // 10)
+        flags = 0
+        if cfg.outer_src_v4 is not None:
+            net = cfg.outer_src_v4
+            c.src4_prefix = int.from_bytes(net.network_address.packed, "little")
+            c.src4_hostmask = int.from_bytes(net.hostmask.packed, "little")
+            flags |= CFG_F_SRC_PREFIX4
+        if cfg.outer_src_v6 is not None:
+            net6 = cfg.outer_src_v6
+            pre, host = net6.network_address.packed, net6.hostmask.packed
+            for i in range(4):
+                c.src6_prefix[i] = int.from_bytes(pre[4 * i:4 * i + 4], "little")
+                c.src6_hostmask[i] = int.from_bytes(host[4 * i:4 * i + 4], "little")
+            flags |= CFG_F_SRC_PREFIX6
+        c.flags = flags
+        self.config[self.config.Key(0)] = c
 
     # --- next hops ------------------------------------------------------------
     def write_nexthop(self, bid: int, ifindex: int, gen: int, mtu: int, smac: bytes, dmac: bytes) -> None:

@@ -1,0 +1,431 @@
+"""Reconcile: make the maps hold exactly a list of services, in an order that
+keeps packets in flight safe.
+
+Backend entries are written before any Maglev table refers to them; a
+service's new table is complete in its spare buffer before the service entry
+points at it (rings.py); removed backends are cleared only after no table
+points to them any more and an RCU grace period has passed since the last
+table did.
+
+Near capacity (old and new sets together do not fit) removed services and
+backends are cleared first, and a freed id or slot is reused only after an
+RCU grace period, so no packet in flight still reads it (see reconcile()).
+Services that did not change are skipped cheaply, and map writes go in
+batches: a drain touches one service, a 100,000-backend document takes a
+handful of syscalls per map.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from l4lb import maglev
+from l4lb.datapath.config import DatapathError
+from l4lb.datapath.context import Context
+from l4lb.datapath.maglevbuild import TableBuilder, table_inputs
+from l4lb.datapath.nexthop import IPAddress
+from l4lb.datapath.rings import Rings
+from l4lb.datapath.slots import PROTO, BackendKey, BackendSlot, ServiceKey, Slots, ip_of
+from l4lb.models import BackendState, Service
+
+log = logging.getLogger(__name__)
+
+SVC_F_DNAT = 1
+SVC_F_NO_SPORT = 2
+BE_F_DOWN = 1
+SWAP_CHUNK = 256  # services whose tables are written before their entries are
+
+
+@dataclass
+class ApplyTimings:
+    """Where the last apply() spent its time (seconds), for logs and benches."""
+
+    reconcile: float = 0.0   # everything under the lock, the parts below included
+    maglev: float = 0.0      # building tables (waiting for worker processes included)
+    maps: float = 0.0        # map writes: backends, tables, service entries, clears
+    grace: float = 0.0       # waiting for packets in flight before reusing freed slots
+    neighbours: float = 0.0
+    nexthops: float = 0.0
+    total: float = 0.0
+    tables: int = 0          # Maglev tables built
+    writes: int = 0          # map elements written
+
+    def summary(self) -> str:
+        parts = [f"{k}={getattr(self, k):.3f}s" for k in ("reconcile", "maglev", "maps", "grace", "neighbours",
+                                                           "nexthops") if getattr(self, k)]
+        return " ".join([*parts, f"tables={self.tables}", f"writes={self.writes}"])
+
+
+@dataclass
+class _Work:
+    """One reconcile's to-do list."""
+
+    want: dict[ServiceKey, Service]
+    waiting: list[ServiceKey]           # services not finished yet, sorted
+    gone: list[ServiceKey]
+    freeing_sids: set[int]              # ids of removed services (usable once their slots are clear)
+    removing: dict[int, None] = field(default_factory=dict)  # slots to clear (an ordered set)
+    weights: dict[ServiceKey, dict[BackendKey, int]] = field(default_factory=dict)  # of the waiting services
+    allocated: bool = False
+
+
+class Reconciler:
+    def __init__(self, ctx: Context, slots: Slots, rings: Rings, builder: TableBuilder) -> None:
+        self.ctx = ctx
+        self.slots = slots
+        self.rings = rings
+        self.builder = builder
+        self.timing = ApplyTimings()
+        # svc id -> the inputs of the table written (weights, backend ids): a
+        # reconcile rebuilds only the tables whose inputs changed.
+        self.inputs: dict[int, tuple[Any, ...]] = {}
+        # The services finished with exactly this content: a reconcile skips them cheaply.
+        self.done: dict[ServiceKey, Service] = {}
+        self.clean: set[int] = set()  # ids of the services of the last successful apply
+        self._keys: dict[int, ServiceKey] = {}
+        self._held: list[Service] = []
+        self.new_addrs: set[IPAddress] = set()   # backends' addresses the last reconcile added
+        self.fail_after_writes: int | None = None  # test hook: fail mid-reconcile
+
+    def forget(self) -> None:
+        """Tables in force are unknown again (a restart, a seed change)."""
+        self.inputs.clear()
+        self.done.clear()
+        self.clean = set()
+
+    def check_capacity(self, services: Sequence[Service]) -> None:
+        if len(services) > self.ctx.cfg.max_services:
+            raise DatapathError(f"{len(services)} services exceed the datapath limit of {self.ctx.cfg.max_services}")
+        n = sum(len(s.backends) for s in services)
+        if n > self.ctx.cfg.max_backends - 1:
+            raise DatapathError(f"{n} backends exceed the datapath limit of {self.ctx.cfg.max_backends - 1}")
+
+    def ticks(self, n: int) -> int:
+        """How many of the next ``n`` writes the test hook lets through (all without a hook)."""
+        if self.fail_after_writes is None:
+            return n
+        ok = max(0, min(n, self.fail_after_writes))
+        self.fail_after_writes -= ok
+        return ok
+
+    def tick(self) -> None:
+        if not self.ticks(1):
+            raise DatapathError("injected failure (test hook)")
+
+    def reconcile(self, services: list[Service]) -> None:
+        """Write ``services`` into the maps in a packet-safe order (module docstring).
+
+        Services whose content is what they were last finished with are
+        skipped, so a drain touches one service. New ids and slots come from
+        free ones while there are any. Near capacity (the old and the new set
+        together do not fit) a second pass reuses what removed services and
+        backends freed, and a third first swaps the still-waiting services to
+        interim tables of their backends that already have slots, which frees
+        their removed ones. A slot is reused only once no table points at it
+        and packets in flight have finished (an RCU grace period)."""
+        t0 = time.perf_counter()
+        # Keys of the services of the last reconcile by object: a drain passes the
+        # same 1,000 objects but one again, and formatting their VIPs was most of its cost.
+        keys = self._keys
+        want = {keys.get(id(s)) or s.key: s for s in services}
+        self._keys = {id(s): k for k, s in want.items()}
+        self._held = services  # keeps the objects alive, so their ids stay theirs
+        # Services of the last successful apply, as objects, are unchanged; others
+        # are checked. Sorted after filtering: a drain sorts one key, not 1,000.
+        clean, self.clean = self.clean, set()
+        todo = sorted(k for k, s in want.items() if id(s) not in clean and not self._unchanged(k, s))
+        gone = sorted(k for k in self.slots.svc_ids if k not in want)
+        for key in (*todo, *gone):
+            self.done.pop(key, None)
+        live = set(self.slots.svc_ids.values())
+        orphans = set(self.slots.by_svc) - live  # backends whose service never made it (a crash mid-apply)
+        w = _Work(want, list(todo), gone, {self.slots.svc_ids[k] for k in gone} | orphans)
+        for key in todo:
+            # Identity -> Maglev weight, in backend order: each backend's identity is computed once.
+            w.weights[key] = keep = self.builder.weights_of(want[key])
+            sid = self.slots.svc_ids.get(key)
+            if sid is not None:
+                w.removing.update((bid, None) for ident, bid in self.slots.by_svc.get(sid, {}).items() if ident not in keep)
+        for sid in w.freeing_sids:
+            w.removing.update((bid, None) for bid in self.slots.by_svc.get(sid, {}).values())
+        for stage in range(3):
+            self._allocate(w, final=stage == 2)
+            self._finish(w)
+            if stage == 0:
+                self._remove_services(w, orphans)
+            self._clear_unreferenced(w)
+            if not w.waiting:
+                break
+            if stage == 2:
+                raise DatapathError(f"no free slot for {', '.join(map(str, w.waiting))} (datapath maps full)")
+            if stage == 1:
+                self._interim_tables(w)
+                self._clear_unreferenced(w)
+            g0 = time.perf_counter()
+            self.rings.grace(always=True)
+            self.timing.grace += time.perf_counter() - g0
+        if w.allocated:
+            # Forget freed slots that have been handed to someone else since.
+            self.slots.freed_be = {k: v for k, v in self.slots.freed_be.items() if v[0] not in self.slots.backends}
+            in_use = set(self.slots.svc_ids.values())
+            self.slots.freed_svc = {k: v for k, v in self.slots.freed_svc.items() if v not in in_use}
+        self.builder.weights = {}
+        for key in todo:
+            self.done[key] = want[key]
+            svc = want[key]
+            self.new_addrs.update(b.address for b in svc.backends if b.state is not BackendState.maintenance)
+        self.timing.reconcile += time.perf_counter() - t0
+
+    def _unchanged(self, key: ServiceKey, svc: Service) -> bool:
+        prev = self.done.get(key)
+        if prev is None or (prev is not svc and prev != svc):
+            return False
+        sid = self.slots.svc_ids.get(key)
+        # Also in the maps as finished: its table (not cleared by a seed change or
+        # a restart) and exactly its backends (nothing left over from a failure).
+        return sid is not None and sid in self.inputs and len(self.slots.by_svc.get(sid, ())) == len(svc.backends)
+
+    def _allocate(self, w: _Work, final: bool) -> None:
+        """Ids for the waiting services and slots for their backends, then one
+        batch write of those entries (and of changed flags). Before the last
+        pass, a service or backend that remembers a slot still being freed
+        waits for it, so an undo gets its old id and generation back."""
+        t = self.ctx.tables
+        used_sids = set(self.slots.svc_ids.values()) | set(self.slots.by_svc)
+        fresh_sid = (i for i in range(self.ctx.cfg.max_services) if i not in used_sids)
+        fresh_bid = (i for i in range(1, self.ctx.cfg.max_backends) if i not in self.slots.backends)
+        writes: list[tuple[int, BackendSlot, IPAddress]] = []
+        zero: list[int] = []
+        for key in w.waiting:
+            svc = w.want[key]
+            sid = self.slots.svc_ids.get(key)
+            if sid is None:
+                sid = self.slots.freed_svc.get(key)
+                if sid is None or sid in used_sids:
+                    if sid is not None and sid in w.freeing_sids and not final:
+                        continue
+                    sid = next(fresh_sid, None)
+                    if sid is None:
+                        continue
+                self.slots.freed_svc.pop(key, None)
+                used_sids.add(sid)
+                self.slots.set_service(key, sid)  # before any write: a failure leaves it to be removed
+                t.percpu_zero(t.svc_stats, sid)
+                w.allocated = True
+            have = self.slots.by_svc.get(sid, {})
+            for b, ident in zip(svc.backends, w.weights[key]):
+                flags = BE_F_DOWN if b.state is BackendState.maintenance else 0
+                bid = have.get(ident)
+                if bid is not None:
+                    if self.slots.backends[bid].flags != flags:
+                        writes.append((bid, self.slots.set(bid, sid, ident, self.slots.backends[bid].gen, flags), b.address))
+                    continue
+                old_bid, gen = self.slots.freed_be.get((key, ident), (None, 0))
+                if old_bid is not None and old_bid not in self.slots.backends:
+                    bid = old_bid
+                    del self.slots.freed_be[(key, ident)]
+                elif old_bid is not None and old_bid in w.removing and not final:
+                    continue
+                else:
+                    bid = next(fresh_bid, None)
+                    if bid is None:
+                        continue
+                    gen = self.slots.next_gen
+                    self.slots.next_gen += 1
+                    zero.append(bid)
+                # Taken in our books before the write: after a failure the rollback clears it.
+                writes.append((bid, self.slots.set(bid, sid, ident, gen, flags), b.address))
+                w.allocated = True
+        m0 = time.perf_counter()
+        if zero:
+            t.percpu_zero_many(t.backend_stats, zero)
+        ok = self.ticks(len(writes))
+        done = writes[:ok]
+        t.write_backends([b for b, _, _ in done], [a for _, _, a in done], [s.ident[1] for _, s, _ in done],
+                         [s.svc_id for _, s, _ in done], [s.gen for _, s, _ in done], [s.flags for _, s, _ in done])
+        self.timing.writes += len(done)
+        self.timing.maps += time.perf_counter() - m0
+        if ok < len(writes):
+            raise DatapathError("injected failure (test hook)")
+
+    def _finish(self, w: _Work) -> None:
+        """Tables, then service entries, of every waiting service whose backends all have slots."""
+        ready: list[tuple[ServiceKey, int, tuple[Any, ...]]] = []
+        for key in w.waiting:
+            sid = self.slots.svc_ids.get(key)
+            if sid is None:
+                continue
+            have = self.slots.by_svc.get(sid, {})
+            if all(ident in have for ident in w.weights[key]):
+                ready.append((key, sid, table_inputs(w.weights[key], have)))
+        if not ready:
+            return
+        rebuild = [(sid, inputs) for _, sid, inputs in ready if self.inputs.get(sid) != inputs]
+        tables = self.builder.tables_for([inputs[0] for _, inputs in rebuild])
+        try:
+            # In chunks: one outer batch swap each (few fds open), entries right after their tables.
+            for i in range(0, len(ready), SWAP_CHUNK):
+                chunk = ready[i:i + SWAP_CHUNK]
+                self._swap_tables([(sid, inputs) for _, sid, inputs in chunk if self.inputs.get(sid) != inputs],
+                                  tables)
+                for key, sid, _ in chunk:
+                    self._write_entry(key, sid, self._flags(w.want[key]))
+        finally:
+            tables.close()  # also when a write failed: frees the workers for the rollback
+        done = {key for key, _, _ in ready}
+        w.waiting = [k for k in w.waiting if k not in done]
+
+    def _write_entry(self, key: ServiceKey, sid: int, flags: int) -> None:
+        """The service entry with ``flags`` and the ring in force for ``sid``;
+        a ring that goes out of force is retired (rings.py)."""
+        ring = self.slots.ring[sid]
+        old = self.slots.svc_entry.get(key)
+        if old == (flags, ring):
+            return
+        self.tick()
+        m0 = time.perf_counter()
+        t = self.ctx.tables
+        vip, port, proto = key
+        k = t.svc_key(ip_of(vip), port, PROTO[proto])
+        v = t.services.Leaf()
+        v.id, v.flags, v.ring = sid, flags, ring
+        t.services[k] = v
+        self.slots.svc_entry[key] = (flags, ring)
+        self.rings.use(ring, None if old is None else old[1])
+        self.timing.writes += 1
+        self.timing.maps += time.perf_counter() - m0
+
+    @staticmethod
+    def _flags(svc: Service) -> int:
+        return (SVC_F_DNAT if svc.options.l4_dnat else 0) | (0 if svc.options.hash_src_port else SVC_F_NO_SPORT)
+
+    def _swap_tables(self, todo: list[tuple[int, tuple[Any, ...]]], tables: Iterator[maglev.MaglevTable]) -> None:
+        """Take the next built table for each (svc id, inputs), write it into a
+        spare buffer and point services that have an entry at it (new services
+        get theirs from _finish). A spare that already holds the table (an undo)
+        is only pointed at (rings.py)."""
+        if not todo:
+            return
+        t = self.ctx.tables
+        m0 = time.perf_counter()
+        g0 = self.rings.waited
+        places = self.rings.reserve(t.maglev_outer.map_fd, [inputs for _, inputs in todo])
+        self.timing.grace += self.rings.waited - g0
+        self.timing.maps += time.perf_counter() - m0 - (self.rings.waited - g0)
+        ok = self.ticks(len(todo))
+        names = {sid: key for key, sid in self.slots.svc_ids.items()}
+        for n, ((sid, inputs), (idx, must_write)) in enumerate(zip(todo, places)):
+            b0 = time.perf_counter()
+            table = next(tables).table
+            m0 = time.perf_counter()
+            self.timing.maglev += m0 - b0
+            if n >= ok:
+                raise DatapathError("injected failure (test hook)")
+            cur = self.slots.ring.get(sid)
+            # -1 (no backend) indexes the trailing 0: "none" in the datapath.
+            ids = np.array([*inputs[1], 0], dtype=np.uint32)[table]
+            if cur is not None and self.rings.holds(cur) is None and np.array_equal(self.rings.read(cur), ids):
+                # After a restart the table in force is unknown: it is this one already, keep it.
+                self.rings.adopt(cur, inputs)
+                idx = cur
+            elif must_write:
+                self.rings.write(idx, ids, inputs)
+                self.timing.tables += 1
+            self.slots.ring[sid] = idx
+            self.inputs[sid] = inputs
+            key = names.get(sid)
+            if key is not None and key in self.slots.svc_entry:
+                self._write_entry(key, sid, self.slots.svc_entry[key][0])
+            self.timing.writes += 1
+            self.timing.maps += time.perf_counter() - m0
+
+    def _remove_services(self, w: _Work, orphans: set[int]) -> None:
+        """Services that go away: entry first, then their table (their slots are cleared after)."""
+        t = self.ctx.tables
+        m0 = time.perf_counter()
+        for key in w.gone:
+            sid = self.slots.svc_ids[key]
+            vip, port, proto = key
+            self.tick()
+            try:
+                del t.services[t.svc_key(ipaddress.ip_address(vip), port, PROTO[proto])]
+            except KeyError:
+                pass
+            # Its buffers stay in maglev_outer for the next service with this id
+            # (deleting them would cost a grace period each); no entry points at them.
+            self.slots.drop_service(key)
+            self.slots.freed_svc[key] = sid
+            entry = self.slots.svc_entry.pop(key, None)
+            if entry is not None:
+                self.rings.release(entry[1])
+            self.slots.ring.pop(sid, None)
+            self.inputs.pop(sid, None)
+        for sid in orphans:
+            self.slots.ring.pop(sid, None)
+            self.inputs.pop(sid, None)
+        self.timing.maps += time.perf_counter() - m0
+
+    def _clear_unreferenced(self, w: _Work) -> None:
+        """Clear the removed slots that no table points at any more, in one batch."""
+        live = {sid: key for key, sid in self.slots.svc_ids.items()}
+        refs: dict[int, set[int] | None] = {}
+
+        def referenced(bid: int) -> bool:
+            sid = self.slots.backends[bid].svc_id
+            if sid not in live:
+                return False  # its service's entry and table are gone
+            if sid not in refs:
+                inputs = self.inputs.get(sid)
+                refs[sid] = None if inputs is None else set(inputs[1])  # None: table unknown (restart)
+            r = refs[sid]
+            return r is None or bid in r
+
+        free = [bid for bid in w.removing if not referenced(bid)]
+        if not free:
+            return
+        if self.rings.pending():
+            # A buffer or service entry that pointed at these slots may still be
+            # read by a packet in flight.
+            g0 = time.perf_counter()
+            self.rings.grace()
+            self.timing.grace += time.perf_counter() - g0
+        names = {sid: key for key, sid in self.slots.freed_svc.items()} | live
+        ok = self.ticks(len(free))
+        m0 = time.perf_counter()
+        self.ctx.tables.clear_backends(free[:ok])
+        for bid in free[:ok]:
+            slot = self.slots.drop(bid)
+            del w.removing[bid]
+            if slot.svc_id in names:
+                self.slots.freed_be[(names[slot.svc_id], slot.ident)] = (bid, slot.gen)
+        self.timing.writes += ok
+        self.timing.maps += time.perf_counter() - m0
+        if ok < len(free):
+            raise DatapathError("injected failure (test hook)")
+
+    def _interim_tables(self, w: _Work) -> None:
+        """Waiting services that still point at removed slots get a table of
+        their wanted backends that have slots already, so those slots free up."""
+        for key in w.waiting:
+            sid = self.slots.svc_ids.get(key)
+            have = self.slots.by_svc.get(sid, {}) if sid is not None else {}
+            if sid is None or not any(bid in w.removing for bid in have.values()):
+                continue
+            weights = {i: wt for i, wt in w.weights[key].items() if i in have}
+            inputs = table_inputs(weights, have)
+            if self.inputs.get(sid) != inputs:
+                log.info("maps nearly full: service %s runs on %d of its backends while slots are freed",
+                         key, len(weights))
+                tables = self.builder.tables_for([inputs[0]])
+                try:
+                    self._swap_tables([(sid, inputs)], tables)
+                finally:
+                    tables.close()
+

@@ -1,0 +1,133 @@
+"""The datapath's books: which service id and which backend slot (with its
+generation) every service and backend holds in the maps, what each service
+entry points at, and the indexes the reconcile and the next-hop upkeep look
+them up by. Rebuilt from the pinned maps on start, so a restarted daemon keeps
+the flow table's (backend id, generation) pairs valid and connections survive.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+from dataclasses import dataclass
+from functools import lru_cache
+from l4lb.datapath.tables import Tables, words_addr
+
+log = logging.getLogger(__name__)
+
+ServiceKey = tuple[str, int, str]          # (vip exploded, port, "tcp"/"udp")
+BackendKey = tuple[str, int]               # (address exploded, port)
+PROTO = {"tcp": 6, "udp": 17}
+PROTO_NAME = {6: "tcp", 17: "udp"}
+Labels = tuple[list[tuple[ServiceKey, int]], list[tuple[int, "BackendSlot"]]]
+
+
+@dataclass
+class BackendSlot:
+    svc_id: int
+    ident: BackendKey
+    gen: int
+    flags: int
+
+
+class Slots:
+    def __init__(self) -> None:
+        self.svc_ids: dict[ServiceKey, int] = {}
+        # What each service entry in the map holds: (flags, ring), and the
+        # buffer each service id's table is in force in (the entry's ring).
+        self.svc_entry: dict[ServiceKey, tuple[int, int]] = {}
+        self.ring: dict[int, int] = {}
+        self.backends: dict[int, BackendSlot] = {}
+        self.next_gen = 1
+        # Slots freed by the last changes: re-adding the same service/backend
+        # (an undo, a rollback) gets the same id and generation back, so flow
+        # entries pinned to it stay valid and the maps end up byte-identical.
+        self.freed_svc: dict[ServiceKey, int] = {}
+        self.freed_be: dict[tuple[ServiceKey, BackendKey], tuple[int, int]] = {}
+        # backends by owner (svc id -> identity -> slot) and by address text.
+        self.by_svc: dict[int, dict[BackendKey, int]] = {}
+        self.by_addr: dict[str, set[int]] = {}  # backend address (exploded) -> its slots
+        self.nh_dirty: set[int] = set()  # slots changed since the last next-hop refresh (see set())
+        self._labels: Labels | None = None
+
+    # --- changes ------------------------------------------------------------------
+    def set(self, bid: int, sid: int, ident: BackendKey, gen: int, flags: int) -> BackendSlot:
+        slot = BackendSlot(sid, ident, gen, flags)
+        old = self.backends.get(bid)
+        if old is not None and (old.svc_id, old.ident) != (sid, ident):
+            self.drop(bid)
+        self.backends[bid] = slot
+        self._labels = None
+        self.by_svc.setdefault(sid, {})[ident] = bid
+        self.by_addr.setdefault(ident[0], set()).add(bid)
+        self.nh_dirty.add(bid)
+        return slot
+
+    def drop(self, bid: int) -> BackendSlot:
+        slot = self.backends.pop(bid)
+        self._labels = None
+        mine = self.by_svc[slot.svc_id]
+        del mine[slot.ident]
+        if not mine:
+            del self.by_svc[slot.svc_id]
+        same = self.by_addr[slot.ident[0]]
+        same.discard(bid)
+        if not same:
+            del self.by_addr[slot.ident[0]]
+        self.nh_dirty.add(bid)
+        return slot
+
+    def set_service(self, key: ServiceKey, sid: int) -> None:
+        self.svc_ids[key] = sid
+        self._labels = None
+
+    def drop_service(self, key: ServiceKey) -> int:
+        sid = self.svc_ids.pop(key)
+        self._labels = None
+        return sid
+
+    def reindex(self) -> None:
+        self.by_svc = {}
+        self.by_addr = {}
+        for bid, slot in self.backends.items():
+            self.by_svc.setdefault(slot.svc_id, {})[slot.ident] = bid
+            self.by_addr.setdefault(slot.ident[0], set()).add(bid)
+
+    # --- reads ------------------------------------------------------------------------
+    def labels(self) -> Labels:
+        """(service key, id) and (slot, backend) pairs for stats, snapshotted once per change of ids."""
+        if self._labels is None:
+            self._labels = (list(self.svc_ids.items()), list(self.backends.items()))
+        return self._labels
+
+    def backend_id(self, service: ServiceKey, ident: BackendKey) -> int | None:
+        sid = self.svc_ids.get(service)
+        return None if sid is None else self.by_svc.get(sid, {}).get(ident)
+
+    # --- restart ----------------------------------------------------------------------
+    def recover(self, t: Tables) -> None:
+        """Rebuild id allocation from pinned maps (a restart keeps flows valid)."""
+        self.svc_ids.clear()
+        self._labels = None
+        self.svc_entry.clear()
+        self.ring.clear()
+        for (vip, port, proto), (sid, flags, ring) in t.read_services().items():
+            key = (vip, port, PROTO_NAME.get(proto, str(proto)))
+            self.svc_ids[key] = sid
+            self.svc_entry[key] = (flags, ring)
+            self.ring[sid] = ring
+        self.backends.clear()
+        for bid, v in t.read_backends().items():
+            addr = words_addr(v.addr, v.family)
+            self.backends[bid] = BackendSlot(v.svc_id, (addr.exploded, _ntohs(v.port)), v.gen, v.flags)
+            self.next_gen = max(self.next_gen, v.gen + 1)
+        self.reindex()
+
+
+# Backend identities hold exploded address strings; parsing them again on every
+# refresh is what made a drain walk 100,000 backends slowly.
+ip_of = lru_cache(maxsize=1 << 17)(ipaddress.ip_address)
+
+
+def _ntohs(v: int) -> int:
+    return ((v & 0xFF) << 8) | (v >> 8)

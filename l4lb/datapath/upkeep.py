@@ -1,0 +1,152 @@
+"""Neighbour entries and the next-hop cache of backends (NEXTHOP_CACHE builds).
+
+Packets never wait for this: until a backend's next hop is in the
+``nexthops`` map the program asks the FIB (bpf_fib_lookup), and an
+unresolved neighbour goes through the kernel, which resolves it. So the
+daemon runs it after answering a change (settle) and periodically (a full
+refresh, so route/neighbour/MTU changes reach the cache). It is pyroute2
+Python that competes with requests for the GIL: it goes in chunks, with
+``pause()`` between them, and netlink runs outside the datapath lock.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from pyroute2 import IPRoute
+
+from l4lb.datapath import netlink, nexthop
+from l4lb.datapath.context import Context
+from l4lb.datapath.nexthop import IPAddress, NextHop
+from l4lb.datapath.slots import Slots, ip_of
+
+log = logging.getLogger(__name__)
+
+SETTLE_CHUNK = 8  # addresses per pyroute2 round in settle(), between pauses
+NEXTHOP_SLICE = 4096  # next-hop entries written per hold of the lock
+
+
+class Upkeep:
+    def __init__(self, ctx: Context, slots: Slots) -> None:
+        self.ctx = ctx
+        self.slots = slots
+        self.known_addrs: set[IPAddress] = set()   # neighbour entries ensured
+        self.unsettled: set[IPAddress] = set()      # backends' addresses settle() has not seen
+        # Next hops: address -> what the kernel resolved, and what each backend
+        # slot's `nexthops` entry holds (None = no entry: the program uses the FIB).
+        self.nh_cache: dict[IPAddress, NextHop | None] = {}
+        self.nh_written: dict[int, tuple[NextHop, int] | None] = {}
+
+    def settle(self, timing: Any, pause: Callable[[], None] | None = None) -> None:
+        """Neighbour entries and next-hop cache entries for what applies added;
+        records its time in ``timing`` (the last apply's)."""
+        with self.ctx.lock:
+            addrs, self.unsettled = self.unsettled - self.known_addrs, set()
+            if not addrs and not self.slots.nh_dirty:
+                return  # a drain: nothing new to resolve
+        t1 = time.perf_counter()
+        todo = sorted(addrs, key=lambda a: (a.version, a.packed))
+        for i in range(0, len(todo), SETTLE_CHUNK):
+            if pause is not None:
+                pause()
+            self._neighbours(set(todo[i:i + SETTLE_CHUNK]))
+        t2 = time.perf_counter()
+        self.refresh_nexthops(full=False, pause=pause)
+        t3 = time.perf_counter()
+        timing.neighbours, timing.nexthops = t2 - t1, t3 - t2
+        timing.total += t3 - t1
+
+    def _neighbours(self, addrs: set[IPAddress]) -> None:
+        """Managed neighbour entries for backends not seen before (the kernel
+        keeps them resolved, so a drain does not walk every backend again)."""
+        todo = sorted(addrs - self.known_addrs, key=lambda a: (a.version, a.packed))
+        if not todo:
+            return
+        try:
+            with IPRoute() as ipr:
+                netlink.ensure_neighbours(ipr, todo)
+            self.known_addrs.update(todo)
+        except Exception as e:  # neighbour upkeep must never break an apply
+            log.warning("neighbour upkeep failed: %s", e)
+
+    def refresh_nexthops(self, full: bool = True, pause: Callable[[], None] | None = None) -> int:
+        """Resolve backends' next hops from the kernel and write the ``nexthops``
+        map; returns how many entries changed. ``full=False`` handles the slots
+        an apply changed, resolving only addresses not seen before; the daemon
+        calls the full refresh periodically so route/neighbour/MTU changes reach
+        the cache. Either way only slots whose address resolved differently (or
+        that changed) are looked at: the periodic refresh of 100,000 backends on
+        100 addresses walks 100 addresses, not 100,000 slots, under the lock.
+        Netlink runs outside the lock. Best effort: logs, never raises."""
+        ctx, slots = self.ctx, self.slots
+        if not ctx.cfg.nexthop_cache or ctx.t is None:
+            return 0
+        with ctx.lock:
+            texts = slots.by_addr if full else {slots.backends[b].ident[0] for b in slots.nh_dirty
+                                                if b in slots.backends}
+            addrs = {ip_of(a) for a in texts}
+            todo = addrs if full else {a for a in addrs if a not in self.nh_cache}
+            ifindexes = {k.value for k in ctx.tables.ifaces.keys()} if todo else set()
+        resolved: dict[IPAddress, NextHop | None] = {}
+        if todo:
+            order = sorted(todo, key=lambda a: (a.version, a.packed))
+            try:
+                with IPRoute() as ipr:
+                    for i in range(0, len(order), SETTLE_CHUNK):
+                        if pause is not None:
+                            pause()
+                        resolved.update(nexthop.resolve(ipr, order[i:i + SETTLE_CHUNK], ifindexes))
+            except Exception as e:  # noqa: BLE001 - the FIB path still forwards
+                log.warning("next-hop refresh failed: %s", e)
+                return 0
+        with ctx.lock:
+            moved = {a for a, nh in resolved.items() if self.nh_cache.get(a, "unset") != nh}
+            self.nh_cache.update(resolved)
+            if full:
+                for gone in [a for a in self.nh_cache if a not in addrs]:
+                    del self.nh_cache[gone]
+            dirty, slots.nh_dirty = slots.nh_dirty, set()
+            for a in moved:
+                dirty.update(slots.by_addr.get(a.exploded, ()))
+        # In slices, each under the lock on its own: 100,000 new slots must not hold
+        # a drain up for half a second. A slot changed meanwhile is written as it is
+        # now (and is dirty again for the next refresh).
+        order, changed = sorted(dirty), 0
+        for i in range(0, len(order), NEXTHOP_SLICE):
+            if pause is not None and i:
+                pause()
+            with ctx.lock:
+                changed += self._write_nexthops(set(order[i:i + NEXTHOP_SLICE]))
+        return changed
+
+    def _write_nexthops(self, bids: set[int]) -> int:
+        """Bring the ``nexthops`` entries of ``bids`` in line with the cache (batched)."""
+        clears: list[int] = []
+        writes: list[tuple[int, NextHop, int]] = []
+        written, backends, cache = self.nh_written, self.slots.backends, self.nh_cache
+        nh_of: dict[str, NextHop | None] = {}  # per address text: 100,000 slots share few addresses
+        for bid in bids:
+            slot = backends.get(bid)
+            if slot is None:  # a freed slot: clear what we wrote for it
+                if written.pop(bid, None) is not None:
+                    clears.append(bid)
+                continue
+            addr = slot.ident[0]
+            if addr not in nh_of:
+                nh_of[addr] = cache.get(ip_of(addr))
+            nh = nh_of[addr]
+            want = None if nh is None else (nh, slot.gen)
+            # "unset" (never written by us, e.g. after a restart) is cleared too.
+            if written.get(bid, "unset") == want:
+                continue
+            if want is None:
+                clears.append(bid)
+            else:
+                writes.append((bid, nh, slot.gen))
+            written[bid] = want
+        self.ctx.tables.clear_nexthops(clears)
+        self.ctx.tables.write_nexthops(writes)
+        return len(clears) + len(writes)
