@@ -254,7 +254,9 @@ class Control:
     def converge(self) -> None:
         """Make the datapath hold the last committed state (daemon start, after a crash)."""
         with self._lock:
-            self._apply(self._overlay.effective(self._state.services))
+            self._apply(self._overlay.effective(self._state.services), settle_later=True)
+            if self._settle is not None:
+                self._settle.kick()  # neighbours of the backends after READY, not before
             self.converged = True
             self.degraded = None
             self._publish()

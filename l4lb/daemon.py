@@ -1,9 +1,12 @@
 """l4lbd: wiring of config, store, datapath, control core and API listeners.
 
-Start: config → preflight → store → Datapath.load() → apply(stored state) →
-attach → listeners → READY=1. The order means that after a crash the daemon
-first converges the datapath to the last committed state, and that systemd
-hears READY only when packets are being balanced and the API answers.
+Start: config → preflight → instance lock → store vs pinned maps
+(l4lb/lifecycle) → Datapath.load() (the pinned program adopted when it is
+the same) → converge → attach → listeners → READY=1. Nothing touches maps,
+programs or the store before the lock is held and the store has been checked
+against what the maps hold. After a crash the daemon first converges the
+datapath to the last committed state; systemd hears READY only when packets
+are being balanced and the API answers.
 
 Signals: TERM/INT stop serving and exit, leaving XDP attached and the maps
 pinned (traffic keeps flowing while the daemon is away). HUP reloads the
@@ -12,6 +15,9 @@ config file; a bad file is refused and the running config kept.
     l4lbd --config /etc/l4lbd/l4lbd.toml      run
     l4lbd --check-config                       validate the file (and the host) and exit
     l4lbd --detach                             remove XDP from the configured interfaces and exit
+    l4lbd --adopt-datapath | --reset | --trust-store
+                                               ways out when the store and the pinned maps disagree
+                                               (l4lb/lifecycle/guard.py)
 """
 
 from __future__ import annotations
@@ -36,7 +42,9 @@ from l4lb import __version__
 from l4lb import config as config_mod
 from l4lb import maglev
 from l4lb.config import Config, ConfigError
-from l4lb.control import Control, Invalid, Limits
+from l4lb.control import Control, ControlError, Invalid, Limits
+from l4lb.lifecycle.guard import Action, Mode
+from l4lb.lifecycle.lock import InstanceLock, LockHeld
 
 log = logging.getLogger("l4lbd")
 
@@ -204,10 +212,12 @@ def bind_tcp(host: str, port: int) -> socket.socket:
 
 
 class Daemon:
-    def __init__(self, config_path: Path, cfg: Config) -> None:
+    def __init__(self, config_path: Path, cfg: Config, mode: Mode = Mode.normal) -> None:
         self.config_path = config_path
         self.cfg = cfg                  # the file as last loaded (run-time keys in force)
         self.running = cfg              # the settings in force: restart-only keys as started
+        self.mode = mode
+        self._lock: InstanceLock | None = None
         self.pending_restart: list[str] = []
         self.control: Control | None = None
         self._dp: Any = None
@@ -226,6 +236,10 @@ class Daemon:
     def start(self) -> None:
         """Everything up to (not including) the listeners. Raises StartupError."""
         from l4lb.datapath import Datapath, DatapathError  # BCC: only when really starting
+        from l4lb.datapath.attach import foreign
+        from l4lb.datapath.config import seed_digest
+        from l4lb.lifecycle import guard
+        from l4lb.lifecycle.startup import open_store, pinned_maps
         from l4lb.store import Store, StoreError
 
         cfg = self.cfg
@@ -234,20 +248,41 @@ class Daemon:
             raise StartupError("; ".join(problems))
         if cfg.datapath.maglev_seed == config_mod.DEFAULT_SEED:
             log.warning(PUBLIC_SEED)
+        # One daemon per bpffs and state directory, before anything is touched.
+        self._lock = InstanceLock(cfg.datapath.bpffs, cfg.state_dir)
         try:
-            cfg.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-            self._store = Store(cfg.db_path)
+            self._lock.acquire()
+        except LockHeld as e:
+            raise StartupError(str(e)) from None
+        except OSError as e:
+            raise StartupError(f"instance lock: {e}") from None
+        t0 = time.monotonic()
+        dp_cfg = cfg.datapath_config()
+        try:
+            problems = foreign(cfg.datapath.bpffs, cfg.datapath.interfaces)
+            if problems:
+                raise StartupError("; ".join(problems) + " (nothing was changed)")
+            facts, self._store = open_store(cfg.db_path)
+            decision = guard.decide(facts, pinned_maps(dp_cfg), self.mode, seed_digest(dp_cfg.maglev_seed))
+        except (OSError, StoreError, DatapathError) as e:
+            raise StartupError(f"state_dir/bpffs: {e}") from None
+        if decision.refused:
+            raise StartupError(decision.refusal or "")
+        if decision.note:
+            log.warning("%s", decision.note)
+        maglev.start_workers()  # they start up while the program loads
+        try:
+            self._store = self._store or Store(cfg.db_path)
             log.info("desired state in %s; recordings in %s", cfg.db_path, cfg.recorder_dir)
+            self._dp = Datapath(dp_cfg)
+            self._dp.load(adopt=True)
         except (OSError, StoreError) as e:
             raise StartupError(f"state_dir: {e}") from None
-        t0 = time.monotonic()
-        maglev.start_workers()  # they start up while the program compiles
-        self._dp = Datapath(cfg.datapath_config())
-        try:
-            self._dp.load()
         except DatapathError as e:
             raise StartupError(f"datapath: {e}") from None
-        log.info("datapath loaded in %.1fs", time.monotonic() - t0)
+        assert self._dp.prog is not None
+        log.info("datapath loaded in %.1fs (%s)", time.monotonic() - t0,
+                 "pinned program adopted, not compiled" if self._dp.prog.adopted else "compiled")
         from l4lb.health.manager import from_config
         from l4lb.health.overlay import Overlay
 
@@ -255,11 +290,19 @@ class Daemon:
         self._health = from_config(cfg)
         overlay = Overlay(self._health.restored_facts()) if self._health is not None else None
         self.control = Control(self._store, self._dp, limits_of(cfg), post_apply_hook=_fault_hook(), overlay=overlay)
-        revision, state = self.control.snapshot()
         try:
             self.control.set_limits(limits_of(cfg))
         except Invalid as e:
             raise StartupError(f"limits: {e.detail}") from None
+        store_id = self._store.store_id
+        self.control.subscribe(lambda view: self._dp.mark_converged(
+            store_id, view.revision, exact=view.effective == tuple(view.desired.services)) if view.converged else None)
+        self._take_over(decision.action)
+        revision, state = self.control.snapshot()
+        if decision.trusted:
+            n = self._dp.adopt_in_force(state.services)
+            log.info("maps hold revision %d exactly: %d of %d services taken as they are (no table built)",
+                     revision, n, len(state.services))
         try:
             self.control.converge()
         except Exception as e:
@@ -302,6 +345,31 @@ class Daemon:
             self.control.subscribe(self._bgp.on_view)
             log.info("BGP: driving %s through %s", self.cfg.bgp.speaker, self.cfg.bgp.bird_socket)
 
+    def _take_over(self, action: Action) -> None:
+        """--adopt-datapath / --reset: the desired state becomes what the maps
+        hold / nothing, through the control core's one change path."""
+        from l4lb.lifecycle.adopt import desired_from_maps
+        from l4lb.models import DesiredState
+
+        assert self.control is not None
+        if action is Action.converge:
+            return
+        held = len(self._dp.in_force())
+        if action is Action.reset:
+            new, what = DesiredState(), f"reset on purpose: the maps held {held} services"
+        else:
+            adopted = desired_from_maps(self._dp.in_force(), self._dp.cfg.maglev_m, self._dp.cfg.maglev_seed)
+            new = adopted.state
+            what = (f"adopted {len(new.services)} services from the maps ({adopted.exact} tables reproduced "
+                    f"exactly" + (f"; weights not recovered exactly for {'; '.join(adopted.inexact)}"
+                                  if adopted.inexact else "") + ")")
+        try:
+            committed = self.control.replace_state(new)
+        except ControlError as e:
+            raise StartupError(f"{self.mode.value}: {e.detail}") from None
+        log.warning("%s: desired state is now revision %d of store %s", what, committed.revision,
+                    self._store.store_id)
+
     def close(self) -> None:
         # The BGP worker stops; the speaker keeps announcing (a restart withdraws nothing).
         if self._bgp is not None:
@@ -321,6 +389,8 @@ class Daemon:
         if self._store is not None:
             with contextlib.suppress(Exception):
                 self._store.close()
+        if self._lock is not None:
+            self._lock.release()
 
     # -- serve -----------------------------------------------------------------------
 
@@ -596,23 +666,26 @@ def raise_fd_limit() -> None:
 def detach(cfg: Config) -> int:
     from l4lb.datapath import Datapath
 
-    if cfg.bgp is not None:
-        # Stopping for good: withdraw first, so routers stop sending before XDP goes.
-        from l4lb.bgp.bird import Bird, SpeakerError
-        from l4lb.bgp.reconciler import withdraw_all
-
-        try:
-            withdraw_all(cfg.bgp, Bird(cfg.bgp))
-            print(f"l4lbd: every VIP withdrawn from BGP ({cfg.bgp.bird_include})")
-        except (SpeakerError, OSError) as e:
-            print(f"l4lbd: BGP withdraw failed: {e}", file=sys.stderr)
-            return 1
-    dp = Datapath(cfg.datapath_config())
+    lock = InstanceLock(cfg.datapath.bpffs, cfg.state_dir)
     try:
-        dp.detach(cfg.datapath.interfaces)
+        lock.acquire()  # not under a running daemon's feet
+        if cfg.bgp is not None:
+            # Stopping for good: withdraw first, so routers stop sending before XDP goes.
+            from l4lb.bgp.bird import Bird, SpeakerError
+            from l4lb.bgp.reconciler import withdraw_all
+
+            try:
+                withdraw_all(cfg.bgp, Bird(cfg.bgp))
+                print(f"l4lbd: every VIP withdrawn from BGP ({cfg.bgp.bird_include})")
+            except (SpeakerError, OSError) as e:
+                print(f"l4lbd: BGP withdraw failed: {e}", file=sys.stderr)
+                return 1
+        Datapath(cfg.datapath_config()).detach(cfg.datapath.interfaces)
     except Exception as e:  # noqa: BLE001
         print(f"l4lbd: detach failed: {e}", file=sys.stderr)
         return 1
+    finally:
+        lock.release()
     print(f"l4lbd: XDP removed from {', '.join(cfg.datapath.interfaces) or 'no interface'} "
           f"(maps stay pinned under {cfg.datapath.bpffs})")
     return 0
@@ -634,9 +707,12 @@ DESCRIPTION = """XDP layer-4 load balancer daemon
 l4lbd attaches l4lb's XDP program to the interfaces of its config, keeps the
 desired state (services and backends) durable in SQLite and applies it to the
 program's pinned maps, and serves the REST API that l4lbctl(1) uses. Start:
-it validates the config, compiles the program, reuses the pinned maps,
-converges them to the stored state, attaches (replacing a running l4lb
-program atomically), and only then tells systemd READY=1."""
+it validates the config, takes the instance lock (one l4lbd per bpffs and
+state directory), checks the store against what the pinned maps hold, adopts
+the pinned program and maps when they were built from the same source and
+flags (else compiles the program against the pinned maps), converges the maps
+to the stored state, attaches (replacing a running l4lb program of its own
+atomically), and only then tells systemd READY=1."""
 
 EPILOG = """\
 Signals: TERM and INT stop the API and exit; the XDP program stays attached and
@@ -644,6 +720,12 @@ the maps stay pinned, so traffic keeps flowing while l4lbd is down or
 restarting. HUP re-reads the config file: a bad file is refused and the running
 config kept; keys that only a start applies are listed in l4lbctl status
 ("Restart needed") until the file and the running daemon agree again.
+
+Store and maps: a start refuses a store that is missing or empty, another
+store's, or older than the revision the pinned maps were converged to, while
+the maps hold services (it would empty or roll back the datapath). The ways
+out: --adopt-datapath rebuilds the desired state from the maps, --reset starts
+empty on purpose, --trust-store converges the maps to the store anyway.
 
 Files: /etc/l4lbd/l4lbd.toml (the config; the sample with every key is in
 PREFIX/share/l4lbd), /var/lib/l4lbd (state, recordings), /run/l4lbd/l4lbd.sock
@@ -659,6 +741,12 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--check-config", action="store_true", help="validate the config (and the host) and exit")
     mode.add_argument("--detach", action="store_true", help="remove XDP from the configured interfaces and exit "
                       "(with [bgp], every VIP is withdrawn first)")
+    mode.add_argument("--adopt-datapath", action="store_true",
+                      help="the store is missing, empty, another's or older than the pinned maps: rebuild the "
+                           "desired state from what the maps hold, then run")
+    mode.add_argument("--reset", action="store_true", help="start with an empty desired state, on purpose")
+    mode.add_argument("--trust-store", action="store_true",
+                      help="converge the pinned maps to the store even though it is another's or older")
     p.add_argument("--version", action="version", version=f"l4lbd {__version__}")
     return p
 
@@ -685,7 +773,9 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(cfg.log_level_number)
     if args.detach:
         return detach(cfg)
-    return Daemon(args.config, cfg).run()
+    start_mode = (Mode.adopt if args.adopt_datapath else Mode.reset if args.reset
+                  else Mode.trust if args.trust_store else Mode.normal)
+    return Daemon(args.config, cfg, start_mode).run()
 
 
 if __name__ == "__main__":

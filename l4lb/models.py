@@ -18,6 +18,7 @@ from pydantic import (
 )
 
 from l4lb.addresses import IPAddress, unusable
+from l4lb.addrtext import exploded
 from l4lb.names import NAME_RULE, valid_name
 
 # Validation context for documents read back from the store: rules added after
@@ -63,9 +64,10 @@ def _usable(v: IPAddress, info: ValidationInfo) -> IPAddress:
 Address = Annotated[IPAddress, BeforeValidator(_parse_ip), AfterValidator(_usable)]
 
 
-@lru_cache(maxsize=1 << 17)
 def _exploded(addr: IPAddress) -> str:
-    return addr.exploded
+    # Not cached by address: IPv6Address hashes of structured addresses collide
+    # (int hashes fold mod 2^61-1), and ipaddress's own exploded takes ~10 µs for IPv6.
+    return exploded(addr)
 
 # Prime table sizes allowed for Maglev (the paper and Cilium use primes so every
 # skip value generates a full permutation).

@@ -17,6 +17,11 @@ Writes are two-phase so the datapath can be changed *inside* the transaction:
 
 The write lock is taken with BEGIN IMMEDIATE, so a second daemon on the same
 file cannot interleave (it would fail with "database is locked").
+
+Every store has an identity (``store_id``, random, made when the file is
+created): the pinned maps remember which store they were converged from, so
+a start with another box's store, or a new empty one, is noticed
+(l4lb/lifecycle/guard.py).
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import json
 import logging
 import sqlite3
 import time
+import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -149,6 +155,7 @@ class Store:
         # unknown, load from the file before the next write).
         self._rows: dict[str, _Row] = {}
         self._rows_revision: int | None = None
+        self._record: Record | None = None  # the last read, at its revision
         try:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
@@ -186,6 +193,9 @@ class Store:
                 db.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
             if db.execute("SELECT revision FROM head WHERE id = 1").fetchone() is None:
                 raise StoreError(f"{self.path}: the revision row is missing")
+            row = db.execute("SELECT value FROM meta WHERE key = 'store_id'").fetchone()
+            if row is None:  # a new file, or one older than store identities
+                db.execute("INSERT INTO meta VALUES ('store_id', ?)", (uuid.uuid4().hex,))
             db.execute("COMMIT")
         except BaseException:
             if db.in_transaction:
@@ -241,9 +251,23 @@ class Store:
 
     # -- reading ------------------------------------------------------------------------
 
+    @property
+    def store_id(self) -> str:
+        row = self._db.execute("SELECT value FROM meta WHERE key = 'store_id'").fetchone()
+        if row is None:
+            raise StoreError(f"{self.path}: the store id is missing")
+        return str(row[0])
+
     def read(self) -> Record:
         db = self._db
         own = not db.in_transaction  # inside write()'s block: read what is staged, cache nothing
+        if own and self._record is not None:
+            # Read again at the same revision (a start reads before and after deciding): the
+            # same document, since every write raises the revision. Validating 100,000
+            # backends again would cost seconds.
+            head = db.execute("SELECT revision FROM head WHERE id = 1").fetchone()
+            if head is not None and head[0] == self._record.revision:
+                return self._record
         try:
             if own:
                 db.execute("BEGIN")  # one snapshot for the head and the rows
@@ -280,16 +304,20 @@ class Store:
             state._unique()  # DesiredState's own whole-set check (see the top of this module)
         except ValueError as e:
             raise StoreError(f"{self.path}: stored state (revision {revision}) is invalid: {e}") from None
+        record = Record(revision=revision, state=state, updated_at=updated_at)
         if own:
             self._rows, self._rows_revision = rows, revision
-        return Record(revision=revision, state=state, updated_at=updated_at)
+            self._record = record
+        return record
 
     # -- writing ------------------------------------------------------------------------
 
     @contextmanager
-    def write(self, expected_revision: int, state: DesiredState) -> Iterator[int]:
-        """Stage ``state`` as revision expected+1; commit when the block ends
-        without an exception, roll back otherwise (including a failed COMMIT)."""
+    def write(self, expected_revision: int, state: DesiredState, *, at_least: int = 0) -> Iterator[int]:
+        """Stage ``state`` as revision expected+1 (or ``at_least``, if higher: a
+        start that takes the datapath's state over keeps revisions growing past
+        the maps'); commit when the block ends without an exception, roll back
+        otherwise (including a failed COMMIT)."""
         db = self._db
         db.execute("BEGIN IMMEDIATE")
         try:
@@ -299,7 +327,7 @@ class Store:
             current = head[0]
             if current != expected_revision:
                 raise StaleRevision(f"store is at revision {current}, expected {expected_revision}")
-            new_revision = current + 1
+            new_revision = max(current + 1, at_least)
             rows = self._stage(self._committed(current), state.services)
             db.execute("UPDATE head SET revision = ?, updated_at = ? WHERE id = 1", (new_revision, time.time()))
             yield new_revision

@@ -179,12 +179,17 @@ def _dump_fd(lib: ct.CDLL, fd: int) -> dict[bytes, bytes]:
     return out
 
 
-def dump_pinned_maps(pin_dir: Path, skip: tuple[str, ...] = ("prog",)) -> dict[str, dict[bytes, bytes]]:
-    """Every pinned map's contents (key bytes -> value bytes), inner maps resolved."""
+# Pins beside the maps.h maps: the program, its devmap, the records (pinned.py).
+NOT_STATE = ("prog", "tx_ports", "prog_types", "converged")
+
+
+def dump_pinned_maps(pin_dir: Path, skip: tuple[str, ...] = NOT_STATE) -> dict[str, dict[bytes, bytes]]:
+    """Every pinned map's contents (key bytes -> value bytes), inner maps resolved
+    (the Maglev buffers' own pins, in the maglev/ directory, are reached that way)."""
     lib = _libbpf()
     out = {}
     for path in sorted(pin_dir.iterdir()):
-        if path.name in skip:
+        if path.name in skip or path.is_dir():
             continue
         fd = lib.bpf_obj_get(str(path).encode())
         if fd < 0:

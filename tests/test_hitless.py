@@ -1,7 +1,9 @@
 """Hitless restart: with curl traffic flowing through the VIP of a real l4lbd
-in the netns lab, `kill -9` the daemon and start it again. No request fails,
-the XDP program is never missing from the NIC (it is replaced atomically by a
-new one), and the services are the same afterwards."""
+in the netns lab, `kill -9` the daemon and start it again, twice: the same
+version (the pinned program is adopted, not compiled, and stays attached:
+same program id), then an upgrade whose program differs (compiled, and
+replaced atomically). No request fails, the XDP program is never missing
+from the NIC, and the services are the same afterwards."""
 
 from __future__ import annotations
 
@@ -88,7 +90,12 @@ def test_kill9_and_restart_loses_no_request(bpffs: Path, lab_decap) -> None:
             daemon.kill9()
             time.sleep(1.0)                      # traffic with no daemon at all
             served_while_down = traffic.ok
-            daemon.start()                       # compiles, reuses pins, replaces the program
+            daemon.start()                       # same version: adopts the pinned program and maps
+            time.sleep(1.5)
+            served_after_restart = traffic.ok
+            daemon.kill9()
+            cfg["datapath"]["nexthop"] = "fib"   # an upgrade whose program differs (same map layout)
+            daemon.start()                       # compiles, reuses the pinned maps, replaces the program
             time.sleep(1.5)
             traffic.stop_flag.set()
             traffic.join(60)
@@ -97,14 +104,17 @@ def test_kill9_and_restart_loses_no_request(bpffs: Path, lab_decap) -> None:
 
             assert traffic.failed == [], f"{len(traffic.failed)} failed requests, e.g. {traffic.failed[:3]}"
             assert served_before_kill > 0 and served_while_down > served_before_kill
-            assert traffic.ok > served_while_down, "no request was served after the restart"
+            assert served_after_restart > served_while_down, "no request was served after the restart"
+            assert traffic.ok > served_after_restart, "no request was served after the upgrade"
             assert traffic.backends == set(lab.backends), "every backend serves"
-            # Never without a program: first id, then (atomically) the new one.
+            # Never without a program: the first one across the restart, then (atomically) the new one.
             assert None not in watch.ids, f"the NIC was without XDP: {watch.ids}"
             assert watch.ids[0] == first_id and len(watch.ids) == 2 and watch.ids[1] != first_id, watch.ids
             with daemon.client() as c:
                 assert c.get("/v1/services").json() == before
-            assert f"replaced XDP program id {first_id} atomically" in daemon.log_text()
+            log = daemon.log_text()
+            assert log.count("pinned program adopted, not compiled") == 1 and "(compiled)" in log
+            assert f"replaced XDP program id {first_id} atomically" in log
         finally:
             daemon.kill()
             shutil.rmtree(work, ignore_errors=True)

@@ -457,9 +457,11 @@ def test_newer_schema_left_alone(tmp_path: Path, version: str) -> None:
     db = sqlite3.connect(path)
     db.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (version,))
     db.commit()
+    before = db.execute("SELECT key, value FROM meta ORDER BY key").fetchall()
     with pytest.raises(StoreError, match=f"schema version {version}, newer"):
         Store(path)
-    assert db.execute("SELECT value FROM meta").fetchall() == [(version,)]
+    assert db.execute("SELECT key, value FROM meta ORDER BY key").fetchall() == before
+    assert ("schema_version", version) in before
     assert db.execute("SELECT name FROM services").fetchall() == [("a",)]
     db.close()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,3 +33,8 @@ class DatapathConfig:
             raise ValueError(f"maglev_m must be one of {MAGLEV_SIZES}, not {self.maglev_m}")
         if len(self.maglev_seed) != 12:
             raise ValueError("maglev_seed must be 12 bytes")
+
+
+def seed_digest(seed: bytes) -> str:
+    """Names a Maglev seed in records without revealing it (the converged record)."""
+    return hashlib.blake2b(seed, digest_size=8, person=b"l4lb-seed").hexdigest()

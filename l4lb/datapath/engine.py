@@ -25,15 +25,18 @@ from typing import Any
 import numpy as np
 
 from l4lb.datapath import attach as attaching
-from l4lb.datapath.config import DatapathConfig, DatapathError
+from l4lb.datapath.config import DatapathConfig, DatapathError, seed_digest
 from l4lb.datapath.context import Context
 from l4lb.datapath.libbpf import prog_info
-from l4lb.datapath.loader import Program, compile_program, layout_cflags, pin_program, remove_stale_pins
+from l4lb.datapath.loader import (Program, adopt_program, compile_program, layout_cflags, pin_program,
+                                  remove_stale_pins)
 from l4lb.datapath.maglevbuild import TableBuilder
+from l4lb.datapath.pinned import Record
 from l4lb.datapath.reconcile import ApplyTimings, Reconciler
 from l4lb.datapath.rings import Rings
 from l4lb.datapath.slots import BackendKey, ServiceKey, Slots
 from l4lb.datapath.stats import DatapathStats, read_counters
+from l4lb.datapath.survey import converged_record
 from l4lb.datapath.tables import Tables
 from l4lb.datapath.upkeep import Upkeep
 from l4lb.models import Service
@@ -60,6 +63,9 @@ class Datapath:
         self._applied: list[Service] = []
         self.last_timings = ApplyTimings()          # of the last successful apply()
         self._attached: dict[str, str] = {}
+        self._converged: Record | None = None
+        self._clean: bool | None = None  # what the converged record says (None: not read yet)
+        self._rec.before_write = self._mark_changing
 
     # --- shared state -------------------------------------------------------------
     @property
@@ -97,10 +103,15 @@ class Datapath:
         self._rec.fail_after_writes = n
 
     # --- load -----------------------------------------------------------------
-    def load(self) -> None:
+    def load(self, *, adopt: bool = False) -> None:
+        """Compile the program (BCC reuses the pinned maps); with ``adopt``, take
+        the pinned program and maps over without compiling when the pinned
+        program was built from the same source and flags (loader.py)."""
         with self._lock:
-            self.prog = compile_program(self.cfg)
+            prog = adopt_program(self.cfg) if adopt else None
+            self.prog = prog if prog is not None else compile_program(self.cfg)
             self.t = Tables(self.prog.bpf)
+            self._rings.pin_dir = self.prog.pin_dir / "maglev"
             self._write_config()
             self._recover()
 
@@ -124,12 +135,61 @@ class Datapath:
     def _recover(self) -> None:
         """Rebuild id allocation from pinned maps (a restart keeps flows valid)."""
         t = self.tables
+        assert self.prog is not None
         self._slots.recover(t)
         self._rings.recover(t.maglev_outer.map_fd, list(self._slots.ring.values()))
+        self._upkeep.recover()
         self._rec.forget()
+        self._converged, self._clean = converged_record(self.prog.pin_dir), None
         if self._slots.svc_ids:
             log.info("recovered %d services and %d backends from pinned maps",
                      len(self._slots.svc_ids), len(self._slots.backends))
+
+    # --- what the maps were converged to (l4lb/lifecycle/guard.py) ----------------------
+    def converged(self) -> dict[str, Any] | None:
+        """The converged record of the loaded maps: {store_id, revision, clean, seed}."""
+        assert self._converged is not None, "load() first"
+        return self._converged.read()
+
+    def mark_converged(self, store_id: str, revision: int, exact: bool = True) -> None:
+        """The maps hold revision ``revision`` of store ``store_id`` (a commit, a
+        converge); ``exact``: its very services, no run-time overlay (health)."""
+        with self._lock:
+            assert self._converged is not None, "load() first"
+            self._converged.write({"store_id": store_id, "revision": revision, "clean": exact,
+                                   "seed": seed_digest(self.cfg.maglev_seed)})
+            self._clean = exact
+
+    def _mark_changing(self) -> None:
+        """Before a reconcile's first write: the maps no longer hold the revision
+        the record names (until mark_converged), so a restart must not trust them."""
+        if self._converged is None or self._clean is False:
+            return
+        record = self._converged.read()
+        if record is not None and record.get("clean"):
+            self._converged.write({**record, "clean": False})
+        self._clean = False
+
+    def adopt_in_force(self, services: Sequence[Service]) -> int:
+        """Take the tables in force as those of ``services`` without building
+        them, for every service whose entry and slots are exactly its own. Only
+        for maps converged to this very state (the converged record says so):
+        a restart then writes nothing and builds nothing. Returns how many."""
+        with self._lock:
+            return sum(self._rec.adopt(s.key, s) for s in services)
+
+    def in_force(self) -> list[dict[str, Any]]:
+        """What the maps hold, per service: key, entry flags, backend slots
+        (identity, flags) and the table in force as backend slots, for
+        rebuilding a desired state from the maps (l4lb/lifecycle/adopt.py)."""
+        with self._lock:
+            out = []
+            for key, sid in sorted(self._slots.svc_ids.items()):
+                flags, ring = self._slots.svc_entry[key]
+                slots = {bid: (slot.ident, slot.flags) for ident, bid in self._slots.by_svc.get(sid, {}).items()
+                         for slot in (self._slots.backends[bid],)}
+                out.append({"key": key, "flags": flags, "backends": slots, "table": self._rings.read(ring)})
+            return out
 
     # --- reconcile --------------------------------------------------------------
     def apply(self, services: Sequence[Service], *, settle: bool = True) -> None:

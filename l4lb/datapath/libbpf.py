@@ -99,6 +99,7 @@ def _lib() -> ct.CDLL:
     lib.bpf_map_lookup_elem.argtypes = [ct.c_int, ct.c_void_p, ct.c_void_p]
     lib.bpf_map_update_elem.argtypes = [ct.c_int, ct.c_void_p, ct.c_void_p, ct.c_uint64]
     lib.bpf_map_delete_elem.argtypes = [ct.c_int, ct.c_void_p]
+    lib.bpf_map_get_next_key.argtypes = [ct.c_int, ct.c_void_p, ct.c_void_p]
     lib.bpf_prog_get_fd_by_id.argtypes = [ct.c_uint32]
     lib.bpf_map_get_fd_by_id.argtypes = [ct.c_uint32]
     lib.bpf_obj_get_info_by_fd.argtypes = [ct.c_int, ct.c_void_p, ct.POINTER(ct.c_uint32)]
@@ -134,6 +135,16 @@ def prog_info(fd: int) -> BpfProgInfo:
     size = ct.c_uint32(ct.sizeof(info))
     _check(_lib().bpf_obj_get_info_by_fd(fd, ct.byref(info), ct.byref(size)), "program info")
     return info
+
+
+def prog_map_ids(fd: int) -> list[int]:
+    """Ids of the maps a program refers to."""
+    n = prog_info(fd).nr_map_ids
+    ids = (ct.c_uint32 * max(n, 1))()
+    info = BpfProgInfo(nr_map_ids=n, map_ids=ct.addressof(ids))
+    size = ct.c_uint32(ct.sizeof(info))
+    _check(_lib().bpf_obj_get_info_by_fd(fd, ct.byref(info), ct.byref(size)), "program map ids")
+    return list(ids[:min(n, info.nr_map_ids)])
 
 
 def map_info(fd: int) -> BpfMapInfo:
@@ -249,6 +260,15 @@ def map_update(fd: int, key: ct._CData, value: ct._CData) -> None:
 def map_lookup(fd: int, key: ct._CData, value: ct._CData) -> bool:
     rc = _lib().bpf_map_lookup_elem(fd, ct.byref(key), ct.byref(value))
     return rc == 0
+
+
+def map_delete(fd: int, key: ct._CData) -> bool:
+    return _lib().bpf_map_delete_elem(fd, ct.byref(key)) == 0
+
+
+def map_next_key(fd: int, key: ct._CData | None, next_key: ct._CData) -> bool:
+    """The key after ``key`` (None: the first); False at the end."""
+    return _lib().bpf_map_get_next_key(fd, None if key is None else ct.byref(key), ct.byref(next_key)) == 0
 
 
 def test_run(prog_fd: int, packet: bytes, *, ingress_ifindex: int = 0, repeat: int = 1,

@@ -1,17 +1,39 @@
-"""Compile the XDP program (source.compile_bpf) and pin/reuse its maps on a bpffs."""
+"""Compile the XDP program (source.compile_bpf) and pin/reuse its maps on a bpffs; or,
+when the pinned program was built from the same source and flags, adopt it
+and its maps without compiling (BCC takes seconds; a restart should not).
+
+Pins, under ``<bpffs>/maps-<layout digest>/``: every map maps.h declares with
+BPF_TABLE_PINNED, by its name; ``maglev/<index>`` the Maglev table buffers
+(rings.py); and with the attached program: ``prog``, its devmap ``tx_ports``
+and ``prog_types`` (the program's digest and BCC's type descriptions of its
+maps, so an adopting daemon rebuilds the same ctypes without compiling).
+
+BCC reuses pinned maps by reopening them *by id* (BPF_MAP_GET_FD_BY_ID), which
+the kernel allows only with CAP_SYS_ADMIN. So BCC compiles against an empty
+scratch pin directory, and each map it made is then either swapped for the
+real pinned one (dup2 onto BCC's fd before the program is loaded: the program
+then refers to the pinned map, as libbpf's bpf_map__reuse_fd does) or pinned
+as the first of its name. Opening a pin (BPF_OBJ_GET) needs only access to
+the bpffs file.
+"""
 
 from __future__ import annotations
 
 import ctypes as ct
+import hashlib
 import logging
 import os
 import shutil
-from dataclasses import dataclass
+import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from l4lb.datapath import libbpf
 from l4lb.datapath.config import DatapathConfig, DatapathError
+from l4lb.datapath.pinned import MapHandle, PinnedObjects, Record, decode_type
 from l4lb.datapath.source import assemble, compile_bpf, enum_names, layout_digest
+from l4lb.datapath.tables import MAPS
 
 log = logging.getLogger(__name__)
 
@@ -56,13 +78,45 @@ def feature_cflags(cfg: DatapathConfig) -> list[str]:
     return ["-DNEXTHOP_CACHE"] if cfg.nexthop_cache else []
 
 
+PROG_PIN = "prog"
+TYPES_PIN = "prog_types"
+DEVMAP = "tx_ports"  # the program's devmap: not in maps.h's pinned set, pinned with the program
+
+
 @dataclass
 class Program:
-    bpf: Any            # bcc.BPF
+    bpf: Any            # bcc.BPF, or PinnedObjects for an adopted program
     fd: int
     pin_dir: Path
     reasons: list[str]  # REASON_* names in enum order
     source: str
+    digest: str = ""    # of source, flags and toolchain: equal digests, same program
+    types: dict[str, list[Any]] = field(default_factory=dict)  # map -> BCC's [key, leaf] type descriptions
+    adopted: bool = False  # taken over from the pins, not compiled
+
+
+def _check_bpffs(cfg: DatapathConfig) -> None:
+    if not cfg.bpffs.exists():
+        raise DatapathError(f"bpffs directory {cfg.bpffs} does not exist (mount -t bpf bpf DIR)")
+    if not is_bpffs(cfg.bpffs):
+        raise DatapathError(f"{cfg.bpffs} is not on a bpf filesystem (mount -t bpf bpf {cfg.bpffs})")
+
+
+def pin_dir_of(cfg: DatapathConfig, text: str | None = None) -> Path:
+    """Where the XDP program's maps of this config's layout are pinned (the digest of maps.h and the layout flags)."""
+    return cfg.bpffs / f"{XDP_KIND.pin_prefix}-{layout_digest(text or assemble(ENTRY), layout_cflags(cfg))}"
+
+
+def program_digest(text: str, cflags: list[str]) -> str:
+    """Same digest, same program: the assembled source, the flags (the pin path
+    aside: it changes no instruction), BCC's version and the kernel release
+    (the headers BCC compiles against)."""
+    import bcc
+
+    h = hashlib.sha256(text.encode())
+    for part in (*cflags, f"bcc {getattr(bcc, '__version__', '?')}", f"kernel {os.uname().release}"):
+        h.update(b"\0" + part.encode())
+    return h.hexdigest()[:32]
 
 
 @dataclass(frozen=True)
@@ -86,22 +140,98 @@ def compile_program(cfg: DatapathConfig, *, entry: str = ENTRY, func: str = FUNC
     passes its own ``cflags`` (those that change map layouts)."""
     from bcc import BPF  # imported here: only the datapath needs libbcc
 
-    if not cfg.bpffs.exists():
-        raise DatapathError(f"bpffs directory {cfg.bpffs} does not exist (mount -t bpf bpf DIR)")
-    if not is_bpffs(cfg.bpffs):
-        raise DatapathError(f"{cfg.bpffs} is not on a bpf filesystem (mount -t bpf bpf {cfg.bpffs})")
+    _check_bpffs(cfg)
     text = assemble(entry)
     layout = layout_cflags(cfg) if cflags is None else cflags
     pin_dir = cfg.bpffs / f"{kind.pin_prefix}-{layout_digest(text, layout, kind.maps_header)}"
     pin_dir.mkdir(mode=0o700, exist_ok=True)
-    features = [*feature_cflags(cfg), *cfg.extra_cflags] if cflags is None else []
-    bpf = compile_bpf(entry, [*layout, f'-DPIN_DIR="{pin_dir}"', *features])
+    flags = [*layout, *feature_cflags(cfg), *cfg.extra_cflags] if cflags is None else layout
+    _remove_dead_scratch(cfg.bpffs)
+    scratch = Path(tempfile.mkdtemp(prefix=f"build-{os.getpid()}-", dir=cfg.bpffs))
     try:
-        fn = bpf.load_func(func.encode(), BPF.XDP if kind.prog_type == "xdp" else BPF.SCHED_CLS)
-    except Exception as e:  # BCC raises bare Exception with the verifier log on stderr
-        raise DatapathError(f"BPF load of {entry}:{func} failed: {e}") from e
+        bpf = compile_bpf(entry, [*flags, f'-DPIN_DIR="{scratch}"'])
+        try:
+            _use_pinned_maps(bpf, scratch, pin_dir)
+            fn = bpf.load_func(func.encode(), BPF.XDP if kind.prog_type == "xdp" else BPF.SCHED_CLS)
+        except Exception as e:  # BCC raises bare Exception with the verifier log on stderr
+            bpf.cleanup()
+            if isinstance(e, DatapathError):
+                raise
+            raise DatapathError(f"BPF load of {entry}:{func} failed: {e}") from e
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     reasons = [n for n in enum_names(text, *kind.reasons) if n != "max"]
-    return Program(bpf, fn.fd, pin_dir, reasons, text)
+    types = {name: _bcc_types(bpf, name) for name in MAPS} if kind == XDP_KIND else {}
+    return Program(bpf, fn.fd, pin_dir, reasons, text, program_digest(text, flags), types)
+
+
+def _use_pinned_maps(bpf: Any, scratch: Path, pin_dir: Path) -> None:
+    """Every map BCC pinned into ``scratch``: swap the pinned one of the same
+    name in (dup2 onto BCC's fd, so the program about to be loaded refers to
+    it), or pin BCC's as the first of its name."""
+    for made in sorted(scratch.iterdir()):
+        table = bpf[made.name.encode()]
+        real = pin_dir / made.name
+        if not real.exists():
+            libbpf.obj_pin(table.map_fd, str(real))
+            continue
+        fd = libbpf.obj_get(str(real))
+        try:
+            want, have = libbpf.map_info(table.map_fd), libbpf.map_info(fd)
+            shape = ("type", "key_size", "value_size", "max_entries", "map_flags")
+            if any(getattr(want, k) != getattr(have, k) for k in shape):
+                raise DatapathError(f"pinned map {real} does not have the shape the program declares "
+                                    f"({', '.join(f'{k}={getattr(have, k)}/{getattr(want, k)}' for k in shape)})")
+            os.dup2(fd, table.map_fd)
+        finally:
+            os.close(fd)
+
+
+def _bcc_types(bpf: Any, name: str) -> list[Any]:
+    import json
+
+    from bcc import libbcc
+
+    return [json.loads(libbcc.lib.bpf_table_key_desc(bpf.module, name.encode()).decode()),
+            json.loads(libbcc.lib.bpf_table_leaf_desc(bpf.module, name.encode()).decode())]
+
+
+def _remove_dead_scratch(bpffs: Path) -> None:
+    """Scratch pin directories of compiles that died half-way (their pid is gone)."""
+    for d in bpffs.glob("build-*"):
+        pid = d.name.split("-")[1]
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def adopt_program(cfg: DatapathConfig, *, entry: str = ENTRY, func: str = FUNC) -> Program | None:
+    """The pinned program and maps, opened by path, if the pinned program has
+    this config's digest; None when it must be compiled."""
+    _check_bpffs(cfg)
+    text = assemble(entry)
+    pin_dir = pin_dir_of(cfg, text)
+    digest = program_digest(text, [*layout_cflags(cfg), *feature_cflags(cfg), *cfg.extra_cflags])
+    if not (pin_dir / PROG_PIN).exists():
+        return None
+    record = Record(pin_dir / TYPES_PIN).read()
+    if record is None or record.get("digest") != digest or set(record.get("types", {})) != set(MAPS):
+        return None
+    maps: dict[str, MapHandle] = {}
+    prog_fd = -1
+    try:
+        prog_fd = libbpf.obj_get(str(pin_dir / PROG_PIN))
+        if libbpf.prog_info(prog_fd).name.decode() != func[:15]:
+            raise DatapathError(f"{pin_dir / PROG_PIN} is not an {func} program")
+        for name, (key, leaf) in record["types"].items():
+            fd = libbpf.obj_get(str(pin_dir / name))
+            maps[name] = MapHandle(name, fd, decode_type(key), decode_type(leaf), owned=True)
+    except (OSError, DatapathError) as e:
+        log.warning("pinned program in %s cannot be adopted (%s): compiling", pin_dir, e)
+        PinnedObjects(maps, prog_fd).cleanup()
+        return None
+    reasons = [n for n in enum_names(text, "l4lb_reason", "REASON_") if n != "max"]
+    return Program(PinnedObjects(maps, prog_fd), prog_fd, pin_dir, reasons, text, digest, record["types"],
+                   adopted=True)
 
 
 def remove_stale_pins(cfg: DatapathConfig, keep: Path) -> list[Path]:
@@ -116,9 +246,15 @@ def remove_stale_pins(cfg: DatapathConfig, keep: Path) -> list[Path]:
 
 
 def pin_program(prog: Program) -> None:
-    from l4lb.datapath.libbpf import obj_pin
-
-    path = prog.pin_dir / "prog"
-    if path.exists():
-        os.unlink(path)
-    obj_pin(prog.fd, str(path))
+    """Pin the attached program, its devmap and what adopting it needs. The
+    record is cleared first and written last: a crash half-way leaves pins a
+    restart compiles over, never a digest naming another program."""
+    types = Record(prog.pin_dir / TYPES_PIN)
+    types.write(None)
+    for name, fd in ((PROG_PIN, prog.fd), (DEVMAP, prog.bpf[DEVMAP.encode()].map_fd)):
+        path = prog.pin_dir / name
+        if path.exists():
+            os.unlink(path)
+        libbpf.obj_pin(fd, str(path))
+    if prog.types:
+        types.write({"digest": prog.digest, "types": prog.types})

@@ -19,6 +19,7 @@ from pyroute2.netlink.rtnl.ifinfmsg import (
 )
 
 from l4lb.datapath.config import DatapathError
+from l4lb.datapath.routes import RouteTable
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +29,7 @@ XDP_ATTACHED_NAMES = {0: "none", 1: "native", 2: "generic", 3: "offload", 4: "mu
                       "xdpoffload": "offload", "xdpmulti": "multi"}
 IFF_UP, IFF_NOARP = 0x1, 0x80
 NTF_EXT_MANAGED = 1  # NDA_FLAGS_EXT: the kernel keeps the entry resolved (Linux >= 5.16)
+RTN_UNICAST = 1
 NUD_VALID = 0x02 | 0x04 | 0x08 | 0x10 | 0x40 | 0x80  # REACHABLE|STALE|DELAY|PROBE|NOARP|PERMANENT
 
 
@@ -126,43 +128,39 @@ def set_sysctl(path: str, value: str) -> None:
         log.warning("cannot set %s=%s: %s", path, value, e)
 
 
-def ensure_neighbours(ipr: IPRoute, addrs: list[ipaddress.IPv4Address | ipaddress.IPv6Address]) -> int:
+def ensure_neighbours(ipr: IPRoute, addrs: list[ipaddress.IPv4Address | ipaddress.IPv6Address],
+                      routes: RouteTable | None = None) -> int:
     """Make the kernel resolve and keep neighbour entries for the next hops of
     backends (managed entries), so bpf_fib_lookup rarely says NO_NEIGH.
     Returns how many entries were created. Best effort: logs, never raises."""
     created = 0
+    routes = routes or RouteTable(ipr, {a.version for a in addrs})
     # One neighbour dump per (family, interface), not one per backend: pyroute2
     # parses every entry of a dump in Python, and this runs beside API requests.
     known: dict[tuple[int, int], dict[str, int]] = {}
     for addr in addrs:
-        try:
-            routes = ipr.route("get", dst=str(addr))
-        except NetlinkError as e:
-            log.warning("no route to backend %s: %s", addr, e)
-            continue
-        if not routes:
-            continue
-        r = routes[0]
-        oif = r.get_attr("RTA_OIF")
-        gw = r.get_attr("RTA_GATEWAY") or r.get_attr("RTA_VIA") or str(addr)
-        if oif is None or isinstance(gw, dict):
-            continue
+        r = routes.get(addr)
+        if r is None:
+            continue  # the next-hop refresh reports backends without a route (summarised)
+        if r.type != RTN_UNICAST or r.oif is None or r.via:
+            continue  # local, blackhole, ...: no neighbour to keep
+        gw = r.gateway or str(addr)
         family = 10 if ":" in str(gw) else 2
-        table = known.get((family, oif))
+        table = known.get((family, r.oif))
         if table is None:
-            table = known[(family, oif)] = {}
-            for n in ipr.get_neighbours(family=family, ifindex=oif):
+            table = known[(family, r.oif)] = {}
+            for n in ipr.get_neighbours(family=family, ifindex=r.oif):
                 dst = n.get_attr("NDA_DST")
                 table[dst] = table.get(dst, 0) | n["state"]
         if table.get(str(gw), 0) & NUD_VALID:
             continue
         try:
-            ipr.neigh("replace", dst=str(gw), ifindex=oif, family=family, state=0x01,
+            ipr.neigh("replace", dst=str(gw), ifindex=r.oif, family=family, state=0x01,
                       NDA_FLAGS_EXT=NTF_EXT_MANAGED)
             table[str(gw)] = NUD_VALID  # done: other backends behind this gateway need nothing
             created += 1
         except NetlinkError as e:
-            log.warning("cannot add managed neighbour %s on ifindex %s: %s", gw, oif, e)
+            log.warning("cannot add managed neighbour %s on ifindex %s: %s", gw, r.oif, e)
     return created
 
 

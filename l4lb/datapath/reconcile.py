@@ -20,7 +20,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,9 +30,9 @@ from l4lb import maglev
 from l4lb.datapath.config import DatapathError
 from l4lb.datapath.context import Context
 from l4lb.datapath.maglevbuild import TableBuilder, table_inputs
-from l4lb.datapath.nexthop import IPAddress
+from l4lb.datapath.nexthop import IPAddress, ip_of
 from l4lb.datapath.rings import Rings
-from l4lb.datapath.slots import PROTO, BackendKey, BackendSlot, ServiceKey, Slots, ip_of
+from l4lb.datapath.slots import PROTO, BackendKey, BackendSlot, ServiceKey, Slots
 from l4lb.models import BackendState, Service
 
 log = logging.getLogger(__name__)
@@ -91,8 +91,9 @@ class Reconciler:
         self.clean: set[int] = set()  # ids of the services of the last successful apply
         self._keys: dict[int, ServiceKey] = {}
         self._held: list[Service] = []
-        self.new_addrs: set[IPAddress] = set()   # backends' addresses the last reconcile added
+        self.new_addrs: set[str] = set()   # backends' addresses (exploded) the last reconcile added
         self.fail_after_writes: int | None = None  # test hook: fail mid-reconcile
+        self.before_write: Callable[[], None] | None = None  # called once before a reconcile's first write
 
     def forget(self) -> None:
         """Tables in force are unknown again (a restart, a seed change)."""
@@ -146,6 +147,8 @@ class Reconciler:
             self.done.pop(key, None)
         live = set(self.slots.svc_ids.values())
         orphans = set(self.slots.by_svc) - live  # backends whose service never made it (a crash mid-apply)
+        if (todo or gone or orphans) and self.before_write is not None:
+            self.before_write()
         w = _Work(want, list(todo), gone, {self.slots.svc_ids[k] for k in gone} | orphans)
         for key in todo:
             # Identity -> Maglev weight, in backend order: each backend's identity is computed once.
@@ -180,7 +183,8 @@ class Reconciler:
         for key in todo:
             self.done[key] = want[key]
             svc = want[key]
-            self.new_addrs.update(b.address for b in svc.backends if b.state is not BackendState.maintenance)
+            self.new_addrs.update(ident[0] for b, ident in zip(svc.backends, w.weights[key])
+                                  if b.state is not BackendState.maintenance)
         self.timing.reconcile += time.perf_counter() - t0
 
     def _unchanged(self, key: ServiceKey, svc: Service) -> bool:
@@ -301,6 +305,30 @@ class Reconciler:
         self.rings.use(ring, None if old is None else old[1])
         self.timing.writes += 1
         self.timing.maps += time.perf_counter() - m0
+
+    def adopt(self, key: ServiceKey, svc: Service) -> bool:
+        """Take what the maps hold for ``svc`` as finished, without building its
+        table, if the entry and the backend slots are exactly its own (a
+        restart whose maps were converged to this very state, l4lb/lifecycle).
+        The table in force is trusted to be Maglev of these weights."""
+        sid = self.slots.svc_ids.get(key)
+        entry = self.slots.svc_entry.get(key)
+        if sid is None or entry is None or entry[0] != self._flags(svc) or not self.rings.mapped(entry[1]):
+            return False
+        have = self.slots.by_svc.get(sid, {})
+        weights = svc.maglev_weights()
+        if len(have) != len(weights) or len(weights) != len(svc.backends):
+            return False
+        for b, ident in zip(svc.backends, weights):
+            bid = have.get(ident)
+            if bid is None or self.slots.backends[bid].flags != (BE_F_DOWN if b.state is BackendState.maintenance
+                                                                 else 0):
+                return False
+        inputs = table_inputs(weights, have)
+        self.inputs[sid] = inputs
+        self.rings.adopt(entry[1], inputs)
+        self.done[key] = svc
+        return True
 
     @staticmethod
     def _flags(svc: Service) -> int:

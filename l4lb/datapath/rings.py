@@ -15,6 +15,10 @@ the next drain) rarely waits; only when every spare buffer was retired within
 the last grace period does a change wait, or create buffers (in one batch).
 A buffer also remembers what it holds: going back to a previous table (a
 drain's undo, a rollback) points at it again without writing anything.
+
+Every buffer is pinned (``<pin dir>/maglev/<index>``) when it is created, so
+a restarted daemon opens it by path: reopening an inner map by its id would
+need CAP_SYS_ADMIN.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import os
 import threading
 import time
 from collections.abc import Hashable, Sequence
+from pathlib import Path
 
 import numpy as np
 
@@ -57,6 +62,8 @@ class Rings:
         self._grace_lock = threading.Lock()
         self._bg = Background(self._grace_all, "l4lb-rcu-grace")
         self.waited = 0.0  # seconds callers spent waiting for grace periods
+        self.pin_dir: Path | None = None  # where buffers are pinned (None: not pinned, e.g. a test's outer map)
+        self._foreign: set[int] = set()  # outer slots holding a buffer we could not open: never overwritten
 
     # --- grace periods ---------------------------------------------------------------------
     def pending(self) -> bool:
@@ -88,20 +95,53 @@ class Rings:
     # --- which buffer is in force -------------------------------------------------------------
     def recover(self, outer_fd: int, in_force: Sequence[int]) -> None:
         """Map every buffer the outer map holds (a restart); ``in_force`` are busy."""
+        pinned = {p.name: p for p in self._pins().iterdir()} if self.pin_dir is not None else {}
         for idx in range(self.capacity):
+            pin = pinned.pop(str(idx), None)
             if idx in self._maps:
                 continue
             map_id = ct.c_uint32()
-            if libbpf.map_lookup(outer_fd, ct.c_int(idx), map_id) and map_id.value:
-                fd = libbpf.map_fd_by_id(map_id.value)
-                try:
-                    self._map(idx, fd)
-                finally:
-                    os.close(fd)
+            if not (libbpf.map_lookup(outer_fd, ct.c_int(idx), map_id) and map_id.value):
+                if pin is not None:
+                    os.unlink(pin)  # pinned, but never inserted (a crash in between)
+                continue
+            fd = self._open(idx, map_id.value, pin)
+            if fd is None:
+                self._foreign.add(idx)
+                continue
+            try:
+                self._map(idx, fd)
+            finally:
+                os.close(fd)
+        for stale in pinned.values():
+            os.unlink(stale)
         missing = [i for i in in_force if i not in self._maps]
         if missing:
             log.warning("service entries point at missing Maglev buffers %s: they get new tables", missing)
         self.busy = {i for i in in_force if i in self._maps}
+
+    def _pins(self) -> Path:
+        assert self.pin_dir is not None
+        self.pin_dir.mkdir(mode=0o700, exist_ok=True)
+        return self.pin_dir
+
+    def _open(self, idx: int, map_id: int, pin: Path | None) -> int | None:
+        """An fd of the buffer at ``idx``: by its pin, or (buffers of an older
+        daemon that did not pin them) by id, then pinned. None if neither works."""
+        if pin is not None:
+            fd = libbpf.obj_get(str(pin))
+            if libbpf.map_info(fd).id == map_id:
+                return fd
+            os.close(fd)
+            os.unlink(pin)  # a pin of a buffer that was replaced in the outer map
+        try:
+            fd = libbpf.map_fd_by_id(map_id)
+        except OSError as e:
+            log.warning("Maglev buffer %d is not pinned and cannot be opened by id (%s): it is left alone", idx, e)
+            return None
+        if self.pin_dir is not None:
+            libbpf.obj_pin(fd, str(self._pins() / str(idx)))
+        return fd
 
     def use(self, new: int, old: int | None) -> None:
         """A service entry now points at ``new`` instead of ``old``."""
@@ -143,7 +183,7 @@ class Rings:
                 # With `spares` more: a change takes a writable spare and retires the
                 # buffer it replaces, so this many changes within one grace period
                 # (~10-15 ms) go through without waiting or creating.
-                unused = [i for i in range(self.capacity) if i not in self._maps]
+                unused = [i for i in range(self.capacity) if i not in self._maps and i not in self._foreign]
                 free += self._create(outer_fd, unused[:need - len(free) + self.spares])
             if len(free) < need:
                 t0 = time.perf_counter()
@@ -170,8 +210,18 @@ class Rings:
             for idx in idxs:
                 # Same shape and flags as maps.h's maglev_inner template.
                 fds.append(libbpf.array_create(f"maglev_{idx}", 4, self.m, libbpf.BPF_F_MMAPABLE))
-            libbpf.update_batch(outer_fd, np.array(idxs, dtype=np.uint32), np.array(fds, dtype=np.uint32),
-                                "Maglev buffers batch insert")
+                if self.pin_dir is not None:  # pinned before it is reachable: never an unpinned buffer in force
+                    path = self._pins() / str(idx)
+                    if path.exists():
+                        os.unlink(path)
+                    libbpf.obj_pin(fds[-1], str(path))
+            try:
+                libbpf.update_batch(outer_fd, np.array(idxs, dtype=np.uint32), np.array(fds, dtype=np.uint32),
+                                    "Maglev buffers batch insert")
+            except OSError:
+                for idx in idxs[:len(fds)] if self.pin_dir is not None else ():
+                    (self._pins() / str(idx)).unlink(missing_ok=True)
+                raise
             for idx, fd in zip(idxs, fds):
                 self._map(idx, fd)
                 self._retired[idx] = 0  # never reachable yet: writable at once
@@ -200,6 +250,10 @@ class Rings:
         """Record that buffer ``idx`` holds the table of ``inputs``."""
         self._holds[idx] = inputs
         self._by_inputs[inputs] = idx
+
+    def mapped(self, idx: int) -> bool:
+        """Buffer ``idx`` exists and is ours to read and write."""
+        return idx in self._maps
 
     def holds(self, idx: int) -> Hashable | None:
         return self._holds.get(idx)

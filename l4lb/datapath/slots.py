@@ -7,11 +7,11 @@ the flow table's (backend id, generation) pairs valid and connections survive.
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 from dataclasses import dataclass
-from functools import lru_cache
-from l4lb.datapath.tables import Tables, words_addr
+
+from l4lb.addrtext import exploded_packed
+from l4lb.datapath.tables import Tables
 
 log = logging.getLogger(__name__)
 
@@ -117,16 +117,15 @@ class Slots:
             self.svc_entry[key] = (flags, ring)
             self.ring[sid] = ring
         self.backends.clear()
-        for bid, v in t.read_backends().items():
-            addr = words_addr(v.addr, v.family)
-            self.backends[bid] = BackendSlot(v.svc_id, (addr.exploded, _ntohs(v.port)), v.gen, v.flags)
-            self.next_gen = max(self.next_gen, v.gen + 1)
+        bids, rows = t.backend_rows()
+        raw = rows["addr"].tobytes()  # 16 bytes a slot (IPv4 in the first 4)
+        for i, (bid, family, port, svc_id, gen, flags) in enumerate(zip(
+                bids.tolist(), rows["family"].tolist(), rows["port"].tolist(), rows["svc_id"].tolist(),
+                rows["gen"].tolist(), rows["flags"].tolist())):
+            addr = exploded_packed(raw[16 * i:16 * i + (4 if family == 4 else 16)])
+            self.backends[bid] = BackendSlot(svc_id, (addr, _ntohs(port)), gen, flags)
+            self.next_gen = max(self.next_gen, gen + 1)
         self.reindex()
-
-
-# Backend identities hold exploded address strings; parsing them again on every
-# refresh is what made a drain walk 100,000 backends slowly.
-ip_of = lru_cache(maxsize=1 << 17)(ipaddress.ip_address)
 
 
 def _ntohs(v: int) -> int:

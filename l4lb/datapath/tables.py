@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from l4lb.datapath import libbpf
+from l4lb.datapath.pinned import MapHandle
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 FAMILY = {4: 4, 6: 6}
@@ -38,20 +39,32 @@ def port_host(port_be_value: int) -> int:
     return socket.ntohs(port_be_value)
 
 
+# The maps Tables gives names to; they are what a program adopted without
+# compiling must bring (loader.py keeps BCC's types of exactly these).
+MAPS = ("services", "maglev_outer", "backends", "flows", "config", "ifaces", "tx_ports", "svc_stats",
+        "backend_stats", "reason_stats", "nexthops")
+
+
+def handle(bpf: Any, name: str) -> MapHandle:
+    """``bpf[name]`` as a MapHandle: a bcc.BPF's table wrapped, an adopted program's as it is."""
+    table = bpf[name.encode()]
+    return table if isinstance(table, MapHandle) else MapHandle.of_bcc(name, table)
+
+
 class Tables:
     def __init__(self, bpf: Any) -> None:
         self.bpf = bpf
-        self.services = bpf[b"services"]
-        self.maglev_outer = bpf[b"maglev_outer"]
-        self.backends = bpf[b"backends"]
-        self.flows = bpf[b"flows"]
-        self.config = bpf[b"config"]
-        self.ifaces = bpf[b"ifaces"]
-        self.tx_ports = bpf[b"tx_ports"]
-        self.svc_stats = bpf[b"svc_stats"]
-        self.backend_stats = bpf[b"backend_stats"]
-        self.reason_stats = bpf[b"reason_stats"]
-        self.nexthops = bpf[b"nexthops"]
+        self.services = handle(bpf, "services")
+        self.maglev_outer = handle(bpf, "maglev_outer")
+        self.backends = handle(bpf, "backends")
+        self.flows = handle(bpf, "flows")
+        self.config = handle(bpf, "config")
+        self.ifaces = handle(bpf, "ifaces")
+        self.tx_ports = handle(bpf, "tx_ports")
+        self.svc_stats = handle(bpf, "svc_stats")
+        self.backend_stats = handle(bpf, "backend_stats")
+        self.reason_stats = handle(bpf, "reason_stats")
+        self.nexthops = handle(bpf, "nexthops")
 
     # --- run-time config ---------------------------------------------------------
     def write_config(self, cfg: Any, hash_seed: int) -> None:
@@ -74,7 +87,9 @@ class Tables:
                 c.src6_hostmask[i] = int.from_bytes(host[4 * i:4 * i + 4], "little")
             flags |= CFG_F_SRC_PREFIX6
         c.flags = flags
-        self.config[self.config.Key(0)] = c
+        key = self.config.Key(0)
+        if bytes(self.config[key]) != bytes(c):  # a restart with the same config writes nothing
+            self.config[key] = c
 
     # --- next hops ------------------------------------------------------------
     def write_nexthop(self, bid: int, ifindex: int, gen: int, mtu: int, smac: bytes, dmac: bytes) -> None:
@@ -145,16 +160,16 @@ class Tables:
 
     # --- backends ------------------------------------------------------------
     def read_backends(self) -> dict[int, Any]:
-        """id -> backend_info for every used slot (one batch read)."""
-        out = {}
-        try:
-            items = self.backends.items_lookup_batch()
-        except Exception:
-            items = self.backends.items()
-        for k, v in items:
-            if v.family:
-                out[k if isinstance(k, int) else k.value] = v
-        return out
+        """id -> backend_info (ctypes) for every used slot (one batch read)."""
+        bids, rows = self.backend_rows()
+        leaf = self.backends.Leaf
+        return {int(b): leaf.from_buffer_copy(r.tobytes()) for b, r in zip(bids, rows)}
+
+    def backend_rows(self) -> tuple[np.ndarray, np.ndarray]:
+        """(slot ids, backend_info rows as numpy) of every used slot, in one batch read."""
+        rows = self.backends.values_array()
+        used = np.flatnonzero(rows["family"])
+        return used, rows[used]
 
     def write_backends(self, bids: list[int], addrs: list[IPAddress], ports: list[int], svc_ids: list[int],
                        gens: list[int], flags: list[int]) -> None:

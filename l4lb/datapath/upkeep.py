@@ -16,16 +16,20 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 from pyroute2 import IPRoute
 
-from l4lb.datapath import netlink, nexthop
+from l4lb.datapath import netlink
 from l4lb.datapath.context import Context
-from l4lb.datapath.nexthop import IPAddress, NextHop
-from l4lb.datapath.slots import Slots, ip_of
+from l4lb.datapath.nexthop import NextHop, Resolver, ip_of
+from l4lb.datapath.routes import RouteTable
+from l4lb.datapath.slots import Slots
+from l4lb.logchange import Condition
 
 log = logging.getLogger(__name__)
 
-SETTLE_CHUNK = 8  # addresses per pyroute2 round in settle(), between pauses
+SETTLE_CHUNK = 256  # addresses per neighbour round in settle(), between pauses
+RESOLVE_CHUNK = 2048  # addresses looked up in a route dump between pauses (pure Python)
 NEXTHOP_SLICE = 4096  # next-hop entries written per hold of the lock
 
 
@@ -33,12 +37,39 @@ class Upkeep:
     def __init__(self, ctx: Context, slots: Slots) -> None:
         self.ctx = ctx
         self.slots = slots
-        self.known_addrs: set[IPAddress] = set()   # neighbour entries ensured
-        self.unsettled: set[IPAddress] = set()      # backends' addresses settle() has not seen
+        # Addresses by their exploded text, as backend identities hold them: as
+        # dict keys, IPv6Address objects of structured addresses (2001:db8:b:i::j)
+        # collide in the hash (int hashes fold mod 2^61-1) and slow a set of 100,000
+        # down by a factor of fifty.
+        self.known_addrs: set[str] = set()   # neighbour entries ensured
+        self.unsettled: set[str] = set()      # backends' addresses settle() has not seen
         # Next hops: address -> what the kernel resolved, and what each backend
         # slot's `nexthops` entry holds (None = no entry: the program uses the FIB).
-        self.nh_cache: dict[IPAddress, NextHop | None] = {}
+        self.nh_cache: dict[str, NextHop | None] = {}
         self.nh_written: dict[int, tuple[NextHop, int] | None] = {}
+        self.unroutable: set[str] = set()
+        self.no_route = Condition(log, "backends have no route (their packets go to the kernel)",
+                                  "every backend has a route again")
+
+    def recover(self) -> None:
+        """What the ``nexthops`` map holds for each slot (a restart), so that a
+        refresh resolving the same next hops rewrites nothing."""
+        rows = self.ctx.tables.nexthops.values_array()
+        slots = self.slots.backends
+        bids = np.fromiter(slots, dtype=np.int64, count=len(slots))
+        want_gen = np.fromiter((s.gen for s in slots.values()), dtype=np.int64, count=len(slots))
+        have = rows[bids]
+        gens = have["gen"].astype(np.int64)
+        self.nh_written = dict.fromkeys(bids[gens == 0].tolist())  # no entry: the program asks the FIB
+        hops: dict[bytes, NextHop] = {}  # 100,000 slots share a few next hops
+        live = np.flatnonzero((gens != 0) & (gens == want_gen))  # others: another generation's, cleared later
+        for bid, row, gen in zip(bids[live].tolist(), have[live], gens[live].tolist()):
+            key = row.tobytes()[:4] + row.tobytes()[8:]  # all but the generation
+            hop = hops.get(key)
+            if hop is None:
+                hop = hops[key] = NextHop(int(row["ifindex"]), bytes(row["smac"]), bytes(row["dmac"]),
+                                          int(row["mtu"]))
+            self.nh_written[bid] = (hop, gen)
 
     def settle(self, timing: Any, pause: Callable[[], None] | None = None) -> None:
         """Neighbour entries and next-hop cache entries for what applies added;
@@ -48,29 +79,23 @@ class Upkeep:
             if not addrs and not self.slots.nh_dirty:
                 return  # a drain: nothing new to resolve
         t1 = time.perf_counter()
-        todo = sorted(addrs, key=lambda a: (a.version, a.packed))
-        for i in range(0, len(todo), SETTLE_CHUNK):
-            if pause is not None:
-                pause()
-            self._neighbours(set(todo[i:i + SETTLE_CHUNK]))
+        todo = sorted(addrs - self.known_addrs)
+        if todo:
+            try:
+                with IPRoute() as ipr:
+                    routes = RouteTable(ipr, {4 if "." in a else 6 for a in todo})  # one dump for all of them
+                    for i in range(0, len(todo), SETTLE_CHUNK):
+                        if pause is not None:
+                            pause()
+                        netlink.ensure_neighbours(ipr, [ip_of(a) for a in todo[i:i + SETTLE_CHUNK]], routes)
+                        self.known_addrs.update(todo[i:i + SETTLE_CHUNK])
+            except Exception as e:  # neighbour upkeep must never break an apply
+                log.warning("neighbour upkeep failed: %s", e)
         t2 = time.perf_counter()
         self.refresh_nexthops(full=False, pause=pause)
         t3 = time.perf_counter()
         timing.neighbours, timing.nexthops = t2 - t1, t3 - t2
         timing.total += t3 - t1
-
-    def _neighbours(self, addrs: set[IPAddress]) -> None:
-        """Managed neighbour entries for backends not seen before (the kernel
-        keeps them resolved, so a drain does not walk every backend again)."""
-        todo = sorted(addrs - self.known_addrs, key=lambda a: (a.version, a.packed))
-        if not todo:
-            return
-        try:
-            with IPRoute() as ipr:
-                netlink.ensure_neighbours(ipr, todo)
-            self.known_addrs.update(todo)
-        except Exception as e:  # neighbour upkeep must never break an apply
-            log.warning("neighbour upkeep failed: %s", e)
 
     def refresh_nexthops(self, full: bool = True, pause: Callable[[], None] | None = None) -> int:
         """Resolve backends' next hops from the kernel and write the ``nexthops``
@@ -85,23 +110,29 @@ class Upkeep:
         if not ctx.cfg.nexthop_cache or ctx.t is None:
             return 0
         with ctx.lock:
-            texts = slots.by_addr if full else {slots.backends[b].ident[0] for b in slots.nh_dirty
-                                                if b in slots.backends}
-            addrs = {ip_of(a) for a in texts}
+            addrs = set(slots.by_addr) if full else {slots.backends[b].ident[0] for b in slots.nh_dirty
+                                                     if b in slots.backends}
             todo = addrs if full else {a for a in addrs if a not in self.nh_cache}
             ifindexes = {k.value for k in ctx.tables.ifaces.keys()} if todo else set()
-        resolved: dict[IPAddress, NextHop | None] = {}
+        resolved: dict[str, NextHop | None] = {}
         if todo:
-            order = sorted(todo, key=lambda a: (a.version, a.packed))
+            order = sorted(todo)
             try:
                 with IPRoute() as ipr:
-                    for i in range(0, len(order), SETTLE_CHUNK):
+                    # One dump of routes, links and neighbours, then lookups in Python.
+                    resolver = Resolver(ipr, {4 if "." in a else 6 for a in order}, ifindexes)
+                    for i in range(0, len(order), RESOLVE_CHUNK):
                         if pause is not None:
                             pause()
-                        resolved.update(nexthop.resolve(ipr, order[i:i + SETTLE_CHUNK], ifindexes))
+                        resolved.update(resolver.resolve(order[i:i + RESOLVE_CHUNK]))
             except Exception as e:  # noqa: BLE001 - the FIB path still forwards
                 log.warning("next-hop refresh failed: %s", e)
                 return 0
+            self.unroutable -= resolved.keys()
+            self.unroutable |= resolver.unroutable
+        if full:
+            self.unroutable &= addrs
+        self.no_route.update(self.unroutable)
         with ctx.lock:
             moved = {a for a, nh in resolved.items() if self.nh_cache.get(a, "unset") != nh}
             self.nh_cache.update(resolved)
@@ -110,7 +141,7 @@ class Upkeep:
                     del self.nh_cache[gone]
             dirty, slots.nh_dirty = slots.nh_dirty, set()
             for a in moved:
-                dirty.update(slots.by_addr.get(a.exploded, ()))
+                dirty.update(slots.by_addr.get(a, ()))
         # In slices, each under the lock on its own: 100,000 new slots must not hold
         # a drain up for half a second. A slot changed meanwhile is written as it is
         # now (and is dirty again for the next refresh).
@@ -136,7 +167,7 @@ class Upkeep:
                 continue
             addr = slot.ident[0]
             if addr not in nh_of:
-                nh_of[addr] = cache.get(ip_of(addr))
+                nh_of[addr] = cache.get(addr)
             nh = nh_of[addr]
             want = None if nh is None else (nh, slot.gen)
             # "unset" (never written by us, e.g. after a restart) is cleared too.
