@@ -99,7 +99,8 @@ class L4lbd:
         return subprocess.run(self.command(*args), capture_output=True, text=True, timeout=120,
                               cwd=self.dir, env={**os.environ, **self.env})
 
-    def start(self, *, wait: bool = True, env: dict[str, str] | None = None, write_config: bool = True) -> None:
+    def start(self, *, wait: bool = True, env: dict[str, str] | None = None, write_config: bool = True,
+              args: tuple[str, ...] = ()) -> None:
         assert self.proc is None or self.proc.poll() is not None, "already running"
         if write_config:
             self.write_config()
@@ -107,7 +108,7 @@ class L4lbd:
             log.write(f"\n===== start {time.strftime('%X')} =====\n".encode())
             log.flush()
             # `ip netns exec` execs the command: self.proc.pid is the daemon itself.
-            self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, cwd=self.dir,
+            self.proc = subprocess.Popen(self.command(*args), stdout=log, stderr=subprocess.STDOUT, cwd=self.dir,
                                          env={**os.environ, **self.env, **(env or {})})
         if wait:
             self.wait_ready()
