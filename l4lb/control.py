@@ -30,6 +30,7 @@ from typing import Any, Protocol
 
 from pydantic import ValidationError
 
+from l4lb.datapath.config import DatapathFull
 from l4lb.background import Background
 from l4lb.health.overlay import Effective, Health, Overlay
 from l4lb.models import Backend, BackendState, DesiredState, IPAddress, Service
@@ -586,6 +587,8 @@ class Control:
             log.error("apply of revision %d failed (%s); restoring revision %d", self._revision + 1, e, self._revision)
             if staged:
                 self._restore(old)
+            if isinstance(e, DatapathFull):  # the request, not the box: 422
+                raise Invalid(f"{e}; nothing was changed (revision {self._revision})") from e
             raise ApplyFailed(f"{e}; the store and the datapath still hold revision {self._revision}") from e
         t3 = time.monotonic()
         took = t3 - t0

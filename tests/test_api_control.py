@@ -102,6 +102,28 @@ def test_datapath_failure_changes_nothing_and_reapplies_old(tmp_path: Path, cont
     assert control.ready
 
 
+def test_a_change_the_maps_cannot_hold_is_refused_as_invalid(tmp_path: Path, control: Control,
+                                                             dp: RecordingDatapath,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """DatapathFull (the maps cannot hold the change at every moment) is the
+    request's fault: 422, and the old set re-applied, as for any failure."""
+    from l4lb.datapath.config import DatapathFull
+
+    control.put_service(svc("web"))
+    real = dp.apply
+
+    def full_once(services: Sequence[Service]) -> None:
+        monkeypatch.setattr(dp, "apply", real)
+        real(services)
+        raise DatapathFull("the change does not fit the datapath's maps")
+
+    monkeypatch.setattr(dp, "apply", full_once)
+    with pytest.raises(Invalid, match="does not fit.*nothing was changed") as e:
+        control.put_service(svc("web", backends=["192.0.2.9"]))
+    assert e.value.status == 422
+    assert dp.applied[-1] == ["web"] and control.snapshot()[0] == 1 and control.ready
+
+
 def test_post_apply_hook_failure_rolls_back_store_and_datapath(tmp_path: Path, dp: RecordingDatapath) -> None:
     fail = {"on": False}
 

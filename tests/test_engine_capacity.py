@@ -19,7 +19,7 @@ from scapy.all import IP, TCP, Ether
 from test_daemon_harness import dump_pinned_maps
 from test_datapath_packets import XDP_PASS, XDP_TX, expected_backend, frame, svc
 
-from l4lb.datapath import DatapathError, libbpf
+from l4lb.datapath import DatapathError, DatapathFull, libbpf
 from l4lb.datapath.tables import port_host, words_addr
 from l4lb.lab import netns
 from l4lb.lab.pktenv import PacketEnv, edge_backends_v4
@@ -178,3 +178,53 @@ def test_many_tables_built_by_worker_processes_equal_one_by_one_builds():
     abandoned.close()
     assert list(maglev.build_many(jobs, 1021, seed)) == expected
     assert maglev._workers is not None and all(p.poll() is None for p in maglev._workers.procs)
+
+
+def test_a_full_replacement_near_capacity_never_leaves_a_service_on_no_backend(env):
+    """Every backend of three services replaced at once, with one slot free: the
+    services move over a few slots at a time, and one whose new backends have no
+    slot yet keeps one of its old ones meanwhile. Packets sent all along only ever
+    go to a backend (old or new), never dropped for want of one."""
+    old = [svc(f"r{i}", VIP, 80 + i, B[2 * i:2 * i + 2]) for i in range(3)]     # 6 of 7 slots
+    new = [svc(f"r{i}", VIP, 80 + i, B[6 + 2 * i:8 + 2 * i] if i < 2 else [B[10], B[11]]) for i in range(3)]
+    syns = {s.port: [frame(CLIENT, VIP, TCP(sport=20000 + j, dport=s.port, flags="S")) for j in range(40)]
+            for s in old}
+    stop = threading.Event()
+    seen: list[tuple[int, int, str | None]] = []
+
+    def packets() -> None:
+        i = 0
+        while not stop.is_set():
+            for port, pkts in syns.items():
+                v, out, _ = libbpf.test_run(env.dp.prog_fd, pkts[i % 40], ingress_ifindex=env.edge_ifindex)
+                seen.append((port, v, Ether(out)[IP].dst if v == XDP_TX else None))
+            i += 1
+
+    for _ in range(3):
+        env.apply(old)
+        with netns.NetnsWorker(env.ns) as w:
+            fut = w.submit(packets)
+            try:
+                env.apply(new)
+            finally:
+                stop.set()
+                fut.result()
+        stop.clear()
+        assert_serves_exactly(env, new)
+    drops = [s for s in seen if s[1] != XDP_TX]
+    assert len(seen) > 100 and not drops, drops[:5]
+    allowed = {o.port: {b.address.compressed for b in [*o.backends, *n.backends]} for o, n in zip(old, new)}
+    assert all(dst in allowed[port] for port, _, dst in seen)
+
+
+def test_a_change_that_cannot_fit_without_a_service_on_no_backend_is_refused_and_changes_nothing(env):
+    """All 7 slots in use; one service's only backend replaced: its new backend
+    could only get a slot if the service ran on none meanwhile. Refused, maps
+    and packets as before."""
+    before = [svc("one", VIP, 80, [B[0]]), svc("six", VIP, 81, B[1:7])]
+    env.apply(before)
+    maps = config_maps(env)
+    with pytest.raises(DatapathFull, match="does not fit the datapath's maps"):
+        env.apply([svc("one", VIP, 80, [B[7]]), before[1]])
+    assert config_maps(env) == maps
+    assert_serves_exactly(env, before, range(40000, 40010))

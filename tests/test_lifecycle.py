@@ -312,3 +312,29 @@ def test_reset_starts_empty_on_purpose(lab: DaemonLab) -> None:
     assert config_maps(lab)["services"] == {}
     assert "reset on purpose: the maps held 2 services" in lab.log_text()
     lab.send(signal.SIGTERM)
+
+
+def test_unroutable_backends_are_logged_once_per_change_not_per_refresh(lab: DaemonLab) -> None:
+    """100 backends without a route, next hops refreshed every 0.2 s: one summary
+    line, and one more when the condition goes away (issue 11, item 7)."""
+    if lab.proc is not None and lab.proc.poll() is None:
+        assert lab.stop() == 0
+    lab.config["stats_interval"] = 0.2
+    lab.start()
+    mark = len(lab.log_text())
+    many = {"services": [{"name": f"far{i}", "vip": f"198.51.100.{20 + i}", "port": 80,
+                          "backends": [{"address": f"203.0.113.{1 + 50 * i + j}"} for j in range(50)]}
+                         for i in range(2)]}
+    with lab.client() as c:
+        c.put("/v1/state", json=many).raise_for_status()
+    time.sleep(2.5)  # a dozen refreshes
+    lab.nsexec("ip", "addr", "add", "192.0.2.254/24", "dev", "lbt0a")
+    lab.nsexec("ip", "route", "add", "203.0.113.0/24", "via", "192.0.2.1")
+    time.sleep(1.5)
+    lines = [line for line in lab.log_text()[mark:].splitlines() if "route" in line and "upkeep" in line]
+    assert len(lines) == 2, lines
+    assert "100 backends have no route" in lines[0] and "203.0.113.1, 203.0.113.10, 203.0.113.100, +97 more" \
+        in lines[0], lines
+    assert "every backend has a route again" in lines[1]
+    lab.config["stats_interval"] = 1.0
+    assert lab.stop() == 0

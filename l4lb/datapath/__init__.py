@@ -13,9 +13,9 @@ Public surface used by the daemon (and tests):
 
 from typing import Any
 
-from l4lb.datapath.config import DatapathConfig, DatapathError
+from l4lb.datapath.config import DatapathConfig, DatapathError, DatapathFull
 
-__all__ = ["Datapath", "DatapathConfig", "DatapathError", "DatapathStats"]
+__all__ = ["Datapath", "DatapathConfig", "DatapathError", "DatapathFull", "DatapathStats"]
 
 
 def __getattr__(name: str) -> Any:

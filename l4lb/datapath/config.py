@@ -14,6 +14,10 @@ class DatapathError(RuntimeError):
     """The kernel refused something (compile, load, attach, map write)."""
 
 
+class DatapathFull(DatapathError):
+    """A change cannot be put into the maps (capacity); nothing was changed."""
+
+
 @dataclass(frozen=True)
 class DatapathConfig:
     bpffs: Path                                   # pin directory on a bpffs

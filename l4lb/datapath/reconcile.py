@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from l4lb import maglev
-from l4lb.datapath.config import DatapathError
+from l4lb.datapath.config import DatapathError, DatapathFull
 from l4lb.datapath.context import Context
 from l4lb.datapath.maglevbuild import TableBuilder, table_inputs
 from l4lb.datapath.nexthop import IPAddress, ip_of
@@ -74,6 +74,7 @@ class _Work:
     removing: dict[int, None] = field(default_factory=dict)  # slots to clear (an ordered set)
     weights: dict[ServiceKey, dict[BackendKey, int]] = field(default_factory=dict)  # of the waiting services
     allocated: bool = False
+    progress: int = 0                   # slots allocated or cleared, services finished, interim tables set
 
 
 class Reconciler:
@@ -158,22 +159,30 @@ class Reconciler:
                 w.removing.update((bid, None) for ident, bid in self.slots.by_svc.get(sid, {}).items() if ident not in keep)
         for sid in w.freeing_sids:
             w.removing.update((bid, None) for bid in self.slots.by_svc.get(sid, {}).values())
-        for stage in range(3):
-            self._allocate(w, final=stage == 2)
+        stage = 0
+        while True:
+            done_before = w.progress
+            self._allocate(w, final=stage >= 2)
             self._finish(w)
             if stage == 0:
                 self._remove_services(w, orphans)
             self._clear_unreferenced(w)
             if not w.waiting:
                 break
-            if stage == 2:
-                raise DatapathError(f"no free slot for {', '.join(map(str, w.waiting))} (datapath maps full)")
-            if stage == 1:
+            if stage >= 1:
                 self._interim_tables(w)
                 self._clear_unreferenced(w)
+            if stage >= 2 and w.progress == done_before:
+                raise DatapathFull(
+                    f"the change does not fit the datapath's maps: {len(w.waiting)} services "
+                    f"({', '.join(map(str, w.waiting[:3]))}{', ...' if len(w.waiting) > 3 else ''}) find no free "
+                    "slots, even with the others moved over, unless a service ran on none of its backends "
+                    f"meanwhile (datapath.max_backends = {self.ctx.cfg.max_backends}); apply it in steps, or raise "
+                    "datapath.max_backends")
             g0 = time.perf_counter()
             self.rings.grace(always=True)
             self.timing.grace += time.perf_counter() - g0
+            stage += 1
         if w.allocated:
             # Forget freed slots that have been handed to someone else since.
             self.slots.freed_be = {k: v for k, v in self.slots.freed_be.items() if v[0] not in self.slots.backends}
@@ -256,6 +265,7 @@ class Reconciler:
                          [s.svc_id for _, s, _ in done], [s.gen for _, s, _ in done], [s.flags for _, s, _ in done])
         self.timing.writes += len(done)
         self.timing.maps += time.perf_counter() - m0
+        w.progress += len(zero)
         if ok < len(writes):
             raise DatapathError("injected failure (test hook)")
 
@@ -285,6 +295,7 @@ class Reconciler:
             tables.close()  # also when a write failed: frees the workers for the rollback
         done = {key for key, _, _ in ready}
         w.waiting = [k for k in w.waiting if k not in done]
+        w.progress += len(done)
 
     def _write_entry(self, key: ServiceKey, sid: int, flags: int) -> None:
         """The service entry with ``flags`` and the ring in force for ``sid``;
@@ -435,25 +446,52 @@ class Reconciler:
                 self.slots.freed_be[(names[slot.svc_id], slot.ident)] = (bid, slot.gen)
         self.timing.writes += ok
         self.timing.maps += time.perf_counter() - m0
+        w.progress += ok
         if ok < len(free):
             raise DatapathError("injected failure (test hook)")
 
     def _interim_tables(self, w: _Work) -> None:
         """Waiting services that still point at removed slots get a table of
-        their wanted backends that have slots already, so those slots free up."""
+        their wanted backends that have slots already, so those slots free up.
+        A service none of whose wanted backends has a slot yet keeps one of
+        the backends it runs on now (a bridge, freed once it is finished): a
+        service never runs on no backend while slots are moved over."""
+        todo: list[tuple[int, tuple[Any, ...]]] = []
+        bridged = 0
         for key in w.waiting:
             sid = self.slots.svc_ids.get(key)
             have = self.slots.by_svc.get(sid, {}) if sid is not None else {}
             if sid is None or not any(bid in w.removing for bid in have.values()):
                 continue
             weights = {i: wt for i, wt in w.weights[key].items() if i in have}
+            if not any(weights.values()):
+                bridge = self._bridge(sid, have, w)
+                if bridge is not None:
+                    weights[bridge[0]] = bridge[1]
+                    bridged += 1
             inputs = table_inputs(weights, have)
             if self.inputs.get(sid) != inputs:
-                log.info("maps nearly full: service %s runs on %d of its backends while slots are freed",
-                         key, len(weights))
-                tables = self.builder.tables_for([inputs[0]])
-                try:
-                    self._swap_tables([(sid, inputs)], tables)
-                finally:
-                    tables.close()
+                todo.append((sid, inputs))
+        if not todo:
+            return
+        log.info("maps nearly full: %d services run on the part of their backends that has slots (%d on one "
+                 "backend they are leaving) while slots are moved over", len(todo), bridged)
+        tables = self.builder.tables_for([inputs[0] for _, inputs in todo])
+        try:
+            for i in range(0, len(todo), SWAP_CHUNK):
+                self._swap_tables(todo[i:i + SWAP_CHUNK], tables)
+        finally:
+            tables.close()
+        w.progress += len(todo)
 
+    def _bridge(self, sid: int, have: dict[BackendKey, int], w: _Work) -> tuple[BackendKey, int] | None:
+        """The backend (and weight) of service ``sid`` to keep while none of its
+        wanted ones has a slot: the heaviest one in its table in force (the
+        first by identity on ties; weight 1 if the table is unknown, after a
+        restart), never one in maintenance."""
+        now = self.inputs.get(sid)
+        if now is not None:
+            live = sorted(((ident, wt) for ident, wt in now[0] if wt and ident in have), key=lambda iw: (-iw[1], iw[0]))
+            return live[0] if live else None
+        up = sorted(i for i, bid in have.items() if bid in w.removing and not self.slots.backends[bid].flags & BE_F_DOWN)
+        return (up[0], 1) if up else None
