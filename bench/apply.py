@@ -69,23 +69,31 @@ def vips() -> list[str]:
     return [f"198.51.100.{h}" for h in range(1, 251)] + [f"203.0.113.{h}" for h in range(1, 251)]
 
 
-def backend_port(i: int) -> int:
-    return 10000 + i
+def backend_port(i: int, generation: int = 0) -> int:
+    return 10000 + i + 20000 * generation
 
 
-def service(i: int, n_backends: int) -> dict[str, Any]:
+def service(i: int, n_backends: int, generation: int = 0) -> dict[str, Any]:
     pool = vips()
     return {
         "name": f"svc{i:04d}", "vip": pool[i % len(pool)], "port": PORTS[i // len(pool)],
         "options": {"l4_dnat": True},
-        "backends": [{"address": f"192.0.2.{1 + j}", "port": backend_port(i)} for j in range(n_backends)],
+        "backends": [{"address": f"192.0.2.{1 + j}", "port": backend_port(i, generation)} for j in range(n_backends)],
     }
 
 
-def document(n_services: int, n_backends: int) -> dict[str, Any]:
+def document(n_services: int, n_backends: int, generation: int = 0) -> dict[str, Any]:
+    """``generation`` 1: the same services, every backend another one (a full replacement)."""
     if n_services > len(vips()) * len(PORTS) or n_backends > 250:
         raise click.UsageError(f"at most {len(vips()) * len(PORTS)} services and 250 backends per service")
-    return {"services": [service(i, n_backends) for i in range(n_services)]}
+    return {"services": [service(i, n_backends, generation) for i in range(n_services)]}
+
+
+def rss_mb(pid: int) -> dict[str, float]:
+    """Resident memory of process ``pid`` now (all, anonymous, file-backed) and its peak, MB.
+    File-backed includes the Maglev table buffers mapped from the kernel's maps."""
+    status = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines())
+    return {k: int(status[k].split()[0]) / 1024 for k in ("VmRSS", "RssAnon", "RssFile", "VmHWM")}
 
 
 # --- measuring ---------------------------------------------------------------------------------
@@ -281,7 +289,19 @@ def main(n_services: int, n_backends: int, n_drains: int, quick: bool) -> None:
             if maps["services"]["used"] != n_services or maps["backends"]["used"] != n_services * n_backends:
                 raise RuntimeError(f"datapath does not hold the document: {maps}")
             put_phases = phases(lab.log_text(), int(r.headers["x-l4lb-revision"]))
+            assert lab.proc is not None
+            settle = 0.0 if quick else lab.config["stats_interval"] + 1  # the sampler gives freed heap back
+            time.sleep(settle)
+            rss = {"after the PUT": rss_mb(lab.proc.pid)}
             big = drains(lab, n_services, n_backends, n_drains)
+            with lab.client(timeout=600) as c:
+                # Every backend replaced, near max_backends (old and new do not fit together).
+                t0 = time.perf_counter()
+                c.put("/v1/state", json=document(n_services, n_backends, 1)).raise_for_status()
+                replace_s = time.perf_counter() - t0
+            time.sleep(settle)
+            rss["after a full replacement"] = rss_mb(lab.proc.pid)
+            rounds = [line for line in lab.log_text().splitlines() if "maps nearly full" in line]
         except BaseException:
             print(lab.log_tail(), file=sys.stderr)
             raise
@@ -307,6 +327,16 @@ def main(n_services: int, n_backends: int, n_drains: int, quick: bool) -> None:
         row("    API: HTTP, body validation, answer (total - server)", f"{(put_s - core) * 1e3:.1f} ms")
     print_drains("Drain latency, 1 service", one, judge)
     print_drains(f"Drain latency, {n_services} x {n_backends}", big, judge)
+    print(f"\nFull replacement: every backend of the {n_services} x {n_backends} document another one, "
+          "near max_backends")
+    header()
+    row("request total (client)", f"{replace_s:.2f} s")
+    row("rounds with services on part of their backends (none on none)", f"{len(rounds)}")
+    print("\nDaemon memory, MB (RSS = anonymous + file-backed; file-backed holds the Maglev buffers mapped "
+          "from the kernel's maps)")
+    row("", "RSS", "anon + file", "peak")
+    for when, m in rss.items():
+        row(f"{when}", f"{m['VmRSS']:.0f} MB", f"{m['RssAnon']:.0f} + {m['RssFile']:.0f}", f"{m['VmHWM']:.0f} MB")
 
 
 if __name__ == "__main__":

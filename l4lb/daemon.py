@@ -493,11 +493,17 @@ class Daemon:
             self._listeners.clear()
 
     async def _sampler(self) -> None:
+        from l4lb.memory import Trimmer
+
         assert self.control is not None
         loop = asyncio.get_running_loop()
+        trimmer = Trimmer()
+        await loop.run_in_executor(None, trimmer.trim)  # what the start (a compile, a big store) left
         while True:
             await asyncio.sleep(self.cfg.stats_interval)
             try:
+                # Freed heap of a big request back to the system (l4lb/memory.py).
+                await loop.run_in_executor(None, trimmer.maybe_trim)
                 await loop.run_in_executor(None, self.control.sample)
                 # Routes, neighbours and MTUs change under us: keep the next-hop cache true.
                 await loop.run_in_executor(None, self.control.refresh_nexthops)

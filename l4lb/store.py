@@ -338,6 +338,7 @@ class Store:
             raise
         # Only a committed state becomes the base of the next write.
         self._rows, self._rows_revision = rows, new_revision
+        self._record = None  # the last read is an older revision now: not kept alive
 
     def _committed(self, revision: int) -> dict[str, _Row]:
         """The rows of ``revision`` (the one in the file): the cache, unless

@@ -246,8 +246,23 @@ class Datapath:
             self._attached.update(result)
             pin_program(self.prog)
             remove_stale_pins(self.cfg, self.prog.pin_dir)
+            self._shed_compiler()
         self.refresh_nexthops()
         return result
+
+    def _shed_compiler(self) -> None:
+        """A program BCC compiled keeps its LLVM module (~85 MB here) as long as
+        the bcc.BPF lives. Once pinned, take the same program and maps over by
+        path, as a restart would, and let BCC go. Recorder builds keep BCC: their
+        unpinned recorder maps are reached through it."""
+        assert self.prog is not None
+        if self.prog.adopted or self.cfg.extra_cflags:
+            return
+        pinned = adopt_program(self.cfg)
+        if pinned is None or pinned.digest != self.prog.digest:
+            return
+        old, self.prog, self.t = self.prog, pinned, Tables(pinned.bpf)
+        old.bpf.cleanup()
 
     def detach(self, interfaces: Sequence[str]) -> None:
         with self._lock:

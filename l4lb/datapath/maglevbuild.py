@@ -36,6 +36,7 @@ class TableBuilder:
         self.weights: dict[int, tuple[Service, dict[BackendKey, int]]] = {}  # from prefetch(), by object
         self.prefetched: tuple[bytes, threading.Thread, dict[tuple[Any, ...], maglev.MaglevTable]] | None = None
         self._built: OrderedDict[tuple[bytes, tuple[Any, ...]], maglev.MaglevTable] = OrderedDict()
+        self._fetched: dict[tuple[Any, ...], maglev.MaglevTable] = {}  # the prefetch, while a reconcile runs
 
     def prefetch(self, services: Sequence[Service], done: dict[ServiceKey, Service],
                  keys: dict[int, ServiceKey]) -> None:
@@ -69,6 +70,11 @@ class TableBuilder:
         thread.start()
         self.prefetched = (seed, thread, results)
 
+    def done(self) -> None:
+        """A reconcile ended: what was fetched for it goes (the small cache stays)."""
+        self.weights = {}
+        self._fetched = {}
+
     def weights_of(self, svc: Service) -> dict[BackendKey, int]:
         """Identity -> Maglev weight, in backend order (from the prefetch when it saw this object)."""
         hit = self.weights.get(id(svc))
@@ -84,8 +90,10 @@ class TableBuilder:
             pseed, thread, results = self.prefetched
             self.prefetched = None
             thread.join()
-            if pseed == seed:
-                have.update((k, results[k]) for k in weights if k in results)
+            # Kept for the rest of the reconcile (done()): near capacity, services
+            # finish over several rounds, and each round must not build them again.
+            self._fetched = results if pseed == seed else {}
+        have.update((k, self._fetched[k]) for k in weights if k in self._fetched)
         missing = list(dict.fromkeys(k for k in weights if k not in have))
         fresh = maglev.build_many([dict(k) for k in missing], self.ctx.cfg.maglev_m, seed)
         try:

@@ -122,6 +122,12 @@ class Reconciler:
             raise DatapathError("injected failure (test hook)")
 
     def reconcile(self, services: list[Service]) -> None:
+        try:
+            self._reconcile(services)
+        finally:
+            self.builder.done()  # what was prefetched for it, if anything, goes with it
+
+    def _reconcile(self, services: list[Service]) -> None:
         """Write ``services`` into the maps in a packet-safe order (module docstring).
 
         Services whose content is what they were last finished with are
@@ -188,7 +194,6 @@ class Reconciler:
             self.slots.freed_be = {k: v for k, v in self.slots.freed_be.items() if v[0] not in self.slots.backends}
             in_use = set(self.slots.svc_ids.values())
             self.slots.freed_svc = {k: v for k, v in self.slots.freed_svc.items() if v not in in_use}
-        self.builder.weights = {}
         for key in todo:
             self.done[key] = want[key]
             svc = want[key]

@@ -22,7 +22,7 @@ PROTO_NAME = {6: "tcp", 17: "udp"}
 Labels = tuple[list[tuple[ServiceKey, int]], list[tuple[int, "BackendSlot"]]]
 
 
-@dataclass
+@dataclass(slots=True)
 class BackendSlot:
     svc_id: int
     ident: BackendKey
