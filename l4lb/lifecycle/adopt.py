@@ -9,9 +9,9 @@ table in force. What they do not hold, and how it is recovered:
   become dots);
 * backend weights: not stored. A backend's share of the table is its quota,
   the weight-proportional share of M (maglev.py), so weights are recovered as
-  the simplest ratios whose quotas are exactly those shares, and accepted only
-  if building the table from them gives the table in force slot for slot
-  (equal weights come out as 100 each). Where no such weights are found the
+  the simplest ratios whose quotas are exactly those shares, times 100 (equal
+  weights come out as 100 each, 2:1 as 200 and 100), and accepted only if
+  building the table from them gives the table in force slot for slot. Where no such weights are found the
   closest ones are used and the service is reported: converging then rewrites
   the slots that differ (new flows there may pick another backend;
   established flows keep theirs through the flow table);
@@ -66,8 +66,7 @@ def _candidates(counts: dict[tuple[str, int], int]) -> list[dict[tuple[str, int]
     out = [{i: DEFAULT_WEIGHT for i in counts}]
     for step in range(1, RATIO_STEPS + 1):
         w = {i: max(1, round(c * step / top)) for i, c in counts.items()}
-        scale = max(1, DEFAULT_WEIGHT // min(w.values()))  # smallest near 100, as people write weights
-        out += [{i: v * scale for i, v in w.items()}, w]
+        out += [{i: v * DEFAULT_WEIGHT for i, v in w.items()}, w]  # 2:1 as 200:100, as people write weights
     shrink = max(1, -(-top // MAX_WEIGHT))
     out.append({i: max(1, c // shrink) for i, c in counts.items()})
     return out
