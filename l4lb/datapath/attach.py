@@ -32,9 +32,10 @@ IF_F_V4 = 1
 IF_F_V6 = 2
 
 
-def attach(t: Tables, prog: Program, interfaces: Sequence[str], mode: str) -> dict[str, str]:
+def attach(t: Tables, prog: Program, interfaces: Sequence[str], mode: str) -> tuple[dict[str, str], bool]:
     """Fill the interface table and devmap, then attach (or atomically replace)
-    on each interface; returns interface -> XDP mode used."""
+    on each interface; returns (interface -> XDP mode used, whether any
+    interface got the program only now)."""
     if mode not in ("native", "generic", "auto"):
         raise DatapathError(f"XDP mode must be native, generic or auto, not {mode!r}")
     bpffs = prog.pin_dir.parent
@@ -61,7 +62,7 @@ def attach(t: Tables, prog: Program, interfaces: Sequence[str], mode: str) -> di
             # NO_NEIGH hands the encapsulated packet (our own source) to the
             # kernel; accept_local lets IPv4 forward it instead of calling it martian.
             netlink.set_sysctl(f"/proc/sys/net/ipv4/conf/{name}/accept_local", "1")
-        result = {}
+        result, fresh = {}, False
         for name, info in zip(interfaces, infos):
             current = netlink.xdp_state(ipr, info.ifindex)
             if current.prog_id == mine and current.mode in ("native", "generic") and mode in ("auto", current.mode):
@@ -78,11 +79,12 @@ def attach(t: Tables, prog: Program, interfaces: Sequence[str], mode: str) -> di
             finally:
                 if expected is not None:
                     os.close(expected)
+            fresh = True
             if current.prog_id:
                 log.info("%s: replaced XDP program id %d atomically (%s)", name, current.prog_id, result[name])
             else:
                 log.info("%s: attached XDP (%s)", name, result[name])
-    return result
+    return result, fresh
 
 
 def _put(table: Any, key: Any, value: Any) -> None:

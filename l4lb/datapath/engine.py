@@ -242,12 +242,16 @@ class Datapath:
     def attach(self, interfaces: Sequence[str], mode: str = "auto") -> dict[str, str]:
         with self._lock:
             assert self.prog is not None
-            result = attaching.attach(self.tables, self.prog, interfaces, mode)
+            result, fresh = attaching.attach(self.tables, self.prog, interfaces, mode)
             self._attached.update(result)
-            pin_program(self.prog)
+            if not self.prog.adopted:  # an adopted program is the pinned one already
+                pin_program(self.prog)
             remove_stale_pins(self.cfg, self.prog.pin_dir)
             self._shed_compiler()
-        self.refresh_nexthops()
+        if fresh:
+            self.refresh_nexthops()
+        # else: an adopted program attached already (a restart) keeps the next hops it
+        # had (recovered from the map); the periodic refresh follows changes since.
         return result
 
     def _shed_compiler(self) -> None:
