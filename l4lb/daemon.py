@@ -263,6 +263,7 @@ class Daemon:
             if problems:
                 raise StartupError("; ".join(problems) + " (nothing was changed)")
             facts, self._store = open_store(cfg.db_path)
+            t_store = time.monotonic() - t0
             decision = guard.decide(facts, pinned_maps(dp_cfg), self.mode, seed_digest(dp_cfg.maglev_seed))
         except (OSError, StoreError, DatapathError) as e:
             raise StartupError(f"state_dir/bpffs: {e}") from None
@@ -281,8 +282,8 @@ class Daemon:
         except DatapathError as e:
             raise StartupError(f"datapath: {e}") from None
         assert self._dp.prog is not None
-        log.info("datapath loaded in %.1fs (%s)", time.monotonic() - t0,
-                 "pinned program adopted, not compiled" if self._dp.prog.adopted else "compiled")
+        log.info("datapath loaded in %.1fs (%s; the store read in %.1fs)", time.monotonic() - t0,
+                 "pinned program adopted, not compiled" if self._dp.prog.adopted else "compiled", t_store)
         from l4lb.health.manager import from_config
         from l4lb.health.overlay import Overlay
 

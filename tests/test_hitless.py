@@ -113,7 +113,7 @@ def test_kill9_and_restart_loses_no_request(bpffs: Path, lab_decap) -> None:
             with daemon.client() as c:
                 assert c.get("/v1/services").json() == before
             log = daemon.log_text()
-            assert log.count("pinned program adopted, not compiled") == 1 and "(compiled)" in log
+            assert log.count("pinned program adopted, not compiled") == 1 and "(compiled;" in log
             assert f"replaced XDP program id {first_id} atomically" in log
         finally:
             daemon.kill()

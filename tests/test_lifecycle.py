@@ -176,6 +176,14 @@ def stopped(lab: DaemonLab) -> tuple[Any, ...]:
     return config_maps(lab), lab.xdp_prog_id("lbt0a")
 
 
+def started_then_stopped(lab: DaemonLab) -> tuple[int, Any, Any]:
+    """Start the daemon, note its revision, stop it: (revision, maps, program id)."""
+    lab.start()
+    with lab.client() as c:
+        revision = int(c.get("/v1/state").headers["x-l4lb-revision"])
+    return (revision, *stopped(lab))
+
+
 def refused(lab: DaemonLab, *words: str) -> str:
     """Start l4lbd as it is configured: it must exit non-zero with ``words`` in its reason."""
     cp = lab.run_cli()
@@ -219,10 +227,7 @@ def move_store_back(lab: DaemonLab, saved: Path) -> None:
 
 
 def test_another_stores_and_an_older_store_are_refused_and_trust_store_takes_the_older(lab: DaemonLab) -> None:
-    lab.start()
-    with lab.client() as c:
-        revision = int(c.get("/v1/state").headers["x-l4lb-revision"])
-    maps, prog = stopped(lab)
+    revision, maps, prog = started_then_stopped(lab)
     saved = lab.dir / "saved"
     shutil.copytree(db(lab).parent, saved, dirs_exist_ok=True)  # this store, at `revision`
     try:
@@ -262,10 +267,7 @@ def test_another_stores_and_an_older_store_are_refused_and_trust_store_takes_the
 
 
 def test_adopt_datapath_rebuilds_the_state_from_the_maps_and_rewrites_nothing(lab: DaemonLab) -> None:
-    lab.start()
-    with lab.client() as c:
-        old_revision = int(c.get("/v1/state").headers["x-l4lb-revision"])
-    maps, prog = stopped(lab)
+    old_revision, maps, prog = started_then_stopped(lab)
     saved = lab.dir / "saved-adopt"
     move_store(lab, saved)
     try:

@@ -40,12 +40,9 @@ ARRAYS = {BPF_MAP_TYPE_ARRAY, BPF_MAP_TYPE_PERCPU_ARRAY, BPF_MAP_TYPE_ARRAY_OF_M
 
 
 def possible_cpus() -> int:
-    text = Path("/sys/devices/system/cpu/possible").read_text().strip()
-    n = 0
-    for part in text.split(","):
-        lo, _, hi = part.partition("-")
-        n += int(hi or lo) - int(lo) + 1
-    return n
+    from bcc.utils import get_possible_cpus  # as BCC sizes its per-CPU leaves
+
+    return len(get_possible_cpus())
 
 
 def decode_type(desc: Any) -> Any:
