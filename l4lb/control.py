@@ -490,12 +490,6 @@ class Control:
         with self._lock:
             self._rates.observe(now, Sample(raw))
 
-    def refresh_nexthops(self) -> None:
-        """Re-resolve backends' next hops (datapaths without a cache have nothing to do)."""
-        refresh = getattr(self._dp, "refresh_nexthops", None)
-        if refresh is not None:
-            refresh()
-
     def stats(self) -> dict[str, Any]:
         """Counters of every desired service/backend (with its health) and per-reason totals, with rates."""
         # Read and flatten outside the lock: a write must not wait for 100,000 counters.
@@ -604,8 +598,6 @@ class Control:
                   + (f" [{dp.summary()}]" if hasattr(dp, "summary") else ""))
         log.info("revision %d applied in %.3fs (%s): %s", revision, took, phases,
                  ", ".join(f"{k}={v}" for k, v in s.items() if v))
-        if self._settle is not None:
-            self._settle.kick()
         self._publish()
         if bulk:
             # A big document leaves ~10^6 long-lived objects: without this, the next

@@ -507,7 +507,7 @@ class Daemon:
                 await loop.run_in_executor(None, trimmer.maybe_trim)
                 await loop.run_in_executor(None, self.control.sample)
                 # Routes, neighbours and MTUs change under us: keep the next-hop cache true.
-                await loop.run_in_executor(None, self.control.refresh_nexthops)
+                await loop.run_in_executor(None, self._dp.refresh_nexthops)  # upkeep, not a change
                 if self.control.degraded is not None:
                     await loop.run_in_executor(None, self.control.heal)
             except Exception as e:  # noqa: BLE001 - keep sampling

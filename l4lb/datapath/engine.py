@@ -66,6 +66,7 @@ class Datapath:
         self._converged: Record | None = None
         self._clean: bool | None = None  # what the converged record says (None: not read yet)
         self._rec.before_write = self._mark_changing
+        self._from_pins = False  # see load()
 
     # --- shared state -------------------------------------------------------------
     @property
@@ -104,9 +105,12 @@ class Datapath:
 
     # --- load -----------------------------------------------------------------
     def load(self, *, adopt: bool = False) -> None:
-        """Compile the program (BCC reuses the pinned maps); with ``adopt``, take
-        the pinned program and maps over without compiling when the pinned
-        program was built from the same source and flags (loader.py)."""
+        """Compile the program (against the pinned maps); with ``adopt`` (the
+        daemon's way), take the pinned program and maps over without compiling
+        when the pinned program was built from the same source and flags
+        (loader.py), and once a compiled one is attached and pinned, work from
+        the pins and let BCC go (tests and benches keep BCC's objects)."""
+        self._from_pins = adopt
         with self._lock:
             prog = adopt_program(self.cfg) if adopt else None
             self.prog = prog if prog is not None else compile_program(self.cfg)
@@ -260,7 +264,7 @@ class Datapath:
         path, as a restart would, and let BCC go. Recorder builds keep BCC: their
         unpinned recorder maps are reached through it."""
         assert self.prog is not None
-        if self.prog.adopted or self.cfg.extra_cflags:
+        if not self._from_pins or self.prog.adopted or self.cfg.extra_cflags:
             return
         pinned = adopt_program(self.cfg)
         if pinned is None or pinned.digest != self.prog.digest:
