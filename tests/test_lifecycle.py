@@ -18,6 +18,7 @@ program (so the module also shows that this works), and the tests run in order.
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 import subprocess
@@ -294,16 +295,30 @@ def test_adopt_datapath_rebuilds_the_state_from_the_maps_and_rewrites_nothing(la
         shutil.rmtree(saved, ignore_errors=True)
 
 
+def service_entries(lab: DaemonLab) -> dict[bytes, bytes]:
+    """The services map as it is, the buffer each entry points at included: a table
+    built again would be written into a spare buffer and the entry moved to it."""
+    from test_daemon_harness import _dump_fd, _libbpf
+
+    lib = _libbpf()
+    fd = lib.bpf_obj_get(str(lab.pin_dirs()[0] / "services").encode())
+    try:
+        return _dump_fd(lib, fd)
+    finally:
+        os.close(fd)
+
+
 def test_a_restart_of_an_unchanged_state_adopts_the_program_and_writes_no_map(lab: DaemonLab) -> None:
     maps, prog = stopped(lab)  # as the adopting daemon left them
+    entries = service_entries(lab)
     before = lab.log_text().count("pinned program adopted, not compiled")
     lab.start()
-    assert (config_maps(lab), lab.xdp_prog_id("lbt0a")) == (maps, prog)
+    assert (config_maps(lab), lab.xdp_prog_id("lbt0a"), service_entries(lab)) == (maps, prog, entries)
     assert lab.log_text().count("pinned program adopted, not compiled") == before + 1
     assert "2 of 2 services taken as they are (no table built)" in lab.log_text()
     lab.kill9()
     lab.start()  # kill -9: the same
-    assert (config_maps(lab), lab.xdp_prog_id("lbt0a")) == (maps, prog)
+    assert (config_maps(lab), lab.xdp_prog_id("lbt0a"), service_entries(lab)) == (maps, prog, entries)
 
 
 def test_reset_starts_empty_on_purpose(lab: DaemonLab) -> None:
