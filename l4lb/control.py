@@ -30,8 +30,8 @@ from typing import Any, Protocol
 
 from pydantic import ValidationError
 
-from l4lb.datapath.config import DatapathFull
 from l4lb.background import Background
+from l4lb.datapath.config import DatapathFull
 from l4lb.health.overlay import Effective, Health, Overlay
 from l4lb.models import Backend, BackendState, DesiredState, IPAddress, Service
 from l4lb.plan import Plan, diff
@@ -598,6 +598,8 @@ class Control:
                   + (f" [{dp.summary()}]" if hasattr(dp, "summary") else ""))
         log.info("revision %d applied in %.3fs (%s): %s", revision, took, phases,
                  ", ".join(f"{k}={v}" for k, v in s.items() if v))
+        if self._settle is not None:
+            self._settle.kick()
         self._publish()
         if bulk:
             # A big document leaves ~10^6 long-lived objects: without this, the next
