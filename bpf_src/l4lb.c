@@ -1,6 +1,12 @@
-/* l4lb XDP entry: parse -> recorder(in) -> service -> flow table / Maglev ->
- * next hop -> ICMP too-big or DNAT + encapsulation -> recorder(out) -> TX /
- * REDIRECT. Everything that is not service traffic goes to the kernel. */
+/* l4lb XDP entry, one packet (README: "The datapath, per packet"):
+ * parse -> later fragments, ICMP to a VIP: rare paths -> service ->
+ * recorder(in) -> first fragments remembered -> flow table / Maglev (no
+ * backend: reject or drop) -> next hop -> too big: ICMP, or the kernel
+ * fragments -> DNAT + encapsulation -> recorder(out) -> TX / REDIRECT.
+ * Everything that is not for a service or a VIP goes to the kernel.
+ *
+ * The rare paths are programs of their own below, reached by tail call
+ * (lib/slow.h); each parses the packet again. */
 #include "lib/common.h"
 #include "lib/maps.h"
 #include "lib/parse.h"
@@ -9,47 +15,31 @@
 #include "lib/csum.h"
 #include "lib/encap.h"
 #include "lib/nexthop.h"
-#include "lib/icmp.h"
 #include "lib/recorder.h"
 #include "lib/bench.h"
+#include "lib/slow.h"
+#include "lib/icmp.h"
+#include "lib/forward.h"
+#include "lib/frag.h"
+#include "lib/reject.h"
+#include "lib/echo.h"
+#include "lib/icmp_err.h"
 
-#define VERDICT(action, reason, bytes)     \
-    ({                                     \
-        count_reason((reason), (bytes));   \
-        (action);                          \
-    })
-
-/* Send a too-big reply for the unmodified original packet. */
-L4LB_INLINE int too_big(struct xdp_md *ctx, struct pkt *p, struct lb_config *cfg, __u32 mtu, __u64 len)
+/* Not TCP/UDP to a service: ICMP may be for a VIP, the rest is the kernel's. */
+L4LB_INLINE int other_packet(struct xdp_md *ctx, struct pkt *p, int rc, __u64 len)
 {
-    if (!icmp_allowed(cfg))
-        return VERDICT(XDP_DROP, REASON_DROP_ICMP_RATELIMIT, len);
-    int overhead = p->family == FAMILY_V4 ? IPV4_HLEN : IPV6_HLEN;
-    int rc = p->family == FAMILY_V4 ? icmp4_too_big(ctx, p, mtu - overhead) : icmp6_too_big(ctx, p, mtu - overhead);
-    if (rc == -2)
-        return VERDICT(XDP_DROP, REASON_DROP_TOO_BIG_SHORT, len);
-    if (rc)
-        return VERDICT(XDP_DROP, REASON_DROP_HEADROOM, len);
-    RECORD_OUT_ICMP(ctx, p, XDP_TX);
-    return VERDICT(XDP_TX, REASON_TX_ICMP_TOO_BIG, len);
+    if (rc == PARSE_NOT_IP)
+        return VERDICT(XDP_PASS, REASON_PASS_NOT_IP, len);
+    if (rc == PARSE_MALFORMED)
+        return VERDICT(XDP_PASS, REASON_PASS_MALFORMED, len);
+    if (rc == PARSE_EXT_LIMIT)
+        return VERDICT(XDP_PASS, REASON_PASS_EXT_HEADERS, len);
+    if (p->fragment)
+        return VERDICT(XDP_PASS, REASON_PASS_FRAGMENT, len);
+    if (rc == PARSE_ICMP)
+        slow_path(ctx, SLOW_ICMP);
+    return VERDICT(XDP_PASS, REASON_PASS_NOT_SERVICE, len);
 }
-
-#ifdef BENCH_UNDO
-/* Bench-only: take our outer header off again so BPF_PROG_TEST_RUN's repeat
- * loop feeds the next pass the original packet (NOTES.md, the repeat trap). */
-L4LB_INLINE int bench_undo(struct xdp_md *ctx, int overhead, struct ethhdr *orig)
-{
-    if (bpf_xdp_adjust_head(ctx, overhead))
-        return XDP_ABORTED;
-    void *data = (void *)(long)ctx->data;
-    void *data_end = (void *)(long)ctx->data_end;
-    struct ethhdr *eth = data;
-    if ((void *)(eth + 1) > data_end)
-        return XDP_ABORTED;
-    __builtin_memcpy(eth, orig, sizeof(*eth));
-    return XDP_TX;
-}
-#endif
 
 int l4lb_xdp(struct xdp_md *ctx)
 {
@@ -60,14 +50,12 @@ int l4lb_xdp(struct xdp_md *ctx)
     __u64 len = ctx->data_end - ctx->data;
     struct pkt p = {};
     int rc = parse_packet(ctx, &p);
-    if (rc == PARSE_NOT_IP)
-        return VERDICT(XDP_PASS, REASON_PASS_NOT_IP, len);
-    if (rc == PARSE_MALFORMED)
-        return VERDICT(XDP_PASS, REASON_PASS_MALFORMED, len);
-    if (p.fragment)
-        return VERDICT(XDP_PASS, REASON_PASS_FRAGMENT, len);
     if (rc != PARSE_OK)
-        return VERDICT(XDP_PASS, REASON_PASS_NOT_SERVICE, len);
+        return other_packet(ctx, &p, rc, len);
+    if (p.fragment == FRAG_LATER) {
+        slow_path(ctx, SLOW_FRAGMENT);
+        return VERDICT(XDP_PASS, REASON_PASS_FRAGMENT, len);
+    }
 
     struct svc_info *svc = service_lookup(&p);
     if (!svc)
@@ -76,6 +64,8 @@ int l4lb_xdp(struct xdp_md *ctx)
     __u32 svc_id = svc->id;
     __u32 svc_flags = svc->flags;
     count_service(svc_id, len);
+    if (p.fragment == FRAG_FIRST)
+        frag_remember(&p);
 
     __u32 zero = 0;
     struct lb_config *cfg = config.lookup(&zero);
@@ -85,73 +75,49 @@ int l4lb_xdp(struct xdp_md *ctx)
     __u32 be_id = 0;
     struct backend_info *be = choose_backend(&p, svc, hash, cfg->hash_seed, &be_id);
     if (!be)
-        return VERDICT(XDP_DROP, REASON_DROP_NO_BACKEND, len);
+        return no_backend(ctx, &p, svc_flags, len);
     count_backend(be_id, len);
+    return forward(ctx, &p, cfg, be, be_id, hash, svc_flags, len, FWD_FLOW REC_ARG);
+}
 
-    int overhead = p.family == FAMILY_V4 ? IPV4_HLEN : IPV6_HLEN;
-    struct bpf_fib_lookup fib;
-    rc = next_hop(ctx, be_id, be, p.l3_len + overhead, &fib);
-    if (rc == BPF_FIB_LKUP_RET_FRAG_NEEDED)
-        return too_big(ctx, &p, cfg, fib.mtu_result, len);
-    if (rc != BPF_FIB_LKUP_RET_SUCCESS && rc != BPF_FIB_LKUP_RET_NO_NEIGH)
-        return VERDICT(XDP_PASS, REASON_PASS_FIB, len);
+/* ICMP to a VIP: echo requests (lib/echo.h), errors about its flows
+ * (lib/icmp_err.h). */
+int l4lb_icmp(struct xdp_md *ctx)
+{
+    __u64 len = ctx->data_end - ctx->data;
+    struct pkt p = {};
+    if (parse_packet(ctx, &p) != PARSE_ICMP || p.fragment)
+        return VERDICT(XDP_PASS, REASON_PASS_NOT_SERVICE, len);
+    int type = icmp_type(ctx, &p);
+    if (type == (p.family == FAMILY_V4 ? ICMP_ECHO : ICMPV6_ECHO_REQUEST))
+        return echo_reply(ctx, &p, len);
+    if (icmp_is_error(p.family, type))
+        return icmp_error_to_backend(ctx, &p, len);
+    return VERDICT(XDP_PASS, REASON_PASS_NOT_SERVICE, len);
+}
 
-    __u32 egress = fib.ifindex;
-    struct if_info *ifi = ifaces.lookup(&egress);
-    __u32 saddr[4] = {};
-    if (outer_source(&p, hash, cfg, ifi, saddr))
-        return VERDICT(XDP_PASS, REASON_PASS_NO_TXPORT, len);
+/* A later fragment: to its first fragment's backend (lib/frag.h). */
+int l4lb_fragment(struct xdp_md *ctx)
+{
+    __u64 len = ctx->data_end - ctx->data;
+    struct pkt p = {};
+    if (parse_packet(ctx, &p) != PARSE_OK || p.fragment != FRAG_LATER)
+        return VERDICT(XDP_PASS, REASON_PASS_FRAGMENT, len);
+    return later_fragment(ctx, &p, len);
+}
 
-    if ((svc_flags & SVC_F_DNAT) && be->port && be->port != p.dport) {
-        if (dnat_port(ctx, &p, be->port))
-            return VERDICT(XDP_PASS, REASON_PASS_MALFORMED, len);
-    }
-
-    int no_neigh = rc == BPF_FIB_LKUP_RET_NO_NEIGH;
-    if (no_neigh) {
-        /* The kernel must see a frame addressed to itself (PACKET_HOST): keep
-         * the packet's own MACs. Only this rare path pays for the copy. */
-        struct ethhdr *eth = (void *)(long)ctx->data;
-        if ((void *)(eth + 1) > (void *)(long)ctx->data_end)
-            return VERDICT(XDP_PASS, REASON_PASS_MALFORMED, len);
-        __builtin_memcpy(fib.dmac, eth->h_dest, ETH_ALEN);
-        __builtin_memcpy(fib.smac, eth->h_source, ETH_ALEN);
-    }
-#ifdef BENCH_UNDO
-    struct ethhdr orig_eth;
-    {
-        void *d = (void *)(long)ctx->data;
-        if (d + sizeof(orig_eth) > (void *)(long)ctx->data_end)
-            return XDP_ABORTED;
-        __builtin_memcpy(&orig_eth, d, sizeof(orig_eth));
-    }
-#endif
-    if (p.family == FAMILY_V4)
-        rc = encap_ipv4(ctx, &p, saddr[0], be->addr[0], fib.smac, fib.dmac);
-    else
-        rc = encap_ipv6(ctx, &p, saddr, be->addr, hash, fib.smac, fib.dmac);
-    if (rc)
+/* A reply the hot path asked for (slow_args): too big (lib/icmp.h), or no
+ * usable backend (lib/reject.h). */
+int l4lb_reply(struct xdp_md *ctx)
+{
+    __u64 len = ctx->data_end - ctx->data;
+    __u32 zero = 0;
+    struct slow_args *a = slow_args.lookup(&zero);
+    struct lb_config *cfg = config.lookup(&zero);
+    struct pkt p = {};
+    if (!a || !cfg || parse_packet(ctx, &p) != PARSE_OK)
         return VERDICT(XDP_DROP, REASON_DROP_HEADROOM, len);
-
-    if (no_neigh) {
-        /* Never a silent drop: the kernel forwards the encapsulated packet
-         * and resolves the neighbour on the way. */
-        RECORD_OUT(ctx, XDP_PASS, be_id);
-        return VERDICT(XDP_PASS, REASON_PASS_NO_NEIGH, len);
-    }
-    if (egress == ctx->ingress_ifindex) {
-#ifdef BENCH_UNDO
-        count_reason(REASON_TX, len);
-        return bench_undo(ctx, overhead, &orig_eth);
-#endif
-        RECORD_OUT(ctx, XDP_TX, be_id);
-        return VERDICT(XDP_TX, REASON_TX, len);
-    }
-    if (!ifi)
-        return VERDICT(XDP_PASS, REASON_PASS_NO_TXPORT, len);
-    RECORD_OUT(ctx, XDP_REDIRECT, be_id);
-    int act = tx_ports.redirect_map(ifi->tx_slot, XDP_PASS);
-    if (act != XDP_REDIRECT)
-        return VERDICT(act, REASON_PASS_NO_TXPORT, len);
-    return VERDICT(XDP_REDIRECT, REASON_REDIRECT, len);
+    if (a->reply == REPLY_TOO_BIG)
+        return too_big(ctx, &p, cfg, a->mtu, len);
+    return reject(ctx, &p, cfg, len);
 }

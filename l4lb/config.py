@@ -78,6 +78,9 @@ class DatapathSection(_Section):
     max_backends: int = Field(default=65536, ge=1, le=1 << 22)
     flow_table_size: int = Field(default=1 << 20, ge=1024, le=1 << 26)  # a power of two
     icmp_rate: int = Field(default=1000, ge=0, le=1_000_000)
+    # ICMP errors about VIP flows (a router's frag-needed for a backend's reply)
+    # go to the flow's backend; false leaves them to this box's kernel.
+    forward_icmp_errors: bool = True
     # "cache": next hops from a map the daemon keeps from routes and neighbours
     # (saves a FIB lookup per packet; the FIB is still asked when the cache has
     # no entry); "fib": bpf_fib_lookup for every packet.
@@ -383,6 +386,7 @@ class Config(_Section):
             outer_src_v4=d.outer_src_v4,
             outer_src_v6=d.outer_src_v6,
             icmp_rate=d.icmp_rate,
+            forward_icmp_errors=d.forward_icmp_errors,
             nexthop_cache=d.nexthop == "cache",
         )
 
@@ -404,7 +408,7 @@ class Config(_Section):
 
 
 # [datapath] keys a reload applies to the running program, and those only a restart applies.
-RUNTIME_DATAPATH_KEYS = ("maglev_seed", "outer_src_v4", "outer_src_v6", "icmp_rate")
+RUNTIME_DATAPATH_KEYS = ("maglev_seed", "outer_src_v4", "outer_src_v6", "icmp_rate", "forward_icmp_errors")
 RESTART_DATAPATH_KEYS = ("bpffs", "maglev_m", "max_services", "max_backends", "flow_table_size", "nexthop")
 
 

@@ -273,6 +273,10 @@ class ServiceOptions(_Strict):
         default=True, description="Include the client port in the flow hash (false = client-IP affinity)"
     )
     maglev_weights: Flag = Field(default=True, description="Honour backend weights (false = all equal)")
+    no_backend: Literal["reject", "drop"] = Field(
+        default="reject", description="No usable backend: reject (TCP RST / ICMP port unreachable) or drop"
+    )
+    answer_ping: Flag = Field(default=True, description="The LB answers ICMP echo requests to the VIP")
 
 
 class Service(_Strict):

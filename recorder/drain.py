@@ -43,7 +43,8 @@ log = logging.getLogger(__name__)
 #: struct rec_sample: recordings, ts_ns, cap_len, orig_len, svc_id, be_id, direction, verdict, flags
 SAMPLE = struct.Struct("<QQIIIIBBB5x")
 VERDICT_NONE = 0xFF
-F_ICMP = 1
+F_REPLY = 1  # + the kind of generated reply (bpf_src/lib/maps.h enum l4lb_reply)
+REPLY_NAMES = {1: "icmp-too-big", 2: "reject", 3: "echo-reply"}
 DEFAULT_PAGES = 256          # per CPU: 1 MiB of ring
 POLL_MS = 50                 # longest a sample below the wake-up watermark waits
 MAX_PLANS = 4096
@@ -261,8 +262,8 @@ class Drain:
         text = self._comments.get(key)
         if text is None:
             parts = [f"recording={rid}", "in" if direction == 1 else "out"]
-            if flags & F_ICMP:
-                parts.append("icmp-too-big")
+            if flags:
+                parts.append(REPLY_NAMES.get(flags, f"reply-{flags}"))
             else:
                 parts.append(f"service={self._name('svc', svc)}")
                 if direction == 2:

@@ -104,7 +104,7 @@ class Direction(IntEnum):
     """pcapng ``epb_flags`` bits 0-1; the recorder's two observation points."""
 
     INBOUND = 1   # before the load balancer touches the packet
-    OUTBOUND = 2  # the encapsulated packet, or a generated ICMP too-big reply
+    OUTBOUND = 2  # the encapsulated packet, or a reply the LB generated (ICMP error, RST, echo reply)
 
 
 class XdpVerdict(IntEnum):

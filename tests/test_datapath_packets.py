@@ -352,12 +352,12 @@ def test_too_big_replies_are_rate_limited(env):
 # --- what must be left alone ------------------------------------------------------------------------------
 
 def test_non_service_traffic_is_passed_untouched(env):
-    env.apply([svc("only80", VIP4, 80, B4[:2])])
+    env.apply([svc("only80", VIP4, 80, B4[:2], answer_ping=False)])
     cases = [
         frame(CLIENT4, VIP4, TCP(sport=1, dport=22, flags="S")),            # other port
         frame(CLIENT4, VIP4, UDP(sport=1, dport=80)),                        # other protocol
         frame(CLIENT4, "198.51.100.2", TCP(sport=1, dport=80, flags="S")),  # other address
-        frame(CLIENT4, VIP4, ICMP()),                                         # ICMP to the VIP
+        frame(CLIENT4, VIP4, ICMP()),                                         # ping, VIP does not answer
         raw(Ether(dst="ff:ff:ff:ff:ff:ff") / ARP(pdst=VIP4)),
     ]
     for pkt in cases:
@@ -404,15 +404,17 @@ def test_ipv6_extension_headers_are_skipped(env):
     assert v == XDP_TX and raw(Ether(out)[IPv6].payload) == pkt_in[14:]
 
 
-def test_fragments_go_to_the_kernel(env):
+def test_fragments_not_for_a_service_go_to_the_kernel(env):
+    """Fragments of services: tests/test_edge_packets.py."""
     env.apply([svc("frag", VIP4, 80, B4[:2]), svc("frag6", VIP6, 80, B6[:2])])
     before = reasons(env)
-    f4 = frame(CLIENT4, VIP4, TCP(sport=7, dport=80, flags="S"), flags="MF")
-    f6 = raw(Ether() / IPv6(src=CLIENT6, dst=VIP6) / IPv6ExtHdrFragment(m=1) / TCP(sport=7, dport=80))
-    for pkt in (f4, f6):
+    f4 = frame(CLIENT4, VIP4, TCP(sport=7, dport=81, flags="S"), flags="MF")          # no service on 81
+    f4_later = frame(CLIENT4, "192.0.2.1", Raw(b"x" * 16), flags=0, frag=3, proto=6)  # not a VIP
+    f6 = raw(Ether() / IPv6(src=CLIENT6, dst="2001:db8:2::1") / IPv6ExtHdrFragment(m=0, offset=3, nh=6) / Raw(b"y" * 8))
+    for pkt in (f4, f4_later, f6):
         v, out, _ = env.run(pkt)
         assert v == XDP_PASS and out == pkt
-    assert delta(before, reasons(env)) == {"pass_fragment": 2}
+    assert delta(before, reasons(env)) == {"pass_not_service": 1, "pass_fragment": 2}
 
 
 # --- weights and empty services ------------------------------------------------------------------------------
@@ -425,8 +427,10 @@ def test_weight_zero_takes_no_new_flows(env):
         assert Ether(out)[IP].dst != B4[0]
 
 
-def test_empty_service_drops_and_counts(env):
-    env.apply([svc("empty", VIP4, 80, []), svc("allzero", VIP4, 81, [{"address": B4[0], "weight": 0}])])
+def test_empty_service_with_drop_policy_drops_and_counts(env):
+    """The default policy, reject: tests/test_edge_packets.py."""
+    env.apply([svc("empty", VIP4, 80, [], no_backend="drop"),
+               svc("allzero", VIP4, 81, [{"address": B4[0], "weight": 0}], no_backend="drop")])
     before = reasons(env)
     for port in (80, 81):
         v, out, _ = env.run(frame(CLIENT4, VIP4, TCP(sport=1, dport=port, flags="S")))

@@ -116,11 +116,15 @@ def test_weights_come_back_as_ratios_that_rebuild_the_table_in_force(weights, ba
 def test_states_ports_and_options_come_back() -> None:
     entry = in_force({"192.0.2.1": 100, "192.0.2.2": 100, "192.0.2.3": 100, "192.0.2.4": 100},
                      down={"192.0.2.3"}, draining={"192.0.2.4"})
-    entry["flags"] = 1 | 2  # DNAT, client-IP affinity
+    entry["flags"] = 1 | 2 | 4  # DNAT, client-IP affinity, drop without backends (no ping: no 8)
     b4 = next(s for s, (i, _) in entry["backends"].items() if i[0] == "192.0.2.4")
     entry["backends"][b4] = (("192.0.2.4", 8080), 0)  # a DNAT port
     (svc,) = desired_from_maps([entry], M, MSEED).state.services
     assert svc.options.l4_dnat and not svc.options.hash_src_port
+    assert svc.options.no_backend == "drop" and not svc.options.answer_ping
+    entry["flags"] = 8
+    (svc,) = desired_from_maps([entry], M, MSEED).state.services
+    assert svc.options.answer_ping and svc.options.no_backend == "reject" and svc.options.hash_src_port
     assert {b.address.compressed: (b.state.value, b.port) for b in svc.backends} == {
         "192.0.2.1": ("active", None), "192.0.2.2": ("active", None), "192.0.2.3": ("maintenance", None),
         "192.0.2.4": ("draining", 8080)}

@@ -57,6 +57,16 @@
 #define AF_INET6 10
 #endif
 
+/* Frame length as a plain number. The barrier keeps clang from folding it
+ * into arithmetic on data_end (e.g. want - len as want + data - data_end),
+ * which the verifier refuses. */
+L4LB_INLINE long frame_len(struct xdp_md *ctx)
+{
+    long n = (long)ctx->data_end - (long)ctx->data;
+    asm volatile("" : "+r"(n));
+    return n;
+}
+
 #define FAMILY_V4 4
 #define FAMILY_V6 6
 
@@ -69,9 +79,9 @@
 #define L4LB_IP_MF 0x2000
 #define L4LB_IP_OFFMASK 0x1fff
 
-/* Quote sizes for ICMP too-big replies. Fixed so the verifier sees bounded
- * checksum loops; an oversize packet is always longer than this. v4: IP+ICMP+
- * quote = 540 <= 576 (RFC 1812); v6: 1072 <= 1280 (RFC 4443). Multiples of 4
- * for bpf_csum_diff, chunks of at most 512 bytes. */
-#define ICMP4_QUOTE 512
-#define ICMP6_QUOTE 1024
+/* Most of the original packet an ICMP error of ours quotes, so that the whole
+ * reply fits the minimum MTU: v4 20 + 8 + 548 = 576 (RFC 1812 4.3.2.3),
+ * v6 40 + 8 + 1232 = 1280 (RFC 4443 2.4(c)). Multiples of 4: the checksum
+ * sums 32-bit words. */
+#define ICMP4_QUOTE 548
+#define ICMP6_QUOTE 1232

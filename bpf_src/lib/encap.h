@@ -100,7 +100,7 @@ L4LB_INLINE int encap_ipv4(struct xdp_md *ctx, struct pkt *p, __u32 saddr, __u32
     ip->ihl = 5;
     ip->tos = p->tos;
     ip->tot_len = bpf_htons(p->l3_len + IPV4_HLEN);
-    ip->id = p->df ? 0 : p->ip_id;
+    ip->id = p->df ? 0 : (__u16)p->id;
     ip->frag_off = p->df ? bpf_htons(L4LB_IP_DF) : 0;
     ip->ttl = OUTER_TTL;
     ip->protocol = IPPROTO_IPIP;
@@ -128,4 +128,19 @@ L4LB_INLINE int encap_ipv6(struct xdp_md *ctx, struct pkt *p, __u32 *saddr, __u3
     __builtin_memcpy(&ip6->saddr, saddr, 16);
     __builtin_memcpy(&ip6->daddr, daddr, 16);
     return 0;
+}
+
+/* The outer IPv4 header gets an identification of its own (RFC 791, RFC 6864
+ * 4.1), for an outer packet the kernel is about to fragment: the inner ID it
+ * copied is not unique among outer datagrams (every fragment of one inner
+ * datagram carries the same), and a backend reassembling two outer datagrams
+ * with one ID would mix their fragments. */
+L4LB_INLINE void encap_ipv4_fresh_id(struct xdp_md *ctx)
+{
+    struct iphdr *ip = (void *)(long)ctx->data + sizeof(struct ethhdr);
+    if ((void *)(ip + 1) > (void *)(long)ctx->data_end)
+        return;
+    __u16 id = bpf_get_prandom_u32();
+    ip->check = l4lb_csum_replace16(ip->check, ip->id, id);
+    ip->id = id;
 }

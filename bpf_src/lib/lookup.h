@@ -1,4 +1,4 @@
-/* Service lookup, connection table and Maglev backend choice. */
+/* Service and VIP lookup, connection table and Maglev backend choice. */
 #pragma once
 #include "lib/maps.h"
 #include "lib/parse.h"
@@ -13,6 +13,15 @@ L4LB_INLINE struct svc_info *service_lookup(struct pkt *p)
     key.proto = p->proto;
     key.family = p->family;
     return services.lookup(&key);
+}
+
+/* The VIP entry of the packet's destination (maps.h: vips), or NULL. */
+L4LB_INLINE struct vip_info *vip_lookup(struct pkt *p)
+{
+    struct vip_key key = {};
+    __builtin_memcpy(key.addr, p->dst, 16);
+    key.family = p->family;
+    return vips.lookup(&key);
 }
 
 /* Flow hash: client address, client port (unless client-IP affinity),
@@ -105,4 +114,20 @@ L4LB_INLINE struct backend_info *choose_backend(struct pkt *p, struct svc_info *
         return 0;
     flow_cache_put(&pos, &fk, *id_out, be->gen);
     return be;
+}
+
+/* The backend the flow of `p` has, exactly as its next packet would get it
+ * (flow-table entry, else Maglev), without remembering anything: for packets
+ * that belong to a flow but must not create one (ICMP errors about it). */
+L4LB_INLINE struct backend_info *flow_owner(struct pkt *p, struct svc_info *svc, __u32 hash, __u32 seed,
+                                            __u32 *id_out)
+{
+    struct flow_key fk;
+    flow_key_of(p, &fk);
+    struct flow_pos pos;
+    flow_locate(&fk, flow_key_hash(p, svc, hash, seed), &pos);
+    struct backend_info *be = flow_backend(&pos, &fk, svc->id, id_out);
+    if (be)
+        return be;
+    return maglev_backend(svc, hash, id_out);
 }

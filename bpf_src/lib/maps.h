@@ -14,6 +14,7 @@ struct svc_key {
 
 #define SVC_F_DNAT     (1U << 0)  /* rewrite the inner destination port */
 #define SVC_F_NO_SPORT (1U << 1)  /* hash without the client port (client-IP affinity) */
+#define SVC_F_NO_BACKEND_DROP (1U << 2)  /* no usable backend: drop silently (else reject, lib/reject.h) */
 
 struct svc_info {
     __u32 id;         /* index into svc_stats; backends name their owner by it */
@@ -81,6 +82,7 @@ struct flow_bucket {
 
 #define CFG_F_SRC_PREFIX4 (1U << 0)  /* outer v4 source = prefix | flow-hash bits */
 #define CFG_F_SRC_PREFIX6 (1U << 1)
+#define CFG_F_ICMP_FWD    (1U << 2)  /* ICMP errors about VIP flows go to the flow's backend (lib/icmp_err.h) */
 
 struct lb_config {
     __u32 hash_seed;
@@ -89,7 +91,7 @@ struct lb_config {
     __u32 src4_hostmask;     /* network order: the bits taken from the flow hash */
     __u32 src6_prefix[4];
     __u32 src6_hostmask[4];
-    __u32 icmp_rate;         /* too-big replies per second per CPU (0 = none) */
+    __u32 icmp_rate;         /* generated replies per second per CPU and kind (0 = none) */
     __u32 icmp_burst;
 };
 
@@ -124,20 +126,91 @@ struct icmp_bucket {
     __u64 tokens_x1e9;       /* tokens scaled by 1e9 to refill without floats */
 };
 
-/* Why a packet went where it went. Python reads the names from this enum. */
+/* Generated replies, each kind with its own token bucket (lib/icmp.h): a SYN
+ * flood to a service without backends or a ping flood must not use up the
+ * replies path-MTU discovery depends on. */
+enum l4lb_reply {
+    REPLY_TOO_BIG = 0,       /* ICMP frag-needed / packet-too-big */
+    REPLY_REJECT,            /* TCP RST / ICMP port unreachable: no usable backend */
+    REPLY_ECHO,              /* ICMP echo reply from a VIP */
+    REPLY_KINDS,
+};
+
+/* Rare paths are programs of their own, reached by tail call (lib/slow.h). */
+enum l4lb_slow {
+    SLOW_ICMP = 0,           /* ICMP to a VIP: echo, errors about its flows */
+    SLOW_FRAGMENT,           /* a later fragment */
+    SLOW_REPLY,              /* a generated reply: too big, reject */
+    SLOW_MAX,
+};
+
+/* What the hot path hands a tail-called program beside the packet (per CPU:
+ * a tail call runs on the same CPU, at once). */
+struct slow_args {
+    __u32 reply;             /* enum l4lb_reply, for SLOW_REPLY */
+    __u32 mtu;               /* REPLY_TOO_BIG: the next hop's MTU */
+};
+
+/* A VIP (any service on it), for what is addressed to the VIP rather than to
+ * a service: pings, and fragments whose first fragment was not seen. */
+struct vip_key {
+    __u32 addr[4];
+    __u32 family;
+};
+
+#define VIP_F_PING (1U << 0)  /* answer ICMP echo requests (a service on it has answer_ping) */
+
+struct vip_info {
+    __u32 flags;             /* VIP_F_* */
+};
+
+/* Fragments (lib/frag.h): the L4 ports of a datagram, learnt from its first
+ * fragment, keyed like the reassembly queue of the receiving host (RFC 791,
+ * RFC 8200 4.5): addresses, identification, protocol. */
+#ifndef FRAG_TABLE_SIZE
+#define FRAG_TABLE_SIZE 8192
+#endif
+#define FRAG_LIFETIME_NS 1000000000ULL  /* later fragments are matched for 1 s after the first */
+
+struct frag_key {
+    __u32 src[4];
+    __u32 dst[4];
+    __u32 id;                /* IPv4 identification (16 bits) / IPv6 fragment header's (32) */
+    __u8 proto;
+    __u8 family;
+    __u16 pad;
+};
+
+struct frag_ports {
+    __u16 sport;             /* network order */
+    __u16 dport;
+    __u32 pad;
+    __u64 expires_ns;        /* bpf_ktime_get_ns() of the first fragment + FRAG_LIFETIME_NS */
+};
+
+/* Why a packet went where it went: exactly one reason per packet. Python
+ * reads the names from this enum. */
 enum l4lb_reason {
     REASON_PASS_NOT_IP = 0,      /* not IPv4/IPv6 */
-    REASON_PASS_NOT_SERVICE,     /* no service for (dst, dport, proto) */
-    REASON_PASS_MALFORMED,       /* truncated or inconsistent headers */
+    REASON_PASS_NOT_SERVICE,     /* no service for (dst, dport, proto); ICMP not for a VIP flow */
+    REASON_PASS_MALFORMED,       /* truncated headers, or length fields that disagree */
     REASON_PASS_NO_NEIGH,        /* next hop unresolved: the kernel resolves it */
     REASON_PASS_FIB,             /* no route / fib refused: handed to the kernel */
     REASON_PASS_NO_TXPORT,       /* egress NIC has no l4lb program / source address */
-    REASON_PASS_FRAGMENT,        /* IP fragment: no ports to hash, the kernel decides */
-    REASON_DROP_NO_BACKEND,      /* service has no usable backend */
+    REASON_PASS_FRAGMENT,        /* fragment not to a service (or a later one not to a VIP) */
+    REASON_PASS_EXT_HEADERS,     /* IPv6 with more than IPV6_MAX_EXT_HDRS extension headers */
+    REASON_PASS_OUTER_FRAGMENT,  /* DF clear and too big: encapsulated, the kernel fragments the outer packet */
+    REASON_DROP_NO_BACKEND,      /* no usable backend, and the service drops (or nothing may be answered) */
     REASON_DROP_HEADROOM,        /* adjust_head/tail refused */
-    REASON_DROP_ICMP_RATELIMIT,  /* too big, reply suppressed by the rate limit */
-    REASON_DROP_TOO_BIG_SHORT,   /* too big for a tiny MTU, nothing to quote */
+    REASON_DROP_ICMP_RATELIMIT,  /* too big, reply suppressed by its rate limit */
+    REASON_DROP_REJECT_RATELIMIT,/* no usable backend, reject suppressed by its rate limit */
+    REASON_DROP_ECHO_RATELIMIT,  /* echo request to a VIP, reply suppressed by its rate limit */
+    REASON_DROP_REPLY_FORBIDDEN, /* a reply was due but must not be sent (RFC 1812 4.3.2.7, RFC 4443 2.4(e)) */
+    REASON_DROP_FRAG_NO_FIRST,   /* later fragment to a VIP whose first fragment was not seen */
     REASON_TX_ICMP_TOO_BIG,      /* answered with frag-needed / packet-too-big */
+    REASON_TX_REJECT,            /* no usable backend: answered with TCP RST / ICMP port unreachable */
+    REASON_TX_ECHO,              /* echo request to a VIP: answered */
+    REASON_FWD_ICMP_ERROR,       /* ICMP error about a VIP flow: encapsulated to the flow's backend */
     REASON_TX,                   /* encapsulated, XDP_TX */
     REASON_REDIRECT,             /* encapsulated, XDP_REDIRECT to another NIC */
     REASON_MAX,
@@ -158,7 +231,13 @@ BPF_TABLE_PINNED("array", __u32, struct lb_config, config, 1, PIN_DIR "/config")
 BPF_TABLE_PINNED("hash", __u32, struct if_info, ifaces, MAX_IFACES, PIN_DIR "/ifaces");
 /* Not pinned: rebuilt from the configured interfaces before every attach. */
 BPF_DEVMAP(tx_ports, MAX_IFACES);
+/* Not pinned: filled by the loader with the program's own tail-call targets. */
+BPF_PROG_ARRAY(slow_paths, SLOW_MAX);
+BPF_PERCPU_ARRAY(slow_args, struct slow_args, 1);
 BPF_TABLE_PINNED("percpu_array", __u32, struct counter, svc_stats, MAX_SERVICES, PIN_DIR "/svc_stats");
 BPF_TABLE_PINNED("percpu_array", __u32, struct counter, backend_stats, MAX_BACKENDS, PIN_DIR "/backend_stats");
 BPF_TABLE_PINNED("percpu_array", __u32, struct counter, reason_stats, REASON_MAX, PIN_DIR "/reason_stats");
-BPF_TABLE_PINNED("percpu_array", __u32, struct icmp_bucket, icmp_buckets, 1, PIN_DIR "/icmp_buckets");
+BPF_TABLE_PINNED("percpu_array", __u32, struct icmp_bucket, icmp_buckets, REPLY_KINDS, PIN_DIR "/icmp_buckets");
+BPF_TABLE_PINNED("hash", struct vip_key, struct vip_info, vips, MAX_SERVICES, PIN_DIR "/vips");
+/* LRU: a flood of first fragments evicts the oldest datagrams, never fails. */
+BPF_TABLE_PINNED("lru_hash", struct frag_key, struct frag_ports, frags, FRAG_TABLE_SIZE, PIN_DIR "/frags");

@@ -5,10 +5,15 @@
  *
  *  RECORD_IN(ctx, p, svc_id)       inbound, after the service lookup, before
  *                                  the LB touches the packet; declares the
- *                                  local `rec_hit_` that RECORD_OUT reuses
+ *                                  local `rec_` (the match) that RECORD_OUT
+ *                                  reuses; a function that records outbound
+ *                                  packets takes it as REC_PARAM, its caller
+ *                                  passes REC_ARG (both empty without RECORDER)
  *  RECORD_OUT(ctx, verdict, be_id) outbound: the encapsulated packet
- *  RECORD_OUT_ICMP(ctx, p, verdict) outbound: a generated ICMP too-big reply
- *                                  (matched again on the original tuple `p`)
+ *  RECORD_OUT_REPLY(ctx, p, verdict, kind) outbound: a reply the LB
+ *                                  generated (enum l4lb_reply: too-big, reject,
+ *                                  echo), matched again on the original tuple
+ *                                  `p`; flags = REC_F_REPLY + kind
  *
  * Matching. Masks are compiled in by user space (l4lb.recfilter
  * render_mask_cflags: REC_MASKS_V4(X)/REC_MASKS_V6(X), at most 32 each). Mask
@@ -35,9 +40,11 @@
 #include "lib/parse.h"
 
 #ifndef RECORDER
+#define REC_PARAM
+#define REC_ARG
 #define RECORD_IN(ctx, p, svc_id) do { } while (0)
 #define RECORD_OUT(ctx, verdict, be_id) do { } while (0)
-#define RECORD_OUT_ICMP(ctx, p, verdict) do { } while (0)
+#define RECORD_OUT_REPLY(ctx, p, verdict, kind) do { } while (0)
 #else
 
 #ifndef REC_MASKS_V4
@@ -55,7 +62,7 @@
 
 #define REC_DIR_IN 1
 #define REC_DIR_OUT 2
-#define REC_F_ICMP 1       /* generated ICMP too-big reply */
+#define REC_F_REPLY 1      /* + enum l4lb_reply: a generated too-big (1), reject (2), echo reply (3) */
 #define REC_VERDICT_NONE 0xff  /* inbound: the verdict is not known yet */
 
 /* rec_bits layout: one u64 per value of each field. */
@@ -254,26 +261,30 @@ L4LB_INLINE void rec_emit(struct xdp_md *ctx, struct rec_hit *h, __u8 dir, __u8 
     }
 }
 
+#define REC_PARAM , struct rec_hit *rec_
+#define REC_ARG , rec_
+
 #define RECORD_IN(ctx, p, svc)                                    \
     struct rec_hit rec_hit_ = {};                                 \
-    rec_match((p), &rec_hit_);                                    \
-    if (rec_hit_.recs) {                                          \
-        rec_hit_.svc_id = (svc);                                  \
-        rec_emit((ctx), &rec_hit_, REC_DIR_IN, REC_VERDICT_NONE, 0, 0);\
+    struct rec_hit *rec_ = &rec_hit_;                             \
+    rec_match((p), rec_);                                         \
+    if (rec_->recs) {                                             \
+        rec_->svc_id = (svc);                                     \
+        rec_emit((ctx), rec_, REC_DIR_IN, REC_VERDICT_NONE, 0, 0); \
     }
 
 #define RECORD_OUT(ctx, verdict, be_id)                                   \
     do {                                                                  \
-        if (rec_hit_.recs)                                                \
-            rec_emit((ctx), &rec_hit_, REC_DIR_OUT, (verdict), (be_id), 0); \
+        if (rec_->recs)                                                   \
+            rec_emit((ctx), rec_, REC_DIR_OUT, (verdict), (be_id), 0);    \
     } while (0)
 
-#define RECORD_OUT_ICMP(ctx, p, verdict)                                  \
+#define RECORD_OUT_REPLY(ctx, p, verdict, kind)                           \
     do {                                                                  \
         struct rec_hit h_ = {};                                           \
         rec_match((p), &h_);                                              \
         if (h_.recs)                                                      \
-            rec_emit((ctx), &h_, REC_DIR_OUT, (verdict), 0, REC_F_ICMP);  \
+            rec_emit((ctx), &h_, REC_DIR_OUT, (verdict), 0, REC_F_REPLY + (kind)); \
     } while (0)
 
 #endif /* RECORDER */

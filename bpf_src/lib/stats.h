@@ -27,3 +27,10 @@ L4LB_INLINE void count_backend(__u32 id, __u64 bytes)
     struct counter *c = backend_stats.lookup(&id);
     counter_add(c, bytes);
 }
+
+/* Count the packet under `reason` and give its verdict. */
+#define VERDICT(action, reason, bytes)     \
+    ({                                     \
+        count_reason((reason), (bytes));   \
+        (action);                          \
+    })

@@ -28,7 +28,8 @@ class DatapathConfig:
     flow_table_size: int = 1 << 20                # flow table entries, a power of two (8-way buckets)
     outer_src_v4: ipaddress.IPv4Network | None = None   # prefix + flow-hash bits as outer source
     outer_src_v6: ipaddress.IPv6Network | None = None
-    icmp_rate: int = 1000                         # too-big replies per second per CPU
+    icmp_rate: int = 1000                         # generated replies per second per CPU, per kind
+    forward_icmp_errors: bool = True              # ICMP errors about VIP flows go to the flow's backend
     nexthop_cache: bool = True                    # next hops from the daemon-kept map, FIB as fallback
     extra_cflags: tuple[str, ...] = field(default_factory=tuple)  # e.g. recorder masks, bench switches
 

@@ -39,6 +39,7 @@ from l4lb.datapath.stats import DatapathStats, read_counters
 from l4lb.datapath.survey import converged_record
 from l4lb.datapath.tables import Tables
 from l4lb.datapath.upkeep import Upkeep
+from l4lb.datapath.vips import Vips
 from l4lb.models import Service
 
 log = logging.getLogger(__name__)
@@ -60,6 +61,7 @@ class Datapath:
         self._builder = TableBuilder(ctx)
         self._rec = Reconciler(ctx, self._slots, self._rings, self._builder)
         self._upkeep = Upkeep(ctx, self._slots)
+        self._vips = Vips()
         self._applied: list[Service] = []
         self.last_timings = ApplyTimings()          # of the last successful apply()
         self._attached: dict[str, str] = {}
@@ -210,10 +212,12 @@ class Datapath:
             try:
                 rec.check_capacity(services)
                 rec.reconcile(list(services))
+                self._vips.sync(self.tables.vips, services)
             except Exception as e:
                 rec.fail_after_writes = None
                 try:
                     rec.reconcile(previous)
+                    self._vips.sync(self.tables.vips, previous)
                 except Exception:  # pragma: no cover - logged, the original error matters
                     log.exception("rollback to the previous service set failed")
                 if isinstance(e, DatapathError):

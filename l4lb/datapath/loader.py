@@ -40,6 +40,9 @@ log = logging.getLogger(__name__)
 BPF_FS_MAGIC = 0xCAFE4A11
 ENTRY = "l4lb.c"
 FUNC = "l4lb_xdp"
+# Tail-call targets of the entry, in the order of enum l4lb_slow (maps.h):
+# the rare paths, each a program of its own (bpf_src/lib/slow.h).
+SLOW_FUNCS = ("l4lb_icmp", "l4lb_fragment", "l4lb_reply")
 FLOW_WAYS = 8  # ways per flow-table bucket (bpf_src/lib/flowcache.h)
 
 
@@ -81,6 +84,10 @@ def feature_cflags(cfg: DatapathConfig) -> list[str]:
 PROG_PIN = "prog"
 TYPES_PIN = "prog_types"
 DEVMAP = "tx_ports"  # the program's devmap: not in maps.h's pinned set, pinned with the program
+# Its tail-call array, pinned with it too: the kernel empties a program array
+# when no file descriptor or pin refers to it any more (the daemon exiting, or
+# BCC let go), and the rare paths would then fall through.
+SLOW_PATHS = "slow_paths"
 
 
 @dataclass
@@ -153,6 +160,8 @@ def compile_program(cfg: DatapathConfig, *, entry: str = ENTRY, func: str = FUNC
         try:
             _use_pinned_maps(bpf, scratch, pin_dir)
             fn = bpf.load_func(func.encode(), BPF.XDP if kind.prog_type == "xdp" else BPF.SCHED_CLS)
+            if entry == ENTRY:
+                _fill_slow_paths(bpf, BPF, text)
         except Exception as e:  # BCC raises bare Exception with the verifier log on stderr
             bpf.cleanup()
             if isinstance(e, DatapathError):
@@ -163,6 +172,17 @@ def compile_program(cfg: DatapathConfig, *, entry: str = ENTRY, func: str = FUNC
     reasons = [n for n in enum_names(text, *kind.reasons) if n != "max"]
     types = {name: _bcc_types(bpf, name) for name in MAPS} if kind == XDP_KIND else {}
     return Program(bpf, fn.fd, pin_dir, reasons, text, program_digest(text, flags), types)
+
+
+def _fill_slow_paths(bpf: Any, BPF: Any, text: str) -> None:
+    """Load the rare-path programs and put them where the entry tail-calls
+    them, before anything is attached."""
+    slots = [n for n in enum_names(text, "l4lb_slow", "SLOW_") if n != "max"]
+    if slots != [f.removeprefix("l4lb_") for f in SLOW_FUNCS]:
+        raise DatapathError(f"enum l4lb_slow {slots} does not match the loader's {SLOW_FUNCS}")
+    table = bpf[SLOW_PATHS.encode()]
+    for i, name in enumerate(SLOW_FUNCS):
+        table[ct.c_int(i)] = ct.c_int(bpf.load_func(name.encode(), BPF.XDP).fd)
 
 
 def _use_pinned_maps(bpf: Any, scratch: Path, pin_dir: Path) -> None:
@@ -246,12 +266,14 @@ def remove_stale_pins(cfg: DatapathConfig, keep: Path) -> list[Path]:
 
 
 def pin_program(prog: Program) -> None:
-    """Pin the attached program, its devmap and what adopting it needs. The
-    record is cleared first and written last: a crash half-way leaves pins a
-    restart compiles over, never a digest naming another program."""
+    """Pin the attached program, its devmap, its tail-call array and what
+    adopting it needs. The record is cleared first and written last: a crash
+    half-way leaves pins a restart compiles over, never a digest naming
+    another program."""
     types = Record(prog.pin_dir / TYPES_PIN)
     types.write(None)
-    for name, fd in ((PROG_PIN, prog.fd), (DEVMAP, prog.bpf[DEVMAP.encode()].map_fd)):
+    for name, fd in ((PROG_PIN, prog.fd), (DEVMAP, prog.bpf[DEVMAP.encode()].map_fd),
+                     (SLOW_PATHS, prog.bpf[SLOW_PATHS.encode()].map_fd)):
         path = prog.pin_dir / name
         if path.exists():
             os.unlink(path)

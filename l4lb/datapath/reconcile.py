@@ -29,6 +29,7 @@ import numpy as np
 from l4lb import maglev
 from l4lb.datapath.config import DatapathError, DatapathFull
 from l4lb.datapath.context import Context
+from l4lb.datapath.flags import bit, service_flags
 from l4lb.datapath.maglevbuild import TableBuilder, table_inputs
 from l4lb.datapath.nexthop import IPAddress, ip_of
 from l4lb.datapath.rings import Rings
@@ -37,9 +38,7 @@ from l4lb.models import BackendState, Service
 
 log = logging.getLogger(__name__)
 
-SVC_F_DNAT = 1
-SVC_F_NO_SPORT = 2
-BE_F_DOWN = 1
+BE_F_DOWN = bit("BE_F_DOWN")
 SWAP_CHUNK = 256  # services whose tables are written before their entries are
 
 
@@ -295,7 +294,7 @@ class Reconciler:
                 self._swap_tables([(sid, inputs) for _, sid, inputs in chunk if self.inputs.get(sid) != inputs],
                                   tables)
                 for key, sid, _ in chunk:
-                    self._write_entry(key, sid, self._flags(w.want[key]))
+                    self._write_entry(key, sid, service_flags(w.want[key]))
         finally:
             tables.close()  # also when a write failed: frees the workers for the rollback
         done = {key for key, _, _ in ready}
@@ -329,7 +328,7 @@ class Reconciler:
         The table in force is trusted to be Maglev of these weights."""
         sid = self.slots.svc_ids.get(key)
         entry = self.slots.svc_entry.get(key)
-        if sid is None or entry is None or entry[0] != self._flags(svc) or not self.rings.mapped(entry[1]):
+        if sid is None or entry is None or entry[0] != service_flags(svc) or not self.rings.mapped(entry[1]):
             return False
         have = self.slots.by_svc.get(sid, {})
         weights = svc.maglev_weights()
@@ -345,10 +344,6 @@ class Reconciler:
         self.rings.adopt(entry[1], inputs)
         self.done[key] = svc
         return True
-
-    @staticmethod
-    def _flags(svc: Service) -> int:
-        return (SVC_F_DNAT if svc.options.l4_dnat else 0) | (0 if svc.options.hash_src_port else SVC_F_NO_SPORT)
 
     def _swap_tables(self, todo: list[tuple[int, tuple[Any, ...]]], tables: Iterator[maglev.MaglevTable]) -> None:
         """Take the next built table for each (svc id, inputs), write it into a

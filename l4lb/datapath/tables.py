@@ -11,12 +11,11 @@ from typing import Any
 import numpy as np
 
 from l4lb.datapath import libbpf
+from l4lb.datapath.flags import bit
 from l4lb.datapath.pinned import MapHandle
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 FAMILY = {4: 4, 6: 6}
-CFG_F_SRC_PREFIX4 = 1  # maps.h CFG_F_*
-CFG_F_SRC_PREFIX6 = 2
 
 
 def addr_words(addr: IPAddress) -> list[int]:
@@ -42,7 +41,7 @@ def port_host(port_be_value: int) -> int:
 # The maps Tables gives names to; they are what a program adopted without
 # compiling must bring (loader.py keeps BCC's types of exactly these).
 MAPS = ("services", "maglev_outer", "backends", "flows", "config", "ifaces", "tx_ports", "svc_stats",
-        "backend_stats", "reason_stats", "nexthops")
+        "backend_stats", "reason_stats", "nexthops", "vips", "frags")
 
 
 def handle(bpf: Any, name: str) -> MapHandle:
@@ -65,10 +64,13 @@ class Tables:
         self.backend_stats = handle(bpf, "backend_stats")
         self.reason_stats = handle(bpf, "reason_stats")
         self.nexthops = handle(bpf, "nexthops")
+        self.vips = handle(bpf, "vips")      # vips.py
+        self.frags = handle(bpf, "frags")    # the datapath's own (lib/frag.h): read by tests
 
     # --- run-time config ---------------------------------------------------------
     def write_config(self, cfg: Any, hash_seed: int) -> None:
-        """``lb_config`` from a DatapathConfig: flow-hash seed, outer-source prefixes, ICMP rate."""
+        """``lb_config`` from a DatapathConfig: flow-hash seed, outer-source prefixes, reply
+        rate, whether ICMP errors go to the flow's backend."""
         c = self.config.Leaf()
         c.hash_seed = hash_seed
         c.icmp_rate = cfg.icmp_rate
@@ -78,15 +80,15 @@ class Tables:
             net = cfg.outer_src_v4
             c.src4_prefix = int.from_bytes(net.network_address.packed, "little")
             c.src4_hostmask = int.from_bytes(net.hostmask.packed, "little")
-            flags |= CFG_F_SRC_PREFIX4
+            flags |= bit("CFG_F_SRC_PREFIX4")
         if cfg.outer_src_v6 is not None:
             net6 = cfg.outer_src_v6
             pre, host = net6.network_address.packed, net6.hostmask.packed
             for i in range(4):
                 c.src6_prefix[i] = int.from_bytes(pre[4 * i:4 * i + 4], "little")
                 c.src6_hostmask[i] = int.from_bytes(host[4 * i:4 * i + 4], "little")
-            flags |= CFG_F_SRC_PREFIX6
-        c.flags = flags
+            flags |= bit("CFG_F_SRC_PREFIX6")
+        c.flags = flags | (bit("CFG_F_ICMP_FWD") if cfg.forward_icmp_errors else 0)
         key = self.config.Key(0)
         if bytes(self.config[key]) != bytes(c):  # a restart with the same config writes nothing
             self.config[key] = c

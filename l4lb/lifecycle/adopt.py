@@ -31,10 +31,11 @@ from typing import Any
 import numpy as np
 
 from l4lb import maglev
+from l4lb.datapath.flags import bit
 from l4lb.models import MAX_WEIGHT, DesiredState, Service
 
-SVC_F_DNAT, SVC_F_NO_SPORT = 1, 2   # maps.h SVC_F_*
-BE_F_DOWN = 1                       # maps.h BE_F_DOWN
+SVC_F_DNAT, SVC_F_NO_SPORT, SVC_F_NO_BACKEND_DROP, SVC_F_PING, BE_F_DOWN = (
+    bit(n) for n in ("SVC_F_DNAT", "SVC_F_NO_SPORT", "SVC_F_NO_BACKEND_DROP", "SVC_F_PING", "BE_F_DOWN"))
 DEFAULT_WEIGHT = 100
 RATIO_STEPS = 64  # simplest ratios tried: the largest weight 1..RATIO_STEPS
 
@@ -118,7 +119,9 @@ def desired_from_maps(in_force: Sequence[dict[str, Any]], m: int, seed: bytes) -
         svc = Service.model_validate({
             "name": name, "vip": vip, "port": port, "protocol": proto, "backends": backends,
             "options": {"l4_dnat": bool(entry["flags"] & SVC_F_DNAT),
-                        "hash_src_port": not entry["flags"] & SVC_F_NO_SPORT}})
+                        "hash_src_port": not entry["flags"] & SVC_F_NO_SPORT,
+                        "no_backend": "drop" if entry["flags"] & SVC_F_NO_BACKEND_DROP else "reject",
+                        "answer_ping": bool(entry["flags"] & SVC_F_PING)}})
         services.append(svc)
         if diff:
             result.inexact.append(f"{name}: {diff} of {m} slots differ")

@@ -1,0 +1,122 @@
+/* Sending a packet of a flow to the flow's backend: next hop; what to do
+ * when it is too big for it; L4 DNAT; trimming; encapsulation; XDP_TX or
+ * XDP_REDIRECT, or the kernel where it must take over. */
+#pragma once
+#include "lib/maps.h"
+#include "lib/parse.h"
+#include "lib/stats.h"
+#include "lib/encap.h"
+#include "lib/nexthop.h"
+#include "lib/slow.h"
+#include "lib/recorder.h"
+
+#define FWD_FLOW 0          /* a packet of the flow */
+#define FWD_ICMP_ERROR 1    /* an ICMP error about the flow (lib/icmp_err.h) */
+
+#ifdef BENCH_UNDO
+/* Bench-only: take our outer header off again so BPF_PROG_TEST_RUN's repeat
+ * loop feeds the next pass the original packet (NOTES.md, the repeat trap). */
+L4LB_INLINE int bench_undo(struct xdp_md *ctx, int overhead, struct ethhdr *orig)
+{
+    if (bpf_xdp_adjust_head(ctx, overhead))
+        return XDP_ABORTED;
+    void *data = (void *)(long)ctx->data;
+    void *data_end = (void *)(long)ctx->data_end;
+    struct ethhdr *eth = data;
+    if ((void *)(eth + 1) > data_end)
+        return XDP_ABORTED;
+    __builtin_memcpy(eth, orig, sizeof(*eth));
+    return XDP_TX;
+}
+#endif
+
+/* `kind` is FWD_*, a constant at each call site. */
+L4LB_INLINE int forward(struct xdp_md *ctx, struct pkt *p, struct lb_config *cfg, struct backend_info *be,
+                        __u32 be_id, __u32 hash, __u32 svc_flags, __u64 len, int kind REC_PARAM)
+{
+    int overhead = p->family == FAMILY_V4 ? IPV4_HLEN : IPV6_HLEN;
+    struct bpf_fib_lookup fib;
+    int rc = next_hop(ctx, be_id, be, p->l3_len + overhead, &fib);
+    __u32 kernel = 0;   /* the reason, when the kernel is to send the encapsulated packet on */
+    if (rc == BPF_FIB_LKUP_RET_FRAG_NEEDED) {
+        /* DF set, or IPv6 (routers never fragment it): the sender must learn
+         * the MTU. No ICMP error about an ICMP error, though (RFC 1812
+         * 4.3.2.7, RFC 4443 2.4(e.1)). */
+        if (p->family == FAMILY_V6 || p->df) {
+            if (kind == FWD_ICMP_ERROR)
+                return VERDICT(XDP_DROP, REASON_DROP_REPLY_FORBIDDEN, len);
+            return reply_to(ctx, REPLY_TOO_BIG, fib.mtu_result, len);  /* lib/icmp.h too_big */
+        }
+        /* DF clear: the tunnel entry fragments the outer packet instead
+         * (RFC 2003 5.1), i.e. the kernel does, on its way out. A lookup
+         * without the MTU check names the egress NIC (for the outer source). */
+        fib_next_hop(ctx, be, 0, &fib);
+        kernel = REASON_PASS_OUTER_FRAGMENT;
+    } else if (rc == BPF_FIB_LKUP_RET_NO_NEIGH) {
+        kernel = REASON_PASS_NO_NEIGH;  /* never a silent drop: the kernel resolves it on the way */
+    } else if (rc != BPF_FIB_LKUP_RET_SUCCESS) {
+        return VERDICT(XDP_PASS, REASON_PASS_FIB, len);
+    }
+
+    __u32 egress = fib.ifindex;
+    struct if_info *ifi = ifaces.lookup(&egress);
+    __u32 saddr[4] = {};
+    if (outer_source(p, hash, cfg, ifi, saddr))
+        return VERDICT(XDP_PASS, REASON_PASS_NO_TXPORT, len);
+
+    if ((svc_flags & SVC_F_DNAT) && be->port && be->port != p->dport) {
+        if (dnat_port(ctx, p, be->port))
+            return VERDICT(XDP_PASS, REASON_PASS_MALFORMED, len);
+    }
+    /* Bytes after the IP packet (Ethernet padding, a length field that
+     * lied) are not part of it: they do not travel to the backend. */
+    if (len > l3_end(p) && bpf_xdp_adjust_tail(ctx, (int)l3_end(p) - (int)len))
+        return VERDICT(XDP_DROP, REASON_DROP_HEADROOM, len);
+
+    if (kernel) {
+        /* The kernel must see a frame addressed to itself (PACKET_HOST): keep
+         * the packet's own MACs. Only these rare paths pay for the copy. */
+        struct ethhdr *eth = (void *)(long)ctx->data;
+        if ((void *)(eth + 1) > (void *)(long)ctx->data_end)
+            return VERDICT(XDP_PASS, REASON_PASS_MALFORMED, len);
+        __builtin_memcpy(fib.dmac, eth->h_dest, ETH_ALEN);
+        __builtin_memcpy(fib.smac, eth->h_source, ETH_ALEN);
+    }
+#ifdef BENCH_UNDO
+    struct ethhdr orig_eth;
+    {
+        void *d = (void *)(long)ctx->data;
+        if (d + sizeof(orig_eth) > (void *)(long)ctx->data_end)
+            return XDP_ABORTED;
+        __builtin_memcpy(&orig_eth, d, sizeof(orig_eth));
+    }
+#endif
+    if (p->family == FAMILY_V4)
+        rc = encap_ipv4(ctx, p, saddr[0], be->addr[0], fib.smac, fib.dmac);
+    else
+        rc = encap_ipv6(ctx, p, saddr, be->addr, hash, fib.smac, fib.dmac);
+    if (rc)
+        return VERDICT(XDP_DROP, REASON_DROP_HEADROOM, len);
+
+    if (kernel) {
+        if (kernel == REASON_PASS_OUTER_FRAGMENT)
+            encap_ipv4_fresh_id(ctx);
+        RECORD_OUT(ctx, XDP_PASS, be_id);
+        return VERDICT(XDP_PASS, kernel, len);
+    }
+    if (egress == ctx->ingress_ifindex) {
+#ifdef BENCH_UNDO
+        count_reason(REASON_TX, len);
+        return bench_undo(ctx, overhead, &orig_eth);
+#endif
+        RECORD_OUT(ctx, XDP_TX, be_id);
+        return VERDICT(XDP_TX, kind == FWD_ICMP_ERROR ? REASON_FWD_ICMP_ERROR : REASON_TX, len);
+    }
+    if (!ifi)
+        return VERDICT(XDP_PASS, REASON_PASS_NO_TXPORT, len);
+    RECORD_OUT(ctx, XDP_REDIRECT, be_id);
+    int act = tx_ports.redirect_map(ifi->tx_slot, XDP_PASS);
+    if (act != XDP_REDIRECT)
+        return VERDICT(act, REASON_PASS_NO_TXPORT, len);
+    return VERDICT(XDP_REDIRECT, kind == FWD_ICMP_ERROR ? REASON_FWD_ICMP_ERROR : REASON_REDIRECT, len);
+}

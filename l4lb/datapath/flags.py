@@ -1,0 +1,31 @@
+"""Flag bits of the datapath's map entries, read from ``bpf_src/lib/maps.h``
+(``#define SVC_F_DNAT (1U << 0)`` ...), so that the C header stays their one
+definition; and the service flags a service's options ask for."""
+
+from __future__ import annotations
+
+import re
+from functools import cache
+
+from l4lb.datapath.source import bpf_src_dir
+from l4lb.models import Service
+
+_DEFINE = re.compile(r"^#define\s+((?:SVC|BE|CFG|VIP|IF)_F_\w+)\s+\(1U\s*<<\s*(\d+)\)", re.M)
+
+
+@cache
+def flag_bits() -> dict[str, int]:
+    """Every ``*_F_*`` bit defined in maps.h, by name."""
+    text = (bpf_src_dir() / "lib" / "maps.h").read_text()
+    return {name: 1 << int(shift) for name, shift in _DEFINE.findall(text)}
+
+
+def bit(name: str) -> int:
+    return flag_bits()[name]
+
+
+def service_flags(svc: Service) -> int:
+    """``svc_info.flags`` for a service: DNAT, client-IP affinity, the no-backend policy."""
+    o = svc.options
+    return ((bit("SVC_F_DNAT") if o.l4_dnat else 0) | (0 if o.hash_src_port else bit("SVC_F_NO_SPORT"))
+            | (bit("SVC_F_NO_BACKEND_DROP") if o.no_backend == "drop" else 0))
