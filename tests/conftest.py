@@ -25,6 +25,16 @@ def bpffs() -> Iterator[Path]:
         yield d
 
 
+@pytest.fixture(scope="session")
+def packet_env(bpffs: Path):
+    """The real program on crafted packets (l4lb.lab.pktenv), compiled once for
+    every module that runs it through BPF_PROG_TEST_RUN: 16 backends, M = 251.
+    Tests program the services they need and put run-time knobs back."""
+    from l4lb.lab.pktenv import PacketEnv
+
+    with PacketEnv(bpffs, n_backends=16, maglev_m=251, max_backends=4096, flow_table_size=65536) as e:
+        yield e
+
 
 # --- network-namespace lab (l4lb.lab) -----------------------------------------------
 # lab_decap: the backends' decapsulator, compiled once per session (~2.5 s).

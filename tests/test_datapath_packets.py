@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import ipaddress
 import threading
-from pathlib import Path
 
 import pytest
 from scapy.all import (
@@ -17,7 +16,7 @@ from scapy.all import (
 from l4lb import flowhash, maglev
 from l4lb.datapath.engine import hash_seed
 from l4lb.lab.pktenv import (
-    EDGE_V4, EDGE_V6, NO_NEIGH_V4, OUT_V4, PacketEnv, backend_mac, edge_backends_v4, edge_backends_v6,
+    EDGE_V4, EDGE_V6, NO_NEIGH_V4, OUT_V4, backend_mac, edge_backends_v4, edge_backends_v6,
 )
 from l4lb.models import Service
 
@@ -32,9 +31,9 @@ B6 = edge_backends_v6(8)
 
 
 @pytest.fixture(scope="module")
-def env(bpffs: Path):
-    with PacketEnv(bpffs, n_backends=16, maglev_m=M, max_backends=4096, flow_table_size=65536) as e:
-        yield e
+def env(packet_env):
+    assert packet_env.cfg.maglev_m == M
+    return packet_env
 
 
 def svc(name: str, vip: str, port: int, backends: list, proto: str = "tcp", **options) -> Service:

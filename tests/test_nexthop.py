@@ -52,8 +52,8 @@ def one(name: str, vip: str, backend: str, port: int = 80) -> Service:
     return Service(name=name, vip=vip, port=port, backends=[{"address": backend}])
 
 
-def pkt(src: str, dst: str, sport: int = 40000, size: int = 40, udp: bool = False) -> bytes:
-    l3 = IPv6(src=src, dst=dst) if ":" in dst else IP(src=src, dst=dst)
+def pkt(src: str, dst: str, sport: int = 40000, size: int = 40, udp: bool = False, df: bool = False) -> bytes:
+    l3 = IPv6(src=src, dst=dst) if ":" in dst else IP(src=src, dst=dst, flags="DF" if df else 0)
     l4 = UDP(sport=sport, dport=80) if udp else TCP(sport=sport, dport=80, flags="S")
     return raw(Ether(dst="02:11:11:11:11:11", src="02:22:22:22:22:22") / l3 / l4 / Raw(b"x" * size))
 
@@ -84,7 +84,7 @@ def test_cache_and_fib_builds_forward_identically(env) -> None:
         e = entry(env, bid_of(env, s))
         assert e.gen != 0 and e.ifindex in (env.edge_ifindex, env.out_ifindex), f"{s.name}: no cache entry"
     cases = [pkt("203.0.113.7", VIP4), pkt("2001:db8:77::7", VIP6), pkt("203.0.113.7", "198.51.100.2"),
-             pkt("203.0.113.7", VIP4, udp=True), pkt("203.0.113.7", "198.51.100.3", size=1470)]
+             pkt("203.0.113.7", VIP4, udp=True), pkt("203.0.113.7", "198.51.100.3", size=1470, df=True)]
     verdicts = []
     for data in cases:
         cache, fib = both(env, data)
@@ -109,9 +109,9 @@ def test_the_program_uses_the_cache_and_checks_the_generation(env) -> None:
     env.call(env.dp.tables.write_nexthop, bid, good.ifindex, good.gen + 1, good.mtu, bytes(good.smac), planted)
     v, out, _ = env.run(pkt("203.0.113.7", VIP4))
     assert v == XDP_TX and Ether(out).dst == backend_mac(5), "an entry of another generation was used"
-    # A planted too-small MTU makes the cache answer too-big, with that MTU.
+    # A planted too-small MTU makes the cache answer too-big (DF set), with that MTU.
     env.call(env.dp.tables.write_nexthop, bid, good.ifindex, good.gen, 600, bytes(good.smac), bytes(good.dmac))
-    v, out, _ = env.run(pkt("203.0.113.7", VIP4, size=800))
+    v, out, _ = env.run(pkt("203.0.113.7", VIP4, size=800, df=True))
     assert v == XDP_TX and Ether(out)[IP].proto == 1 and Ether(out)["ICMP"].nexthopmtu == 600 - 20
     env.call(env.dp.tables.write_nexthop, bid, good.ifindex, good.gen, good.mtu, bytes(good.smac), bytes(good.dmac))
 
