@@ -53,7 +53,7 @@ def web(**kw: Any) -> dict[str, Any]:
     return doc
 
 
-COUNTERS = ("svc_stats", "backend_stats", "reason_stats", "icmp_buckets", "flows")
+COUNTERS = ("svc_stats", "backend_stats", "reason_stats", "icmp_buckets", "flows", "frags")
 
 
 def config_maps(lab: DaemonLab) -> dict[str, dict[bytes, bytes]]:
@@ -164,7 +164,8 @@ def test_service_lifecycle(lab: DaemonLab, client: httpx.Client) -> None:
 
 def test_ipv6_service_and_options(client: httpx.Client) -> None:
     body = {"vip": VIP6, "port": 53, "protocol": "udp",
-            "options": {"l4_dnat": True, "hash_src_port": False, "maglev_weights": False},
+            "options": {"l4_dnat": True, "hash_src_port": False, "maglev_weights": False, "no_backend": "drop",
+                        "answer_ping": False},
             "backends": [{"address": "2001:db8::10", "port": 5353}, {"address": "2001:db8::11", "port": 5354}]}
     r = client.put("/v1/services/dns6", json=body)
     assert r.status_code == 201, r.text

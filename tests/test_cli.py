@@ -220,24 +220,27 @@ def test_service_add_list_show_edit_delete(lab: DaemonLab, api: httpx.Client) ->
     ok(lab, "service", "add", "alt", f"[{VIP6}]:443", "--dnat", "--no-sport-hash",
        "-b", "[2001:db8::10]:8443", "-b", "2001:db8::11")
     added = yaml.safe_load(ok(lab, "service", "add", "dns", "--vip", VIP4, "--port", "53", "--proto", "udp",
-                              "--no-weights", "-o", "yaml"))
+                              "--no-weights", "--no-backend", "drop", "--no-ping", "-o", "yaml"))
     assert added == api.get("/v1/services/dns").json()
     assert api.get("/v1/services/web").json() == {
         "name": "web", "vip": VIP4, "port": 80, "protocol": "tcp",
-        "options": {"l4_dnat": False, "hash_src_port": True, "maglev_weights": True},
+        "options": {"l4_dnat": False, "hash_src_port": True, "maglev_weights": True, "no_backend": "reject",
+                    "answer_ping": True},
         "backends": [{"address": "192.0.2.1", "port": None, "weight": 100, "state": "active", "health": None},
                      {"address": "192.0.2.2", "port": None, "weight": 50, "state": "active", "health": None}],
         "announce": True, "health": None}
     alt = api.get("/v1/services/alt").json()
-    assert alt["options"] == {"l4_dnat": True, "hash_src_port": False, "maglev_weights": True}
+    assert alt["options"] == {"l4_dnat": True, "hash_src_port": False, "maglev_weights": True,
+                              "no_backend": "reject", "answer_ping": True}
     assert [(b["address"], b["port"]) for b in alt["backends"]] == [("2001:db8::10", 8443), ("2001:db8::11", None)]
     dns = api.get("/v1/services/dns").json()
     assert (dns["protocol"], dns["port"], dns["options"]["maglev_weights"], dns["backends"]) == ("udp", 53, False, [])
+    assert (dns["options"]["no_backend"], dns["options"]["answer_ping"]) == ("drop", False)
 
     assert rows(ok(lab, "service", "list")) == [
         ["NAME", "PROTO", "VIP:PORT", "BACKENDS", "ACTIVE", "OPTIONS"],
         ["alt", "tcp", f"[{VIP6}]:443", "2", "2", "dnat,no-sport-hash"],
-        ["dns", "udp", f"{VIP4}:53", "0", "0", "no-weights"],
+        ["dns", "udp", f"{VIP4}:53", "0", "0", "no-weights,no-backend=drop,no-ping"],
         ["web", "tcp", f"{VIP4}:80", "2", "2", "-"],
     ]
     listed = api.get("/v1/services").json()

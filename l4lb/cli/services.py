@@ -28,6 +28,10 @@ def option_flags(options: dict[str, Any]) -> list[str]:
         flags.append("no-sport-hash")
     if options.get("maglev_weights") is False:
         flags.append("no-weights")
+    if options.get("no_backend") == "drop":
+        flags.append("no-backend=drop")
+    if options.get("answer_ping") is False:
+        flags.append("no-ping")
     return flags
 
 
@@ -37,6 +41,10 @@ def service_endpoint(svc: dict[str, Any]) -> str:
 
 def option_flags_decorator(f: F) -> F:
     """Flags mirroring ServiceOptions; None = not given (server default on add, unchanged on edit)."""
+    f = click.option("--ping/--no-ping", "answer_ping", default=None,
+                     help="The LB answers ping to the VIP (--no-ping: unless another service on it does).")(f)
+    f = click.option("--no-backend", "no_backend", type=click.Choice(["reject", "drop"]), default=None,
+                     help="Without a usable backend: reject (TCP RST / ICMP port unreachable) or drop.")(f)
     f = click.option("--weights/--no-weights", "maglev_weights", default=None,
                      help="Honour backend weights in Maglev (--no-weights: all equal).")(f)
     f = click.option("--sport-hash/--no-sport-hash", "hash_src_port", default=None,
@@ -65,8 +73,7 @@ def _merge_address(address: ServiceAddress | None, vip: str | None, port: int | 
     return vip, port, proto.lower() if proto else None
 
 
-def _options(l4_dnat: bool | None, hash_src_port: bool | None, maglev_weights: bool | None) -> dict[str, bool]:
-    given = {"l4_dnat": l4_dnat, "hash_src_port": hash_src_port, "maglev_weights": maglev_weights}
+def _options(**given: Any) -> dict[str, Any]:
     return {k: v for k, v in given.items() if v is not None}
 
 
@@ -79,7 +86,7 @@ def show_service(svc: dict[str, Any], revision: int | None = None, health: dict[
     pairs: list[tuple[str, Any]] = [
         ("Service", svc["name"]),
         ("Address", service_endpoint(svc)),
-        ("Options", ", ".join(option_flags(svc["options"])) or "defaults (sport-hash, weights, no dnat)"),
+        ("Options", ", ".join(option_flags(svc["options"])) or "defaults (sport-hash, weights, no dnat, reject, ping)"),
         ("Backends", summary),
         ("Health check", describe(svc.get("health"))),
     ]
@@ -155,7 +162,8 @@ def show(app: App, name: str) -> None:
 @pass_app
 def add(app: App, name: str, address: ServiceAddress | None, vip: str | None, port: int | None, proto: str | None,
         l4_dnat: bool | None, hash_src_port: bool | None, maglev_weights: bool | None,
-        backends: tuple[Any, ...], check_type: str | None, check_opts: tuple[str, ...]) -> None:
+        no_backend: str | None, answer_ping: bool | None, backends: tuple[Any, ...], check_type: str | None,
+        check_opts: tuple[str, ...]) -> None:
     """Create service NAME; refused if it exists already.
 
     \b
@@ -168,7 +176,9 @@ def add(app: App, name: str, address: ServiceAddress | None, vip: str | None, po
     if vip is None or port is None:
         raise click.UsageError("give the service address: VIP:PORT[/PROTO], or --vip and --port")
     body: dict[str, Any] = {"vip": vip, "port": port, "protocol": proto or "tcp",
-                            "options": _options(l4_dnat, hash_src_port, maglev_weights),
+                            "options": _options(l4_dnat=l4_dnat, hash_src_port=hash_src_port,
+                                                maglev_weights=maglev_weights, no_backend=no_backend,
+                                                answer_ping=answer_ping),
                             "backends": [{k: v for k, v in (("address", str(b.address)), ("port", b.port),
                                                             ("weight", b.weight)) if v is not None}
                                          for b in backends]}
@@ -199,7 +209,8 @@ def add(app: App, name: str, address: ServiceAddress | None, vip: str | None, po
 @pass_app
 def edit(app: App, name: str, address: ServiceAddress | None, vip: str | None, port: int | None, proto: str | None,
          l4_dnat: bool | None, hash_src_port: bool | None, maglev_weights: bool | None,
-         check_type: str | None, check_opts: tuple[str, ...]) -> None:
+         no_backend: str | None, answer_ping: bool | None, check_type: str | None,
+         check_opts: tuple[str, ...]) -> None:
     """Change a service's address or options; its backends stay.
 
     Reads the service and writes it back with If-Match, so a change made by
@@ -209,9 +220,11 @@ def edit(app: App, name: str, address: ServiceAddress | None, vip: str | None, p
     l4lbctl service edit web --port 8080
     l4lbctl service edit web --no-sport-hash --dnat
     l4lbctl service edit web --check-opt interval=1 --check-opt fall=2
+    l4lbctl service edit web --no-backend drop --no-ping
     """
     vip, port, proto = _merge_address(address, vip, port, proto)
-    options = _options(l4_dnat, hash_src_port, maglev_weights)
+    options = _options(l4_dnat=l4_dnat, hash_src_port=hash_src_port, maglev_weights=maglev_weights,
+                       no_backend=no_backend, answer_ping=answer_ping)
     checks = check_type is not None or bool(check_opts)
     if vip is None and port is None and proto is None and not options and not checks:
         raise click.UsageError("nothing to change: give VIP:PORT[/PROTO], --vip, --port, --proto, option flags "
