@@ -5,6 +5,7 @@
 #include "lib/maps.h"
 #include "lib/parse.h"
 #include "lib/stats.h"
+#include "lib/lookup.h"
 #include "lib/encap.h"
 #include "lib/nexthop.h"
 #include "lib/slow.h"
@@ -119,4 +120,43 @@ L4LB_INLINE int forward(struct xdp_md *ctx, struct pkt *p, struct lb_config *cfg
     if (act != XDP_REDIRECT)
         return VERDICT(act, REASON_PASS_NO_TXPORT, len);
     return VERDICT(XDP_REDIRECT, kind == FWD_ICMP_ERROR ? REASON_FWD_ICMP_ERROR : REASON_REDIRECT, len);
+}
+
+/* The rare paths' way to a flow's backend: `p` is the packet to send, `q` the
+ * flow it belongs to (p itself for a later fragment, the quoted flow turned
+ * around for an ICMP error). The backend is the one the flow's next packet
+ * would get (flow_owner: nothing is inserted). For an ICMP error under L4
+ * DNAT, the quoted source port at `quote_l4` becomes the backend's own again,
+ * the ICMP checksum updated. */
+L4LB_INLINE int forward_to_owner(struct xdp_md *ctx, struct pkt *p, struct pkt *q, struct lb_config *cfg,
+                                 __u64 len, int kind, __u32 quote_l4)
+{
+    struct svc_info *svc = service_lookup(q);
+    if (!svc)
+        return VERDICT(XDP_PASS, REASON_PASS_NOT_SERVICE, len);
+    RECORD_IN(ctx, q, svc->id);
+    __u32 svc_id = svc->id;
+    __u32 svc_flags = svc->flags;
+    count_service(svc_id, len);
+    __u32 hash = flow_hash(q, svc_flags, cfg->hash_seed);
+    __u32 be_id = 0;
+    struct backend_info *be = flow_owner(q, svc, hash, cfg->hash_seed, &be_id);
+    if (!be)
+        return VERDICT(XDP_DROP, REASON_DROP_NO_BACKEND, len);
+    if (kind == FWD_ICMP_ERROR && (svc_flags & SVC_F_DNAT) && be->port && be->port != q->dport) {
+        void *data = (void *)(long)ctx->data;
+        void *data_end = (void *)(long)ctx->data_end;
+        __u32 ioff = p->l4_off;
+        if (ioff > 0x3ff || quote_l4 > 0x7ff)
+            return VERDICT(XDP_PASS, REASON_PASS_MALFORMED, len);
+        __u16 *csum = data + ioff + 2;
+        __u16 *sport = data + quote_l4;
+        if ((void *)(csum + 1) > data_end || (void *)(sport + 1) > data_end)
+            return VERDICT(XDP_PASS, REASON_PASS_MALFORMED, len);
+        *csum = l4lb_csum_replace16(*csum, *sport, be->port);
+        *sport = be->port;
+    }
+    count_backend(be_id, len);
+    /* A later fragment has no port to rewrite; an ICMP error's was done above. */
+    return forward(ctx, p, cfg, be, be_id, hash, svc_flags & ~SVC_F_DNAT, len, kind REC_ARG);
 }

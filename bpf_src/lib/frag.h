@@ -77,22 +77,9 @@ L4LB_INLINE int later_fragment(struct xdp_md *ctx, struct pkt *p, __u64 len)
 {
     if (frag_ports_of(p))
         return frag_unknown(p, len);
-    struct svc_info *svc = service_lookup(p);
-    if (!svc)
-        return VERDICT(XDP_PASS, REASON_PASS_FRAGMENT, len);
-    RECORD_IN(ctx, p, svc->id);
-    __u32 svc_id = svc->id;
-    __u32 svc_flags = svc->flags;
-    count_service(svc_id, len);
     __u32 zero = 0;
     struct lb_config *cfg = config.lookup(&zero);
     if (!cfg)
         return VERDICT(XDP_PASS, REASON_PASS_FIB, len);
-    __u32 hash = flow_hash(p, svc_flags, cfg->hash_seed);
-    __u32 be_id = 0;
-    struct backend_info *be = flow_owner(p, svc, hash, cfg->hash_seed, &be_id);
-    if (!be)
-        return VERDICT(XDP_DROP, REASON_DROP_NO_BACKEND, len);
-    count_backend(be_id, len);
-    return forward(ctx, p, cfg, be, be_id, hash, svc_flags & ~SVC_F_DNAT, len, FWD_FLOW REC_ARG);
+    return forward_to_owner(ctx, p, p, cfg, len, FWD_FLOW, 0);
 }

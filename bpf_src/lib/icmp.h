@@ -130,6 +130,38 @@ L4LB_INLINE int icmp_prepare(struct xdp_md *ctx, int hdr_len, __u32 quote)
     return 0;
 }
 
+/* The IP header of a reply to p: from its destination back to its source.
+ * IPv4: no options, ID 0 (and DF when `df`: an atomic datagram, RFC 6864). */
+L4LB_INLINE void reply_ip4(struct iphdr *ip, struct pkt *p, __u8 proto, __u16 tot_len, int df)
+{
+    ip->version = 4;
+    ip->ihl = 5;
+    ip->tos = 0;
+    ip->tot_len = bpf_htons(tot_len);
+    ip->id = 0;
+    ip->frag_off = df ? bpf_htons(L4LB_IP_DF) : 0;
+    ip->ttl = OUTER_TTL;
+    ip->protocol = proto;
+    ip->check = 0;
+    ip->saddr = p->dst[0];
+    ip->daddr = p->src[0];
+    ip->check = l4lb_ipv4_csum(ip);
+}
+
+L4LB_INLINE void reply_ip6(struct ipv6hdr *ip6, struct pkt *p, __u8 nexthdr, __u16 payload_len)
+{
+    ip6->version = 6;
+    ip6->priority = 0;
+    ip6->flow_lbl[0] = 0;
+    ip6->flow_lbl[1] = 0;
+    ip6->flow_lbl[2] = 0;
+    ip6->payload_len = bpf_htons(payload_len);
+    ip6->nexthdr = nexthdr;
+    ip6->hop_limit = OUTER_TTL;
+    __builtin_memcpy(&ip6->saddr, p->dst, 16);
+    __builtin_memcpy(&ip6->daddr, p->src, 16);
+}
+
 /* ICMP error from the VIP to the client about packet p. `rest` is the
  * header's second word (network order): the MTU for frag-needed, else 0. */
 L4LB_INLINE int icmp4_error(struct xdp_md *ctx, struct pkt *p, __u8 type, __u8 code, __u32 rest)
@@ -143,18 +175,7 @@ L4LB_INLINE int icmp4_error(struct xdp_md *ctx, struct pkt *p, __u8 type, __u8 c
     struct icmphdr *icmp = (void *)(ip + 1);
     if ((void *)(icmp + 1) > data_end)
         return -1;
-    ip->version = 4;
-    ip->ihl = 5;
-    ip->tos = 0;
-    ip->tot_len = bpf_htons(IPV4_HLEN + sizeof(*icmp) + quote);
-    ip->id = 0;
-    ip->frag_off = 0;
-    ip->ttl = OUTER_TTL;
-    ip->protocol = IPPROTO_ICMP;
-    ip->check = 0;
-    ip->saddr = p->dst[0];
-    ip->daddr = p->src[0];
-    ip->check = l4lb_ipv4_csum(ip);
+    reply_ip4(ip, p, IPPROTO_ICMP, IPV4_HLEN + sizeof(*icmp) + quote, 0);
     icmp->type = type;
     icmp->code = code;
     icmp->checksum = 0;
@@ -180,16 +201,7 @@ L4LB_INLINE int icmp6_error(struct xdp_md *ctx, struct pkt *p, __u8 type, __u8 c
     if ((void *)(icmp6 + 1) > data_end)
         return -1;
     __u32 plen = sizeof(*icmp6) + quote;
-    ip6->version = 6;
-    ip6->priority = 0;
-    ip6->flow_lbl[0] = 0;
-    ip6->flow_lbl[1] = 0;
-    ip6->flow_lbl[2] = 0;
-    ip6->payload_len = bpf_htons(plen);
-    ip6->nexthdr = IPPROTO_ICMPV6;
-    ip6->hop_limit = OUTER_TTL;
-    __builtin_memcpy(&ip6->saddr, p->dst, 16);
-    __builtin_memcpy(&ip6->daddr, p->src, 16);
+    reply_ip6(ip6, p, IPPROTO_ICMPV6, plen);
     icmp6->icmp6_type = type;
     icmp6->icmp6_code = code;
     icmp6->icmp6_cksum = 0;

@@ -94,31 +94,5 @@ L4LB_INLINE int icmp_error_to_backend(struct xdp_md *ctx, struct pkt *p, __u64 l
     int l4 = icmp_quoted_flow(ctx, p, &q);
     if (l4 < 0)
         return VERDICT(XDP_PASS, REASON_PASS_NOT_SERVICE, len);
-    struct svc_info *svc = service_lookup(&q);
-    if (!svc)
-        return VERDICT(XDP_PASS, REASON_PASS_NOT_SERVICE, len);
-    RECORD_IN(ctx, &q, svc->id);
-    __u32 svc_id = svc->id;
-    __u32 svc_flags = svc->flags;
-    count_service(svc_id, len);
-    __u32 hash = flow_hash(&q, svc_flags, cfg->hash_seed);
-    __u32 be_id = 0;
-    struct backend_info *be = flow_owner(&q, svc, hash, cfg->hash_seed, &be_id);
-    if (!be)
-        return VERDICT(XDP_DROP, REASON_DROP_NO_BACKEND, len);
-    if ((svc_flags & SVC_F_DNAT) && be->port && be->port != q.dport) {
-        void *data = (void *)(long)ctx->data;
-        void *data_end = (void *)(long)ctx->data_end;
-        __u32 ioff = p->l4_off;
-        if (ioff > ICMP_ERR_MAX_OFF || l4 > ICMP_ERR_MAX_OFF + 60 + IPV6_HLEN)
-            return VERDICT(XDP_PASS, REASON_PASS_MALFORMED, len);
-        __u16 *csum = data + ioff + 2;
-        __u16 *sport = data + l4;
-        if ((void *)(csum + 1) > data_end || (void *)(sport + 1) > data_end)
-            return VERDICT(XDP_PASS, REASON_PASS_MALFORMED, len);
-        *csum = l4lb_csum_replace16(*csum, *sport, be->port);
-        *sport = be->port;
-    }
-    count_backend(be_id, len);
-    return forward(ctx, p, cfg, be, be_id, hash, svc_flags & ~SVC_F_DNAT, len, FWD_ICMP_ERROR REC_ARG);
+    return forward_to_owner(ctx, p, &q, cfg, len, FWD_ICMP_ERROR, l4);
 }

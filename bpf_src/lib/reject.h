@@ -69,18 +69,7 @@ L4LB_INLINE int tcp_reset(struct xdp_md *ctx, struct pkt *p)
     __u64 sum;
     if (p->family == FAMILY_V4) {
         struct iphdr *ip = (void *)(eth + 1);
-        ip->version = 4;
-        ip->ihl = 5;
-        ip->tos = 0;
-        ip->tot_len = bpf_htons(IPV4_HLEN + sizeof(*th));
-        ip->id = 0;
-        ip->frag_off = bpf_htons(L4LB_IP_DF);
-        ip->ttl = OUTER_TTL;
-        ip->protocol = IPPROTO_TCP;
-        ip->check = 0;
-        ip->saddr = p->dst[0];
-        ip->daddr = p->src[0];
-        ip->check = l4lb_ipv4_csum(ip);
+        reply_ip4(ip, p, IPPROTO_TCP, IPV4_HLEN + sizeof(*th), 1);
         th = (void *)(ip + 1);
         csum_off = sizeof(*eth) + 12;        /* pseudo-header addresses, then the TCP header */
         sum = bpf_htonl((IPPROTO_TCP << 16) | sizeof(*th));
@@ -88,16 +77,7 @@ L4LB_INLINE int tcp_reset(struct xdp_md *ctx, struct pkt *p)
         struct ipv6hdr *ip6 = (void *)(eth + 1);
         if ((void *)(ip6 + 1) + sizeof(*th) > data_end)
             return -1;
-        ip6->version = 6;
-        ip6->priority = 0;
-        ip6->flow_lbl[0] = 0;
-        ip6->flow_lbl[1] = 0;
-        ip6->flow_lbl[2] = 0;
-        ip6->payload_len = bpf_htons(sizeof(*th));
-        ip6->nexthdr = IPPROTO_TCP;
-        ip6->hop_limit = OUTER_TTL;
-        __builtin_memcpy(&ip6->saddr, p->dst, 16);
-        __builtin_memcpy(&ip6->daddr, p->src, 16);
+        reply_ip6(ip6, p, IPPROTO_TCP, sizeof(*th));
         th = (void *)(ip6 + 1);
         csum_off = sizeof(*eth) + 8;
         sum = (__u64)bpf_htonl(sizeof(*th)) + bpf_htonl(IPPROTO_TCP);
