@@ -15,6 +15,8 @@ struct svc_key {
 #define SVC_F_DNAT     (1U << 0)  /* rewrite the inner destination port */
 #define SVC_F_NO_SPORT (1U << 1)  /* hash without the client port (client-IP affinity) */
 #define SVC_F_NO_BACKEND_DROP (1U << 2)  /* no usable backend: drop silently (else reject, lib/reject.h) */
+#define SVC_F_PING     (1U << 3)  /* answer_ping: echo replies look at the VIP's entry in `vips`
+                                   * (VIP_F_PING); here so the entry holds all of its service's options */
 
 struct svc_info {
     __u32 id;         /* index into svc_stats; backends name their owner by it */

@@ -25,7 +25,8 @@ def bit(name: str) -> int:
 
 
 def service_flags(svc: Service) -> int:
-    """``svc_info.flags`` for a service: DNAT, client-IP affinity, the no-backend policy."""
+    """``svc_info.flags`` for a service: DNAT, client-IP affinity, the no-backend policy, ping."""
     o = svc.options
     return ((bit("SVC_F_DNAT") if o.l4_dnat else 0) | (0 if o.hash_src_port else bit("SVC_F_NO_SPORT"))
-            | (bit("SVC_F_NO_BACKEND_DROP") if o.no_backend == "drop" else 0))
+            | (bit("SVC_F_NO_BACKEND_DROP") if o.no_backend == "drop" else 0)
+            | (bit("SVC_F_PING") if o.answer_ping else 0))

@@ -1,0 +1,83 @@
+#!/usr/bin/env python3
+"""Run bench/datapath.py for this tree and for another revision, in
+interleaved rounds, and compare them row by row (min / median / max).
+
+    sudo .venv/bin/python scripts/bench-against.py main --rounds 3
+
+The other revision is exported with `git archive` into a temporary directory
+and run with this tree's venv, its own sources first on the path (the
+`l4lb.bpf_src`, `l4lb.api` and `l4lb.recorder` packages, mapped by
+pyproject.toml, are linked in), so each run compiles its own C. Rounds
+alternate (other, this, other, this, ...) so that load from other work on the
+machine falls on both alike; the load average is printed with the figures.
+Extra arguments after `--` go to bench/datapath.py (e.g. `-- --quick`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+ROW = re.compile(r"^(\S.*?)\s+(\d+)\s+(\d+)\s+(-?\d+)$")
+MAPPED = {"bpf_src": "bpf_src", "api": "api", "recorder": "recorder"}  # pyproject.toml package-dir
+
+
+def export(rev: str, dest: Path) -> None:
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", rev], check=True, capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
+    for pkg, src in MAPPED.items():
+        (dest / "l4lb" / pkg).symlink_to(dest / src)
+
+
+def run(tree: Path, extra: list[str]) -> dict[str, tuple[int, int]]:
+    env = dict(os.environ, PYTHONPATH=str(tree))
+    cp = subprocess.run([sys.executable, str(tree / "bench" / "datapath.py"), *extra], env=env, cwd=tree,
+                        capture_output=True, text=True)
+    if cp.returncode:
+        raise SystemExit(f"bench in {tree} failed:\n{cp.stdout}\n{cp.stderr}")
+    rows = {}
+    for line in cp.stdout.splitlines():
+        m = ROW.match(line.strip())
+        if m:
+            rows[m.group(1)] = (int(m.group(2)), int(m.group(3)))
+    return rows
+
+
+def spread(xs: list[int]) -> str:
+    return f"{min(xs):>4} {statistics.median(xs):>6.0f} {max(xs):>4}"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("rev", help="the other revision (e.g. main)")
+    ap.add_argument("--rounds", type=int, default=3)
+    args, extra = ap.parse_known_args()
+    extra = [a for a in extra if a != "--"]
+    with tempfile.TemporaryDirectory(prefix="l4lb-bench-against-") as tmp:
+        other = Path(tmp)
+        export(args.rev, other)
+        results: dict[str, list[dict[str, tuple[int, int]]]] = {args.rev: [], "this tree": []}
+        loads = []
+        for r in range(args.rounds):
+            for name, tree in ((args.rev, other), ("this tree", ROOT)):
+                loads.append(os.getloadavg()[0])
+                print(f"round {r + 1}/{args.rounds}: {name} (load {loads[-1]:.1f})", file=sys.stderr, flush=True)
+                results[name].append(run(tree, extra))
+    names = [n for n in results[args.rev][0] if n in results["this tree"][0]]
+    print(f"\nbench/datapath.py, {args.rounds} interleaved rounds each; ns/packet as min median max; "
+          f"1-min load average {min(loads):.1f}-{max(loads):.1f} during the runs")
+    print(f"{'row':<26}{args.rev + ' A':>17}{'this A':>17}{args.rev + ' B':>17}{'this B':>17}")
+    for n in names:
+        cols = [spread([r[n][i] for r in results[t]]) for i in (0, 1) for t in (args.rev, "this tree")]
+        print(f"{n:<26}{cols[0]:>17}{cols[1]:>17}{cols[2]:>17}{cols[3]:>17}")
+
+
+if __name__ == "__main__":
+    main()
