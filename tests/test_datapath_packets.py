@@ -306,7 +306,7 @@ def test_ipv4_frag_needed_quotes_the_original(env):
     ip4_header_ok(ip)
     quote = raw(icmp.payload)
     assert quote == pkt_in[14:14 + len(quote)] and len(quote) >= 28
-    assert len(ip) == 20 + 8 + 512  # IP, ICMP, the quote: 540 bytes (README)
+    assert len(ip) == 20 + 8 + 548  # IP, ICMP, as much quote as fits 576 bytes (RFC 1812 4.3.2.3)
     c = icmp.copy(); c.chksum = None
     assert icmp.chksum == ICMP(raw(c)).chksum
     assert delta(before, reasons(env)) == {"tx_icmp_too_big": 1}
@@ -326,7 +326,7 @@ def test_ipv6_packet_too_big_quotes_the_original(env):
     assert ptb.mtu == 1500 - 40
     quote = raw(ptb.payload)
     assert quote == pkt_in[14:14 + len(quote)] and len(quote) >= 48
-    assert len(ip6) == 40 + 8 + 1024  # IPv6, ICMPv6, the quote: 1072 bytes (README)
+    assert len(ip6) == 40 + 8 + 1232  # IPv6, ICMPv6, as much quote as fits 1280 bytes (RFC 4443 2.4(c))
     rebuilt = IPv6(raw(ip6))
     c = rebuilt.copy()
     c[ICMPv6PacketTooBig].cksum = None
