@@ -1,13 +1,15 @@
 #!/usr/bin/env python3
 """Run bench/datapath.py for this tree and for another revision, in
-interleaved rounds, and compare them row by row (min / median / max).
+interleaved rounds, and compare them row by row: the lowest minimum, the
+median of the medians and the highest maximum over the rounds.
 
     sudo .venv/bin/python scripts/bench-against.py main --rounds 3
 
 The other revision is exported with `git archive` into a temporary directory
 and run with this tree's venv, its own sources first on the path (the
 `l4lb.bpf_src`, `l4lb.api` and `l4lb.recorder` packages, mapped by
-pyproject.toml, are linked in), so each run compiles its own C. Rounds
+pyproject.toml, are linked in), so each run compiles its own BPF C; the
+benches' helpers in build/ (scripts/setup.sh) are this tree's for both. Rounds
 alternate (other, this, other, this, ...) so that load from other work on the
 machine falls on both alike; the load average is printed with the figures.
 Extra arguments after `--` go to bench/datapath.py (e.g. `-- --quick`).
@@ -25,7 +27,8 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-ROW = re.compile(r"^(\S.*?)\s+(\d+)\s+(\d+)\s+(-?\d+)$")
+# bench/datapath.py's rows: name, A min/median/max, B min/median/max, then maybe more
+ROW = re.compile(r"^(\S.*?)\s+(\d+)\s+(\d+)\s+(\d+)\s+(\d+)\s+(\d+)\s+(\d+)(?:\s.*)?$")
 MAPPED = {"bpf_src": "bpf_src", "api": "api", "recorder": "recorder"}  # pyproject.toml package-dir
 
 
@@ -34,9 +37,11 @@ def export(rev: str, dest: Path) -> None:
     subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
     for pkg, src in MAPPED.items():
         (dest / "l4lb" / pkg).symlink_to(dest / src)
+    if (ROOT / "build").is_dir():  # the benches' C helpers (scripts/setup.sh): this tree's serve both
+        (dest / "build").symlink_to(ROOT / "build")
 
 
-def run(tree: Path, extra: list[str]) -> dict[str, tuple[int, int]]:
+def run(tree: Path, extra: list[str]) -> dict[str, tuple[int, ...]]:
     env = dict(os.environ, PYTHONPATH=str(tree))
     cp = subprocess.run([sys.executable, str(tree / "bench" / "datapath.py"), *extra], env=env, cwd=tree,
                         capture_output=True, text=True)
@@ -46,12 +51,16 @@ def run(tree: Path, extra: list[str]) -> dict[str, tuple[int, int]]:
     for line in cp.stdout.splitlines():
         m = ROW.match(line.strip())
         if m:
-            rows[m.group(1)] = (int(m.group(2)), int(m.group(3)))
+            rows[m.group(1)] = tuple(int(m.group(i)) for i in range(2, 8))
     return rows
 
 
-def spread(xs: list[int]) -> str:
-    return f"{min(xs):>4} {statistics.median(xs):>6.0f} {max(xs):>4}"
+def spread(runs: list[tuple[int, ...]], method: int) -> str:
+    """min / median / max over the rounds of one method (0: A, 1: B)."""
+    lo = min(r[3 * method] for r in runs)
+    med = statistics.median(r[3 * method + 1] for r in runs)
+    hi = max(r[3 * method + 2] for r in runs)
+    return f"{lo:>4} {med:>5.0f} {hi:>4}"
 
 
 def main() -> None:
@@ -63,7 +72,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="l4lb-bench-against-") as tmp:
         other = Path(tmp)
         export(args.rev, other)
-        results: dict[str, list[dict[str, tuple[int, int]]]] = {args.rev: [], "this tree": []}
+        results: dict[str, list[dict[str, tuple[int, ...]]]] = {args.rev: [], "this tree": []}
         loads = []
         for r in range(args.rounds):
             for name, tree in ((args.rev, other), ("this tree", ROOT)):
@@ -71,12 +80,12 @@ def main() -> None:
                 print(f"round {r + 1}/{args.rounds}: {name} (load {loads[-1]:.1f})", file=sys.stderr, flush=True)
                 results[name].append(run(tree, extra))
     names = [n for n in results[args.rev][0] if n in results["this tree"][0]]
-    print(f"\nbench/datapath.py, {args.rounds} interleaved rounds each; ns/packet as min median max; "
-          f"1-min load average {min(loads):.1f}-{max(loads):.1f} during the runs")
-    print(f"{'row':<26}{args.rev + ' A':>17}{'this A':>17}{args.rev + ' B':>17}{'this B':>17}")
+    print(f"\nbench/datapath.py, {args.rounds} interleaved rounds each; ns/packet as min median max over the "
+          f"rounds' runs; 1-min load average {min(loads):.1f}-{max(loads):.1f} at the rounds' starts")
+    print(f"{'row':<44}{args.rev + ' A':>17}{'this A':>17}{args.rev + ' B':>17}{'this B':>17}")
     for n in names:
-        cols = [spread([r[n][i] for r in results[t]]) for i in (0, 1) for t in (args.rev, "this tree")]
-        print(f"{n:<26}{cols[0]:>17}{cols[1]:>17}{cols[2]:>17}{cols[3]:>17}")
+        cols = [spread([r[n] for r in results[t]], m) for m in (0, 1) for t in (args.rev, "this tree")]
+        print(f"{n:<44}{cols[0]:>17}{cols[1]:>17}{cols[2]:>17}{cols[3]:>17}")
 
 
 if __name__ == "__main__":
