@@ -1,8 +1,8 @@
 /* l4lb XDP entry, one packet (README: "The datapath, per packet"):
- * parse -> later fragments, ICMP to a VIP: rare paths -> service ->
- * recorder(in) -> first fragments remembered -> flow table / Maglev (no
- * backend: reject or drop) -> next hop -> too big: ICMP, or the kernel
- * fragments -> DNAT + encapsulation -> recorder(out) -> TX / REDIRECT.
+ * parse -> fragments, ICMP to a VIP: rare paths -> service -> recorder(in)
+ * -> flow table / Maglev (no backend: reject or drop) -> next hop -> too big:
+ * ICMP, or the kernel fragments -> DNAT + encapsulation -> recorder(out) ->
+ * TX / REDIRECT.
  * Everything that is not for a service or a VIP goes to the kernel.
  *
  * The rare paths are programs of their own below, reached by tail call
@@ -41,6 +41,32 @@ L4LB_INLINE int other_packet(struct xdp_md *ctx, struct pkt *p, int rc, __u64 le
     return VERDICT(XDP_PASS, REASON_PASS_NOT_SERVICE, len);
 }
 
+/* A TCP/UDP packet with its ports: service, backend, on to it. */
+L4LB_INLINE int balance(struct xdp_md *ctx, struct pkt *p, __u64 len)
+{
+    struct svc_info *svc = service_lookup(p);
+    if (!svc)
+        return VERDICT(XDP_PASS, REASON_PASS_NOT_SERVICE, len);
+    RECORD_IN(ctx, p, svc->id);
+    __u32 svc_id = svc->id;
+    __u32 svc_flags = svc->flags;
+    count_service(svc_id, len);
+    if (p->fragment == FRAG_FIRST)
+        frag_remember(p);
+
+    __u32 zero = 0;
+    struct lb_config *cfg = config.lookup(&zero);
+    if (!cfg)
+        return VERDICT(XDP_PASS, REASON_PASS_FIB, len);
+    __u32 hash = flow_hash(p, svc_flags, cfg->hash_seed);
+    __u32 be_id = 0;
+    struct backend_info *be = choose_backend(p, svc, hash, cfg->hash_seed, &be_id);
+    if (!be)
+        return no_backend(ctx, p, svc_flags, len);
+    count_backend(be_id, len);
+    return forward(ctx, p, cfg, be, be_id, hash, svc_flags, len, FWD_FLOW REC_ARG);
+}
+
 int l4lb_xdp(struct xdp_md *ctx)
 {
 #ifdef BENCH_NEXT_FLOW
@@ -52,32 +78,11 @@ int l4lb_xdp(struct xdp_md *ctx)
     int rc = parse_packet(ctx, &p);
     if (rc != PARSE_OK)
         return other_packet(ctx, &p, rc, len);
-    if (p.fragment == FRAG_LATER) {
+    if (p.fragment) {
         slow_path(ctx, SLOW_FRAGMENT);
         return VERDICT(XDP_PASS, REASON_PASS_FRAGMENT, len);
     }
-
-    struct svc_info *svc = service_lookup(&p);
-    if (!svc)
-        return VERDICT(XDP_PASS, REASON_PASS_NOT_SERVICE, len);
-    RECORD_IN(ctx, &p, svc->id);
-    __u32 svc_id = svc->id;
-    __u32 svc_flags = svc->flags;
-    count_service(svc_id, len);
-    if (p.fragment == FRAG_FIRST)
-        frag_remember(&p);
-
-    __u32 zero = 0;
-    struct lb_config *cfg = config.lookup(&zero);
-    if (!cfg)
-        return VERDICT(XDP_PASS, REASON_PASS_FIB, len);
-    __u32 hash = flow_hash(&p, svc_flags, cfg->hash_seed);
-    __u32 be_id = 0;
-    struct backend_info *be = choose_backend(&p, svc, hash, cfg->hash_seed, &be_id);
-    if (!be)
-        return no_backend(ctx, &p, svc_flags, len);
-    count_backend(be_id, len);
-    return forward(ctx, &p, cfg, be, be_id, hash, svc_flags, len, FWD_FLOW REC_ARG);
+    return balance(ctx, &p, len);
 }
 
 /* ICMP to a VIP: echo requests (lib/echo.h), errors about its flows
@@ -96,13 +101,16 @@ int l4lb_icmp(struct xdp_md *ctx)
     return VERDICT(XDP_PASS, REASON_PASS_NOT_SERVICE, len);
 }
 
-/* A later fragment: to its first fragment's backend (lib/frag.h). */
+/* A fragment of TCP/UDP: the first is balanced and leaves its ports for the
+ * later ones, which follow it to its backend (lib/frag.h). */
 int l4lb_fragment(struct xdp_md *ctx)
 {
     __u64 len = ctx->data_end - ctx->data;
     struct pkt p = {};
-    if (parse_packet(ctx, &p) != PARSE_OK || p.fragment != FRAG_LATER)
+    if (parse_packet(ctx, &p) != PARSE_OK || !p.fragment)
         return VERDICT(XDP_PASS, REASON_PASS_FRAGMENT, len);
+    if (p.fragment == FRAG_FIRST)
+        return balance(ctx, &p, len);
     return later_fragment(ctx, &p, len);
 }
 

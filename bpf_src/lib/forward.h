@@ -39,24 +39,26 @@ L4LB_INLINE int forward(struct xdp_md *ctx, struct pkt *p, struct lb_config *cfg
     struct bpf_fib_lookup fib;
     int rc = next_hop(ctx, be_id, be, p->l3_len + overhead, &fib);
     __u32 kernel = 0;   /* the reason, when the kernel is to send the encapsulated packet on */
-    if (rc == BPF_FIB_LKUP_RET_FRAG_NEEDED) {
-        /* DF set, or IPv6 (routers never fragment it): the sender must learn
-         * the MTU. No ICMP error about an ICMP error, though (RFC 1812
-         * 4.3.2.7, RFC 4443 2.4(e.1)). */
-        if (p->family == FAMILY_V6 || p->df) {
-            if (kind == FWD_ICMP_ERROR)
-                return VERDICT(XDP_DROP, REASON_DROP_REPLY_FORBIDDEN, len);
-            return reply_to(ctx, REPLY_TOO_BIG, fib.mtu_result, len);  /* lib/icmp.h too_big */
+    if (rc != BPF_FIB_LKUP_RET_SUCCESS) {
+        if (rc == BPF_FIB_LKUP_RET_FRAG_NEEDED) {
+            /* DF set, or IPv6 (routers never fragment it): the sender must
+             * learn the MTU. No ICMP error about an ICMP error, though (RFC
+             * 1812 4.3.2.7, RFC 4443 2.4(e.1)). */
+            if (p->family == FAMILY_V6 || p->df) {
+                if (kind == FWD_ICMP_ERROR)
+                    return VERDICT(XDP_DROP, REASON_DROP_REPLY_FORBIDDEN, len);
+                return reply_to(ctx, REPLY_TOO_BIG, fib.mtu_result, len);  /* lib/icmp.h too_big */
+            }
+            /* DF clear: the tunnel entry fragments the outer packet instead
+             * (RFC 2003 5.1), i.e. the kernel does, on its way out. A lookup
+             * without the MTU check names the egress NIC (for the outer source). */
+            fib_next_hop(ctx, be, 0, &fib);
+            kernel = REASON_PASS_OUTER_FRAGMENT;
+        } else if (rc == BPF_FIB_LKUP_RET_NO_NEIGH) {
+            kernel = REASON_PASS_NO_NEIGH;  /* never a silent drop: the kernel resolves it on the way */
+        } else {
+            return VERDICT(XDP_PASS, REASON_PASS_FIB, len);
         }
-        /* DF clear: the tunnel entry fragments the outer packet instead
-         * (RFC 2003 5.1), i.e. the kernel does, on its way out. A lookup
-         * without the MTU check names the egress NIC (for the outer source). */
-        fib_next_hop(ctx, be, 0, &fib);
-        kernel = REASON_PASS_OUTER_FRAGMENT;
-    } else if (rc == BPF_FIB_LKUP_RET_NO_NEIGH) {
-        kernel = REASON_PASS_NO_NEIGH;  /* never a silent drop: the kernel resolves it on the way */
-    } else if (rc != BPF_FIB_LKUP_RET_SUCCESS) {
-        return VERDICT(XDP_PASS, REASON_PASS_FIB, len);
     }
 
     __u32 egress = fib.ifindex;

@@ -1,8 +1,10 @@
 /* IP fragments of service traffic.
  *
+ * Fragments take a rare path of their own (l4lb_fragment, a tail call).
  * Only a datagram's first fragment carries the L4 header, and with it the
  * ports the flow hash and the flow table need. So the first fragment of a
- * datagram to a service leaves its ports in `frags` (maps.h), keyed by what
+ * datagram to a service, balanced like any packet, leaves its ports in
+ * `frags` (maps.h), keyed by what
  * identifies the datagram for the host that reassembles it (addresses,
  * identification, protocol: RFC 791, RFC 8200 4.5); later fragments take the
  * ports from there and go the same way as the first: the same service, the
