@@ -41,8 +41,9 @@ L4LB_INLINE int other_packet(struct xdp_md *ctx, struct pkt *p, int rc, __u64 le
     return VERDICT(XDP_PASS, REASON_PASS_NOT_SERVICE, len);
 }
 
-/* A TCP/UDP packet with its ports: service, backend, on to it. */
-L4LB_INLINE int balance(struct xdp_md *ctx, struct pkt *p, __u64 len)
+/* A TCP/UDP packet with its ports: service, backend, on to it. `first_fragment`
+ * is a constant at each call: the hot path never tests for fragments again. */
+L4LB_INLINE int balance(struct xdp_md *ctx, struct pkt *p, __u64 len, int first_fragment)
 {
     struct svc_info *svc = service_lookup(p);
     if (!svc)
@@ -51,7 +52,7 @@ L4LB_INLINE int balance(struct xdp_md *ctx, struct pkt *p, __u64 len)
     __u32 svc_id = svc->id;
     __u32 svc_flags = svc->flags;
     count_service(svc_id, len);
-    if (p->fragment == FRAG_FIRST)
+    if (first_fragment)
         frag_remember(p);
 
     __u32 zero = 0;
@@ -82,7 +83,7 @@ int l4lb_xdp(struct xdp_md *ctx)
         slow_path(ctx, SLOW_FRAGMENT);
         return VERDICT(XDP_PASS, REASON_PASS_FRAGMENT, len);
     }
-    return balance(ctx, &p, len);
+    return balance(ctx, &p, len, 0);
 }
 
 /* ICMP to a VIP: echo requests (lib/echo.h), errors about its flows
@@ -110,7 +111,7 @@ int l4lb_fragment(struct xdp_md *ctx)
     if (parse_packet(ctx, &p) != PARSE_OK || !p.fragment)
         return VERDICT(XDP_PASS, REASON_PASS_FRAGMENT, len);
     if (p.fragment == FRAG_FIRST)
-        return balance(ctx, &p, len);
+        return balance(ctx, &p, len, 1);
     return later_fragment(ctx, &p, len);
 }
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Run bench/datapath.py for this tree and for another revision, in
-interleaved rounds, and compare them row by row: the lowest minimum, the
-median of the medians and the highest maximum over the rounds.
+interleaved rounds (which tree goes first alternates as well), and compare
+them row by row: the lowest minimum, the median of the medians and the
+highest maximum over the rounds.
 
     sudo .venv/bin/python scripts/bench-against.py main --rounds 3
 
@@ -10,8 +11,10 @@ and run with this tree's venv, its own sources first on the path (the
 `l4lb.bpf_src`, `l4lb.api` and `l4lb.recorder` packages, mapped by
 pyproject.toml, are linked in), so each run compiles its own BPF C; the
 benches' helpers in build/ (scripts/setup.sh) are this tree's for both. Rounds
-alternate (other, this, other, this, ...) so that load from other work on the
-machine falls on both alike; the load average is printed with the figures.
+alternate (other, this; this, other; ...) so that load from other work on the
+machine, and whatever favours the first or the second run of a pair, falls on
+both alike; the load average is printed with the figures. The floor rows run
+the same programs in both trees: their differences show the noise.
 Extra arguments after `--` go to bench/datapath.py (e.g. `-- --quick`).
 """
 
@@ -75,7 +78,9 @@ def main() -> None:
         results: dict[str, list[dict[str, tuple[int, ...]]]] = {args.rev: [], "this tree": []}
         loads = []
         for r in range(args.rounds):
-            for name, tree in ((args.rev, other), ("this tree", ROOT)):
+            # who goes first alternates too: the second of a pair measured slower here
+            pair = ((args.rev, other), ("this tree", ROOT))
+            for name, tree in (pair if r % 2 == 0 else pair[::-1]):
                 loads.append(os.getloadavg()[0])
                 print(f"round {r + 1}/{args.rounds}: {name} (load {loads[-1]:.1f})", file=sys.stderr, flush=True)
                 results[name].append(run(tree, extra))

@@ -60,9 +60,9 @@ L4LB_INLINE int parse_l4(void *data, void *data_end, struct pkt *p)
     __u32 room = l3_end(p) - p->l4_off;   /* L4 bytes the IP length vouches for (l4_off <= l3_end) */
     if (p->proto == IPPROTO_TCP) {
         struct tcphdr *th = l4;
-        if ((void *)(th + 1) > data_end || room < sizeof(*th))
+        if ((void *)(th + 1) > data_end)
             return PARSE_MALFORMED;
-        if (th->doff < 5 || th->doff * 4 > room)
+        if (th->doff < 5 || th->doff * 4 > room)   /* so room >= 20 too */
             return PARSE_MALFORMED;
         p->sport = th->source;
         p->dport = th->dest;
@@ -71,12 +71,12 @@ L4LB_INLINE int parse_l4(void *data, void *data_end, struct pkt *p)
     }
     if (p->proto == IPPROTO_UDP) {
         struct udphdr *uh = l4;
-        if ((void *)(uh + 1) > data_end || room < sizeof(*uh))
+        if ((void *)(uh + 1) > data_end)
             return PARSE_MALFORMED;
         /* RFC 768: the length covers header and data, i.e. the IP payload;
          * a first fragment carries only the start of it. */
         __u32 ulen = bpf_ntohs(uh->len);
-        if (ulen < sizeof(*uh) || (p->fragment ? ulen < room : ulen != room))
+        if (ulen < sizeof(*uh) || (p->fragment ? room < sizeof(*uh) || ulen < room : ulen != room))
             return PARSE_MALFORMED;
         p->sport = uh->source;
         p->dport = uh->dest;
