@@ -493,7 +493,7 @@ def test_fragment_map_entry_bounds_and_lifetime(env):
     first, *later = fragments4(48000, 4242)
     t0 = time.monotonic_ns()
     assert env.run(first)[0] == XDP_TX
-    frags = env.dp.prog.bpf[b"frags"]
+    frags = env.dp.tables.frags
     assert frags.max_entries == 8192
     (k, v), = [(k, v) for k, v in env.call(lambda: list(frags.items())) if k.id == socket.htons(4242)]
     assert (v.sport, v.dport) == (socket.htons(48000), socket.htons(53))

@@ -122,7 +122,7 @@ def test_states_ports_and_options_come_back() -> None:
     (svc,) = desired_from_maps([entry], M, MSEED).state.services
     assert svc.options.l4_dnat and not svc.options.hash_src_port
     assert svc.options.no_backend == "drop" and not svc.options.answer_ping
-    entry["flags"] = 8
+    entry["flags"] = 1 | 8  # DNAT (the port above), answer pings
     (svc,) = desired_from_maps([entry], M, MSEED).state.services
     assert svc.options.answer_ping and svc.options.no_backend == "reject" and svc.options.hash_src_port
     assert {b.address.compressed: (b.state.value, b.port) for b in svc.backends} == {
