@@ -78,8 +78,9 @@ def _service(draw: Any, family: int, odd: st.SearchStrategy[bool]) -> dict[str, 
         "port": draw(port),
         **draw(st.fixed_dictionaries({}, optional={
             "protocol": _maybe_odd(odd, st.sampled_from(["tcp", "udp"]), st.just("icmp")),
-            "options": st.fixed_dictionaries({}, optional={"l4_dnat": flag, "hash_src_port": flag,
-                                                           "maglev_weights": flag})})),
+            "options": st.fixed_dictionaries({}, optional={
+                "l4_dnat": flag, "hash_src_port": flag, "maglev_weights": flag, "answer_ping": flag,
+                "no_backend": _maybe_odd(odd, st.sampled_from(["reject", "drop"]), st.just("refuse"))})})),
     }
     # Backend ports other than the service's need l4_dnat: give them mostly when it is on.
     dnat = svc.get("options", {}).get("l4_dnat") is True
@@ -103,7 +104,8 @@ documents = st.booleans().flatmap(lambda unusual: st.fixed_dictionaries({"servic
 
 def _normal(svc: dict[str, Any]) -> dict[str, Any]:
     """What a service document means, written independently of the models."""
-    options = {"l4_dnat": False, "hash_src_port": True, "maglev_weights": True, **svc.get("options", {})}
+    options = {"l4_dnat": False, "hash_src_port": True, "maglev_weights": True, "no_backend": "reject",
+               "answer_ping": True, **svc.get("options", {})}
     backends = sorted(((str(ipaddress.ip_address(b["address"])), b.get("port"), b.get("weight", 100),
                         b.get("state", "active")) for b in svc["backends"]), key=repr)
     return {"vip": str(ipaddress.ip_address(svc["vip"])), "port": svc["port"],

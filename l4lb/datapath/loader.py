@@ -4,9 +4,10 @@ and its maps without compiling (BCC takes seconds; a restart should not).
 
 Pins, under ``<bpffs>/maps-<layout digest>/``: every map maps.h declares with
 BPF_TABLE_PINNED, by its name; ``maglev/<index>`` the Maglev table buffers
-(rings.py); and with the attached program: ``prog``, its devmap ``tx_ports``
-and ``prog_types`` (the program's digest and BCC's type descriptions of its
-maps, so an adopting daemon rebuilds the same ctypes without compiling).
+(rings.py); and with the attached program: ``prog``, its devmap ``tx_ports``,
+its tail-call array ``slow_paths`` and ``prog_types`` (the program's digest
+and BCC's type descriptions of its maps, so an adopting daemon rebuilds the
+same ctypes without compiling).
 
 BCC reuses pinned maps by reopening them *by id* (BPF_MAP_GET_FD_BY_ID), which
 the kernel allows only with CAP_SYS_ADMIN. So BCC compiles against an empty
