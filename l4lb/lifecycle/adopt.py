@@ -2,9 +2,9 @@
 ``l4lbd --adopt-datapath``.
 
 The maps hold, per service: VIP, port, protocol and flags (L4 DNAT, client-IP
-affinity, the no-backend policy, answering ping); per backend: address, port and
-the maintenance flag; and the Maglev
-table in force. What they do not hold, and how it is recovered:
+affinity, the no-backend policy, answering ping); per backend: address, port
+and the maintenance flag; and the Maglev table in force. What they do not
+hold, and how it is recovered:
 
 * service names: made from the key, ``tcp-198.51.100.10-80`` (IPv6 colons
   become dots);
