@@ -11,9 +11,11 @@ import ipaddress
 import os
 import socket
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 from scapy.all import IP, TCP, Ether, raw
 
@@ -21,7 +23,8 @@ from l4lb import flowhash, maglev
 from l4lb.config import ConfigError, parse
 from l4lb.datapath.config import DatapathError
 from l4lb.datapath.engine import hash_seed
-from l4lb.datapath import libbpf
+from l4lb.datapath import flowscan, libbpf
+from l4lb.datapath.jiffies import KernelClock
 from l4lb.datapath.loader import FLOW_WAYS, flow_cflags
 from l4lb.lab.pktenv import PacketEnv, edge_backends_v4
 from l4lb.models import Service
@@ -346,6 +349,64 @@ def test_the_table_is_shared_by_all_cpus(many):
     many.apply([b])
     for p in ports:
         assert on(cpus[1], p, "A") == first[p]
+
+
+# --- the table read back (l4lb/datapath/flowscan.py) ---------------------------------------
+
+@pytest.mark.bpf
+@pytest.mark.netns
+def test_flowscan_counts_fill_and_active_inactive_flows_per_backend(many):
+    """What `l4lbctl status` / `stats` and /metrics report, read from flows the
+    real program inserted: fill, per backend active (used within the window)
+    or inactive, and entries of a removed backend as stale (counted for nobody)."""
+    s = svc(B[:6])
+    many.apply([s])
+    flows = many.dp.tables.flows
+    n = flows.max_entries
+    libbpf.update_batch(flows.map_fd, np.arange(n, dtype=np.uint32), bytes(n * ct.sizeof(flows.Leaf)))
+    ports = list(range(41000, 41040))
+    want = Counter(send(many, p, "S") for p in ports)
+    clock = KernelClock()
+    ident = {b: (ipaddress.ip_address(b).exploded, 80) for b in B[:6]}
+
+    def counts(res: flowscan.FlowScan) -> dict[str, tuple[int, int]]:
+        out = {b: res.backends[(s.key, ident[b])] for b in B[:6]}
+        assert set(res.backends) == {(s.key, ident[b]) for b in B[:6]}
+        return out
+
+    res = flowscan.scan(*many.dp.flow_source(), clock, chunk=16)  # 128 buckets: 8 batch reads
+    assert (res.capacity, res.used, res.stale) == (n * FLOW_WAYS, len(ports), 0)
+    assert counts(res) == {b: (want[b], 0) for b in B[:6]}
+
+    # Age the flows of one backend past the window, as 11 s without a packet would.
+    old = max(want, key=lambda b: want[b])
+    old_id = backend_addr(many, s, old)
+    stamp = (clock.now() - clock.ticks(flowscan.ACTIVE_WINDOW + 1)) & 0xFFFFFFFF
+    for i in range(n):
+        bk = flows[ct.c_uint32(i)]
+        hit = [w for w in range(FLOW_WAYS) if bk.tag[w] and bk.way[w].backend_id == old_id]
+        for w in hit:
+            bk.used[w] = stamp
+        if hit:
+            flows[ct.c_uint32(i)] = bk
+    res = flowscan.scan(*many.dp.flow_source(), clock)
+    assert counts(res)[old] == (0, want[old])
+    assert res.active == len(ports) - want[old] and res.used == len(ports)
+
+    # Its removal leaves its entries in the table, counted for nobody.
+    many.apply([svc([b for b in B[:6] if b != old])])
+    res = flowscan.scan(*many.dp.flow_source(), clock)
+    assert (res.used, res.stale) == (len(ports), want[old])
+    assert (s.key, ident[old]) not in res.backends and res.active == len(ports) - want[old]
+
+
+@pytest.mark.bpf
+def test_kernel_clock_reads_jiffies_and_hz():
+    clock = KernelClock()
+    a = clock.now()
+    assert clock.hz in (100, 250, 300, 1000)
+    assert 0 < (clock.now() - a) & 0xFFFFFFFF < 10 * clock.hz, "jiffies did not move over the HZ calibration"
+    clock.close()
 
 
 # --- configuration (no root) --------------------------------------------------------------

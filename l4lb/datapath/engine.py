@@ -34,7 +34,7 @@ from l4lb.datapath.maglevbuild import TableBuilder
 from l4lb.datapath.pinned import Record
 from l4lb.datapath.reconcile import ApplyTimings, Reconciler
 from l4lb.datapath.rings import Rings
-from l4lb.datapath.slots import BackendKey, ServiceKey, Slots
+from l4lb.datapath.slots import BackendKey, Labels, ServiceKey, Slots
 from l4lb.datapath.stats import DatapathStats, read_counters
 from l4lb.datapath.survey import converged_record
 from l4lb.datapath.tables import Tables
@@ -339,6 +339,11 @@ class Datapath:
 
     def service_id(self, service: ServiceKey) -> int | None:
         return self._slots.svc_ids.get(service)
+
+    def flow_source(self) -> tuple[Any, Labels]:
+        """The flow map and the slot labels in force, for flowscan.FlowWatch."""
+        with self._lock:
+            return self.tables.flows, self._slots.labels()
 
     def status(self) -> dict[str, Any]:
         with self._lock:

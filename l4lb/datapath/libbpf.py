@@ -12,6 +12,7 @@ import errno
 import mmap
 import os
 import time
+from collections.abc import Iterator
 from functools import cache
 
 import numpy as np
@@ -104,6 +105,7 @@ def _lib() -> ct.CDLL:
     lib.bpf_map_get_fd_by_id.argtypes = [ct.c_uint32]
     lib.bpf_obj_get_info_by_fd.argtypes = [ct.c_int, ct.c_void_p, ct.POINTER(ct.c_uint32)]
     lib.bpf_prog_test_run_opts.argtypes = [ct.c_int, ct.POINTER(BpfTestRunOpts)]
+    lib.bpf_prog_load.argtypes = [ct.c_int, ct.c_char_p, ct.c_char_p, ct.c_void_p, ct.c_size_t, ct.c_void_p]
     return lib
 
 
@@ -230,6 +232,38 @@ def array_lookup_all(fd: int, max_entries: int, value_size: int) -> np.ndarray:
     if count.value != max_entries:
         raise DatapathOSError(0, f"batch lookup read {count.value} of {max_entries} elements")
     return values
+
+
+def array_lookup_chunks(fd: int, max_entries: int, value_size: int, chunk: int) -> Iterator[np.ndarray]:
+    """Every value of an array map, ``chunk`` rows of ``value_size`` bytes per batch
+    syscall: a big map is walked without holding it all in memory (or the GIL) at once.
+    Every chunk is the same buffer: use one before asking for the next."""
+    keys = np.empty(chunk, dtype=np.uint32)
+    values = np.zeros((chunk, value_size), dtype=np.uint8)
+    token, first, done = ct.c_uint32(), True, 0
+    while done < max_entries:
+        count = ct.c_uint32(min(chunk, max_entries - done))
+        rc = _lib().bpf_map_lookup_batch(fd, None if first else ct.byref(token), ct.byref(token), keys.ctypes.data,
+                                         values.ctypes.data, ct.byref(count), None)
+        if rc < 0 and ct.get_errno() != errno.ENOENT:  # ENOENT: the end was reached, as expected
+            _check(rc, "batch lookup")
+        if not count.value:
+            break
+        first, done = False, done + count.value
+        yield values[:count.value]
+    if done != max_entries:
+        raise DatapathOSError(0, f"batch lookup read {done} of {max_entries} elements")
+
+
+BPF_PROG_TYPE_XDP = 6
+
+
+def prog_load_raw(prog_type: int, name: str, insns: bytes) -> int:
+    """Load a program given as raw instructions (8 bytes each): for the few
+    helpers user space can only reach through a program (bpf_jiffies64)."""
+    buf = ct.create_string_buffer(insns, len(insns))
+    return _check(_lib().bpf_prog_load(prog_type, name.encode()[:15], b"GPL", buf, len(insns) // 8, None),
+                  f"load program {name}")
 
 
 # membarrier(2) syscall numbers; MEMBARRIER_CMD_GLOBAL runs synchronize_rcu().
