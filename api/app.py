@@ -9,6 +9,7 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
 from l4lb.control import Control
+from l4lb.zeroing import Baseline
 
 from . import docs, errors
 from .limits import DEFAULT_MAX_BODY_BYTES, BodyLimit
@@ -17,6 +18,7 @@ from .metrics import Metrics
 from .bgp import router as bgp_router
 from .recordings import router as recordings_router
 from .routes import router
+from .stats import router as stats_router
 from .schemas import Problem
 
 DESCRIPTION = """\
@@ -44,9 +46,15 @@ def create_app(control: Control, *, version: str = "0.1.0",
     app.add_middleware(BodyLimit, max_body_bytes=max_body_bytes)
     app.state.control = control
     app.state.health = None  # the daemon sets its HealthManager here
-    app.state.metrics = Metrics(control, health=lambda: app.state.health)
+    app.state.flows = None   # the daemon sets its FlowWatch here (l4lb/datapath/flowscan.py)
+    app.state.recorder = None
+    app.state.zero = Baseline()
+    control.subscribe(lambda view: app.state.zero.prune(view.desired))
+    app.state.metrics = Metrics(control, health=lambda: app.state.health, flows=lambda: app.state.flows,
+                                recorder=lambda: app.state.recorder, version=version)
     errors.install(app)
     app.include_router(router)
+    app.include_router(stats_router)
     app.include_router(health_router)
     app.include_router(recordings_router)
     app.include_router(bgp_router)

@@ -19,6 +19,7 @@ from . import errors
 from .bgp import status_extras
 from .document import parse_state
 from .etags import precondition, quote
+from .stats import flow_scan
 from .schemas import (
     BackendBody,
     BackendList,
@@ -27,7 +28,6 @@ from .schemas import (
     ServiceBody,
     ServiceList,
     StateWriteResult,
-    Stats,
     Status,
 )
 from l4lb.control import BackendRef, Committed, Control, Invalid, Issue, Precondition, service_etag, state_etag
@@ -231,17 +231,16 @@ def delete_backend(request: Request, name: Name, backend: BackendPath, if_match:
 # --- read side ---------------------------------------------------------------------------------
 
 
-@router.get("/v1/stats", response_model=Stats, tags=["observe"],
-            summary="Packets/bytes and rates per service, per backend and per datapath reason")
-def get_stats(request: Request) -> Stats:
-    return Stats.model_validate(_control(request).stats())
-
-
 @router.get("/v1/status", response_model=Status, tags=["observe"],
-            summary="Interfaces and XDP modes, program id, map fill levels, revision, fleet digest, BGP summary")
+            summary="Interfaces and XDP modes, program id, map fill levels (flows: in use / capacity), revision, fleet digest, BGP summary")
 def get_status(request: Request) -> Status:
     pending = list(getattr(request.app.state, "pending_restart", None) or [])
-    return Status.model_validate(_control(request).status() | status_extras(request) | {"pending_restart": pending})
+    status = _control(request).status()
+    flows = status.get("datapath", {}).get("maps", {}).get("flows")
+    scan = flow_scan(request)
+    if isinstance(flows, dict) and scan is not None:
+        flows["used"] = scan.used   # the engine knows the capacity; the scan (cached 1 s) what is in use
+    return Status.model_validate(status | status_extras(request) | {"pending_restart": pending})
 
 
 @router.get("/healthz", response_model=Health, tags=["observe"], summary="The daemon answers")
@@ -260,7 +259,7 @@ def readyz(request: Request, response: Response) -> Health:
     return Health(status="not ready", detail=control.degraded or "still starting")
 
 
-@router.get("/metrics", response_class=PlainTextResponse, tags=["observe"], summary="Prometheus metrics")
+@router.get("/metrics", response_class=PlainTextResponse, tags=["observe"], summary="Prometheus metrics (OpenMetrics if the Accept header asks for it)")
 def metrics(request: Request) -> Response:
-    body, content_type = request.app.state.metrics.render()
+    body, content_type = request.app.state.metrics.render(request.headers.get("accept"))
     return Response(body, media_type=content_type)

@@ -7,10 +7,11 @@ from the URL, a backend body whose address comes from the URL, a patch).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from l4lb.names import NAME_REGEX
 from l4lb.models import (
     MAX_BACKENDS_PER_SERVICE, Address, Backend, BackendState, HealthCheck, HealthOverride, Port, Protocol, Service,
     ServiceOptions, Weight,
@@ -107,20 +108,40 @@ class Counter(BaseModel):
     bps: float | None = Field(description="Bits/s since the previous sample")
 
 
-class BackendStats(Counter):
+_ACTIVE = ("Flows in the flow table for it whose last packet is at most flows.active_window_seconds old "
+           "(ipvsadm's ActiveConn, estimated; null without a flow-table read)")
+_INACTIVE = "Flows in the flow table for it seen longer ago than that (ipvsadm's InActConn, estimated)"
+
+
+class FlowCounts(BaseModel):
+    active_flows: int | None = Field(default=None, description=_ACTIVE)
+    inactive_flows: int | None = Field(default=None, description=_INACTIVE)
+
+
+class BackendStats(Counter, FlowCounts):
     address: str
     port: int
     state: BackendState
     health: str | None = Field(default=None, description="up, down or unknown (null: not checked)")
 
 
-class ServiceStats(Counter):
+class ServiceStats(Counter, FlowCounts):
     name: str
     vip: str
     port: int
     protocol: Protocol
     fail_open: bool = Field(default=False, description="Every backend is down and all are kept (health)")
+    zeroed_at: float | None = Field(default=None, description="When its counters were zeroed (POST /v1/stats/zero; "
+                                    "epoch seconds): packets and bytes count from then. Null: since the maps were made")
     backends: list[BackendStats]
+
+
+class FlowTable(BaseModel):
+    used: int = Field(description="Entries holding a flow")
+    capacity: int = Field(description="Entries the table has (datapath.flow_table_size)")
+    stale: int = Field(description="Entries of a backend no longer in force (counted for nobody; overwritten as "
+                       "new flows need the room)")
+    active_window_seconds: float = Field(description="A flow is active if its last packet is at most this old")
 
 
 class Stats(BaseModel):
@@ -128,6 +149,13 @@ class Stats(BaseModel):
     rate_interval_seconds: float | None
     services: list[ServiceStats]
     reasons: dict[str, Counter]
+    reasons_zeroed_at: float | None = Field(default=None, description="When the reason counters were zeroed")
+    flows: FlowTable | None = Field(default=None, description="The flow table read back (null: not available)")
+
+
+class ZeroBody(_Body):
+    services: list[Annotated[str, Field(pattern=NAME_REGEX)]] | None = Field(default=None, max_length=100_000, description="Zero these services (and "
+                                       "their backends) only; absent or null: every service and the reason counters")
 
 
 class Status(BaseModel):

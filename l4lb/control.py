@@ -25,11 +25,12 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from pydantic import ValidationError
 
+from l4lb.applymetrics import ApplyMetrics
 from l4lb.background import Background
 from l4lb.datapath.config import DatapathFull
 from l4lb.health.overlay import Effective, Health, Overlay
@@ -173,13 +174,6 @@ def canonical(state: DesiredState, trusted: Sequence[Service] = ()) -> DesiredSt
 
 
 # --- the core ----------------------------------------------------------------------------------
-
-
-@dataclass
-class ApplyMetrics:
-    results: Counter = field(default_factory=Counter)  # "ok" / "failed" / "unchanged"
-    last_seconds: float = 0.0
-    total_seconds: float = 0.0
 
 
 class Control:
@@ -564,7 +558,7 @@ class Control:
         if dry_run:
             return Committed(self._revision, not plan.empty, plan, old, dry_run=True)
         if new == old:
-            self.apply_metrics.results["unchanged"] += 1
+            self.apply_metrics.observe("unchanged")
             return Committed(self._revision, False, plan, old)
         t0 = time.monotonic()
         staged = False
@@ -577,7 +571,7 @@ class Control:
                 if self._hook is not None:
                     self._hook()
         except Exception as e:
-            self.apply_metrics.results["failed"] += 1
+            self.apply_metrics.observe("failed", time.monotonic() - t0)
             log.error("apply of revision %d failed (%s); restoring revision %d", self._revision + 1, e, self._revision)
             if staged:
                 self._restore(old)
@@ -586,9 +580,7 @@ class Control:
             raise ApplyFailed(f"{e}; the store and the datapath still hold revision {self._revision}") from e
         t3 = time.monotonic()
         took = t3 - t0
-        self.apply_metrics.results["ok"] += 1
-        self.apply_metrics.last_seconds = took
-        self.apply_metrics.total_seconds += took
+        self.apply_metrics.observe("ok", took)
         self._snap = Record(revision, new, time.time())
         self.degraded = None  # the datapath now holds exactly the committed state
         s = plan.summary()

@@ -456,6 +456,7 @@ class Daemon:
 
     async def serve(self) -> None:
         from l4lb.api.app import create_app
+        from l4lb.datapath.flowscan import FlowWatch
 
         assert self.control is not None
         loop = asyncio.get_running_loop()
@@ -463,6 +464,7 @@ class Daemon:
         self._reload_lock = asyncio.Lock()
         self._app = create_app(self.control, version=__version__, max_body_bytes=lambda: self.cfg.api.max_body_bytes)
         self._app.state.recorder = self._recorder
+        self._app.state.flows = FlowWatch(self._dp.flow_source)  # read by stats, status and /metrics
         self._app.state.digest = self._digest
         self._app.state.bgp = self._bgp
         self._app.state.pending_restart = self.pending_restart

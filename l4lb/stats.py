@@ -118,3 +118,21 @@ def stats_answer(revision: int, state: DesiredState, sample: Sample, base: tuple
     reasons = {k[1]: entry(k) for k in sorted(flat) if k[0] == "reason"}
     return {"revision": revision, "rate_interval_seconds": round(interval, 3) if interval else None,
             "services": services, "reasons": reasons}
+
+
+def with_flows(doc: dict[str, Any], scan: Any | None) -> dict[str, Any]:
+    """``doc`` (a /v1/stats document) with each backend's ``active_flows`` and
+    ``inactive_flows`` from a flow-table scan (l4lb/datapath/flowscan.py), their
+    sums per service, and the table's fill; null everywhere without a scan."""
+    for s in doc["services"]:
+        key = _norm_key((s["vip"], s["port"], s["protocol"]))
+        tot = [0, 0]
+        for b in s["backends"]:
+            got = None if scan is None else scan.backends.get((key, _norm_ident((b["address"], b["port"]))), (0, 0))
+            b["active_flows"], b["inactive_flows"] = got if got is not None else (None, None)
+            if got is not None:
+                tot = [tot[0] + got[0], tot[1] + got[1]]
+        s["active_flows"], s["inactive_flows"] = tot if scan is not None else (None, None)
+    doc["flows"] = None if scan is None else {
+        "used": scan.used, "capacity": scan.capacity, "stale": scan.stale, "active_window_seconds": scan.window}
+    return doc

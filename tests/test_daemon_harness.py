@@ -48,11 +48,11 @@ def require_root() -> None:
 class DaemonLab(L4lbd):
     """One netns + private bpffs dir + one l4lbd process (restartable)."""
 
-    def __init__(self, bpffs: Path, tag: str, *, env: dict[str, str] | None = None) -> None:
+    def __init__(self, bpffs: Path, tag: str, *, env: dict[str, str] | None = None, ns_prefix: str = NS_PREFIX) -> None:
         require_root()
         workdir = Path(tempfile.mkdtemp(prefix=f"l4lbd-{tag}-"))
         self.bpffs = bpffs / f"l4lbd-{os.getpid()}-{tag}"
-        super().__init__(f"{NS_PREFIX}-{os.getpid()}-{tag}", workdir,
+        super().__init__(f"{ns_prefix}-{os.getpid()}-{tag}", workdir,
                          default_config(workdir, self.bpffs, ["lbt0a"]), env=env)
         self.bpffs.mkdir()
         self.prefix: list[str] = []              # runs the daemon under e.g. prlimit or unshare (which exec it)

@@ -1,4 +1,5 @@
-"""``l4lbctl stats``: an ``ipvsadm -Ln --stats``-like table, optionally with rates and --watch."""
+"""``l4lbctl stats``: an ``ipvsadm -Ln --stats``-like table with active/inactive flows per
+backend, optionally with rates, --watch, and --zero (the daemon's zero point, l4lb/zeroing.py)."""
 
 from __future__ import annotations
 
@@ -23,6 +24,10 @@ def _rates(c: dict[str, Any]) -> list[Any]:
     return [c.get("pps"), None if c.get("bps") is None else c["bps"] / 8]
 
 
+def _flows(c: dict[str, Any]) -> list[Any]:
+    return [c.get("active_flows"), c.get("inactive_flows")]
+
+
 def _weights(services: list[dict[str, Any]]) -> dict[tuple[str, str, int], int]:
     return {(s["name"], ipaddress.ip_address(b["address"]).exploded, b.get("port") or s["port"]): b["weight"]
             for s in services for b in s["backends"]}
@@ -30,28 +35,40 @@ def _weights(services: list[dict[str, Any]]) -> dict[tuple[str, str, int], int]:
 
 def stats_table(stats: dict[str, Any], weights: dict[tuple[str, str, int], int], *, rate: bool,
                 reasons: bool) -> str:
-    headers = ["PROT", "ADDRESS:PORT", "NAME", "WEIGHT", "STATE", "HEALTH", "PACKETS", "BYTES"]
-    right = [False, False, False, True, False, False, True, True]
+    headers = ["PROT", "ADDRESS:PORT", "NAME", "WEIGHT", "STATE", "HEALTH", "ACTIVE", "INACTIVE", "PACKETS", "BYTES"]
+    right = [False, False, False, True, False, False, True, True, True, True]
     if rate:
         headers += ["PKT/S", "BYTES/S"]
         right += [True, True]
     rows: list[list[Any]] = []
     for s in stats["services"]:
         rows.append([s["protocol"].upper(), hostport(s["vip"], s["port"]), s["name"], "", "",
-                     "FAIL-OPEN" if s.get("fail_open") else "", s["packets"], s["bytes"]] + (_rates(s) if rate else []))
+                     "FAIL-OPEN" if s.get("fail_open") else "", *_flows(s), s["packets"], s["bytes"]]
+                    + (_rates(s) if rate else []))
         for b in s["backends"]:
             w = weights.get((s["name"], ipaddress.ip_address(b["address"]).exploded, b["port"]))
             rows.append(["  ->", hostport(b["address"], b["port"]), "", w, b["state"], health_cell(b.get("health")),
-                         b["packets"], b["bytes"]] + (_rates(b) if rate else []))
+                         *_flows(b), b["packets"], b["bytes"]] + (_rates(b) if rate else []))
     parts = [table(headers, rows, right=right) if rows else "no services"]
     if reasons:
         rheaders = ["REASON", "PACKETS", "BYTES"] + (["PKT/S", "BYTES/S"] if rate else [])
         rrows = [[k, v["packets"], v["bytes"]] + (_rates(v) if rate else []) for k, v in stats["reasons"].items()]
         parts.append(table(rheaders, rrows, right=[False] + [True] * (len(rheaders) - 1)))
+    notes = []
+    flows = stats.get("flows")
+    if flows:
+        notes.append(f"flows: ACTIVE = seen in the last {flows['active_window_seconds']:g} s, INACTIVE = older "
+                     f"(estimated from the flow table, {flows['used']}/{flows['capacity']} entries in use)")
+    zeroed = [s["zeroed_at"] for s in stats["services"] if s.get("zeroed_at")]
+    if zeroed:
+        notes.append("packets/bytes since " + time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(min(zeroed)))
+                     + (" or later" if len(set(zeroed)) > 1 else "") + " (l4lbctl stats --zero)")
     if rate:
         interval = stats.get("rate_interval_seconds")
         parts.append(f"rates over the last {interval:g} s" if interval
                      else "rates: not available yet (the daemon has no earlier sample; try again in a few seconds)")
+    if notes:
+        parts.append("\n".join(notes))
     return "\n\n".join(parts)
 
 
@@ -71,14 +88,24 @@ def _select(stats: dict[str, Any], names: tuple[str, ...]) -> dict[str, Any]:
 @click.option("--reasons", is_flag=True, help="Also the datapath's per-reason counters (tx, pass_*, drop_*, ...).")
 @click.option("--watch", type=click.FloatRange(min=0.1), is_flag=False, flag_value=2.0, default=None,
               metavar="[SECS]", help="Redraw every SECS seconds (default 2) until Ctrl-C (exit 130).")
+@click.option("--zero", is_flag=True, help="First zero the packet/byte counters shown (of SERVICES, or all and the "
+              "reasons), like ipvsadm -Z. Display only: /metrics stays monotonic.")
 @output_option
 @pass_app
-def stats(app: App, services: tuple[str, ...], rate: bool, reasons: bool, watch: float | None) -> None:
-    """Packets and bytes per service (VIP) and per backend, like `ipvsadm -Ln --stats`.
+def stats(app: App, services: tuple[str, ...], rate: bool, reasons: bool, watch: float | None, zero: bool) -> None:
+    """Packets and bytes per service (VIP) and per backend, like `ipvsadm -Ln --stats`,
+    with ACTIVE/INACTIVE flows per backend like ipvsadm's ActiveConn/InActConn.
 
     Give service names to show only those. With -o json/yaml the API's document is
     printed (with --watch: one JSON document per line, or YAML documents).
+
+    --zero sets the daemon's zero point: from then on every client's
+    `l4lbctl stats` and /v1/stats show packets and bytes since it (until the
+    daemon restarts, or the service or backend is removed). The datapath's
+    counters and Prometheus' /metrics are never reset (rate() relies on that).
     """
+    if zero:
+        app.client.request("POST", "/v1/stats/zero", json={"services": list(services) if services else None})
 
     def frame() -> str:
         data = _select(app.client.json("GET", "/v1/stats"), services)
