@@ -573,25 +573,26 @@ def test_stats_show_the_real_counters(lab: DaemonLab, api: httpx.Client) -> None
     base = json.loads(ok(lab, "stats", "-o", "json"))
     inject_udp(lab, VIP4, 53, 20)
 
-    table = rows(ok(lab, "stats"))
-    assert table[0] == ["PROT", "ADDRESS:PORT", "NAME", "WEIGHT", "STATE", "HEALTH", "PACKETS", "BYTES"]
+    table = rows(ok(lab, "stats").split("\n\n")[0])  # then the notes on flows
+    assert table[0] == ["PROT", "ADDRESS:PORT", "NAME", "WEIGHT", "STATE", "HEALTH", "ACTIVE", "INACTIVE", "PACKETS",
+                        "BYTES"]
     svc = {r[1]: r for r in table[1:]}
     base_dns = next(s for s in base["services"] if s["name"] == "dns")
     udp = svc[f"{VIP4}:53"]
-    assert udp[:3] == ["UDP", f"{VIP4}:53", "dns"] and int(udp[3]) - base_dns["packets"] == 20
-    assert int(udp[4]) - base_dns["bytes"] == 20 * (14 + 20 + 8 + 20)
+    assert udp[:3] == ["UDP", f"{VIP4}:53", "dns"] and int(udp[5]) - base_dns["packets"] == 20
+    assert int(udp[6]) - base_dns["bytes"] == 20 * (14 + 20 + 8 + 20)
     backends = [r for r in table[1:] if r[0] == "->"]
     assert [r[1:4] for r in backends if r[1].startswith("192.0.2.")] == [
         ["192.0.2.1:53", "30", "active"], ["192.0.2.2:53", "70", "draining"], ["192.0.2.3:53", "100", "active"]]
     assert all(r[4] == "-" for r in backends)  # no health checks: no health
-    got = sum(int(r[5]) for r in backends if r[1].startswith("192.0.2."))
+    got = sum(int(r[7]) for r in backends if r[1].startswith("192.0.2."))
     assert got - sum(b["packets"] for b in base_dns["backends"]) == 20
     assert svc[f"[{VIP6}]:443"][:3] == ["TCP", f"[{VIP6}]:443", "alt"]
     assert "[2001:db8::10]:8443" in svc and "[2001:db8::11]:443" in svc
 
     # Machine formats: the API's document; service names filter.
     doc = json.loads(ok(lab, "stats", "dns", "-o", "json"))
-    assert [s["name"] for s in doc["services"]] == ["dns"] and doc["services"][0]["packets"] == int(udp[3])
+    assert [s["name"] for s in doc["services"]] == ["dns"] and doc["services"][0]["packets"] == int(udp[5])
     assert yaml.safe_load(ok(lab, "-o", "yaml", "stats", "alt"))["services"][0]["name"] == "alt"
     assert fails(lab, 1, "stats", "nope") == "Error: no service named 'nope'\n"
 
@@ -600,9 +601,10 @@ def test_stats_show_the_real_counters(lab: DaemonLab, api: httpx.Client) -> None
     while (out := ok(lab, "stats", "--rate", "--reasons", "dns")) and "rates over the last" not in out:
         assert time.monotonic() < deadline, out
         time.sleep(0.3)
-    services, reasons, footer = out.strip().split("\n\n")
+    services, reasons, footer, notes = out.strip().split("\n\n")
+    assert notes.startswith("flows: ACTIVE = seen in the last 10 s")
     assert rows(services)[0][-2:] == ["PKT/S", "BYTES/S"]
-    assert [len(r) for r in rows(services)[1:]] == [7, 9, 9, 9]  # name + 4 figures; weight, state, health + 4
+    assert [len(r) for r in rows(services)[1:]] == [9, 11, 11, 11]  # name + 6 figures; weight, state, health + 6
     reason = {r[0]: r for r in rows(reasons)[1:]}
     assert rows(reasons)[0] == ["REASON", "PACKETS", "BYTES", "PKT/S", "BYTES/S"]
     assert set(reason) == set(doc["reasons"]) and sum(int(r[1]) for r in reason.values()) >= 20

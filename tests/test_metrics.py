@@ -275,3 +275,32 @@ def test_recorder_totals_stay_monotonic_when_recordings_go() -> None:
     recs.remove(old)
     got = read()
     assert (got["l4lb_recorder_packets"], got["l4lb_recorder_lost"], got["l4lb_recordings_active"]) == (50, 1, 0)
+
+
+def test_flowwatch_caches_and_never_queues_callers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One scan at a time; a caller arriving during a rescan gets the previous scan at once."""
+    import threading
+
+    from l4lb.datapath import flowscan
+
+    release, started, n = threading.Event(), threading.Event(), [0]
+
+    def fake_scan(flows: Any, labels: Any, clock: Any, window: float) -> flowscan.FlowScan:
+        n[0] += 1
+        if n[0] == 2:
+            started.set()
+            assert release.wait(10)
+        return flowscan.FlowScan(capacity=8, used=n[0], stale=0, window=window, at=time.monotonic())
+
+    monkeypatch.setattr(flowscan, "scan", fake_scan)
+    watch = flowscan.FlowWatch(lambda: (None, ([], [])), ttl=0.05, clock=SimpleNamespace(close=lambda: None))
+    assert watch.get().used == 1 and watch.get().used == 1      # cached
+    time.sleep(0.06)
+    t = threading.Thread(target=watch.get)
+    t.start()
+    assert started.wait(10)
+    t0 = time.monotonic()
+    assert watch.get().used == 1 and time.monotonic() - t0 < 1  # the previous scan, no waiting
+    release.set()
+    t.join(10)
+    assert watch.get().used == 2 and n[0] == 2
