@@ -25,7 +25,7 @@ router = APIRouter()
 def flow_scan(request: Request) -> Any | None:
     """The latest flow-table scan, or None where the daemon has no flow table to read (tests' fakes)."""
     watch = getattr(request.app.state, "flows", None)
-    return None if watch is None else watch.get()
+    return None if watch is None else watch.get()   # None too if the table cannot be read (logged)
 
 
 def _document(request: Request, raw: dict[str, Any]) -> Stats:

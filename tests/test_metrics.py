@@ -304,3 +304,20 @@ def test_flowwatch_caches_and_never_queues_callers(monkeypatch: pytest.MonkeyPat
     release.set()
     t.join(10)
     assert watch.get().used == 2 and n[0] == 2
+
+
+def test_flowwatch_failure_is_none_logged_once(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    from l4lb.datapath import flowscan
+
+    calls = [0]
+
+    def broken(*_: Any) -> flowscan.FlowScan:
+        calls[0] += 1
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(flowscan, "scan", broken)
+    watch = flowscan.FlowWatch(lambda: (None, ([], [])), ttl=0.05, clock=SimpleNamespace(close=lambda: None))
+    assert watch.get() is None and watch.get() is None and calls[0] == 2   # an OSError is tried twice at once
+    time.sleep(0.06)
+    assert watch.get() is None and calls[0] == 4
+    assert len([r for r in caplog.records if "flow table not readable" in r.getMessage()]) == 1

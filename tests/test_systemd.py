@@ -1014,6 +1014,7 @@ def test_forwards_real_traffic_through_the_vip(service: Service) -> None:
     with service.daemon.client() as c:
         (svc,) = c.get("/v1/stats").json()["services"]
     assert svc["packets"] >= 8 * 3, "handshake, request and ACKs of every request went through XDP"
+    assert svc["active_flows"] >= 1, "the flow table is read back under the unit's capabilities"
 
 
 def test_recorder_captures_under_the_sandbox(service: Service) -> None:

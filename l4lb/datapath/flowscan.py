@@ -25,6 +25,7 @@ changes `_count` and nothing else.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -35,6 +36,8 @@ import numpy as np
 from l4lb.datapath import libbpf
 from l4lb.datapath.jiffies import KernelClock
 from l4lb.datapath.slots import BackendKey, Labels, ServiceKey
+
+log = logging.getLogger(__name__)
 
 ACTIVE_WINDOW = 10.0      # seconds: the ActiveConn/InActConn line
 CACHE_SECONDS = 1.0
@@ -119,6 +122,8 @@ class FlowWatch:
         self._clock = clock or KernelClock()
         self._lock = threading.Lock()
         self._last: FlowScan | None = None
+        self._failed_at = -1e9
+        self._error: str | None = None
 
     def _fresh(self) -> FlowScan | None:
         last = self._last
@@ -126,7 +131,9 @@ class FlowWatch:
             return last
         return None
 
-    def get(self) -> FlowScan:
+    def get(self) -> FlowScan | None:
+        """The latest scan; None if the table cannot be read (logged once per
+        distinct error, tried again a ttl later): stats and metrics go on without it."""
         if (res := self._fresh()) is not None:
             return res
         last = self._last
@@ -136,11 +143,21 @@ class FlowWatch:
         try:
             if (res := self._fresh()) is not None:
                 return res
+            if time.monotonic() - self._failed_at < self.ttl:
+                return None
             try:
-                res = scan(*self._source(), self._clock, self.window)
-            except OSError:
-                res = scan(*self._source(), self._clock, self.window)
-            self._last = res
+                try:
+                    res = scan(*self._source(), self._clock, self.window)
+                except OSError:         # the program replaced under the scan: its fds closed
+                    res = scan(*self._source(), self._clock, self.window)
+            except Exception as e:  # noqa: BLE001 - counters must not fail with the flow table
+                self._failed_at = time.monotonic()
+                if str(e) != self._error:
+                    log.warning("flow table not readable: %s: %s (active flows and fill not shown)",
+                                type(e).__name__, e)
+                    self._error = str(e)
+                return None
+            self._last, self._error = res, None
             return res
         finally:
             self._lock.release()
