@@ -232,7 +232,8 @@ def delete_backend(request: Request, name: Name, backend: BackendPath, if_match:
 
 
 @router.get("/v1/status", response_model=Status, tags=["observe"],
-            summary="Interfaces and XDP modes, program id, map fill levels (flows: in use / capacity), revision, fleet digest, BGP summary")
+            summary="Interfaces and XDP modes, program id, map fill levels (flows: in use / capacity), revision, "
+                    "fleet digest, BGP summary")
 def get_status(request: Request) -> Status:
     pending = list(getattr(request.app.state, "pending_restart", None) or [])
     status = _control(request).status()
@@ -259,7 +260,8 @@ def readyz(request: Request, response: Response) -> Health:
     return Health(status="not ready", detail=control.degraded or "still starting")
 
 
-@router.get("/metrics", response_class=PlainTextResponse, tags=["observe"], summary="Prometheus metrics (OpenMetrics if the Accept header asks for it)")
+@router.get("/metrics", response_class=PlainTextResponse, tags=["observe"],
+            summary="Prometheus metrics (OpenMetrics if the Accept header asks for it)")
 def metrics(request: Request) -> Response:
     body, content_type = request.app.state.metrics.render(request.headers.get("accept"))
     return Response(body, media_type=content_type)

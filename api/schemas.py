@@ -153,9 +153,13 @@ class Stats(BaseModel):
     flows: FlowTable | None = Field(default=None, description="The flow table read back (null: not available)")
 
 
+ServiceName = Annotated[str, Field(pattern=NAME_REGEX)]
+
+
 class ZeroBody(_Body):
-    services: list[Annotated[str, Field(pattern=NAME_REGEX)]] | None = Field(default=None, max_length=100_000, description="Zero these services (and "
-                                       "their backends) only; absent or null: every service and the reason counters")
+    services: list[ServiceName] | None = Field(default=None, max_length=100_000, description="Zero these services "
+                                               "(and their backends) only; absent or null: every service and the "
+                                               "reason counters")
 
 
 class Status(BaseModel):

@@ -12,6 +12,7 @@ Public surface used by the daemon (and tests):
     dp.attach(["eth0"], mode="auto")         # attach / atomically replace
     dp.stats()                               # per service / backend / reason counters
     dp.status()                              # program id, interfaces, map fill levels
+    dp.flow_source()                         # flow map + labels: flowscan.FlowWatch (active flows, fill)
     dp.detach(["eth0"])                      # deliberate removal only
 """
 
