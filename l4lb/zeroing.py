@@ -20,9 +20,9 @@ import threading
 import time
 from typing import Any
 
-from l4lb.models import DesiredState
+from l4lb.models import DesiredState, Service
 
-Key = tuple  # ("svc", name, vip, port, proto) / ("be", name, vip, port, proto, address, port) / ("reason", name)
+Key = tuple  # ("svc", name, vip, port, proto) / ("be", name, vip, port, proto, address, port)
 
 
 def _svc_key(s: dict[str, Any]) -> tuple:
@@ -37,8 +37,12 @@ class Baseline:
     def __init__(self, clock: Any = time.time) -> None:
         self._clock = clock
         self._lock = threading.Lock()
-        self._base: dict[Key, tuple[int, int]] = {}
-        self._since: dict[Key, float] = {}   # service key (or ("reasons",)) -> when it was zeroed
+        # Per service name: its own and its backends' zeros, and when it was zeroed.
+        self._base: dict[str, dict[Key, tuple[int, int]]] = {}
+        self._since: dict[str, float] = {}
+        self._reasons: dict[str, tuple[int, int]] = {}
+        self._reasons_since: float | None = None
+        self._checked: dict[str, Service] = {}   # the Service object prune() last checked a name against
 
     def zero(self, doc: dict[str, Any], names: list[str] | None = None) -> None:
         """Take the raw counters of ``doc`` (a /v1/stats document before apply())
@@ -48,50 +52,66 @@ class Baseline:
             for s in doc["services"]:
                 if names is not None and s["name"] not in names:
                     continue
-                sk = _svc_key(s)
-                self._base[sk] = (s["packets"], s["bytes"])
-                self._since[sk] = now
-                for b in s["backends"]:
-                    self._base[_be_key(s, b)] = (b["packets"], b["bytes"])
+                base = {_svc_key(s): (s["packets"], s["bytes"])}
+                base.update((_be_key(s, b), (b["packets"], b["bytes"])) for b in s["backends"])
+                self._base[s["name"]] = base
+                self._since[s["name"]] = now
+                self._checked.pop(s["name"], None)
             if names is None:
-                for r, c in doc["reasons"].items():
-                    self._base[("reason", r)] = (c["packets"], c["bytes"])
-                self._since[("reasons",)] = now
+                self._reasons = {r: (c["packets"], c["bytes"]) for r, c in doc["reasons"].items()}
+                self._reasons_since = now
 
     def apply(self, doc: dict[str, Any]) -> dict[str, Any]:
         """``doc`` with every zeroed counter shown from its zero (in place), and
         ``zeroed_at`` (epoch seconds or null) per service and for the reasons."""
         with self._lock:
             for s in doc["services"]:
-                sk = _svc_key(s)
-                self._sub(sk, s)
-                s["zeroed_at"] = self._since.get(sk)
-                for b in s["backends"]:
-                    self._sub(_be_key(s, b), b)
+                base = self._base.get(s["name"])
+                if base is not None:
+                    self._sub(base, _svc_key(s), s)
+                    for b in s["backends"]:
+                        self._sub(base, _be_key(s, b), b)
+                s["zeroed_at"] = self._since.get(s["name"])
             for r, c in doc["reasons"].items():
-                self._sub(("reason", r), c)
-            doc["reasons_zeroed_at"] = self._since.get(("reasons",))
+                self._sub(self._reasons, r, c)
+            doc["reasons_zeroed_at"] = self._reasons_since
         return doc
 
-    def _sub(self, key: Key, c: dict[str, Any]) -> None:
-        base = self._base.get(key)
-        if base is None:
+    @staticmethod
+    def _sub(base: dict, key: Any, c: dict[str, Any]) -> None:
+        zero = base.get(key)
+        if zero is None:
             return
-        if c["packets"] < base[0] or c["bytes"] < base[1]:  # the counter restarted: its zero is gone
-            del self._base[key]
+        if c["packets"] < zero[0] or c["bytes"] < zero[1]:  # the counter restarted: its zero is gone
+            del base[key]
             return
-        c["packets"] -= base[0]
-        c["bytes"] -= base[1]
+        c["packets"] -= zero[0]
+        c["bytes"] -= zero[1]
 
     def prune(self, desired: DesiredState) -> None:
-        """Forget the zero of services and backends no longer in ``desired``."""
-        keep: set[Key] = set()
-        for s in desired.services:
-            sk = ("svc", s.name, s.vip.compressed, s.port, s.protocol.value)
-            keep.add(sk)
-            keep.update(("be", *sk[1:], b.address.compressed, b.identity(s.port)[1]) for b in s.backends)
+        """Forget the zero of services and backends no longer in ``desired``. Runs
+        after every committed change: only zeroed services whose Service object
+        changed since the last check are looked into (a drain at 100,000 backends
+        must not pay for walking them all)."""
         with self._lock:
-            for k in [k for k in self._base if k[0] != "reason" and k not in keep]:
-                del self._base[k]
-            for k in [k for k in self._since if k[0] == "svc" and k not in keep]:
-                del self._since[k]
+            if not self._base:
+                return
+            current = {s.name: s for s in desired.services}
+            for name in list(self._base):
+                svc = current.get(name)
+                if svc is None:
+                    del self._base[name], self._since[name]
+                    self._checked.pop(name, None)
+                    continue
+                if self._checked.get(name) is svc:
+                    continue
+                sk = ("svc", svc.name, svc.vip.compressed, svc.port, svc.protocol.value)
+                keep = {sk, *(("be", *sk[1:], b.address.compressed, b.identity(svc.port)[1]) for b in svc.backends)}
+                base = self._base[name]
+                if sk not in base:      # another VIP, port or protocol: another service's counters
+                    del self._base[name], self._since[name]
+                    self._checked.pop(name, None)
+                    continue
+                for k in [k for k in base if k not in keep]:
+                    del base[k]
+                self._checked[name] = svc

@@ -236,7 +236,17 @@ def test_baseline_subtracts_forgets_on_reset_and_on_removal() -> None:
     # A counter below its zero restarted (a reused slot): the raw counter, and the zero is gone for good.
     assert z.apply(_doc(130, 5, 510))["services"][0]["backends"][0]["packets"] == 5
     assert z.apply(_doc(130, 80, 510))["services"][0]["backends"][0]["packets"] == 80
+    # A backend removed from the service forgets its zero; the service keeps its own.
+    web = {"name": "web", "vip": "198.51.100.1", "port": 80, "backends": [{"address": "192.0.2.9"}]}
+    z.zero(_doc(100, 60, 500), ["web"])
+    z.prune(DesiredState(services=[web]))
+    got = z.apply(_doc(130, 70, 510))
+    assert (got["services"][0]["packets"], got["services"][0]["backends"][0]["packets"]) == (30, 70)
+    # Another VIP under the same name is another service: its zero is gone.
+    z.prune(DesiredState(services=[dict(web, vip="198.51.100.2")]))
+    assert z.apply(_doc(130, 70, 510))["services"][0]["zeroed_at"] is None
     # Removal from the desired state forgets the service's zero (not the reasons').
+    z.zero(_doc(100, 60, 500), ["web"])
     z.prune(DesiredState(services=[]))
     got = z.apply(_doc(140, 90, 520))
     assert got["services"][0]["packets"] == 140 and got["services"][0]["zeroed_at"] is None
