@@ -22,6 +22,7 @@ from typing import Any
 
 import httpx
 import pytest
+from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
 
 from l4lb.lab.l4lbd import L4lbd, default_config
 from l4lb.lab.topology import Lab
@@ -185,6 +186,10 @@ def test_every_check_kind_against_real_servers_and_both_policies(hl: HealthLab) 
     with hl.api() as c:
         h = c.get("/v1/health").json()
         metrics = c.get("/metrics").text
+        om = c.get("/metrics", headers={"Accept": "application/openmetrics-text; version=1.0.0"}).text
+    # The health families in OpenMetrics too: the strict parser takes the whole exposition.
+    om_types = {f.name: f.type for f in parse_openmetrics(om)}
+    assert om_types["l4lb_backend_health"] == "stateset" and om_types["l4lb_health_check_duration_seconds"] == "histogram"
     assert h["fail_open"] == ["open"] and h["tunnel"]["ready"] and h["tunnel"]["packets"]["tx"] > 0
     assert lab.curl("c1", lab.url(lab.vip6)).ok, "fail_open keeps every backend"
     assert not lab.curl("c1", lab.url(VIP6B), timeout=1).ok, "fail_closed takes every backend out"
