@@ -2,13 +2,16 @@
 VENV ?= $(CURDIR)/.venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
+# Test files run in parallel, a file per worker (module fixtures stay shared): most tests
+# wait on daemons, namespaces and timers, so two workers halve the wall time on 2 cores.
+TEST_JOBS ?= 2
 
 .PHONY: setup test demo demo-down bench install clean
 setup:
 	@bash scripts/setup.sh
 
 test: setup
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(TEST_JOBS) --dist loadfile --durations=25 $(PYTEST_ARGS)
 
 bench: setup
 	$(PY) bench/datapath.py
