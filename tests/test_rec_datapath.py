@@ -1,5 +1,5 @@
 """The recorder's BPF half on the real compiled program (BPF_PROG_TEST_RUN): which packets
-reach which recording, what the perf samples carry, map updates vs. program swaps, losses.
+reach which recording, what the perf samples carry, any mask armed by map writes (the program never changes), losses.
 
 One PacketEnv for the module; every test sets the filters it needs (set_filters makes the
 datapath match exactly those). Each filter of the semantics tests gets its own recording slot,
@@ -9,6 +9,7 @@ matching filter)."""
 
 from __future__ import annotations
 
+import ipaddress
 import itertools
 import random
 from pathlib import Path
@@ -122,8 +123,9 @@ def test_every_wildcard_combination_v4_and_v6_with_64_masks_loaded(env, rec):
     filters = combo_filters(4) + combo_filters(6)
     entries = [FilterEntry(f, slot) for slot, f in enumerate(filters)]
     rec.set(entries)
-    assert rec.rd.masks is not None
-    assert sum(m.family == 4 for m in rec.rd.masks) == 32 and sum(m.family == 6 for m in rec.rd.masks) == 32
+    slots = rec.rd.slots
+    assert sorted(s for m, s in slots.items() if m.family == 4) == list(range(32))
+    assert sorted(s for m, s in slots.items() if m.family == 6) == list(range(32, 64))
     checked = 0
     for fam in (4, 6):
         for p in probes(fam):
@@ -197,30 +199,58 @@ def test_capture_length_is_the_largest_of_the_matching_recordings(env, rec):
     assert CAP_WHOLE > 1514
 
 
-def test_existing_mask_is_a_map_update_new_mask_swaps_the_program(env, rec):
+def test_any_new_mask_is_a_map_update_never_a_new_program(env, rec):
     base = parse_filter("203.0.113.0/24 0 any 0 any")
     rec.set([FilterEntry(base, 0)])
     prog_before = env.call(_attached_prog_id, EDGE_IF)
+    assert prog_before == prog_info(env.dp.prog_fd).id
     p_other = frame("203.0.114.9", VIPS4[0], 40000, 80, "tcp")
     assert rec.run(p_other)[2] == []
-    # Same mask (/24, rest wild): a map update; the attached program stays.
-    assert rec.set([FilterEntry(base, 0), FilterEntry(parse_filter("203.0.114.0/24 0 any 0 any"), 1)]) is False
-    assert env.call(_attached_prog_id, EDGE_IF) == prog_before
+    # Same mask (/24, rest wild): one more entry.
+    rec.set([FilterEntry(base, 0), FilterEntry(parse_filter("203.0.114.0/24 0 any 0 any"), 1)])
     assert [h[0] for h, _ in rec.run(p_other)[2]] == [0b10, 0b10]
-    # A new mask: new program, swapped in atomically on the interfaces; forwarding goes on.
+    # New masks (a /32, /20 to /20 with a port, an IPv6 /64): map writes, the same program.
     verdict0, out0, _ = rec.run(frame(OTHER4, VIPS4[0], 41000, 80, "tcp"))
-    n = rec.rd.recompiles
-    assert rec.set([FilterEntry(base, 0), FilterEntry(parse_filter("192.0.2.77 0 any 0 any"), 2)]) is True
-    assert rec.rd.recompiles == n + 1
-    new_id = env.call(_attached_prog_id, EDGE_IF)
-    assert new_id != prog_before and new_id == prog_info(env.dp.prog_fd).id
+    rec.set([FilterEntry(base, 0), FilterEntry(parse_filter("192.0.2.77 0 any 0 any"), 2),
+             FilterEntry(parse_filter("192.0.0.0/20 0 198.51.96.0/20 80 tcp"), 3),
+             FilterEntry(parse_filter("2001:db8:77::/64 0 any 0 any"), 4)])
+    assert env.call(_attached_prog_id, EDGE_IF) == prog_before == prog_info(env.dp.prog_fd).id
+    slots, at = rec.rd.slots, rec.rd.slots[base.mask()]
+    assert sorted(v for m, v in slots.items() if m != base.mask()) == [*[s for s in range(32) if s != at][:2], 32], \
+        "new masks take the lowest free slots of their family"
     verdict1, out1, s = rec.run(frame(OTHER4, VIPS4[0], 41000, 80, "tcp"))
-    assert (verdict1, out1) == (verdict0, out0), "same flow, same backend across the swap"
-    assert [h[0] for h, _ in s] == [0b100, 0b100]
+    assert (verdict1, out1) == (verdict0, out0)
+    assert [h[0] for h, _ in s] == [0b1100, 0b1100], "the /32 and the /20 -> /20:80 both match"
+    assert [h[0] for h, _ in rec.run(frame(CLIENT6, VIPS6[0], 41000, 80, "tcp"))[2]] == [0b10000, 0b10000]
     assert rec.run(p_other)[2] == [], "filters of the old set are gone"
-    # Removing filters never needs a recompile.
-    assert rec.set([FilterEntry(base, 0)]) is False
+    # A mask that stays keeps its slot; a freed slot is taken by the next new mask.
+    kept = rec.rd.slots[parse_filter("192.0.2.77 0 any 0 any").mask()]
+    rec.set([FilterEntry(parse_filter("192.0.2.77 0 any 0 any"), 2),
+             FilterEntry(parse_filter("any 0 198.51.100.1 0 udp"), 5)])
+    assert rec.rd.slots[parse_filter("192.0.2.77 0 any 0 any").mask()] == kept
+    assert rec.rd.slots[parse_filter("any 0 198.51.100.1 0 udp").mask()] == min({0, 1} - {kept})
+    assert [h[0] for h, _ in rec.run(frame(CLIENT4, VIPS4[0], 41000, 443, "udp"))[2]] == [1 << 5, 1 << 5]
+    assert rec.run(frame(CLIENT4, VIPS4[0], 41000, 443, "tcp"))[2] == []
+    rec.set([FilterEntry(base, 0)])
     assert rec.run(frame(OTHER4, VIPS4[0], 41000, 80, "tcp"))[2] == []
+    assert env.call(_attached_prog_id, EDGE_IF) == prog_before
+
+
+def test_slot_reuse_never_matches_wrongly(env, rec):
+    """Masks in and out of every slot, many times: each packet's samples are exactly what the
+    plain semantics say (a mask of another filter in a reused slot finds only true matches)."""
+    r = random.Random(15)
+    pool = [Filter.from_fields(src=str(ipaddress.ip_network(f"203.0.113.{r.choice((7, 9))}/{n}", strict=False)),
+                               dport=r.choice((0, 80)), proto="tcp") for n in range(24, 33)]
+    pool += [parse_filter(f"any 0 198.51.100.{i} 0 any") for i in (1, 2)]
+    pool = list(dict.fromkeys(pool))
+    probe = (CLIENT4, VIPS4[0], 40000, 80)
+    for _ in range(6):
+        chosen = r.sample(pool, 4)
+        rec.set([FilterEntry(f, i) for i, f in enumerate(chosen)])
+        want = sum(1 << i for i, f in enumerate(chosen) if matches(f, PacketTuple.make(*probe[:2], probe[2], probe[3], 6)))
+        got = rec.run(frame(*probe, "tcp"))[2]
+        assert [h[0] for h, _ in got] == ([want, want] if want else [])
 
 
 def test_no_filters_no_samples_and_same_verdicts(env, rec):

@@ -11,7 +11,7 @@
  *   BENCH_UNDO        bench-only: undo our own encapsulation after XDP_TX so
  *                     BPF_PROG_TEST_RUN with repeat>1 measures forwarding
  *   BENCH_NEXT_FLOW   bench-only, with BENCH_UNDO: each pass a new flow (lib/bench.h)
- *   RECORDER          enable the n-tuple recorder observation points
+ *   NO_RECORDER       bench-only: leave the recorder hooks out (lib/recorder.h)
  *   NEXTHOP_CACHE     next hops from the daemon-kept `nexthops` map first,
  *                     bpf_fib_lookup only when it has no valid entry
  */

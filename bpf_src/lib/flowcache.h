@@ -123,7 +123,7 @@ L4LB_INLINE int flow_cache_get(const struct flow_pos *pos, const struct flow_key
  * embryonic 1, established 0; the older the better within a priority), and
  * the best way is overwritten. The running best index lives in the
  * bucket's scratch word, not a register: kept in a register it tipped the
- * RECORDER build with 64 masks over the 512-byte BPF stack (a spill), and
+ * recorder build with 64 compiled-in masks over the 512-byte BPF stack (a spill), and
  * separate same/empty/oldest indexes took the verifier past its complexity
  * limit. */
 L4LB_INLINE void flow_cache_put(const struct flow_pos *pos, const struct flow_key *fk, __u32 id, __u32 gen)

@@ -104,7 +104,7 @@ L4LB_INLINE int forward(struct xdp_md *ctx, struct pkt *p, struct lb_config *cfg
     if (kernel) {
         if (kernel == REASON_PASS_OUTER_FRAGMENT)
             encap_ipv4_fresh_id(ctx);
-        RECORD_OUT(ctx, XDP_PASS, be_id);
+        RECORD_OUT(ctx, XDP_PASS, be_id, ctx->ingress_ifindex);
         return VERDICT(XDP_PASS, kernel, len);
     }
     if (egress == ctx->ingress_ifindex) {
@@ -112,12 +112,12 @@ L4LB_INLINE int forward(struct xdp_md *ctx, struct pkt *p, struct lb_config *cfg
         count_reason(REASON_TX, len);
         return bench_undo(ctx, overhead, &orig_eth);
 #endif
-        RECORD_OUT(ctx, XDP_TX, be_id);
+        RECORD_OUT(ctx, XDP_TX, be_id, ctx->ingress_ifindex);
         return VERDICT(XDP_TX, kind == FWD_ICMP_ERROR ? REASON_FWD_ICMP_ERROR : REASON_TX, len);
     }
     if (!ifi)
         return VERDICT(XDP_PASS, REASON_PASS_NO_TXPORT, len);
-    RECORD_OUT(ctx, XDP_REDIRECT, be_id);
+    RECORD_OUT(ctx, XDP_REDIRECT, be_id, egress);
     int act = tx_ports.redirect_map(ifi->tx_slot, XDP_PASS);
     if (act != XDP_REDIRECT)
         return VERDICT(act, REASON_PASS_NO_TXPORT, len);

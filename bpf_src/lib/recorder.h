@@ -1,58 +1,65 @@
 /* The n-tuple PCAP recorder: observation points, filter matching, perf output.
  *
- * Without -DRECORDER every hook is empty (the daemon compiles it in only
- * while recordings exist). With it:
+ * Always compiled in (a recording is armed by map writes alone: no compile, no
+ * program swap). -DNO_RECORDER leaves every hook empty: only the bench builds
+ * it, to show what the idle recorder costs. The hooks:
  *
  *  RECORD_IN(ctx, p, svc_id)       inbound, after the service lookup, before
  *                                  the LB touches the packet; declares the
  *                                  local `rec_` (the match) that RECORD_OUT
  *                                  reuses; a function that records outbound
  *                                  packets takes it as REC_PARAM, its caller
- *                                  passes REC_ARG (both empty without RECORDER)
- *  RECORD_OUT(ctx, verdict, be_id) outbound: the encapsulated packet
+ *                                  passes REC_ARG (both empty without the recorder)
+ *  RECORD_OUT(ctx, verdict, be_id, ifindex) outbound: the encapsulated packet,
+ *                                  leaving by `ifindex` (the ingress NIC for
+ *                                  XDP_TX and XDP_PASS, the target of XDP_REDIRECT)
  *  RECORD_OUT_REPLY(ctx, p, verdict, kind) outbound: a reply the LB
  *                                  generated (enum l4lb_reply: too-big, reject,
  *                                  echo), matched again on the original tuple
- *                                  `p`; flags = REC_F_REPLY + kind
+ *                                  `p`; flags = REC_F_REPLY + kind; it leaves
+ *                                  by the ingress NIC (XDP_TX)
  *
- * Matching. Masks are compiled in by user space (l4lb.recfilter
- * render_mask_cflags: REC_MASKS_V4(X)/REC_MASKS_V6(X), at most 32 each). Mask
- * number i of IPv4 owns bit i of a u64, mask i of IPv6 bit 32+i. rec_filters
- * holds every filter under its masked key (struct rec_key, the layout of
- * recfilter.KEY_STRUCT); its value is the bitmap of recordings (slots 0-63)
- * owning that filter. A packet goes to the union of the recordings of every
- * filter it matches, so recordings never steal packets from each other.
+ * Matching. A mask (prefix lengths and wildcard fields) is data: rec_masks
+ * holds 64 slots, IPv4 masks in 0-31, IPv6 masks in 32-63. A slot is a
+ * struct rec_key used as a template: its header (family, lengths, wild) is
+ * the key's, its address, port and protocol fields are the bits to keep, so
+ * the masked key is one AND per word, no branch (family 0: a free slot).
+ * Mask slot i owns bit i of a u64. rec_filters holds every
+ * filter under its masked key (struct rec_key, the layout of
+ * recfilter.KEY_STRUCT; the mask is part of the key, so probing a packet with
+ * any mask only ever finds filters the packet matches); its value is the
+ * bitmap of recordings (slots 0-63) owning that filter. A packet goes to the
+ * union of the recordings of every filter it matches, so recordings never
+ * steal packets from each other.
  *
  * Early reject. rec_bits holds, per value of each tuple field, the bitmap of
- * masks that have at least one filter admitting that value (a wildcard field
- * admits every value). The packet's candidate masks are the AND over its
- * fields; 0 (the usual case for traffic nobody records, and always when no
- * recording runs) ends the work after one to five array look-ups, which the
- * verifier inlines. Only surviving masks cost a hash look-up. Addresses are
- * bucketed: IPv4 by the top 16 bits, IPv6 by a fold of the top 32 bits
- * (l4lb/datapath/recorder.py computes the same buckets).
+ * mask slots that have at least one filter admitting that value (a wildcard
+ * field admits every value). The packet's candidate masks are the AND over
+ * its fields; 0 (the usual case for traffic nobody records, and always when
+ * no recording runs) ends the work after one to five array look-ups. Only
+ * surviving masks cost a bounded loop step: their rec_masks slot and a hash
+ * look-up. Addresses are bucketed: IPv4 by the top 16 bits, IPv6 by a fold of
+ * the top 32 bits (l4lb/datapath/recorder.py computes the same buckets).
  *
- * Nothing here is pinned: the daemon refills these maps after every (re)load,
- * and a new mask set is a new program swapped in atomically.
+ * User space writes a new mask's slot before the filters and bits that lead
+ * to it, and clears bits before the filters they led to; a freed slot is
+ * written again only after an RCU grace period (no packet still reads the old
+ * template, so a slot is never seen half old, half new). These maps
+ * are pinned with the program (loader.py pin_program), so a restarted daemon
+ * adopts them; it clears what a dead daemon left in them before arming.
  */
 #pragma once
 #include "lib/maps.h"
 #include "lib/parse.h"
 
-#ifndef RECORDER
+#ifdef NO_RECORDER
 #define REC_PARAM
 #define REC_ARG
 #define RECORD_IN(ctx, p, svc_id) do { } while (0)
-#define RECORD_OUT(ctx, verdict, be_id) do { } while (0)
+#define RECORD_OUT(ctx, verdict, be_id, ifindex) do { } while (0)
 #define RECORD_OUT_REPLY(ctx, p, verdict, kind) do { } while (0)
 #else
 
-#ifndef REC_MASKS_V4
-#define REC_MASKS_V4(X)
-#endif
-#ifndef REC_MASKS_V6
-#define REC_MASKS_V6(X)
-#endif
 #ifndef REC_MAX_FILTERS
 #define REC_MAX_FILTERS 65536
 #endif
@@ -74,6 +81,7 @@
 #define REC_BM_SPORT (REC_BM_DPORT + 65536)
 #define REC_BM_PROTO (REC_BM_SPORT + 65536)
 #define REC_BM_SIZE (REC_BM_PROTO + 256)
+#define REC_MASK_SLOTS 64  /* IPv4 0-31, IPv6 32-63 */
 
 struct rec_key {
     __u8 family;
@@ -105,7 +113,8 @@ struct rec_sample {
     __u8 direction;     /* REC_DIR_* */
     __u8 verdict;       /* XDP action */
     __u8 flags;         /* REC_F_* */
-    __u8 pad[5];
+    __u8 pad;
+    __u32 ifindex;      /* the NIC the packet came in by (inbound) or leaves by (outbound) */
 };
 
 /* Samples the ring refused, per recording slot (per CPU). */
@@ -121,13 +130,9 @@ struct rec_hit {
 
 BPF_HASH(rec_filters, struct rec_key, struct rec_value, REC_MAX_FILTERS);
 BPF_ARRAY(rec_bits, __u64, REC_BM_SIZE);
+BPF_ARRAY(rec_masks, struct rec_key, REC_MASK_SLOTS);   /* key templates: see above */
 BPF_PERCPU_ARRAY(rec_lost_cnt, struct rec_lost, 1);
 BPF_PERF_OUTPUT(rec_events);
-
-/* Top x bits of a 32-bit word set, x clamped to 0..32 (no over-wide shift). */
-#define REC_CLAMP(x) ((x) < 0 ? 0 : (x) > 32 ? 32 : (x))
-#define REC_TOP(x) ((__u32)(0xFFFFFFFF00000000ULL >> REC_CLAMP(x)))
-#define REC_WILD(sw, dw, pw) ((sw) | ((dw) << 1) | ((pw) << 2))
 
 L4LB_INLINE __u64 rec_bits_at(__u32 idx)
 {
@@ -177,39 +182,27 @@ L4LB_INLINE __u64 rec_candidates(struct pkt *p)
     return c & rec_bits_at(REC_BM_PROTO + p->proto);
 }
 
-#define REC_KEY_COMMON(fam, sl, dl, sw, dw, pw)      \
-    struct rec_key k = {};                           \
-    k.family = (fam);                                \
-    k.src_len = (sl);                                \
-    k.dst_len = (dl);                                \
-    k.wild = REC_WILD(sw, dw, pw);                   \
-    k.sport = (sw) ? 0 : p->sport;                   \
-    k.dport = (dw) ? 0 : p->dport;                   \
-    k.proto = (pw) ? 0 : p->proto;
-
-#define REC_STEP4(sl, dl, sw, dw, pw)                                   \
-    if (cand & (1ULL << bit)) {                                         \
-        REC_KEY_COMMON(4, sl, dl, sw, dw, pw)                           \
-        k.src[0] = p->src[0] & bpf_htonl(REC_TOP(sl));                  \
-        k.dst[0] = p->dst[0] & bpf_htonl(REC_TOP(dl));                  \
-        rec_probe(&k, h);                                               \
-    }                                                                   \
-    bit++;
-
-#define REC_STEP6(sl, dl, sw, dw, pw)                                   \
-    if (cand & (1ULL << bit)) {                                         \
-        REC_KEY_COMMON(6, sl, dl, sw, dw, pw)                           \
-        k.src[0] = p->src[0] & bpf_htonl(REC_TOP((sl)));                \
-        k.src[1] = p->src[1] & bpf_htonl(REC_TOP((sl) - 32));           \
-        k.src[2] = p->src[2] & bpf_htonl(REC_TOP((sl) - 64));           \
-        k.src[3] = p->src[3] & bpf_htonl(REC_TOP((sl) - 96));           \
-        k.dst[0] = p->dst[0] & bpf_htonl(REC_TOP((dl)));                \
-        k.dst[1] = p->dst[1] & bpf_htonl(REC_TOP((dl) - 32));           \
-        k.dst[2] = p->dst[2] & bpf_htonl(REC_TOP((dl) - 64));           \
-        k.dst[3] = p->dst[3] & bpf_htonl(REC_TOP((dl) - 96));           \
-        rec_probe(&k, h);                                               \
-    }                                                                   \
-    bit++;
+/* Probe the filters with the mask in slot `slot`. */
+L4LB_INLINE void rec_probe_slot(struct pkt *p, __u32 slot, struct rec_hit *h)
+{
+    struct rec_key *m = rec_masks.lookup(&slot);
+    if (!m)
+        return;
+    struct rec_key k = {};
+    k.family = m->family;   /* 0 (a free slot) is no filter's family: no hit */
+    k.src_len = m->src_len;
+    k.dst_len = m->dst_len;
+    k.wild = m->wild;
+#pragma unroll
+    for (int w = 0; w < 4; w++) {
+        k.src[w] = p->src[w] & m->src[w];
+        k.dst[w] = p->dst[w] & m->dst[w];
+    }
+    k.sport = p->sport & m->sport;
+    k.dport = p->dport & m->dport;
+    k.proto = p->proto & m->proto;
+    rec_probe(&k, h);
+}
 
 /* Fills h with the recordings (and capture length) p belongs to. */
 L4LB_INLINE void rec_match(struct pkt *p, struct rec_hit *h)
@@ -217,17 +210,18 @@ L4LB_INLINE void rec_match(struct pkt *p, struct rec_hit *h)
     __u64 cand = rec_candidates(p);
     if (!cand)
         return;
-    __u32 bit;
-    if (p->family == FAMILY_V4) {
-        bit = 0;
-        REC_MASKS_V4(REC_STEP4)
-    } else {
-        bit = 32;
-        REC_MASKS_V6(REC_STEP6)
+    __u32 base = p->family == FAMILY_V4 ? 0 : 32;
+    __u32 bits = (__u32)(cand >> base);   /* the family's 32 slots */
+    /* Bounded: at most 32 steps, ends with the highest candidate (user space
+     * fills the lowest free slots first). */
+    for (__u32 i = 0; i < 32 && bits; i++, bits >>= 1) {
+        if (bits & 1)
+            rec_probe_slot(p, base + i, h);
     }
 }
 
-L4LB_INLINE void rec_emit(struct xdp_md *ctx, struct rec_hit *h, __u8 dir, __u8 verdict, __u32 be_id, __u8 flags)
+L4LB_INLINE void rec_emit(struct xdp_md *ctx, struct rec_hit *h, __u8 dir, __u8 verdict, __u32 be_id, __u8 flags,
+                          __u32 ifindex)
 {
     __u64 len = ctx->data_end - ctx->data;
     __u64 cap = h->cap;
@@ -245,6 +239,7 @@ L4LB_INLINE void rec_emit(struct xdp_md *ctx, struct rec_hit *h, __u8 dir, __u8 
     s.direction = dir;
     s.verdict = verdict;
     s.flags = flags;
+    s.ifindex = ifindex;
     /* BCC rewrites this call into a statement: keep it one. */
     int rc = rec_events.perf_submit_skb(ctx, cap, &s, sizeof(s));
     if (rc == 0)
@@ -270,13 +265,13 @@ L4LB_INLINE void rec_emit(struct xdp_md *ctx, struct rec_hit *h, __u8 dir, __u8 
     rec_match((p), rec_);                                         \
     if (rec_->recs) {                                             \
         rec_->svc_id = (svc);                                     \
-        rec_emit((ctx), rec_, REC_DIR_IN, REC_VERDICT_NONE, 0, 0); \
+        rec_emit((ctx), rec_, REC_DIR_IN, REC_VERDICT_NONE, 0, 0, (ctx)->ingress_ifindex); \
     }
 
-#define RECORD_OUT(ctx, verdict, be_id)                                   \
+#define RECORD_OUT(ctx, verdict, be_id, ifindex)                          \
     do {                                                                  \
         if (rec_->recs)                                                   \
-            rec_emit((ctx), rec_, REC_DIR_OUT, (verdict), (be_id), 0);    \
+            rec_emit((ctx), rec_, REC_DIR_OUT, (verdict), (be_id), 0, (ifindex)); \
     } while (0)
 
 #define RECORD_OUT_REPLY(ctx, p, verdict, kind)                           \
@@ -284,7 +279,8 @@ L4LB_INLINE void rec_emit(struct xdp_md *ctx, struct rec_hit *h, __u8 dir, __u8 
         struct rec_hit h_ = {};                                           \
         rec_match((p), &h_);                                              \
         if (h_.recs)                                                      \
-            rec_emit((ctx), &h_, REC_DIR_OUT, (verdict), 0, REC_F_REPLY + (kind)); \
+            rec_emit((ctx), &h_, REC_DIR_OUT, (verdict), 0, REC_F_REPLY + (kind), \
+                     (ctx)->ingress_ifindex);                                    \
     } while (0)
 
-#endif /* RECORDER */
+#endif /* NO_RECORDER */

@@ -19,7 +19,6 @@ import ipaddress
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -265,8 +264,7 @@ class Datapath:
     def _shed_compiler(self) -> None:
         """A program BCC compiled keeps its LLVM module (~85 MB here) as long as
         the bcc.BPF lives. Once pinned, take the same program and maps over by
-        path, as a restart would, and let BCC go. Recorder builds keep BCC: their
-        unpinned recorder maps are reached through it."""
+        path, as a restart would, and let BCC go (bench switches in extra_cflags keep it)."""
         assert self.prog is not None
         if not self._from_pins or self.prog.adopted or self.cfg.extra_cflags:
             return
@@ -285,29 +283,6 @@ class Datapath:
     def refresh_nexthops(self, full: bool = True, pause: Callable[[], None] | None = None) -> int:
         """Resolve backends' next hops from the kernel into the ``nexthops`` map (upkeep.py)."""
         return self._upkeep.refresh_nexthops(full, pause)
-
-    # --- recorder: whole-program replacement (l4lb/datapath/recorder.py) -------------
-    def replace_program(self, extra_cflags: Sequence[str],
-                        prepare: "Callable[[Program], None] | None" = None) -> Program | None:
-        """Compile again with ``extra_cflags`` (e.g. a new recorder mask set), let ``prepare``
-        fill the new program's unpinned maps, then swap it in atomically on every attached
-        interface (XDP_FLAGS_REPLACE via attach()). Pinned maps are shared, so flows survive.
-        Returns the old Program, still open: the caller drains and closes it."""
-        with self._lock:
-            old, old_t, old_cfg = self.prog, self.t, self.cfg
-            cfg = replace(self.cfg, extra_cflags=tuple(extra_cflags))
-            prog = compile_program(cfg)
-            try:
-                if prepare is not None:
-                    prepare(prog)
-                self.prog, self.t, self.cfg = prog, Tables(prog.bpf), cfg
-                if self._attached:
-                    self.attach(list(self._attached), "auto")
-            except BaseException:
-                self.prog, self.t, self.cfg = old, old_t, old_cfg
-                prog.bpf.cleanup()
-                raise
-            return old
 
     def id_names(self) -> tuple[dict[int, str], dict[int, str]]:
         """(service id -> "vip:port/proto", backend id -> "addr:port"), for capture comments."""

@@ -5,7 +5,9 @@ and its maps without compiling (BCC takes seconds; a restart should not).
 Pins, under ``<bpffs>/maps-<layout digest>/``: every map maps.h declares with
 BPF_TABLE_PINNED, by its name; ``maglev/<index>`` the Maglev table buffers
 (rings.py); and with the attached program: ``prog``, its devmap ``tx_ports``,
-its tail-call array ``slow_paths`` and ``prog_types`` (the program's digest
+its tail-call array ``slow_paths``, its recorder maps ``rec_*`` (a recording
+is armed by writing them, so an adopted program records too; a compiled one
+brings fresh ones) and ``prog_types`` (the program's digest
 and BCC's type descriptions of its maps, so an adopting daemon rebuilds the
 same ctypes without compiling).
 
@@ -33,6 +35,7 @@ from typing import Any
 from l4lb.datapath import libbpf
 from l4lb.datapath.config import DatapathConfig, DatapathError
 from l4lb.datapath.pinned import MapHandle, PinnedObjects, Record, decode_type
+from l4lb.datapath.recorder import RECORDER_MAPS
 from l4lb.datapath.source import assemble, compile_bpf, enum_names, layout_digest
 from l4lb.datapath.tables import MAPS
 
@@ -89,6 +92,9 @@ DEVMAP = "tx_ports"  # the program's devmap: not in maps.h's pinned set, pinned 
 # when no file descriptor or pin refers to it any more (the daemon exiting, or
 # BCC let go), and the rare paths would then fall through.
 SLOW_PATHS = "slow_paths"
+# What an adopted program brings: the maps Tables names, and the recorder's (pinned with the
+# program: a recording is armed by writing them, lib/recorder.h).
+ADOPTED = (*MAPS, *RECORDER_MAPS)
 
 
 @dataclass
@@ -171,7 +177,7 @@ def compile_program(cfg: DatapathConfig, *, entry: str = ENTRY, func: str = FUNC
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     reasons = [n for n in enum_names(text, *kind.reasons) if n != "max"]
-    types = {name: _bcc_types(bpf, name) for name in MAPS} if kind == XDP_KIND else {}
+    types = {name: _bcc_types(bpf, name) for name in ADOPTED} if kind == XDP_KIND else {}
     return Program(bpf, fn.fd, pin_dir, reasons, text, program_digest(text, flags), types)
 
 
@@ -235,7 +241,7 @@ def adopt_program(cfg: DatapathConfig, *, entry: str = ENTRY, func: str = FUNC) 
     if not (pin_dir / PROG_PIN).exists():
         return None
     record = Record(pin_dir / TYPES_PIN).read()
-    if record is None or record.get("digest") != digest or set(record.get("types", {})) != set(MAPS):
+    if record is None or record.get("digest") != digest or set(record.get("types", {})) != set(ADOPTED):
         return None
     maps: dict[str, MapHandle] = {}
     prog_fd = -1
@@ -267,14 +273,15 @@ def remove_stale_pins(cfg: DatapathConfig, keep: Path) -> list[Path]:
 
 
 def pin_program(prog: Program) -> None:
-    """Pin the attached program, its devmap, its tail-call array and what
-    adopting it needs. The record is cleared first and written last: a crash
+    """Pin the attached program, its devmap, its tail-call array, its recorder
+    maps and what adopting it needs. The record is cleared first and written last: a crash
     half-way leaves pins a restart compiles over, never a digest naming
     another program."""
     types = Record(prog.pin_dir / TYPES_PIN)
     types.write(None)
     for name, fd in ((PROG_PIN, prog.fd), (DEVMAP, prog.bpf[DEVMAP.encode()].map_fd),
-                     (SLOW_PATHS, prog.bpf[SLOW_PATHS.encode()].map_fd)):
+                     (SLOW_PATHS, prog.bpf[SLOW_PATHS.encode()].map_fd),
+                     *((m, prog.bpf[m.encode()].map_fd) for m in RECORDER_MAPS)):
         path = prog.pin_dir / name
         if path.exists():
             os.unlink(path)

@@ -1,19 +1,20 @@
-"""The recorder's half of the datapath: filter maps, early-reject bitmaps, program swaps.
+"""The recorder's half of the datapath: filter maps, mask slots, early-reject bitmaps.
 
 bpf_src/lib/recorder.h describes the BPF side. Here:
 
-* :func:`build_bits` computes ``rec_bits`` (per field value, which masks could match) and
+* :func:`build_bits` computes ``rec_bits`` (per field value, which mask slots could match) and
   :func:`build_filters` the ``rec_filters`` contents (masked key -> recordings bitmap, capture
   length) from the active filters;
-* :class:`RecorderMaps` writes them into a loaded program in an order that is safe for packets
-  in flight (new filter entries before the bits that lead to them; bits cleared before the
-  entries they led to are deleted);
-* :class:`RecorderDatapath` decides between a map update (every mask already compiled in) and
-  a recompile with a new mask set, swapped in atomically by
-  :meth:`l4lb.datapath.engine.Datapath.replace_program`.
+* :class:`RecorderMaps` writes them, with the masks' slots in ``rec_masks``, into the loaded
+  program's maps in an order that is safe for packets in flight (a new mask's slot, then new
+  filter entries, then the bits that lead to them; bits cleared before the entries and slots
+  they led to go);
+* :class:`RecorderDatapath` keeps them in step with the active filters. Any filter, whatever
+  its mask, is armed by these map writes: no compile, no program swap.
 
-The recorder maps are not pinned: they are refilled after every (re)load, and their layout
-stays out of the pinned maps' digest (a new mask never drops the flow table).
+The recorder maps are pinned with the program (loader.pin_program), so a daemon that adopts
+the pinned program reaches them by path; :class:`RecorderMaps` clears whatever an earlier
+daemon left in them before it writes the first filter.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from l4lb.datapath import libbpf
-from l4lb.recfilter import Filter, Mask, compile_masks, render_mask_cflags
+from l4lb.recfilter import Filter, Mask, assign_mask_slots
 from l4lb.recorder.perfring import PerfRings
 
 log = logging.getLogger(__name__)
@@ -35,20 +36,14 @@ log = logging.getLogger(__name__)
 MAX_SLOTS = 64                 # recordings at once: bits of rec_value.recordings
 CAP_WHOLE = 0xFFFF             # REC_CAP_WHOLE: "the whole packet" (capture_length 0)
 MAX_CAPLEN = 16384             # REC_MAX_CAP
-REC_FLAG = "-DRECORDER"
+MASK_SLOTS = 64                # REC_MASK_SLOTS: IPv4 masks 0-31, IPv6 32-63
+#: The recorder's maps, pinned with the program (loader.py) and adopted with it.
+RECORDER_MAPS = ("rec_filters", "rec_bits", "rec_masks", "rec_lost_cnt", "rec_events")
 # rec_bits layout (REC_BM_* in recorder.h): one u64 per value of each field.
 BM_SRC4, BM_DST4, BM_SRC6, BM_DST6, BM_DPORT, BM_SPORT = (i * 65536 for i in range(6))
 BM_PROTO = 6 * 65536
 BM_SIZE = BM_PROTO + 256
 _ALL = np.uint64(0xFFFFFFFFFFFFFFFF)
-
-
-def is_recorder_flag(flag: str) -> bool:
-    return flag == REC_FLAG or flag.startswith("-DREC_")
-
-
-def recorder_cflags(masks: Sequence[Mask]) -> list[str]:
-    return [REC_FLAG, *render_mask_cflags(masks)]
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,17 +57,6 @@ class FilterEntry:
     def __post_init__(self) -> None:
         if not 0 <= self.slot < MAX_SLOTS:
             raise ValueError(f"slot {self.slot} out of range 0-{MAX_SLOTS - 1}")
-
-
-def mask_bits(masks: Sequence[Mask]) -> dict[Mask, int]:
-    """Bit of each compiled mask: IPv4 mask i -> i, IPv6 mask i -> 32 + i (the order of
-    REC_MASKS_V4/V6, i.e. of ``masks``)."""
-    out: dict[Mask, int] = {}
-    n = {4: 0, 6: 0}
-    for m in masks:
-        out[m] = n[m.family] + (0 if m.family == 4 else 32)
-        n[m.family] += 1
-    return out
 
 
 def bucket6(top32: int) -> int:
@@ -97,7 +81,8 @@ def _addr_range(net: Any, family: int) -> slice | int | None:
 
 
 def build_bits(entries: Iterable[FilterEntry], bits: dict[Mask, int]) -> np.ndarray:
-    """rec_bits contents: for each field value, the masks with a filter admitting it."""
+    """rec_bits contents: for each field value, the mask slots (``bits``: mask -> slot)
+    with a filter admitting it."""
     arr = np.zeros(BM_SIZE, dtype=np.uint64)
     for e in entries:
         f = e.filter
@@ -148,45 +133,90 @@ def _update_batch(fd: int, keys: np.ndarray, values: np.ndarray) -> None:
 
 
 class RecorderMaps:
-    """The recorder maps of one loaded program (a BCC object compiled with -DRECORDER)."""
+    """The recorder maps of one loaded program: a bcc.BPF it was compiled as, or the
+    PinnedObjects it was adopted as. Opening them clears them (what a dead daemon armed)."""
 
     def __init__(self, bpf: Any) -> None:
         self.bpf = bpf
         self.filters = bpf[b"rec_filters"]
         self.bits = bpf[b"rec_bits"]
+        self.masks = bpf[b"rec_masks"]
         self.lost = bpf[b"rec_lost_cnt"]
-        self._keys: dict[bytes, tuple[int, int]] = {}
-        self._bits = np.zeros(BM_SIZE, dtype=np.uint64)
         if ct.sizeof(self.filters.Key) != 44:
             raise RuntimeError(f"struct rec_key is {ct.sizeof(self.filters.Key)} bytes, recfilter.KEY_STRUCT 44")
+        self.slots: dict[Mask, int] = {}
+        self._keys: dict[bytes, tuple[int, int]] = {}
+        self._bits = np.zeros(BM_SIZE, dtype=np.uint64)
+        self._clear()
+
+    def _clear(self) -> None:
+        """Empty the maps whatever they hold, in the packet-safe order."""
+        bits = libbpf.array_lookup_all(self.bits.map_fd, BM_SIZE, 8).view(np.uint64).reshape(-1)
+        nz = np.flatnonzero(bits)
+        if len(nz):
+            _update_batch(self.bits.map_fd, nz, np.zeros(len(nz), dtype=np.uint64))
+        stale = list(self.filters.keys())
+        for k in stale:
+            try:
+                del self.filters[k]
+            except KeyError:
+                pass
+        for slot in range(MASK_SLOTS):
+            self.masks[ct.c_uint32(slot)] = self.masks.Leaf()
+        if len(nz) or stale:
+            log.info("recorder: cleared %d filters an earlier daemon left armed", len(stale))
 
     def _key(self, packed: bytes) -> Any:
         k = self.filters.Key()
         ct.memmove(ct.addressof(k), packed, len(packed))  # KEY_STRUCT is the C layout, byte for byte
         return k
 
-    def write(self, entries: Sequence[FilterEntry], masks: Sequence[Mask]) -> None:
+    def _set_slot(self, slot: int, mask: Mask | None) -> None:
+        v = self.masks.Leaf()               # all zero: a free slot (family 0)
+        if mask is not None:
+            packed = mask.template().pack()
+            ct.memmove(ct.addressof(v), packed, len(packed))
+        self.masks[ct.c_uint32(slot)] = v
+
+    def write(self, entries: Sequence[FilterEntry]) -> None:
+        """Make the maps match exactly ``entries``. Raises MaskLimitError (nothing written)
+        past 32 masks a family."""
+        slots = assign_mask_slots(self.slots, (e.filter.mask() for e in entries))
         want = build_filters(entries)
-        bits = build_bits(entries, mask_bits(masks))
-        # 1. new and changed filter entries (nothing leads to a new one yet)
+        bits = build_bits(entries, slots)
+        # 1. slots of new masks (no bit leads to them yet)
+        for m, slot in slots.items():
+            if self.slots.get(m) != slot:
+                self._set_slot(slot, m)
+        # 2. new and changed filter entries (nothing leads to a new one yet)
         for packed, (recs, cap) in want.items():
             if self._keys.get(packed) != (recs, cap):
                 v = self.filters.Leaf()
                 v.recordings, v.caplen = recs, cap
                 self.filters[self._key(packed)] = v
                 self._keys[packed] = (recs, cap)
-        # 2. the early-reject bitmaps
+        # 3. the early-reject bitmaps
         changed = np.flatnonzero(bits != self._bits)
         if len(changed):
             _update_batch(self.bits.map_fd, changed, bits[changed])
             self._bits = bits
-        # 3. entries no bit leads to any more
+        # 4. entries no bit leads to any more, then their masks' slots
         for packed in [k for k in self._keys if k not in want]:
             try:
                 del self.filters[self._key(packed)]
             except KeyError:
                 pass
             del self._keys[packed]
+        used = set(slots.values())
+        freed = [slot for slot in self.slots.values() if slot not in used]
+        for slot in freed:
+            self._set_slot(slot, None)
+        self.slots = slots
+        if freed:
+            # A packet that read a bit cleared above may still be about to read the slot:
+            # once every run that started before now has ended, the slot is free to reuse
+            # (a free slot is always clean when the next write starts).
+            libbpf.synchronize_rcu()
 
     def open_rings(self, page_cnt: int) -> PerfRings:
         """The perf rings of ``rec_events``, one per online CPU (read by the drain)."""
@@ -201,10 +231,13 @@ class RecorderMaps:
 
 
 class RecorderDatapath:
-    """Keeps the datapath's recorder in step with the active filters.
+    """Keeps the datapath's recorder in step with the active filters: map writes only.
 
-    ``on_program(new_maps)`` runs before a new program goes live (e.g. to open its perf ring);
-    ``on_retire(old_program)`` after it was replaced (drain its ring; then it is closed here).
+    The maps are those of the program the datapath runs (``dp.prog``). ``on_program(maps)``
+    runs when they are first opened (e.g. to open the perf rings); if the datapath runs
+    another program since (a compiled one let go for the pinned one, a reload), the maps are
+    opened again, ``on_retire(old_program)`` runs for the one left behind and the filters
+    are written again.
     """
 
     def __init__(self, dp: Any, *, on_program: Callable[[RecorderMaps], None] | None = None,
@@ -212,44 +245,37 @@ class RecorderDatapath:
         self.dp = dp
         self.on_program = on_program
         self.on_retire = on_retire
-        self.masks: list[Mask] | None = None     # None: the program has no recorder compiled in
         self.maps: RecorderMaps | None = None
-        self.recompiles = 0
+        self._prog: Any = None
+        self._entries: list[FilterEntry] = []
 
-    def set_filters(self, entries: Sequence[FilterEntry]) -> bool:
-        """Make the datapath match exactly ``entries``. Returns True if it took a new program.
-        Raises :class:`l4lb.recfilter.MaskLimitError` (nothing changed) past 32 masks a family."""
-        needed = compile_masks(e.filter for e in entries)
-        if self.masks is not None and self.maps is not None and set(needed) <= set(self.masks):
-            self.maps.write(entries, self.masks)
-            return False
-        if not entries and self.masks is None:
-            return False                            # never armed: nothing to do
-        self._swap(entries, needed)
-        return True
+    def _current(self) -> RecorderMaps:
+        prog = self.dp.prog
+        if self.maps is not None and self._prog is prog:
+            return self.maps
+        old, self.maps, self._prog = self._prog, None, None
+        if old is not None and self.on_retire is not None:
+            self.on_retire(old)             # first: the same pinned ring may be reopened below
+        maps = RecorderMaps(prog.bpf)
+        if self.on_program is not None:
+            self.on_program(maps)
+        self.maps, self._prog = maps, prog
+        if self._entries:
+            maps.write(self._entries)
+        return maps
 
-    def _swap(self, entries: Sequence[FilterEntry], masks: list[Mask]) -> None:
-        base = [f for f in self.dp.cfg.extra_cflags if not is_recorder_flag(f)]
-        new_maps: list[RecorderMaps] = []
+    def set_filters(self, entries: Sequence[FilterEntry]) -> None:
+        """Make the datapath match exactly ``entries``. Raises
+        :class:`l4lb.recfilter.MaskLimitError` (nothing changed) past 32 masks a family."""
+        if not entries and self.maps is None:
+            return                                  # never armed: nothing to do
+        self._current().write(entries)
+        self._entries = list(entries)
 
-        def prepare(prog: Any) -> None:
-            maps = RecorderMaps(prog.bpf)
-            maps.write(entries, masks)
-            if self.on_program is not None:
-                self.on_program(maps)
-            new_maps.append(maps)
-
-        old = self.dp.replace_program([*base, *recorder_cflags(masks)], prepare)
-        self.recompiles += 1
-        self.masks, self.maps = masks, new_maps[0]
-        log.info("recorder: program with %d IPv4 + %d IPv6 masks swapped in",
-                 sum(m.family == 4 for m in masks), sum(m.family == 6 for m in masks))
-        if old is not None:
-            try:
-                if self.on_retire is not None:
-                    self.on_retire(old)
-            finally:
-                old.bpf.cleanup()
+    @property
+    def slots(self) -> dict[Mask, int]:
+        """Mask -> slot in force."""
+        return dict(self.maps.slots) if self.maps is not None else {}
 
     def lost_per_slot(self) -> list[int]:
         return self.maps.lost_per_slot() if self.maps is not None else [0] * MAX_SLOTS
@@ -263,6 +289,5 @@ __all__ = [
     "RecorderMaps",
     "build_bits",
     "build_filters",
-    "mask_bits",
-    "recorder_cflags",
+    "RECORDER_MAPS",
 ]
