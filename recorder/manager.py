@@ -91,6 +91,7 @@ class RecorderManager:
         self._freed_at: dict[int, float] = {}
         self.drain = Drain(describe=getattr(dp, "id_names", None), on_idle=self._housekeeping, page_cnt=page_cnt)
         self.datapath = RecorderDatapath(dp, on_program=self.drain.attach, on_retire=self.drain.retire)
+        self._run(self.datapath.open)
         self._load()
         self.drain.start()
 

@@ -394,3 +394,75 @@ def test_help_shows_the_layout() -> None:
     assert "Usage: l4lbctl record [start] FILTER... [OPTIONS] | COMMAND [ARGS]..." in cp.stdout
     for sub in ("start", "list", "show", "stop", "download", "delete"):
         assert f"  {sub} " in cp.stdout
+
+
+# --- arming: map writes, no program swap; a restart ------------------------------------------------------------------
+
+
+def test_any_new_mask_is_armed_before_the_cli_returns_and_the_program_stays(lab: DaemonLab,
+                                                                             api: httpx.Client) -> None:
+    prog = lab.xdp_prog_id("lbt0a")
+    assert prog is not None
+    srcs = ("203.0.113.64", "203.0.113.200")
+    t0 = time.monotonic()
+    # masks this daemon has not seen: a /26 source, a /28 destination with a source port wildcard, IPv6
+    rid = ok(lab, "record", "--detach", f"{srcs[0]}/26 0 {VIP} 80 tcp", "203.0.113.192/28 0 198.51.100.16/28 0 any",
+             "2001:db8:aa::/48 0 any 0 udp").strip()
+    took = time.monotonic() - t0
+    inject(lab, 2, src=srcs[0])         # right after the CLI returned: the filters must be armed already
+    inject(lab, 3, src=srcs[1])
+    wait_for(lambda: api.get(f"/v1/recordings/{rid}").json()["packets"] == 5, "5 packets")
+    assert lab.xdp_prog_id("lbt0a") == prog, "armed by map writes: the attached program did not change"
+    print(f"record --detach with 3 new masks returned in {took * 1000:.0f} ms (CLI start-up included)")
+    ok(lab, "record", "stop", rid)
+    inject(lab, 2, src=srcs[0])
+    time.sleep(0.3)                     # nothing may arrive: there is no event to poll for
+    assert api.get(f"/v1/recordings/{rid}").json()["packets"] == 5
+
+
+def test_restart_keeps_the_program_and_a_new_recording_arms_on_the_adopted_one(lab: DaemonLab,
+                                                                                 api: httpx.Client) -> None:
+    """kill -9 with a recording running: the restarted daemon adopts the pinned program (no
+    compile), clears the filters the dead one left armed, and arms new ones by map writes."""
+    prog = lab.xdp_prog_id("lbt0a")
+    old = ok(lab, "record", "--detach", f"203.0.113.9 0 {VIP} 80 tcp").strip()
+    inject(lab, 1, src="203.0.113.9")
+    wait_for(lambda: api.get(f"/v1/recordings/{old}").json()["packets"] == 1, "1 packet")
+    lab.kill9()
+    lab.start()
+    with lab.client() as c:
+        assert lab.xdp_prog_id("lbt0a") == prog, "adopted, not compiled and swapped"
+        assert "cleared 1 filters an earlier daemon left armed" in lab.log_text()
+        rid = run_ok_json(lab, "record", "--detach", "-o", "json", f"203.0.113.10/31 0 {VIP} 80 tcp")["id"]
+        inject(lab, 2, src="203.0.113.10")
+        inject(lab, 2, src="203.0.113.9")     # the dead daemon's filter is gone
+        wait_for(lambda: c.get(f"/v1/recordings/{rid}").json()["packets"] == 2, "2 packets")
+        # a TERM closes it cleanly; the next daemon arms again
+        lab.stop()
+        lab.start()
+        assert lab.xdp_prog_id("lbt0a") == prog
+    with lab.client() as c:
+        assert c.get(f"/v1/recordings/{rid}").json()["stop_reason"] == "daemon_shutdown"
+        rid2 = run_ok_json(lab, "record", "--detach", "-o", "json", f"203.0.113.10 0 {VIP} 80 tcp")["id"]
+        inject(lab, 1, src="203.0.113.10")
+        wait_for(lambda: c.get(f"/v1/recordings/{rid2}").json()["packets"] == 1, "1 packet")
+        for r in (old, rid, rid2):
+            c.delete(f"/v1/recordings/{r}")
+
+
+def run_ok_json(lab: DaemonLab, *args: str) -> dict[str, Any]:
+    return json.loads(ok(lab, *args))
+
+
+def test_a_slow_start_says_what_it_waits_for(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    from l4lb.cli import record
+
+    monkeypatch.setattr(record, "ARMING_NOTICE_S", 0.01)
+    with record._arming(("any 0 any 443 tcp", FILTER)):
+        time.sleep(0.2)                 # a daemon that takes its time
+    assert capsys.readouterr().err == "Waiting for l4lbd to arm 3 filters in the datapath...\n"
+    monkeypatch.setattr(record, "ARMING_NOTICE_S", 5)
+    with record._arming((FILTER,)):
+        pass
+    time.sleep(0.05)
+    assert capsys.readouterr().err == "", "a quick answer: no line"

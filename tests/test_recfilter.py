@@ -1,11 +1,9 @@
-"""Recorder n-tuple filters: parsing, masks, BPF keys, header rendering, reference matching."""
+"""Recorder n-tuple filters: parsing, masks, BPF keys, mask slots and templates, reference matching."""
 
 from __future__ import annotations
 
 import ipaddress
 import json
-import shutil
-import subprocess
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -20,14 +18,13 @@ from l4lb.recfilter import (
     MaskedKey,
     MaskLimitError,
     PacketTuple,
+    assign_mask_slots,
     build_table,
     compile_masks,
     expand_filter,
     first_match,
     matches,
     parse_filter,
-    render_mask_cflags,
-    render_mask_header,
 )
 
 N4 = ipaddress.IPv4Network
@@ -257,46 +254,52 @@ def test_mask_cap_per_family():
     assert issubclass(MaskLimitError, ValueError)
 
 
-def test_render_mask_header_text():
-    masks = compile_masks([parse_filter("198.51.100.0/24 0 203.0.113.1 80 tcp"), parse_filter("10.0.0.0/8 0 any 0 any")])
-    text = render_mask_header(masks)
-    assert "#define REC_MASKS_V4_COUNT 2\n" in text
-    assert "#define REC_MASKS_V4(X) \\\n\tX(24, 32, 1, 0, 0) \\\n\tX(8, 0, 1, 1, 1)\n" in text
-    assert "#define REC_MASKS_V6_COUNT 0\n#define REC_MASKS_V6(X)\n" in text
-    assert render_mask_cflags(masks) == [
-        "-DREC_MASKS_V4_COUNT=2",
-        "-DREC_MASKS_V4(X)=X(24, 32, 1, 0, 0) X(8, 0, 1, 1, 1)",
-        "-DREC_MASKS_V6_COUNT=0",
-        "-DREC_MASKS_V6(X)=",
-    ]
+def _m(text: str) -> Mask:
+    return parse_filter(text).mask()
 
 
-_C_MAIN = r"""
-#include <stdio.h>
-#define PR(s, d, sw, dw, pw) printf("%d %d %d %d %d\n", s, d, sw, dw, pw);
-int main(void) {
-    printf("v4 %d\n", REC_MASKS_V4_COUNT);
-    REC_MASKS_V4(PR)
-    printf("v6 %d\n", REC_MASKS_V6_COUNT);
-    REC_MASKS_V6(PR)
-    return 0;
-}
-"""
+def test_assign_mask_slots_keeps_slots_and_fills_the_lowest_free():
+    a, b, c = _m("10.0.0.0/8 0 any 0 any"), _m("192.0.2.0/24 0 203.0.113.1 80 tcp"), _m("any 0 2001:db8::/32 0 udp")
+    first = assign_mask_slots({}, [a, b, c])
+    assert first == {b: 0, a: 1, c: 32}, "IPv4 from 0, IPv6 from 32; most specific first"
+    d = _m("192.0.2.7 0 any 0 any")
+    second = assign_mask_slots(first, [a, c, d])
+    assert second == {a: 1, c: 32, d: 0}, "kept masks keep their slot, a new one takes the lowest free"
+    assert assign_mask_slots(second, []) == {}
+    assert assign_mask_slots(second, [a, a, c]) == {a: 1, c: 32}, "duplicates are one mask"
 
 
-@pytest.mark.skipif(shutil.which("gcc") is None, reason="needs gcc")
-def test_rendered_masks_compile_and_expand_in_order(tmp_path):
-    masks = compile_masks(
-        parse_filter(t) for t in ["10.0.0.0/8 0 any 0 any", "192.0.2.0/24 0 203.0.113.1 80 tcp", "any 0 2001:db8::/32 0 udp"]
-    )
-    expected = "v4 2\n24 32 1 0 0\n8 0 1 1 1\nv6 1\n0 32 1 1 0\n"
-    (tmp_path / "rec_masks.h").write_text(render_mask_header(masks))
-    (tmp_path / "hdr.c").write_text('#include "rec_masks.h"\n' + _C_MAIN)
-    (tmp_path / "flags.c").write_text(_C_MAIN)
-    for src, extra in (("hdr.c", []), ("flags.c", render_mask_cflags(masks))):
-        exe = tmp_path / (src + ".out")
-        subprocess.run(["gcc", "-Wall", "-Werror", *extra, "-o", str(exe), str(tmp_path / src)], check=True)
-        assert subprocess.run([str(exe)], capture_output=True, text=True, check=True).stdout == expected
+def test_assign_mask_slots_limit_is_checked_before_anything():
+    v4 = [Mask(4, n, 32, True, True, True) for n in range(MAX_MASKS_PER_FAMILY)]
+    v6 = [Mask(6, n, 128, True, True, True) for n in range(MAX_MASKS_PER_FAMILY)]
+    full = assign_mask_slots({}, v4 + v6)
+    assert sorted(full.values()) == list(range(2 * MAX_MASKS_PER_FAMILY))
+    assert all((s < MAX_MASKS_PER_FAMILY) == (m.family == 4) for m, s in full.items())
+    with pytest.raises(MaskLimitError, match="33 distinct IPv4 filter masks.*room for 32"):
+        assign_mask_slots(full, [*v4, *v6, Mask(4, 32, 32, True, True, True)])
+    # Churn: one mask out, another in, the others stay put.
+    swapped = assign_mask_slots(full, [*v4[1:], Mask(4, 32, 32, True, True, True), *v6])
+    assert swapped[Mask(4, 32, 32, True, True, True)] == full[v4[0]]
+    assert all(swapped[m] == full[m] for m in v4[1:] + v6)
+
+
+def test_template_packs_as_a_key_of_bits_to_keep():
+    t = _m("192.0.2.0/24 0 203.0.113.1 80 tcp").template()
+    assert KEY_STRUCT.unpack(t.pack()) == (4, 24, 32, 1, bytes([255, 255, 255, 0]) + bytes(12),
+                                           bytes([255] * 4) + bytes(12), 0, 0xFFFF, 0xFF)
+    t6 = _m("2001:db8::/33 0 any 0 any").template()
+    assert (t6.family, t6.src_len, t6.dst_len, t6.wild) == (6, 33, 0, 7)
+    assert t6.src == bytes([255] * 4) + bytes([0x80]) + bytes(11) and t6.dst == bytes(16)
+    assert (t6.sport, t6.dport, t6.proto) == (0, 0, 0)
+
+
+def _and_key(t: MaskedKey, p: PacketTuple) -> MaskedKey:
+    """What the datapath computes: the template's header, the packet's fields AND the template's."""
+    fam = p.family
+    raw = lambda a: int(a).to_bytes(4 if fam == 4 else 16, "big").ljust(16, b"\0")  # noqa: E731
+    band = lambda x, y: bytes(i & j for i, j in zip(x, y))  # noqa: E731
+    return MaskedKey(t.family, t.src_len, t.dst_len, t.wild, band(raw(p.src), t.src), band(raw(p.dst), t.dst),
+                     p.sport & t.sport, p.dport & t.dport, p.proto & t.proto)
 
 
 # --------------------------------------------------------------------------- reference semantics
@@ -410,6 +413,16 @@ def test_prop_masked_lookup_equals_matches(data):
     f = data.draw(filters())
     p = data.draw(st.one_of(packets(f.family), packets_near(f)))
     assert matches(f, p) == (f.mask().apply(p) == f.masked_key())
+
+
+@PROPS
+@given(st.data())
+def test_prop_template_and_equals_mask_apply(data):
+    f = data.draw(filters())
+    p = data.draw(st.one_of(packets(f.family), packets_near(f)))
+    m = f.mask()
+    assert _and_key(m.template(), p) == m.apply(p)
+    assert (_and_key(m.template(), p) == f.masked_key()) == matches(f, p)
 
 
 @PROPS

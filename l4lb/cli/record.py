@@ -23,6 +23,7 @@ import re
 import signal
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -395,14 +396,15 @@ def start(app: App, filters: tuple[str, ...], capture_length: int, fmt: str, pac
         body["name"] = name
 
     if detach:
-        rec = app.client.json("POST", "/v1/recordings", json=body)
+        with _arming(filters):
+            rec = app.client.json("POST", "/v1/recordings", json=body)
         if app.output != "table":
             emit(rec, app.output)
         else:
             click.echo(rec["id"])  # alone on stdout: rid=$(l4lbctl record --detach ...)
         return
 
-    with _stop_signals_deferred():
+    with _stop_signals_deferred(), _arming(filters):
         # Ctrl-C is held back until the id is known: a recording must never be left running unseen.
         rec = app.client.json("POST", "/v1/recordings", json=body)
     rec = _watch(app, rec, interval)
@@ -414,6 +416,26 @@ def start(app: App, filters: tuple[str, ...], capture_length: int, fmt: str, pac
             click.echo(str(p))
     if rec.get("stop_reason") in ABNORMAL:
         raise CliError(f"recording {rec['id']} ended early: {REASONS[rec['stop_reason']]}")
+
+
+#: After this long without the daemon's answer, ``record start`` says what it waits for.
+ARMING_NOTICE_S = 0.3
+
+
+@contextmanager
+def _arming(filters: tuple[str, ...]) -> Iterator[None]:
+    """The daemon answers a start once the filters are armed in the datapath (map writes,
+    milliseconds). Should it take longer (the daemon busy with a large apply, a slow disk),
+    one line on stderr says what the pause is, rather than silence."""
+    n = sum(len(expand_filter(f)) for f in filters)
+    notice = threading.Timer(ARMING_NOTICE_S, lambda: click.echo(
+        f"Waiting for l4lbd to arm {n} filter{'s' if n != 1 else ''} in the datapath...", err=True))
+    notice.daemon = True
+    notice.start()
+    try:
+        yield
+    finally:
+        notice.cancel()
 
 
 def _check_filters(filters: tuple[str, ...]) -> None:

@@ -264,6 +264,11 @@ class RecorderDatapath:
             maps.write(self._entries)
         return maps
 
+    def open(self) -> None:
+        """Open the maps now (clearing what an earlier daemon left armed: a dead daemon's
+        filters would go on sampling into a ring nobody reads)."""
+        self._current()
+
     def set_filters(self, entries: Sequence[FilterEntry]) -> None:
         """Make the datapath match exactly ``entries``. Raises
         :class:`l4lb.recfilter.MaskLimitError` (nothing changed) past 32 masks a family."""
