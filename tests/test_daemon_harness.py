@@ -179,8 +179,10 @@ def _dump_fd(lib: ct.CDLL, fd: int) -> dict[bytes, bytes]:
     return out
 
 
-# Pins beside the maps.h maps: the program, its devmap and tail-call array, the records (pinned.py).
-NOT_STATE = ("prog", "tx_ports", "slow_paths", "prog_types", "converged")
+# Pins beside the maps.h maps: the program, its devmap, tail-call array and recorder maps (what
+# recordings armed, not the service state), the records (pinned.py).
+NOT_STATE = ("prog", "tx_ports", "slow_paths", "rec_filters", "rec_bits", "rec_masks", "rec_lost_cnt", "rec_events",
+             "prog_types", "converged")
 
 
 def dump_pinned_maps(pin_dir: Path, skip: tuple[str, ...] = NOT_STATE) -> dict[str, dict[bytes, bytes]]:
