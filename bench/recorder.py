@@ -1,34 +1,43 @@
 #!/usr/bin/env python3
 """Recorder benchmark (not a test).
 
-1. What the armed recorder adds to traffic it does not record: ns/packet of the real program
+1. What the recorder adds to traffic it does not record: ns/packet of the real program
    (BPF_PROG_TEST_RUN, repeat=N on the BENCH_UNDO build so every pass forwards; NOTES.md, the
-   repeat trap), in one run:
-     - disarmed build (no -DRECORDER)                                    = the baseline
-     - armed build, no filter                                            (recorder compiled, idle)
-     - armed build, 32 IPv4 + 32 IPv6 masks, >= 16k filters:
+   repeat trap), in one run, min/median/max over rounds (builds interleaved, the order rotating):
+     - no recorder: the same source built with -DNO_RECORDER                = the baseline
+     - the recorder (always compiled in), idle: no filter armed
+     - the recorder armed with 32 IPv4 + 32 IPv6 masks (mask slots in a map), >= 16k filters:
          a) packet rejected by the early reject (source nobody records)
-         b) worst case: the packet passes every bitmap and costs 32 hash look-ups, no hit
-   plus the XDP_TX floor program. Rounds alternate the builds; the table shows medians.
-2. Ring reading alone (no files), on the real program's samples: BCC's per-sample callback
+         b) worst case: the packet passes every bitmap and costs 32 mask steps, no hit
+     - with ``--against REV`` (e.g. main): REV's recorder build with the same masks compiled in
+       and the same filters, and REV's build without the recorder, compiled from ``git archive
+       REV`` against this run's maps: "today", measured beside "now"
+   plus the XDP_TX floor program.
+2. Arm latency: adding a filter with a mask nobody used yet beside the >= 16k filters loaded,
+   min/median/max over runs: the datapath's map writes alone (RecorderDatapath.set_filters),
+   and a whole recording start (RecorderManager.start: files, metadata, map writes), as the
+   API does it; the attached program's id before and after (it must not change).
+3. Ring reading alone (no files), on the real program's samples: BCC's per-sample callback
    (open_perf_buffer + perf_buffer_consume, ``ct.string_at`` + header unpack) against
    l4lb.recorder.perfring (batch copy + header walk + unpack): CPU us per sample, and samples/s
    while another Python thread of the process is busy (the daemon has API threads).
-3. Drain rate: a matching packet is run with repeat=k in a loop (2 samples per pass: in and
+4. Drain rate: a matching packet is run with repeat=k in a loop (2 samples per pass: in and
    out) while the real drain (RecorderManager) writes pcapng files. Printed: packets written
    per second (wall clock), the drain thread's CPU use, packets written per second of drain
    CPU time (the rate one core sustains: the machine may be shared, and the producer needs the
    other core) and what the saturated ring lost. The target applies to the per-core rate.
 
-Run as root: `.venv/bin/python bench/recorder.py` (``--drain-only``, ``--cost-only``; ``--quick``:
-every table with 2,000 repeats/passes, 1 round, ~8 filters per mask (still 32 + 32 masks) and 0.5 s
-drains, for tests/test_bench.py: its figures are not measurements and its targets are not judged).
+Run as root: `.venv/bin/python bench/recorder.py [--against main]` (``--drain-only``,
+``--cost-only``; ``--quick``: every table with 2,000 repeats/passes, 1 round, ~8 filters per mask
+(still 32 + 32 masks), 3 arm runs and 0.5 s drains, for tests/test_bench.py: its figures are not
+measurements and its targets are not judged).
 """
 
 from __future__ import annotations
 
 import argparse
 import ctypes as ct
+import dataclasses
 import ipaddress
 import random
 import statistics
@@ -39,9 +48,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from typing import Any
+
+import numpy as np
 from scapy.all import IP, TCP, Ether, IPv6, Raw, raw
 
-from l4lb.datapath.libbpf import test_run
+from l4lb.datapath.libbpf import prog_info, test_run
+from l4lb.datapath.loader import compile_program
 from l4lb.datapath.recorder import FilterEntry, RecorderDatapath
 from l4lb.lab.bpffs import private_bpffs
 from l4lb.lab.pktenv import PacketEnv, edge_backends_v4, edge_backends_v6
@@ -53,14 +66,17 @@ from l4lb.recorder.perfring import PerfRings, online_cpus
 from l4lb.recorder.recording import RecordingSpec
 
 VIP4, VIP6 = "198.51.100.1", "2001:db8:100::1"
-TARGET_ADDED_NS = 25.0
+TARGET_ADDED_NS = 25.0          # armed, no match (early-rejected), over the build without the recorder
+TARGET_VS_TODAY_NS = 5.0        # armed, no match, over --against REV's compiled-in masks
+TARGET_ARM_MS = 100.0
 TARGET_DRAIN_PPS = 300_000
 
 
 @dataclass(frozen=True)
 class Sizes:
     repeat: int = 200_000       # BPF_PROG_TEST_RUN repeat of the cost table
-    rounds: int = 3             # cost table rounds (builds alternate)
+    rounds: int = 5             # cost table rounds (builds interleaved, order rotating)
+    arm_runs: int = 20          # arm latency table: runs per row
     per_mask: int = 330         # filters per mask: 64 masks, >= 16k filters
     passes: int = 50_000        # reader table: program passes (2 samples each)
     pages: int = 4096           # reader table: ring pages a CPU (2 x passes samples of 128 bytes fit)
@@ -68,7 +84,7 @@ class Sizes:
     settle_s: float = 0.5       # drain table: producer running before the measurement starts
 
 
-QUICK = Sizes(repeat=2_000, rounds=1, per_mask=8, passes=2_000, pages=256, drain_s=0.5, settle_s=0.2)
+QUICK = Sizes(repeat=2_000, rounds=1, arm_runs=3, per_mask=8, passes=2_000, pages=256, drain_s=0.5, settle_s=0.2)
 
 
 def frame(src: str, dst: str, sport: int = 33333, dport: int = 80) -> bytes:
@@ -116,8 +132,7 @@ def bench_filters(n_per_mask: int) -> list[Filter]:
     return sorted(out, key=str)
 
 
-def measure(env: PacketEnv, repeat: int) -> dict[str, float]:
-    fd = env.dp.prog_fd
+def measure(env: PacketEnv, fd: int, repeat: int) -> dict[str, float]:
     return {name: float(min(env.call(test_run, fd, p, ingress_ifindex=env.edge_ifindex, repeat=repeat)[2]
                             for _ in range(3)))
             for name, p in PROBES.items()}
@@ -134,38 +149,163 @@ def floor_tx(env: PacketEnv, repeat: int) -> float:
     return v
 
 
-def cost_table(env: PacketEnv, sz: Sizes, judge: bool) -> bool:
+def _mmm(xs: list[float]) -> str:
+    return f"{min(xs):7.1f} {statistics.median(xs):7.1f} {max(xs):7.1f}"
+
+
+class Build:
+    """One program to measure: its fd, and what to do before a measurement (arm or disarm)."""
+
+    def __init__(self, label: str, fd: int, before: Any = None) -> None:
+        self.label, self.fd, self.before = label, fd, before
+
+
+def cost_table(env: PacketEnv, sz: Sizes, judge: bool, against: str | None) -> tuple[bool, list[Filter]]:
     filters = bench_filters(sz.per_mask)
     masks = compile_masks(filters)
     entries = [FilterEntry(f, 0) for f in filters]
     rd = RecorderDatapath(env.dp)
     base = list(env.dp.cfg.extra_cflags)
-    results: dict[str, list[dict[str, float]]] = {"disarmed build": [], "armed, no filter": [], "armed, 64 masks": []}
-    for _ in range(sz.rounds):
-        old = env.call(env.dp.replace_program, base)       # disarmed build
-        if old is not None:
-            old.bpf.cleanup()
-        rd.masks = rd.maps = None
-        results["disarmed build"].append(measure(env, sz.repeat))
-        env.call(rd.set_filters, entries)                  # armed build, all filters
-        results["armed, 64 masks"].append(measure(env, sz.repeat))
-        env.call(rd.set_filters, [])                       # same build, no filter left
-        results["armed, no filter"].append(measure(env, sz.repeat))
+    bare = env.call(compile_program, dataclasses.replace(env.dp.cfg, extra_cflags=(*base, "-DNO_RECORDER")))
+    keep = [bare]
+    builds = [Build("no recorder (-DNO_RECORDER)", bare.fd),
+              Build("recorder idle (no filter)", env.dp.prog_fd, lambda: env.call(rd.set_filters, [])),
+              Build("recorder armed, 64 masks", env.dp.prog_fd, lambda: env.call(rd.set_filters, entries))]
+    if against:
+        old = env.call(compile_other, against, env, filters, masks, base)
+        keep += old
+        builds += [Build(f"{against}: no recorder", old[0].fd),
+                   Build(f"{against}: armed, 64 masks compiled in", old[1].fd)]
+    results: dict[str, list[dict[str, float]]] = {b.label: [] for b in builds}
+    for r in range(sz.rounds):
+        for b in builds[r % len(builds):] + builds[:r % len(builds)]:
+            if b.before is not None:
+                b.before()
+            results[b.label].append(measure(env, b.fd, sz.repeat))
+    env.call(rd.set_filters, entries)            # left armed for the arm table
     floor = floor_tx(env, sz.repeat)
-    med = {k: {p: statistics.median(r[p] for r in v) for p in PROBES} for k, v in results.items()}
-    print(f"\nNon-matching traffic, ns/packet (BPF_PROG_TEST_RUN repeat={sz.repeat}, BENCH_UNDO build, "
-          f"median of {sz.rounds} rounds x min of 3)")
+    for prog in keep:
+        prog.bpf.cleanup()
+    print(f"\nNon-matching traffic, ns/packet (BPF_PROG_TEST_RUN repeat={sz.repeat}, BENCH_UNDO builds; "
+          f"min/median/max over {sz.rounds} rounds, each the min of 3 calls; builds interleaved)")
     print(f"filters loaded: {len(filters)} ({sum(m.family == 4 for m in masks)} IPv4 masks, "
           f"{sum(m.family == 6 for m in masks)} IPv6 masks); floor XDP_TX program: {floor:.1f} ns")
-    print(f"{'probe':28} {'disarmed':>9} {'armed/idle':>11} {'+ns':>6} {'armed/64m':>10} {'+ns':>6}")
+    print(f"{'probe':26} {'build':44} {'min':>7} {'median':>7} {'max':>7} {'+ns vs no recorder':>19}")
     ok = True
+    ref = builds[0].label
     for p in PROBES:
-        d, idle, full = med["disarmed build"][p], med["armed, no filter"][p], med["armed, 64 masks"][p]
-        print(f"{p:28} {d:9.1f} {idle:11.1f} {idle - d:6.1f} {full:10.1f} {full - d:6.1f}")
-        if "rejected" in p and full - d > TARGET_ADDED_NS:
+        base_med = statistics.median(x[p] for x in results[ref])
+        for b in builds:
+            xs = [x[p] for x in results[b.label]]
+            added = statistics.median(xs) - base_med
+            print(f"{p:26} {b.label:44} {_mmm(xs)} {added:19.1f}")
+        now = statistics.median(x[p] for x in results["recorder armed, 64 masks"])
+        if "rejected" in p and now - base_med > TARGET_ADDED_NS:
             ok = False
-    print(f"target: <= {TARGET_ADDED_NS:.0f} ns added with 32 masks and no match "
-          f"(early-rejected probes): {verdict(ok, judge, 'met', 'NOT met')}")
+        if against:
+            today = statistics.median(x[p] for x in results[f"{against}: armed, 64 masks compiled in"])
+            print(f"{'':26} {'armed now - armed ' + against:44} {'':23} {now - today:19.1f}")
+            if "rejected" in p and now - today > TARGET_VS_TODAY_NS:
+                ok = False
+    targets = f"<= {TARGET_ADDED_NS:.0f} ns over no recorder"
+    if against:
+        targets += f" and <= +{TARGET_VS_TODAY_NS:.0f} ns over {against}'s compiled-in masks"
+    print(f"target (early-rejected probes, armed with 64 masks): {targets}: {verdict(ok, judge, 'met', 'NOT met')}")
+    return ok or not judge, filters
+
+
+def compile_other(rev: str, env: PacketEnv, filters: list[Filter], masks: list[Any], base: list[str]) -> list[Any]:
+    """REV's program without and with its recorder (masks compiled in, -DRECORDER), against
+    this run's pinned maps, the filters written in REV's layout (same keys; bitmap bit i =
+    mask i of its family in compile order): what non-matching traffic costs "today"."""
+    import subprocess
+
+    from bcc import BPF
+
+    from l4lb.datapath.loader import Program, _fill_slow_paths, feature_cflags, layout_cflags, pin_dir_of
+    from l4lb.datapath.recorder import _update_batch, build_bits, build_filters
+    from l4lb.datapath.source import assemble
+
+    root = Path(__file__).resolve().parent.parent
+    tmp = Path(tempfile.mkdtemp(prefix="l4lb-recbench-"))
+    archive = subprocess.run(["git", "-C", str(root), "archive", rev, "bpf_src"], check=True,
+                             capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(tmp)], input=archive, check=True)
+    text = assemble("l4lb.c", root=tmp / "bpf_src")
+    pin = pin_dir_of(env.dp.cfg)
+    common = [*layout_cflags(env.dp.cfg), *feature_cflags(env.dp.cfg), *base, f'-DPIN_DIR="{pin}"']
+    order = {4: 0, 6: 32}
+    bits = {}
+    for m in masks:
+        bits[m] = order[m.family]
+        order[m.family] += 1
+    mask_flags = []
+    for fam in (4, 6):
+        fm = [m for m in masks if m.family == fam]
+        mask_flags.append(f"-DREC_MASKS_V{fam}(X)=" + " ".join(
+            f"X({m.src_len}, {m.dst_len}, {int(m.sport_wild)}, {int(m.dport_wild)}, {int(m.proto_wild)})" for m in fm))
+    out = []
+    for extra in ([], ["-DRECORDER", *mask_flags]):
+        bpf = BPF(text=text.encode(), cflags=[*common, *extra])   # pinned maps reused (root: by id)
+        fn = bpf.load_func(b"l4lb_xdp", BPF.XDP)
+        _fill_slow_paths(bpf, BPF, text)
+        if extra:
+            entries = [FilterEntry(f, 0) for f in filters]
+            t = bpf[b"rec_filters"]
+            for packed, (recs, cap) in build_filters(entries).items():
+                k, v = t.Key(), t.Leaf()
+                ct.memmove(ct.addressof(k), packed, len(packed))
+                v.recordings, v.caplen = recs, cap
+                t[k] = v
+            arr = build_bits(entries, bits)
+            nz = np.flatnonzero(arr)
+            _update_batch(bpf[b"rec_bits"].map_fd, nz, arr[nz])
+        out.append(Program(bpf, fn.fd, pin, [], text))
+    return out
+
+
+def arm_table(env: PacketEnv, sz: Sizes, filters: list[Filter], judge: bool) -> bool:
+    """A filter of a mask not loaded yet, armed beside every bench filter: map writes only."""
+    rd = RecorderDatapath(env.dp)
+    # every bench filter but those of one IPv4 mask: room for one new mask (32 a family)
+    gone = compile_masks(filters)[0]
+    filters = [f for f in filters if f.mask() != gone]
+    loaded = [FilterEntry(f, 0) for f in filters]
+    env.call(rd.set_filters, loaded)
+    prog0 = prog_info(env.dp.prog_fd).id
+    new = [parse_filter(f"192.0.2.{i}/{n} 0 {VIP4} 443 udp") for i, n in ((0, 31), (64, 29), (128, 27), (0, 25))]
+    assert not any(f.mask() in rd.slots for f in new) and len({f.mask() for f in new}) == len(new)
+    dp_ms: list[float] = []
+    for i in range(sz.arm_runs):
+        f = new[i % len(new)]
+        t0 = time.perf_counter()
+        env.call(rd.set_filters, [*loaded, FilterEntry(f, 1)])
+        dp_ms.append((time.perf_counter() - t0) * 1e3)
+        env.call(rd.set_filters, loaded)
+    mgr_ms: list[float] = []
+    with tempfile.TemporaryDirectory(prefix="prf-recbench-") as d:
+        mgr = RecorderManager(Path(d) / "rec", env.dp, run=env.call)
+        try:
+            # the bench filters in one recording, then new masks beside them, one start at a time
+            big = mgr.start(RecordingSpec(filters=tuple(filters)))
+            for i in range(sz.arm_runs):
+                f = new[i % len(new)]
+                t0 = time.perf_counter()
+                rec = mgr.start(RecordingSpec(filters=(f,)))
+                mgr_ms.append((time.perf_counter() - t0) * 1e3)
+                mgr.delete(rec.id)
+            mgr.delete(big.id)
+        finally:
+            mgr.close()
+    prog1 = prog_info(env.dp.prog_fd).id
+    ok = max(dp_ms) <= TARGET_ARM_MS and statistics.median(mgr_ms) <= TARGET_ARM_MS and prog0 == prog1
+    print(f"\nArm latency, ms: a filter of a new mask beside the {len(filters)} loaded ones; "
+          f"min/median/max over {sz.arm_runs} runs")
+    print(f"{'what':58} {'min':>7} {'median':>7} {'max':>7}")
+    print(f"{'datapath map writes (RecorderDatapath.set_filters)':58} {_mmm(dp_ms)}")
+    print(f"{'recording start (RecorderManager.start: files, maps)':58} {_mmm(mgr_ms)}")
+    print(f"program id before/after: {prog0}/{prog1} ({'unchanged' if prog0 == prog1 else 'CHANGED'}); "
+          f"target <= {TARGET_ARM_MS:.0f} ms, same program: {verdict(ok, judge)}")
     return ok or not judge
 
 
@@ -282,6 +422,8 @@ def main() -> int:
     only.add_argument("--cost-only", action="store_true", help="only the non-matching traffic table")
     only.add_argument("--drain-only", action="store_true", help="only the ring reading and drain tables")
     ap.add_argument("--quick", action="store_true", help="smoke run: every table, few iterations, small state")
+    ap.add_argument("--against", metavar="REV", help="also measure REV's recorder (compiled-in masks) in the "
+                    "cost table, e.g. main: today's cost beside this tree's")
     args = ap.parse_args()
     sz = QUICK if args.quick else Sizes()
     judge = not args.quick
@@ -294,7 +436,10 @@ def main() -> int:
             bes6 = [{"address": a} for a in edge_backends_v6(4)]
             env.apply([Service(name="w4", vip=VIP4, port=80, backends=bes4),
                        Service(name="w6", vip=VIP6, port=80, backends=bes6)])
-            cost_ok = args.drain_only or cost_table(env, sz, judge)
+            cost_ok = True
+            if not args.drain_only:
+                cost_ok, filters = cost_table(env, sz, judge, args.against)
+                cost_ok = arm_table(env, sz, filters, judge) and cost_ok
             if not args.cost_only:
                 reader_table(env, sz.passes, sz.pages)
             drain_ok = args.cost_only or drain_table(env, sz.drain_s, sz.settle_s, judge)

@@ -253,6 +253,45 @@ def test_slot_reuse_never_matches_wrongly(env, rec):
         assert [h[0] for h, _ in got] == ([want, want] if want else [])
 
 
+def test_incremental_writes_leave_exactly_what_a_fresh_write_would(env, rec):
+    """Recordings come and go (shared filters, capture lengths changing): the kernel's maps
+    always hold what build_filters/build_bits compute from scratch for the entries in force."""
+    r = random.Random(16)
+    pool = [Filter.from_fields(src=str(ipaddress.ip_network(f"203.0.113.{r.randrange(256)}/{r.choice((24, 28, 32))}",
+                                                                strict=False)),
+                               dst=r.choice(("any", VIPS4[0], "198.51.100.0/22")), dport=r.choice((0, 80, 443)),
+                               proto=r.choice(("tcp", "udp", "any"))) for _ in range(40)]
+    pool += [parse_filter(f"2001:db8:77::/{n} 0 any {p} any") for n in (48, 64) for p in (0, 80)]
+    pool = list(dict.fromkeys(pool))
+    recordings: dict[int, tuple[list[Filter], int]] = {}
+    for step in range(12):
+        slot = r.randrange(6)
+        if slot in recordings and r.random() < 0.4:
+            del recordings[slot]
+        else:
+            recordings[slot] = (r.sample(pool, r.randrange(1, 8)), r.choice((0, 64, 128)))
+        entries = [FilterEntry(f, s, cap) for s, (fs, cap) in sorted(recordings.items()) for f in fs]
+        rec.set(entries)
+        _check_maps(env, rec, entries)
+    rec.set([])
+    _check_maps(env, rec, [])
+
+
+def _check_maps(env, rec, entries) -> None:
+    import numpy as np
+
+    from l4lb.datapath import libbpf
+    from l4lb.datapath.recorder import BM_SIZE, build_bits, build_filters
+
+    maps = rec.rd.maps
+    got_bits = env.call(libbpf.array_lookup_all, maps.bits.map_fd, BM_SIZE, 8).view(np.uint64).reshape(-1)
+    assert np.array_equal(got_bits, build_bits(entries, rec.rd.slots))
+    got = {bytes(k): (v.recordings, v.caplen) for k, v in maps.filters.items()}
+    assert got == build_filters(entries)
+    templates = {s: bytes(maps.masks[s]) for s in range(64)}
+    assert {s: t for s, t in templates.items() if any(t)} == {s: m.template().pack() for m, s in rec.rd.slots.items()}
+
+
 def test_no_filters_no_samples_and_same_verdicts(env, rec):
     rec.set([FilterEntry(parse_filter("any 0 any 0 any", family=4), 0)])
     p = frame(CLIENT4, VIPS4[0], 40000, 443, "udp")

@@ -177,7 +177,8 @@ def compile_program(cfg: DatapathConfig, *, entry: str = ENTRY, func: str = FUNC
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     reasons = [n for n in enum_names(text, *kind.reasons) if n != "max"]
-    types = {name: _bcc_types(bpf, name) for name in ADOPTED} if kind == XDP_KIND else {}
+    # (a -DNO_RECORDER bench build has no recorder maps: neither pinned nor adoptable)
+    types = {name: t for name in ADOPTED if (t := _bcc_types(bpf, name))} if kind == XDP_KIND else {}
     return Program(bpf, fn.fd, pin_dir, reasons, text, program_digest(text, flags), types)
 
 
@@ -214,13 +215,16 @@ def _use_pinned_maps(bpf: Any, scratch: Path, pin_dir: Path) -> None:
             os.close(fd)
 
 
-def _bcc_types(bpf: Any, name: str) -> list[Any]:
+def _bcc_types(bpf: Any, name: str) -> list[Any] | None:
+    """BCC's type descriptions of map ``name`` (key, leaf); None if the program has no such map."""
     import json
 
     from bcc import libbcc
 
-    return [json.loads(libbcc.lib.bpf_table_key_desc(bpf.module, name.encode()).decode()),
-            json.loads(libbcc.lib.bpf_table_leaf_desc(bpf.module, name.encode()).decode())]
+    key = libbcc.lib.bpf_table_key_desc(bpf.module, name.encode())
+    if key is None:
+        return None
+    return [json.loads(key.decode()), json.loads(libbcc.lib.bpf_table_leaf_desc(bpf.module, name.encode()).decode())]
 
 
 def _remove_dead_scratch(bpffs: Path) -> None:
@@ -281,7 +285,7 @@ def pin_program(prog: Program) -> None:
     types.write(None)
     for name, fd in ((PROG_PIN, prog.fd), (DEVMAP, prog.bpf[DEVMAP.encode()].map_fd),
                      (SLOW_PATHS, prog.bpf[SLOW_PATHS.encode()].map_fd),
-                     *((m, prog.bpf[m.encode()].map_fd) for m in RECORDER_MAPS)):
+                     *((m, prog.bpf[m.encode()].map_fd) for m in RECORDER_MAPS if m in prog.types)):
         path = prog.pin_dir / name
         if path.exists():
             os.unlink(path)

@@ -80,31 +80,46 @@ def _addr_range(net: Any, family: int) -> slice | int | None:
     return None
 
 
-def build_bits(entries: Iterable[FilterEntry], bits: dict[Mask, int]) -> np.ndarray:
-    """rec_bits contents: for each field value, the mask slots (``bits``: mask -> slot)
-    with a filter admitting it."""
-    arr = np.zeros(BM_SIZE, dtype=np.uint64)
-    for e in entries:
-        f = e.filter
-        b = np.uint64(1 << bits[f.mask()])
+def _or_column(arr: np.ndarray, filters: Iterable[Filter], bit: int) -> None:
+    """OR ``1 << bit`` into every rec_bits value that one of ``filters`` (of one mask) admits;
+    each wildcard range once, explicit values in one vectorised step."""
+    b = np.uint64(1 << bit)
+    ranges: set[tuple[int, int]] = set()
+    points: list[int] = []
+    for f in filters:
         src_base, dst_base = (BM_SRC4, BM_DST4) if f.family == 4 else (BM_SRC6, BM_DST6)
         for base, net in ((src_base, f.src), (dst_base, f.dst)):
             r = _addr_range(net, f.family)
             if r is None:
-                arr[base:base + 65536] |= b
+                ranges.add((base, base + 65536))
             elif isinstance(r, slice):
-                arr[base + r.start:base + r.stop] |= b
+                ranges.add((base + r.start, base + r.stop))
             else:
-                arr[base + r] |= b
+                points.append(base + r)
         for base, port in ((BM_DPORT, f.dport), (BM_SPORT, f.sport)):
             if port == 0:
-                arr[base:base + 65536] |= b
+                ranges.add((base, base + 65536))
             else:
-                arr[base + port] |= b
+                points.append(base + port)
         if f.proto == 0:
-            arr[BM_PROTO:BM_PROTO + 256] |= b
+            ranges.add((BM_PROTO, BM_PROTO + 256))
         else:
-            arr[BM_PROTO + f.proto] |= b
+            points.append(BM_PROTO + f.proto)
+    for start, stop in ranges:
+        arr[start:stop] |= b
+    if points:
+        arr[np.asarray(points, dtype=np.int64)] |= b
+
+
+def build_bits(entries: Iterable[FilterEntry], bits: dict[Mask, int]) -> np.ndarray:
+    """rec_bits contents: for each field value, the mask slots (``bits``: mask -> slot)
+    with a filter admitting it."""
+    arr = np.zeros(BM_SIZE, dtype=np.uint64)
+    groups: dict[Mask, set[Filter]] = {}
+    for e in entries:
+        groups.setdefault(e.filter.mask(), set()).add(e.filter)
+    for m, fs in groups.items():
+        _or_column(arr, fs, bits[m])
     return arr
 
 
@@ -145,8 +160,12 @@ class RecorderMaps:
         if ct.sizeof(self.filters.Key) != 44:
             raise RuntimeError(f"struct rec_key is {ct.sizeof(self.filters.Key)} bytes, recfilter.KEY_STRUCT 44")
         self.slots: dict[Mask, int] = {}
-        self._keys: dict[bytes, tuple[int, int]] = {}
-        self._bits = np.zeros(BM_SIZE, dtype=np.uint64)
+        self._keys: dict[bytes, tuple[int, int]] = {}      # rec_filters as written
+        self._bits = np.zeros(BM_SIZE, dtype=np.uint64)    # rec_bits as written
+        self._by_slot: dict[int, tuple[tuple[Filter, ...], int]] = {}  # recording -> filters, capture length
+        self._key_slots: dict[bytes, dict[int, int]] = {}  # key -> {recording: capture length}
+        self._mask_filters: dict[Mask, dict[Filter, int]] = {}  # mask -> its filters (how many recordings)
+        self._packed: dict[Filter, bytes] = {}
         self._clear()
 
     def _clear(self) -> None:
@@ -180,38 +199,110 @@ class RecorderMaps:
 
     def write(self, entries: Sequence[FilterEntry]) -> None:
         """Make the maps match exactly ``entries``. Raises MaskLimitError (nothing written)
-        past 32 masks a family."""
-        slots = assign_mask_slots(self.slots, (e.filter.mask() for e in entries))
-        want = build_filters(entries)
-        bits = build_bits(entries, slots)
+        past 32 masks a family.
+
+        Incremental: only the recordings (slots) whose filters or capture length changed
+        cost work, so arming a small recording beside 16k loaded filters writes a few map
+        entries and the bitmap columns of the masks it touches."""
+        by_slot: dict[int, tuple[list[Filter], int]] = {}
+        for e in entries:
+            cap = CAP_WHOLE if e.caplen == 0 else min(e.caplen, CAP_WHOLE)
+            fs, _ = by_slot.setdefault(e.slot, ([], cap))
+            if by_slot[e.slot][1] != cap:
+                raise ValueError(f"slot {e.slot}: one capture length per recording")
+            fs.append(e.filter)
+        new = {slot: (tuple(fs), cap) for slot, (fs, cap) in by_slot.items()}
+        changed = [s for s in set(new) | set(self._by_slot) if new.get(s) != self._by_slot.get(s)]
+        if not changed:
+            return
+        # Stage (nothing written, nothing of self changed until the limit is checked).
+        staged: dict[Mask, dict[Filter, int]] = {}
+        touched: set[Filter] = set()
+        for s, sign in ((s, sign) for s in changed for sign in (-1, 1)):
+            fs = (self._by_slot if sign < 0 else new).get(s, ((), 0))[0]
+            for f in dict.fromkeys(fs):
+                m = f.mask()
+                counts = staged.get(m)
+                if counts is None:
+                    counts = staged[m] = dict(self._mask_filters.get(m, {}))
+                n = counts.get(f, 0) + sign
+                if n:
+                    counts[f] = n
+                else:
+                    del counts[f]
+                touched.add(f)
+        needed = [m for m in self._mask_filters if m not in staged] + [m for m, c in staged.items() if c]
+        slots = assign_mask_slots(self.slots, needed)
+        # Keys the changed slots touch: their new values (or none).
+        values: dict[bytes, tuple[int, int] | None] = {}
+        key_slots: dict[bytes, dict[int, int]] = {}
+        for f in touched:
+            packed = self._packed.get(f) or f.masked_key().pack()
+            self._packed[f] = packed
+            held = dict(self._key_slots.get(packed, {}))
+            for s in changed:
+                held.pop(s, None)
+            key_slots[packed] = held
+        for s in changed:
+            if s in new:
+                fs, cap = new[s]
+                for f in fs:
+                    key_slots[self._packed[f]][s] = cap
+        for packed, held in key_slots.items():
+            values[packed] = (sum(1 << s for s in held), max(held.values())) if held else None
+        masks_changed = [m for m, c in staged.items() if c.keys() != self._mask_filters.get(m, {}).keys()]
+        bits = self._bits.copy()
+        clear = sum(1 << self.slots[m] for m in masks_changed if m in self.slots)
+        if clear:
+            bits &= np.uint64(~clear & 0xFFFFFFFFFFFFFFFF)
+        for m in masks_changed:
+            if staged[m]:
+                _or_column(bits, staged[m], slots[m])
+
         # 1. slots of new masks (no bit leads to them yet)
         for m, slot in slots.items():
             if self.slots.get(m) != slot:
                 self._set_slot(slot, m)
         # 2. new and changed filter entries (nothing leads to a new one yet)
-        for packed, (recs, cap) in want.items():
-            if self._keys.get(packed) != (recs, cap):
+        for packed, value in values.items():
+            if value is not None and self._keys.get(packed) != value:
                 v = self.filters.Leaf()
-                v.recordings, v.caplen = recs, cap
+                v.recordings, v.caplen = value
                 self.filters[self._key(packed)] = v
-                self._keys[packed] = (recs, cap)
+                self._keys[packed] = value
         # 3. the early-reject bitmaps
-        changed = np.flatnonzero(bits != self._bits)
-        if len(changed):
-            _update_batch(self.bits.map_fd, changed, bits[changed])
-            self._bits = bits
+        diff = np.flatnonzero(bits != self._bits)
+        if len(diff):
+            _update_batch(self.bits.map_fd, diff, bits[diff])
+        self._bits = bits
         # 4. entries no bit leads to any more, then their masks' slots
-        for packed in [k for k in self._keys if k not in want]:
-            try:
-                del self.filters[self._key(packed)]
-            except KeyError:
-                pass
-            del self._keys[packed]
+        for packed, value in values.items():
+            if value is None and packed in self._keys:
+                try:
+                    del self.filters[self._key(packed)]
+                except KeyError:
+                    pass
+                del self._keys[packed]
         used = set(slots.values())
         freed = [slot for slot in self.slots.values() if slot not in used]
         for slot in freed:
             self._set_slot(slot, None)
+        # the new state
         self.slots = slots
+        self._by_slot = new
+        for packed, held in key_slots.items():
+            if held:
+                self._key_slots[packed] = held
+            else:
+                self._key_slots.pop(packed, None)
+        for m, counts in staged.items():
+            if counts:
+                self._mask_filters[m] = counts
+            else:
+                self._mask_filters.pop(m, None)
+        for f in touched:
+            if f not in self._mask_filters.get(f.mask(), {}):
+                self._packed.pop(f, None)
         if freed:
             # A packet that read a bit cleared above may still be about to read the slot:
             # once every run that started before now has ended, the slot is free to reuse
