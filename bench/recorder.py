@@ -223,7 +223,7 @@ def compile_other(rev: str, env: PacketEnv, filters: list[Filter], masks: list[A
     from bcc import BPF
 
     from l4lb.datapath.loader import Program, _fill_slow_paths, feature_cflags, layout_cflags, pin_dir_of
-    from l4lb.datapath.recorder import _update_batch, build_bits, build_filters
+    from l4lb.datapath.recorder import BM_PROTO, BM_WILD, _update_batch, build_bits, build_filters
     from l4lb.datapath.source import assemble
 
     root = Path(__file__).resolve().parent.parent
@@ -258,6 +258,10 @@ def compile_other(rev: str, env: PacketEnv, filters: list[Filter], masks: list[A
                 v.recordings, v.caplen = recs, cap
                 t[k] = v
             arr = build_bits(entries, bits)
+            for t in range(6):            # REV has no wild words: a wildcard is a whole table
+                arr[t * 65536:(t + 1) * 65536] |= arr[BM_WILD + t]
+            arr[BM_PROTO:BM_PROTO + 256] |= arr[BM_WILD + 6]
+            arr = arr[:BM_WILD]
             nz = np.flatnonzero(arr)
             _update_batch(bpf[b"rec_bits"].map_fd, nz, arr[nz])
         out.append(Program(bpf, fn.fd, pin, [], text))

@@ -285,7 +285,9 @@ def _check_maps(env, rec, entries) -> None:
 
     maps = rec.rd.maps
     got_bits = env.call(libbpf.array_lookup_all, maps.bits.map_fd, BM_SIZE, 8).view(np.uint64).reshape(-1)
-    assert np.array_equal(got_bits, build_bits(entries, rec.rd.slots))
+    got_wild = np.frombuffer(bytes(maps.wild[0]), dtype=np.uint64)
+    want = build_bits(entries, rec.rd.slots)
+    assert np.array_equal(got_bits, want[:BM_SIZE]) and np.array_equal(got_wild, want[BM_SIZE:])
     got = {bytes(k): (v.recordings, v.caplen) for k, v in maps.filters.items()}
     assert got == build_filters(entries)
     templates = {s: bytes(maps.masks[s]) for s in range(64)}

@@ -33,10 +33,13 @@
  * steal packets from each other.
  *
  * Early reject. rec_bits holds, per value of each tuple field, the bitmap of
- * mask slots that have at least one filter admitting that value (a wildcard
- * field admits every value). The packet's candidate masks are the AND over
- * its fields; 0 (the usual case for traffic nobody records, and always when
- * no recording runs) ends the work after one to five array look-ups. Only
+ * mask slots that have at least one filter admitting that value; rec_wild,
+ * per field, the slots with a filter admitting every value (a wildcard field,
+ * a short prefix: one word, not 65536 bitmap entries to write when a filter
+ * is armed). The packet's candidate masks are the AND over its fields of
+ * (bits of its value | wild); 0 (the usual case for traffic nobody records,
+ * and always when no recording runs) ends the work after two to six array
+ * look-ups. Only
  * surviving masks cost a bounded loop step: their rec_masks slot and a hash
  * look-up. Addresses are bucketed: IPv4 by the top 16 bits, IPv6 by a fold of
  * the top 32 bits (l4lb/datapath/recorder.py computes the same buckets).
@@ -117,6 +120,17 @@ struct rec_sample {
     __u32 ifindex;      /* the NIC the packet came in by (inbound) or leaves by (outbound) */
 };
 
+/* Per field, in the order of the REC_BM_* tables: slots admitting every value. */
+struct rec_wild {
+    __u64 src4;
+    __u64 dst4;
+    __u64 src6;
+    __u64 dst6;
+    __u64 dport;
+    __u64 sport;
+    __u64 proto;
+};
+
 /* Samples the ring refused, per recording slot (per CPU). */
 struct rec_lost {
     __u64 lost[64];
@@ -130,7 +144,8 @@ struct rec_hit {
 
 BPF_HASH(rec_filters, struct rec_key, struct rec_value, REC_MAX_FILTERS);
 BPF_ARRAY(rec_bits, __u64, REC_BM_SIZE);
-BPF_ARRAY(rec_masks, struct rec_key, REC_MASK_SLOTS);   /* key templates: see above */
+BPF_ARRAY(rec_masks, struct rec_key, REC_MASK_SLOTS);
+BPF_ARRAY(rec_wild, struct rec_wild, 1);   /* key templates: see above */
 BPF_PERCPU_ARRAY(rec_lost_cnt, struct rec_lost, 1);
 BPF_PERF_OUTPUT(rec_events);
 
@@ -159,27 +174,31 @@ L4LB_INLINE __u32 rec_bucket6(__u32 w0)
 /* Candidate masks of the packet: the cheap early reject. */
 L4LB_INLINE __u64 rec_candidates(struct pkt *p)
 {
+    __u32 zero = 0;
+    struct rec_wild *w = rec_wild.lookup(&zero);
+    if (!w)
+        return 0;
     __u64 c;
     if (p->family == FAMILY_V4) {
-        c = rec_bits_at(REC_BM_SRC4 + (bpf_ntohl(p->src[0]) >> 16));
+        c = rec_bits_at(REC_BM_SRC4 + (bpf_ntohl(p->src[0]) >> 16)) | w->src4;
         if (!c)
             return 0;
-        c &= rec_bits_at(REC_BM_DST4 + (bpf_ntohl(p->dst[0]) >> 16));
+        c &= rec_bits_at(REC_BM_DST4 + (bpf_ntohl(p->dst[0]) >> 16)) | w->dst4;
     } else {
-        c = rec_bits_at(REC_BM_SRC6 + rec_bucket6(p->src[0]));
+        c = rec_bits_at(REC_BM_SRC6 + rec_bucket6(p->src[0])) | w->src6;
         if (!c)
             return 0;
-        c &= rec_bits_at(REC_BM_DST6 + rec_bucket6(p->dst[0]));
+        c &= rec_bits_at(REC_BM_DST6 + rec_bucket6(p->dst[0])) | w->dst6;
     }
     if (!c)
         return 0;
-    c &= rec_bits_at(REC_BM_DPORT + bpf_ntohs(p->dport));
+    c &= rec_bits_at(REC_BM_DPORT + bpf_ntohs(p->dport)) | w->dport;
     if (!c)
         return 0;
-    c &= rec_bits_at(REC_BM_SPORT + bpf_ntohs(p->sport));
+    c &= rec_bits_at(REC_BM_SPORT + bpf_ntohs(p->sport)) | w->sport;
     if (!c)
         return 0;
-    return c & rec_bits_at(REC_BM_PROTO + p->proto);
+    return c & (rec_bits_at(REC_BM_PROTO + p->proto) | w->proto);
 }
 
 /* Probe the filters with the mask in slot `slot`. */

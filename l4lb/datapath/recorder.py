@@ -38,11 +38,17 @@ CAP_WHOLE = 0xFFFF             # REC_CAP_WHOLE: "the whole packet" (capture_leng
 MAX_CAPLEN = 16384             # REC_MAX_CAP
 MASK_SLOTS = 64                # REC_MASK_SLOTS: IPv4 masks 0-31, IPv6 32-63
 #: The recorder's maps, pinned with the program (loader.py) and adopted with it.
-RECORDER_MAPS = ("rec_filters", "rec_bits", "rec_masks", "rec_lost_cnt", "rec_events")
+RECORDER_MAPS = ("rec_filters", "rec_bits", "rec_wild", "rec_masks", "rec_lost_cnt", "rec_events")
 # rec_bits layout (REC_BM_* in recorder.h): one u64 per value of each field.
 BM_SRC4, BM_DST4, BM_SRC6, BM_DST6, BM_DPORT, BM_SPORT = (i * 65536 for i in range(6))
 BM_PROTO = 6 * 65536
 BM_SIZE = BM_PROTO + 256
+# rec_wild (struct rec_wild: one u64 per table above, in that order) follows rec_bits in the
+# arrays computed here: index BM_WILD + table.
+BM_WILD = BM_SIZE
+WILD_PROTO = 6
+V4_WILD_BELOW = 8              # an IPv4 prefix shorter than this admits every bucket (it is cheaper
+                               # to over-admit: the hash look-up decides) than writing > 256 entries
 _ALL = np.uint64(0xFFFFFFFFFFFFFFFF)
 
 
@@ -71,7 +77,7 @@ def _addr_range(net: Any, family: int) -> slice | int | None:
     if family == 4:
         if net.prefixlen >= 16:
             return n >> 16
-        if net.prefixlen == 0:
+        if net.prefixlen < V4_WILD_BELOW:
             return None
         start = n >> 16
         return slice(start, start + (1 << (16 - net.prefixlen)))
@@ -81,8 +87,9 @@ def _addr_range(net: Any, family: int) -> slice | int | None:
 
 
 def _or_column(arr: np.ndarray, filters: Iterable[Filter], bit: int) -> None:
-    """OR ``1 << bit`` into every rec_bits value that one of ``filters`` (of one mask) admits;
-    each wildcard range once, explicit values in one vectorised step."""
+    """OR ``1 << bit`` into every rec_bits value that one of ``filters`` (of one mask) admits
+    (``arr``: rec_bits, then rec_wild at BM_WILD): a field that admits every value sets its
+    wild word, a short IPv4 prefix its range, explicit values in one vectorised step."""
     b = np.uint64(1 << bit)
     ranges: set[tuple[int, int]] = set()
     points: list[int] = []
@@ -91,20 +98,14 @@ def _or_column(arr: np.ndarray, filters: Iterable[Filter], bit: int) -> None:
         for base, net in ((src_base, f.src), (dst_base, f.dst)):
             r = _addr_range(net, f.family)
             if r is None:
-                ranges.add((base, base + 65536))
+                points.append(BM_WILD + base // 65536)
             elif isinstance(r, slice):
                 ranges.add((base + r.start, base + r.stop))
             else:
                 points.append(base + r)
         for base, port in ((BM_DPORT, f.dport), (BM_SPORT, f.sport)):
-            if port == 0:
-                ranges.add((base, base + 65536))
-            else:
-                points.append(base + port)
-        if f.proto == 0:
-            ranges.add((BM_PROTO, BM_PROTO + 256))
-        else:
-            points.append(BM_PROTO + f.proto)
+            points.append(BM_WILD + base // 65536 if port == 0 else base + port)
+        points.append(BM_WILD + WILD_PROTO if f.proto == 0 else BM_PROTO + f.proto)
     for start, stop in ranges:
         arr[start:stop] |= b
     if points:
@@ -112,9 +113,9 @@ def _or_column(arr: np.ndarray, filters: Iterable[Filter], bit: int) -> None:
 
 
 def build_bits(entries: Iterable[FilterEntry], bits: dict[Mask, int]) -> np.ndarray:
-    """rec_bits contents: for each field value, the mask slots (``bits``: mask -> slot)
-    with a filter admitting it."""
-    arr = np.zeros(BM_SIZE, dtype=np.uint64)
+    """rec_bits contents (for each field value, the mask slots, ``bits``: mask -> slot, with
+    a filter admitting it), then rec_wild's 7 words (per field, slots admitting every value)."""
+    arr = np.zeros(BM_WILD + 7, dtype=np.uint64)
     groups: dict[Mask, set[Filter]] = {}
     for e in entries:
         groups.setdefault(e.filter.mask(), set()).add(e.filter)
@@ -155,13 +156,14 @@ class RecorderMaps:
         self.bpf = bpf
         self.filters = bpf[b"rec_filters"]
         self.bits = bpf[b"rec_bits"]
+        self.wild = bpf[b"rec_wild"]
         self.masks = bpf[b"rec_masks"]
         self.lost = bpf[b"rec_lost_cnt"]
         if ct.sizeof(self.filters.Key) != 44:
             raise RuntimeError(f"struct rec_key is {ct.sizeof(self.filters.Key)} bytes, recfilter.KEY_STRUCT 44")
         self.slots: dict[Mask, int] = {}
         self._keys: dict[bytes, tuple[int, int]] = {}      # rec_filters as written
-        self._bits = np.zeros(BM_SIZE, dtype=np.uint64)    # rec_bits as written
+        self._bits = np.zeros(BM_WILD + 7, dtype=np.uint64)    # rec_bits + rec_wild as written
         self._by_slot: dict[int, tuple[tuple[Filter, ...], int]] = {}  # recording -> filters, capture length
         self._key_slots: dict[bytes, dict[int, int]] = {}  # key -> {recording: capture length}
         self._mask_filters: dict[Mask, dict[Filter, int]] = {}  # mask -> its filters (how many recordings)
@@ -180,10 +182,18 @@ class RecorderMaps:
                 del self.filters[k]
             except KeyError:
                 pass
+        self._write_wild(np.zeros(7, dtype=np.uint64))
         for slot in range(MASK_SLOTS):
             self.masks[ct.c_uint32(slot)] = self.masks.Leaf()
         if len(nz) or stale:
             log.info("recorder: cleared %d filters an earlier daemon left armed", len(stale))
+
+    def _write_wild(self, words: np.ndarray) -> None:
+        v = self.wild.Leaf()
+        if ct.sizeof(v) != 7 * 8:
+            raise RuntimeError(f"struct rec_wild is {ct.sizeof(v)} bytes, not 7 u64")
+        ct.memmove(ct.addressof(v), np.ascontiguousarray(words, dtype=np.uint64).tobytes(), 56)
+        self.wild[ct.c_uint32(0)] = v
 
     def _key(self, packed: bytes) -> Any:
         k = self.filters.Key()
@@ -271,9 +281,11 @@ class RecorderMaps:
                 self.filters[self._key(packed)] = v
                 self._keys[packed] = value
         # 3. the early-reject bitmaps
-        diff = np.flatnonzero(bits != self._bits)
+        diff = np.flatnonzero(bits[:BM_WILD] != self._bits[:BM_WILD])
         if len(diff):
             _update_batch(self.bits.map_fd, diff, bits[diff])
+        if not np.array_equal(bits[BM_WILD:], self._bits[BM_WILD:]):
+            self._write_wild(bits[BM_WILD:])
         self._bits = bits
         # 4. entries no bit leads to any more, then their masks' slots
         for packed, value in values.items():
