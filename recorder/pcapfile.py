@@ -5,15 +5,23 @@ and dpkt's writers always write caplen == origlen (and microseconds). The record
 nanosecond timestamps, truthful caplen < origlen for truncated samples, and per-packet
 direction, XDP verdict and comments, which only pcapng can carry.
 
-pcapng layout (little-endian, one section, one interface):
+pcapng layout (little-endian, one section):
 
-* SHB with ``shb_userappl`` (and an optional section comment);
-* IDB: linktype 1 (Ethernet), snaplen, ``if_name``, ``if_tsresol`` = 9 (ns);
-* one EPB per packet: ns timestamp, caplen <= origlen, options ``opt_comment``, ``epb_flags``
-  (bits 0-1 direction: 1 inbound, 2 outbound), ``epb_dropcount`` (samples lost since the
-  previous packet, when non-zero) and ``epb_verdict`` (type 2 = eBPF XDP, 8-byte verdict);
-* at close, an ISB: ``isb_starttime``, ``isb_endtime``, ``isb_ifrecv`` (written + lost),
-  ``isb_ifdrop`` (lost samples, as dumpcap reports libpcap's drops) and ``isb_usrdeliv``.
+* SHB with ``shb_userappl`` ("l4lb <version>"), ``shb_os`` (kernel name and release) and an
+  optional section comment;
+* IDBs: linktype 1 (Ethernet), snaplen, ``if_name``, ``if_description``, ``if_tsresol`` = 9
+  (ns). With ``interfaces=`` (the recorder's way) one per NIC, written before the first packet
+  that NIC saw (a packet names its NIC by ifindex; ``interfaces(ifindex)`` gives the name and
+  description), so a redirected packet's inbound and outbound copies show their own NICs;
+  without it, one IDB named ``if_name`` in the header, which every packet uses;
+* one EPB per packet, pointing at its NIC's IDB: ns timestamp, caplen <= origlen, options
+  ``opt_comment``, ``epb_flags`` (bits 0-1 direction: 1 inbound, 2 outbound), ``epb_dropcount``
+  (samples lost since the previous packet, when non-zero) and, unless ``verdicts=False``,
+  ``epb_verdict`` (type 2 = eBPF XDP, 8-byte verdict);
+* at close, an ISB per IDB: ``isb_starttime``, ``isb_endtime``, ``isb_usrdeliv`` (packets of
+  that NIC), ``isb_ifrecv`` (those + lost) and ``isb_ifdrop`` (lost samples, as dumpcap
+  reports libpcap's drops). A lost sample's NIC is unknown: every loss is counted on the
+  first IDB's ISB.
 
 Classic pcap: magic 0xA1B23C4D (ns), version 2.4, linktype 1, truthful caplen/origlen. It has no
 place for direction, verdict, comments or drops: those arguments are accepted and dropped, so
@@ -45,8 +53,11 @@ import os
 import re
 import struct
 import time
+from collections.abc import Callable
 from enum import IntEnum
 from pathlib import Path
+
+from l4lb import __version__
 
 LINKTYPE_ETHERNET = 1
 DEFAULT_SNAPLEN = 262144
@@ -66,8 +77,10 @@ BT_EPB = 0x00000006
 # option codes
 OPT_ENDOFOPT = 0
 OPT_COMMENT = 1
+SHB_OS = 3
 SHB_USERAPPL = 4
 IF_NAME = 2
+IF_DESCRIPTION = 3
 IF_TSRESOL = 9
 EPB_FLAGS = 2
 EPB_DROPCOUNT = 4
@@ -83,6 +96,13 @@ _U32 = 0xFFFFFFFF
 _U64 = 0xFFFFFFFFFFFFFFFF
 # EPB fixed fields: block type, total length, interface, timestamp high/low, caplen, origlen
 _EPB_HEAD = struct.Struct("<IIIIIII").pack
+USERAPPL = f"l4lb {__version__}"
+
+
+def os_text() -> str:
+    """``shb_os``: the kernel the capture was taken on, e.g. "Linux 6.1.0-18-amd64"."""
+    u = os.uname()
+    return f"{u.sysname} {u.release}"
 
 
 class LimitReached(Exception):
@@ -317,10 +337,10 @@ class _Writer:
         return len(record)
 
     def write_sample(self, data: bytes, ts_ns: int, orig_len: int, direction: int | None,
-                     verdict: int | None, comment: str | None) -> None:
+                     verdict: int | None, comment: str | None, ifindex: int | None = None) -> None:
         """:meth:`write_packet` without the argument checks, for the recorder's drain, whose
         values come from the kernel: ``data`` is bytes no longer than snaplen, ``len(data) <=
-        orig_len < 2**32``, ``ts_ns`` a u64."""
+        orig_len < 2**32``, ``ts_ns`` a u64, ``ifindex`` the NIC (pcapng only)."""
         if self._closed:
             raise ValueError(f"{self.fmt} writer for {self.path} is closed")
         record = self._record(data, ts_ns, orig_len, direction, verdict, comment)
@@ -370,7 +390,7 @@ class _Writer:
 
 
 class PcapngWriter(_Writer):
-    """pcapng with ns timestamps, direction, XDP verdict, comments and drop counts."""
+    """pcapng with ns timestamps, an IDB per NIC, direction, XDP verdict, comments and drops."""
 
     fmt = "pcapng"
 
@@ -382,26 +402,72 @@ class PcapngWriter(_Writer):
         linktype: int = LINKTYPE_ETHERNET,
         autoflush: bool = False,
         if_name: str = "xdp",
+        interfaces: Callable[[int], tuple[str, str]] | None = None,
         section_comment: str | None = None,
-        userappl: str = "l4lb recorder",
+        userappl: str = USERAPPL,
+        shb_os: str | None = None,
+        verdicts: bool = True,
         start_ns: int | None = None,
     ) -> None:
         self._if_name = _comment_bytes(if_name)
+        self._resolve = interfaces
         self._section_comment = None if section_comment is None else _comment_bytes(section_comment)
         self._userappl = _comment_bytes(userappl)
+        self._os = _comment_bytes(os_text() if shb_os is None else shb_os)
+        self._verdicts = verdicts
         self._start_ns = _check_ts(time.time_ns() if start_ns is None else start_ns)
         self._unreported_lost = 0
         self._tails: dict[tuple, tuple[bytes, bytes, bytes, bytes, int]] = {}
+        # ifindex -> IDB number; the IDBs' packet counts (for their ISBs)
+        self._iface_ids: dict[int | None, int] = {} if interfaces is not None else {None: 0}
+        self._if_packets: list[int] = [] if interfaces is not None else [0]
+        self._isb_size = len(self._isb(0, 0, False))   # every ISB has this size
         super().__init__(path, snaplen=snaplen, linktype=linktype, autoflush=autoflush)
 
+    @property
+    def interfaces(self) -> dict[int | None, int]:
+        """ifindex (None: the one header IDB) -> IDB number, as written so far."""
+        return dict(self._iface_ids)
+
     def _header(self) -> bytes:
-        shb_opts = [_option(SHB_USERAPPL, self._userappl)]
+        shb_opts = [_option(SHB_OS, self._os), _option(SHB_USERAPPL, self._userappl)]
         if self._section_comment is not None:
             shb_opts.insert(0, _option(OPT_COMMENT, self._section_comment))
         shb = _block(BT_SHB, struct.pack("<IHHq", PCAPNG_BOM, 1, 0, -1) + _options(shb_opts))
-        idb_opts = [_option(IF_NAME, self._if_name), _option(IF_TSRESOL, bytes([9]))]
-        idb = _block(BT_IDB, struct.pack("<HHI", self.linktype, 0, self.snaplen) + _options(idb_opts))
-        return shb + idb
+        if self._resolve is not None:
+            return shb
+        return shb + self._idb(self._if_name, None)
+
+    def _idb(self, name: bytes, description: bytes | None) -> bytes:
+        opts = [_option(IF_NAME, name)]
+        if description is not None:
+            opts.append(_option(IF_DESCRIPTION, description))
+        opts.append(_option(IF_TSRESOL, bytes([9])))
+        return _block(BT_IDB, struct.pack("<HHI", self.linktype, 0, self.snaplen) + _options(opts))
+
+    def _interface(self, ifindex: int | None) -> int:
+        """The IDB number of ``ifindex``, its IDB staged first if it is new."""
+        iid = self._iface_ids.get(ifindex)
+        if iid is not None:
+            return iid
+        if ifindex is None:                       # a caller that names no NIC: the first one
+            if self._iface_ids:
+                return 0
+            name, desc = "xdp", "packets the l4lb XDP program saw"
+        else:
+            assert self._resolve is not None
+            try:
+                name, desc = self._resolve(ifindex)
+            except Exception:  # noqa: BLE001 - a name is not worth a packet
+                name, desc = f"ifindex{ifindex}", f"interface index {ifindex} (its name was not found)"
+        idb = self._idb(_comment_bytes(name), _comment_bytes(desc))
+        self._room_for(len(idb) + self._isb_size)
+        self._write(idb)
+        iid = self._iface_ids[ifindex] = len(self._if_packets)
+        self._if_packets.append(0)
+        self._closing += self._isb_size            # its ISB at close
+        self._max_end -= self._isb_size
+        return iid
 
     def _pending_lost(self, count: int) -> None:
         self._unreported_lost += count
@@ -420,33 +486,53 @@ class PcapngWriter(_Writer):
             opts.append(_option(EPB_FLAGS, struct.pack("<I", int(d))))
         if dropcount:
             opts.append(_option(EPB_DROPCOUNT, struct.pack("<Q", min(dropcount, _U64))))
-        if verdict is not None:
+        if verdict is not None and self._verdicts:
             if isinstance(verdict, bool) or not isinstance(verdict, int) or not -(1 << 63) <= verdict < (1 << 63):
                 raise ValueError(f"verdict: expected an int, got {verdict!r}")
             opts.append(_option(EPB_VERDICT, bytes([VERDICT_TYPE_XDP]) + struct.pack("<q", verdict)))
         return _options(opts)
 
+    def write_packet(self, data: bytes, ts_ns: int, *, orig_len: int | None = None,
+                     direction: Direction | int | None = None, verdict: int | None = None,
+                     comment: str | None = None, ifindex: int | None = None) -> int:
+        """As :meth:`_Writer.write_packet`; ``ifindex`` names the NIC (with ``interfaces=``)."""
+        self._check_open()
+        if ifindex is not None and (isinstance(ifindex, bool) or not isinstance(ifindex, int) or ifindex < 0):
+            raise ValueError(f"ifindex: expected an int >= 0, got {ifindex!r}")
+        self._next_iface = self._interface(ifindex if self._resolve is not None else None)
+        return super().write_packet(data, ts_ns, orig_len=orig_len, direction=direction, verdict=verdict,
+                                    comment=comment)
+
     def _record(self, data, ts_ns, orig_len, direction, verdict, comment) -> bytes:
         encoded = self._encode_options(comment, direction, self._unreported_lost, verdict)
         hi, lo = _ts_parts(ts_ns)
+        iid = self._next_iface
         body = (
-            struct.pack("<IIIII", 0, hi, lo, len(data), orig_len)
+            struct.pack("<IIIII", iid, hi, lo, len(data), orig_len)
             + data
             + bytes(_pad4(len(data)))
             + encoded
         )
         self._unreported_lost = 0
+        self._if_packets[iid] += 1
         return _block(BT_EPB, body)
 
     def write_sample(self, data: bytes, ts_ns: int, orig_len: int, direction: int | None,
-                     verdict: int | None, comment: str | None) -> None:
+                     verdict: int | None, comment: str | None, ifindex: int | None = None) -> None:
         # The drain's path. The options of a (comment, direction, verdict) are encoded once,
         # as four "padding + options" strings (one per data length mod 4) and the record's
         # fixed overhead; a pending drop count makes a record's options unique (_record).
         # A record is staged as four pieces: fixed fields, data, padding + options, length.
-        # (note_lost and close empty the cache, so a hit needs no further checks.)
+        # (note_lost and close empty the cache, so a hit needs no further checks.) A NIC
+        # not seen yet in this file gets its IDB first.
+        iid = self._iface_ids.get(ifindex if self._resolve is not None else None)
+        if iid is None:
+            if self._closed:
+                raise ValueError(f"{self.fmt} writer for {self.path} is closed")
+            iid = self._interface(ifindex if self._resolve is not None else None)
         tails = self._tails.get((comment, direction, verdict))
         if tails is None:
+            self._next_iface = iid
             super().write_sample(data, ts_ns, orig_len, direction, verdict, comment)
             if len(self._tails) < 1024:
                 opts = self._encode_options(comment, direction, 0, verdict)
@@ -459,25 +545,31 @@ class PcapngWriter(_Writer):
         if self._bytes + total > self._max_end:
             raise LimitReached(f"{self.path.name}: {total} more bytes would pass the limit of {self._limit}")
         staged = self._staged
-        staged += (_EPB_HEAD(BT_EPB, total, 0, (ts_ns >> 32) & _U32, ts_ns & _U32, n, orig_len),
+        staged += (_EPB_HEAD(BT_EPB, total, iid, (ts_ns >> 32) & _U32, ts_ns & _U32, n, orig_len),
                    data, tails[pad], total.to_bytes(4, "little"))
         self._bytes += total
         self._packets += 1
+        self._if_packets[iid] += 1
         self._data += n
         if len(staged) >= STAGE_PIECES:
             self._commit()
 
-    def _trailer(self, ts_ns: int) -> bytes:
+    def _isb(self, iid: int, ts_ns: int, first: bool) -> bytes:
         hi, lo = _ts_parts(ts_ns)
         s_hi, s_lo = _ts_parts(self._start_ns)
+        packets = self._if_packets[iid] if iid < len(self._if_packets) else 0
+        lost = self._lost if first else 0
         opts = [
             _option(ISB_STARTTIME, struct.pack("<II", s_hi, s_lo)),
             _option(ISB_ENDTIME, struct.pack("<II", hi, lo)),
-            _option(ISB_IFRECV, struct.pack("<Q", min(self._packets + self._lost, _U64))),
-            _option(ISB_IFDROP, struct.pack("<Q", min(self._lost, _U64))),
-            _option(ISB_USRDELIV, struct.pack("<Q", self._packets)),
+            _option(ISB_IFRECV, struct.pack("<Q", min(packets + lost, _U64))),
+            _option(ISB_IFDROP, struct.pack("<Q", min(lost, _U64))),
+            _option(ISB_USRDELIV, struct.pack("<Q", packets)),
         ]
-        return _block(BT_ISB, struct.pack("<III", 0, hi, lo) + _options(opts))
+        return _block(BT_ISB, struct.pack("<III", iid, hi, lo) + _options(opts))
+
+    def _trailer(self, ts_ns: int) -> bytes:
+        return b"".join(self._isb(i, ts_ns, i == 0) for i in range(len(self._if_packets)))
 
 
 class PcapWriter(_Writer):

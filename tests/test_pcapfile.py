@@ -18,7 +18,9 @@ from scapy.layers.inet6 import ICMPv6PacketTooBig, IPv6
 from scapy.layers.l2 import Ether
 from scapy.utils import rdpcap
 
+from l4lb import __version__
 from l4lb.recorder.pcapfile import (
+    EPB_VERDICT,
     Direction,
     PcapngWriter,
     PcapWriter,
@@ -171,7 +173,8 @@ def test_pcapng_capinfos(tmp_path):
     assert "File timestamp precision:  nanoseconds (9)" in info
     assert "Number of packets:   4" in info
     assert "Capture comment:     recording rec-1" in info
-    assert "Capture application: l4lb recorder" in info
+    assert f"Capture application: l4lb {__version__}" in info
+    assert f"Capture oper-sys:    Linux {os.uname().release}" in info
     assert "Capture length = 1500" in info
     assert "Number of stat entries = 1" in info
     assert f"File size:           {os.path.getsize(path)} bytes" in info
@@ -472,3 +475,90 @@ def test_safe_join(tmp_path):
     assert safe_join(tmp_path / "alias", "ok.pcap") == d / "ok.pcap"
     for i in range(3):
         assert safe_join(d, safe_name("../up", i)).parent == d
+
+
+# --- one IDB per NIC ---------------------------------------------------------------------------------------------------
+
+NICS = {3: ("eth0", "uplink, XDP"), 7: ("eth1", "backend side, XDP")}
+
+
+def write_two_nics(path, **kw):
+    """A redirect recorded: in on eth0 (ifindex 3), out on eth1 (7), then an XDP_TX reply on eth0."""
+    with PcapngWriter(path, snaplen=1500, interfaces=lambda i: NICS[i], start_ns=T0 - 1, **kw) as w:
+        syn = client_syn()
+        w.write_sample(syn, T0, len(syn), 1, None, "in", 3)
+        w.write_sample(syn + b"\0" * 20, T0 + 10, len(syn) + 20, 2, XdpVerdict.REDIRECT, "out", 7)
+        w.write_packet(syn, T0 + 20, direction=Direction.OUTBOUND, verdict=XdpVerdict.TX, comment="reply", ifindex=3)
+        w.note_lost(4)
+        w.close(ts_ns=T0 + 100)
+    return w
+
+
+def test_pcapng_one_idb_per_nic_written_before_its_first_packet(tmp_path):
+    path = tmp_path / "nics.pcapng"
+    w = write_two_nics(path)
+    assert w.interfaces == {3: 0, 7: 1}
+    blocks = pcapng_blocks(path)
+    assert [t for t, _ in blocks] == [0x0A0D0D0A, 1, 6, 1, 6, 6, 5, 5]
+    shb_opts = parse_options(blocks[0][1][16:])
+    assert shb_opts[4] == [f"l4lb {__version__}".encode()] and shb_opts[3] == [f"Linux {os.uname().release}".encode()]
+    for (_, idb), (name, desc) in zip([b for b in blocks if b[0] == 1], NICS.values()):
+        opts = parse_options(idb[8:])
+        assert (opts[2], opts[3], opts[9]) == ([name.encode()], [desc.encode()], [b"\x09"])
+    assert [struct.unpack_from("<I", b)[0] for t, b in blocks if t == 6] == [0, 1, 0], "each EPB names its IDB"
+    isbs = [b for t, b in blocks if t == 5]
+    got = []
+    for b in isbs:
+        opts = parse_options(b[12:])
+        got.append((struct.unpack_from("<I", b)[0], *(struct.unpack("<Q", opts[k][0])[0] for k in (8, 5, 4))))
+    assert got == [(0, 2, 4, 6), (1, 1, 0, 1)], "(interface, usrdeliv, ifdrop, ifrecv): losses on the first"
+
+
+@needs_tshark
+def test_pcapng_nics_in_tshark_and_the_direction_filter(tmp_path):
+    path = tmp_path / "nics.pcapng"
+    write_two_nics(path)
+    rows = tshark_fields(path, "frame.interface_id", "frame.interface_name", "frame.interface_description",
+                         "frame.packet_flags_direction", "frame.comment")
+    assert rows == [["0", "eth0", "uplink, XDP", "0x00000001", "in"],
+                    ["1", "eth1", "backend side, XDP", "0x00000002", "out"],
+                    ["0", "eth0", "uplink, XDP", "0x00000002", "reply"]]
+    # the README's display filters: outbound copies only / inbound only
+    out = subprocess.run(["tshark", "-r", str(path), "-Y", "frame.packet_flags_direction == 2", "-T", "fields",
+                          "-e", "frame.comment"], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["out", "reply"]
+    inbound = subprocess.run(["tshark", "-r", str(path), "-Y", "frame.packet_flags_direction == 1", "-T", "fields",
+                              "-e", "frame.comment"], capture_output=True, text=True, check=True).stdout.split()
+    assert inbound == ["in"]
+    info = capinfos(path)
+    assert "Number of interfaces in file: 2" in info
+
+
+def test_pcapng_nics_in_scapy_and_dpkt(tmp_path):
+    from scapy.utils import PcapNgReader
+
+    path = tmp_path / "nics.pcapng"
+    write_two_nics(path)
+    with PcapNgReader(str(path)) as r:
+        pkts = list(r)
+    assert [p.sniffed_on for p in pkts] == ["eth0", "eth1", "eth0"]
+    assert [p.direction for p in pkts] == [1, 2, 2]
+    assert [p.time for p in pkts] == [Decimal(T0) / 10**9, Decimal(T0 + 10) / 10**9, Decimal(T0 + 20) / 10**9]
+    n = len(client_syn())
+    with open(path, "rb") as f:
+        got = [(round(ts * 1e6), buf) for ts, buf in dpkt.pcapng.Reader(f)]   # dpkt: float seconds
+    assert [(ts, len(buf)) for ts, buf in got] == [(round(T0 / 1e3), n), (round((T0 + 10) / 1e3), n + 20),
+                                                   (round((T0 + 20) / 1e3), n)]
+    assert all(dpkt.ethernet.Ethernet(buf).data.src == bytes([198, 51, 100, 7]) for _, buf in got)
+
+
+def test_pcapng_without_verdicts_and_the_header_idb_of_plain_writers(tmp_path):
+    path = tmp_path / "nov.pcapng"
+    write_two_nics(path, verdicts=False)
+    epbs = [b for t, b in pcapng_blocks(path) if t == 6]
+    assert all(EPB_VERDICT not in parse_options(b[20 + (struct.unpack_from("<I", b, 12)[0] + 3) // 4 * 4:])
+               for b in epbs)
+    plain = tmp_path / "plain.pcapng"
+    with PcapngWriter(plain, if_name="eth9") as w:
+        w.write_sample(client_syn(), T0, 54, 1, None, None, 42)   # no resolver: every packet on the one IDB
+    assert [t for t, _ in pcapng_blocks(plain)] == [0x0A0D0D0A, 1, 6, 5]
