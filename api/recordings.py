@@ -67,6 +67,9 @@ class RecordingBody(BaseModel):
     filters: list[str | dict[str, Any]] = Field(min_length=1, max_length=16384)
     capture_length: int = Field(0, ge=0, le=MAX_CAPTURE_LENGTH, description="bytes per packet, 0 = whole")
     format: Literal["pcapng", "pcap"] = "pcapng"
+    direction: Literal["in", "out", "both"] = Field(
+        "both", description="which copies to keep: in (as the packet arrived), out (as the LB sent it: "
+                            "encapsulated, or a reply it generated), both")
     stop: StopBody = StopBody()
     rotate: RotateBody = RotateBody()
     name: str | None = Field(None, max_length=64, pattern=r"^[A-Za-z0-9_. -]*$")
@@ -106,7 +109,7 @@ def _spec(body: RecordingBody) -> RecordingSpec:
         raise Invalid("; ".join(f"{'.'.join(map(str, i.loc))}: {i.msg}" for i in issues), issues)
     assert stop is not None and rotation is not None
     return RecordingSpec(filters=tuple(filters), capture_length=body.capture_length, fmt=body.format,
-                         stop=stop, rotation=rotation, name=body.name)
+                         stop=stop, rotation=rotation, name=body.name, direction=body.direction)
 
 
 def _get(mgr: Any, rid: str) -> Any:

@@ -20,8 +20,12 @@ wanted it (``rec_lost_cnt``); the drain turns the growth of those counters into
 ``Recording.note_lost`` (pcapng: ``epb_dropcount`` on the next packet and ``isb_ifdrop``).
 The rings' own PERF_RECORD_LOST counts (per CPU in the reader) add up to ``ring_lost``.
 
-A program swap (new mask set) opens the new program's rings with :meth:`Drain.attach` before
-it goes live and empties the old ones with :meth:`Drain.retire` after it was replaced.
+Direction: a recording of one direction only (``--direction in|out``) gets no samples of the
+other; the datapath samples both (the filters are per tuple, not per direction).
+
+Rings: :meth:`Drain.attach` opens the program's rings when the recorder's maps are first
+opened; should the datapath run another program later (recorder/manager.py), the old rings
+are emptied with :meth:`Drain.retire` and the new program's opened.
 """
 
 from __future__ import annotations
@@ -40,8 +44,8 @@ from l4lb.recorder.recording import Recording
 
 log = logging.getLogger(__name__)
 
-#: struct rec_sample: recordings, ts_ns, cap_len, orig_len, svc_id, be_id, direction, verdict, flags
-SAMPLE = struct.Struct("<QQIIIIBBB5x")
+#: struct rec_sample: recordings, ts_ns, cap_len, orig_len, svc_id, be_id, direction, verdict, flags, ifindex
+SAMPLE = struct.Struct("<QQIIIIBBBxI")
 VERDICT_NONE = 0xFF
 F_REPLY = 1  # + the kind of generated reply (bpf_src/lib/maps.h enum l4lb_reply)
 REPLY_NAMES = {1: "icmp-too-big", 2: "reject", 3: "echo-reply"}
@@ -215,7 +219,7 @@ class Drain:
         offset = self._offset
         unpack, hdr = SAMPLE.unpack_from, SAMPLE.size
         for off in samples:
-            recs, ts, cap, orig, svc, be, direction, verdict, flags = unpack(buf, off)
+            recs, ts, cap, orig, svc, be, direction, verdict, flags, ifindex = unpack(buf, off)
             key = (recs, svc, be, direction, verdict, flags)
             targets = plans.get(key)
             if targets is None:
@@ -223,7 +227,8 @@ class Drain:
             start = off + hdr
             wall = ts + offset
             for batch, c, comment, v in targets:
-                batch.append((buf[start:start + (c if 0 < c < cap else cap)], ts, wall, orig, direction, v, comment))
+                batch.append((buf[start:start + (c if 0 < c < cap else cap)], ts, wall, orig, direction, v, comment,
+                              ifindex))
         for rec, batch in self._batches.values():
             if batch:
                 try:
@@ -248,7 +253,7 @@ class Drain:
         while bits:
             low = bits & -bits
             rec = self._plan_slots.get(low.bit_length() - 1)
-            if rec is not None:
+            if rec is not None and rec.spec.directions & direction:     # --direction in|out|both
                 batch = self._batches[rec.id][1]
                 targets.append((batch, rec.spec.capture_length, self._comment(rec.id, svc, be, direction, flags), v))
             bits ^= low

@@ -29,6 +29,7 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -119,7 +120,7 @@ class RecorderManager:
             if no_room is not None:
                 raise NoRoom(no_room)
             rid = secrets.token_hex(6)
-            rec = Recording(rid, spec, self.directory, slot, budget=self.budget)
+            rec = Recording(rid, spec, self.directory, slot, budget=self.budget, interfaces=self._nic_names())
             rec.open(time.monotonic_ns())
             self._active[slot] = rec
             self.drain.set_slots(self._active)
@@ -193,6 +194,20 @@ class RecorderManager:
         self.drain.set_slots({})
 
     # -- internals ------------------------------------------------------------------------
+    def _nic_names(self) -> Callable[[int], tuple[str, str]]:
+        """ifindex -> (name, description) for a recording's pcapng IDBs: the namespace's NICs
+        as they are now (read here, where the datapath's calls run), else asked again."""
+        try:
+            known = dict(self._run(socket.if_nameindex))
+        except OSError:
+            known = {}
+
+        def resolve(ifindex: int) -> tuple[str, str]:
+            name = known.get(ifindex) or socket.if_indextoname(ifindex)
+            return name, f"{name} (ifindex {ifindex}), as the l4lb XDP program saw it"
+
+        return resolve
+
     def _free_slot(self) -> int:
         free = [s for s in range(MAX_SLOTS) if s not in self._active]
         if not free:

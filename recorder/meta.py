@@ -43,6 +43,7 @@ class Meta(_Strict):
     filters: list[dict[str, Any]]
     capture_length: Count
     format: Literal["pcapng", "pcap"]
+    direction: Literal["in", "out", "both"] = "both"
     stop: dict[str, Any] | None = None
     rotate: dict[str, Any] | None = None
     started_ns: Count

@@ -22,7 +22,7 @@ import os
 import stat
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,6 +41,10 @@ MAX_CAPTURE_LENGTH = 16384    # REC_MAX_CAP in recorder.h: longer captures are c
 SNAPLEN_WHOLE = 65535
 
 
+#: --direction: the pcapng direction bits each value keeps (1 inbound, 2 outbound).
+DIRECTIONS = {"in": 1, "out": 2, "both": 3}
+
+
 @dataclass(frozen=True)
 class RecordingSpec:
     filters: tuple[Filter, ...]
@@ -49,6 +53,7 @@ class RecordingSpec:
     stop: StopConditions = field(default_factory=StopConditions)
     rotation: RotationPolicy = field(default_factory=RotationPolicy)
     name: str | None = None
+    direction: str = "both"                 # in | out | both: which copies the files get
 
     def __post_init__(self) -> None:
         if not self.filters:
@@ -58,6 +63,13 @@ class RecordingSpec:
             raise ValueError(f"capture_length: {c!r} must be 0 (whole packet) to {MAX_CAPTURE_LENGTH}")
         if self.fmt not in FORMATS:
             raise ValueError(f"format: {self.fmt!r} is not one of {', '.join(FORMATS)}")
+        if self.direction not in DIRECTIONS:
+            raise ValueError(f"direction: {self.direction!r} is not one of {', '.join(DIRECTIONS)}")
+
+    @property
+    def directions(self) -> int:
+        """Bit mask of the sample directions wanted (1 inbound, 2 outbound)."""
+        return DIRECTIONS[self.direction]
 
     @property
     def snaplen(self) -> int:
@@ -72,8 +84,10 @@ class FileInfo:
 
 class Recording:
     def __init__(self, rid: str, spec: RecordingSpec, directory: Path, slot: int, *,
-                 started_ns: int | None = None, budget: DiskBudget | None = None) -> None:
+                 started_ns: int | None = None, budget: DiskBudget | None = None,
+                 interfaces: Callable[[int], tuple[str, str]] | None = None) -> None:
         self.id = rid
+        self.interfaces = interfaces          # ifindex -> (name, description), for pcapng IDBs
         self.spec = spec
         self.directory = directory
         self.slot = slot
@@ -115,24 +129,28 @@ class Recording:
         kwargs: dict[str, Any] = {"snaplen": self.spec.snaplen}
         if self.spec.fmt == "pcapng":
             kwargs["section_comment"] = self.section_comment()
+            kwargs["interfaces"] = self.interfaces
         self._writer = open_writer(path, self.spec.fmt, **kwargs)
         self.files[index] = FileInfo(index, name)
         self._sizes[index] = self._writer.bytes_written
 
     def section_comment(self) -> str:
         label = f" name={self.spec.name}" if self.spec.name else ""
-        return f"l4lb recording {self.id}{label}; filters: " + "; ".join(str(f) for f in self.spec.filters)
+        direction = f"; direction: {self.spec.direction}" if self.spec.direction != "both" else ""
+        return (f"l4lb recording {self.id}{label}; filters: " + "; ".join(str(f) for f in self.spec.filters)
+                + direction)
 
     # -- drain side ------------------------------------------------------------------
     def write(self, data: bytes, mono_ns: int, wall_ns: int, orig_len: int, direction: int,
-              verdict: int | None, comment: str | None) -> None:
-        """One sample (already cut to this recording's capture length)."""
-        self.write_many(((data, mono_ns, wall_ns, orig_len, direction, verdict, comment),))
+              verdict: int | None, comment: str | None, ifindex: int | None = None) -> None:
+        """One sample (already cut to this recording's capture length); ``ifindex``: its NIC."""
+        self.write_many(((data, mono_ns, wall_ns, orig_len, direction, verdict, comment, ifindex),))
 
-    def write_many(self, samples: Iterable[tuple[bytes, int, int, int, int, int | None, str | None]]) -> None:
-        """Samples ``(data, mono_ns, wall_ns, orig_len, direction, verdict, comment)`` as for
-        :meth:`write`, under one lock acquisition (the drain's batches). The batch may add at
-        most :meth:`_room` bytes to the disk; the record that would pass it stops the recording."""
+    def write_many(self, samples: Iterable[tuple[bytes, int, int, int, int, int | None, str | None, int | None]]
+                   ) -> None:
+        """Samples ``(data, mono_ns, wall_ns, orig_len, direction, verdict, comment, ifindex)``
+        as for :meth:`write`, under one lock acquisition (the drain's batches). The batch may add
+        at most :meth:`_room` bytes to the disk; the record that would pass it stops the recording."""
         with self.lock, self._accounted():
             w, lim = self._writer, self._limiter
             if self.state != "running" or w is None or lim is None:
@@ -140,7 +158,7 @@ class Recording:
             start = self._footprint()
             room, why = self._room()
             w.limit = w.bytes_written + w.closing_bytes + room
-            for data, mono_ns, wall_ns, orig_len, direction, verdict, comment in samples:
+            for data, mono_ns, wall_ns, orig_len, direction, verdict, comment, ifindex in samples:
                 d = lim.offer(len(data), mono_ns, file_bytes=w.bytes_written)
                 if d.action is Action.STOP:
                     self._finish(d.reason.value if d.reason else "stopped")
@@ -153,7 +171,7 @@ class Recording:
                         return
                     w.limit = w.bytes_written + w.closing_bytes + room - (self._footprint() - start)
                 try:
-                    w.write_sample(data, wall_ns, orig_len, direction, verdict, comment)
+                    w.write_sample(data, wall_ns, orig_len, direction, verdict, comment, ifindex)
                 except LimitReached:
                     self._dropped[0] += 1
                     self._dropped[1] += len(data)
@@ -323,6 +341,7 @@ class Recording:
                 "filters": [str(f) for f in self.spec.filters],
                 "capture_length": self.spec.capture_length,
                 "format": self.spec.fmt,
+                "direction": self.spec.direction,
                 "stop": _stop_dict(self.spec.stop),
                 "rotate": _rotate_dict(self.spec.rotation),
                 "started": self.started_ns / 1e9,
@@ -363,7 +382,7 @@ class Recording:
             "files": [{"index": f.index, "name": f.name} for f in self.files.values()],
             "filters": [f.to_dict() for f in self.spec.filters],
             "capture_length": self.spec.capture_length, "format": self.spec.fmt,
-            "stop": _stop_dict(self.spec.stop), "rotate": _rotate_dict(self.spec.rotation),
+            "direction": self.spec.direction, "stop": _stop_dict(self.spec.stop), "rotate": _rotate_dict(self.spec.rotation),
             "started_ns": self.started_ns, "stopped_ns": self.stopped_ns,
         }
         path = self.meta_path()
@@ -392,7 +411,7 @@ class Recording:
         try:
             spec = RecordingSpec(
                 filters=tuple(Filter.from_dict(f) for f in d.filters),
-                capture_length=d.capture_length, fmt=d.format,
+                capture_length=d.capture_length, fmt=d.format, direction=d.direction,
                 stop=StopConditions(**_stop_args(d.stop or {})),
                 rotation=RotationPolicy(**_rotate_args(d.rotate or {})),
                 name=d.name,

@@ -35,7 +35,7 @@ def spec(**kw) -> RecordingSpec:
 
 
 def batch(start: int, n: int = 50) -> list[tuple]:
-    return [(FRAME, i, T0 + i, len(FRAME), 1, None, "recording=t in service=web") for i in range(start, start + n)]
+    return [(FRAME, i, T0 + i, len(FRAME), 1, None, "recording=t in service=web", None) for i in range(start, start + n)]
 
 
 def fake_statvfs(free: dict[str, int]):

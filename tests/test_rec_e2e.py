@@ -284,3 +284,41 @@ def _pcapng_block_types(path: Path) -> list[int]:
         off += blen
     assert off == len(data), "no truncated block"
     return out
+
+
+def test_a_redirect_shows_each_copy_on_its_own_nic_and_direction_keeps_one_side(env, mgr):
+    """In on edge0, out (XDP_REDIRECT) on out1: one IDB per NIC, each packet on its own;
+    --direction in/out recordings of the same tuple keep only their side."""
+    from scapy.utils import PcapNgReader
+
+    from l4lb.lab.pktenv import EDGE_IF, OUT_IF
+
+    vip2 = "198.51.100.2"
+    base = [Service(name="w", vip=VIP, port=80, backends=[{"address": b} for b in edge_backends_v4(4)])]
+    env.apply([*base, Service(name="r", vip=vip2, port=80, backends=[{"address": "203.0.113.10"}])])
+    try:
+        flt = (parse_filter(f"{CLIENT} 0 {vip2} 80 tcp"),)
+        both, inn, out = (mgr.start(spec(filters=flt, direction=d)) for d in ("both", "in", "out"))
+        for i in range(2):
+            verdict, _, _ = env.run(raw(Ether(dst="02:11:11:11:11:11", src="02:22:22:22:22:22") / IP(src=CLIENT, dst=vip2)
+                                        / TCP(sport=31000 + i, dport=80, flags="S")))
+            assert verdict == 4, "XDP_REDIRECT"
+        wait_for(lambda: (both.packets, inn.packets, out.packets) == (4, 2, 2), what="samples")
+        for r in (both, inn, out):
+            mgr.stop(r.id)
+        rows = {r.spec.direction: tshark(mgr.file_path(r.id, 0)[0], "frame.interface_name",
+                                         "frame.packet_flags_direction", "frame.verdict.ebpf_xdp")
+                for r in (both, inn, out)}
+        assert rows["both"] == [[EDGE_IF, "0x00000001", ""], [OUT_IF, "0x00000002", "4"]] * 2
+        assert rows["in"] == [[EDGE_IF, "0x00000001", ""]] * 2
+        assert rows["out"] == [[OUT_IF, "0x00000002", "4"]] * 2
+        path = mgr.file_path(both.id, 0)[0]
+        desc = tshark(path, "frame.interface_description")
+        assert desc[0][0] == f"{EDGE_IF} (ifindex {env.edge_ifindex}), as the l4lb XDP program saw it"
+        with PcapNgReader(str(path)) as reader:
+            assert [p.sniffed_on for p in reader] == [EDGE_IF, OUT_IF] * 2
+        assert _pcapng_block_types(path) == [0x0A0D0D0A, 1, 6, 1, 6, 6, 6, 5, 5]
+        info = subprocess.run(["capinfos", str(mgr.file_path(inn.id, 0)[0])], capture_output=True, text=True).stdout
+        assert "direction: in" in info, "the section comment says which side was kept"
+    finally:
+        env.apply(base)
