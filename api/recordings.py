@@ -70,6 +70,9 @@ class RecordingBody(BaseModel):
     direction: Literal["in", "out", "both"] = Field(
         "both", description="which copies to keep: in (as the packet arrived), out (as the LB sent it: "
                             "encapsulated, or a reply it generated), both")
+    verdict: bool = Field(True, description="pcapng: the XDP verdict as an epb_verdict option; false: in the "
+                                            "comment only (Wireshark 4.0's editcap/mergecap/tshark -w corrupt the "
+                                            "option)")
     stop: StopBody = StopBody()
     rotate: RotateBody = RotateBody()
     name: str | None = Field(None, max_length=64, pattern=r"^[A-Za-z0-9_. -]*$")
@@ -109,7 +112,8 @@ def _spec(body: RecordingBody) -> RecordingSpec:
         raise Invalid("; ".join(f"{'.'.join(map(str, i.loc))}: {i.msg}" for i in issues), issues)
     assert stop is not None and rotation is not None
     return RecordingSpec(filters=tuple(filters), capture_length=body.capture_length, fmt=body.format,
-                         stop=stop, rotation=rotation, name=body.name, direction=body.direction)
+                         stop=stop, rotation=rotation, name=body.name, direction=body.direction,
+                         verdict=body.verdict)
 
 
 def _get(mgr: Any, rid: str) -> Any:

@@ -49,6 +49,7 @@ SAMPLE = struct.Struct("<QQIIIIBBBxI")
 VERDICT_NONE = 0xFF
 F_REPLY = 1  # + the kind of generated reply (bpf_src/lib/maps.h enum l4lb_reply)
 REPLY_NAMES = {1: "icmp-too-big", 2: "reject", 3: "echo-reply"}
+VERDICT_NAMES = {0: "XDP_ABORTED", 1: "XDP_DROP", 2: "XDP_PASS", 3: "XDP_TX", 4: "XDP_REDIRECT"}
 DEFAULT_PAGES = 256          # per CPU: 1 MiB of ring
 POLL_MS = 50                 # longest a sample below the wake-up watermark waits
 MAX_PLANS = 4096
@@ -255,15 +256,19 @@ class Drain:
             rec = self._plan_slots.get(low.bit_length() - 1)
             if rec is not None and rec.spec.directions & direction:     # --direction in|out|both
                 batch = self._batches[rec.id][1]
-                targets.append((batch, rec.spec.capture_length, self._comment(rec.id, svc, be, direction, flags), v))
+                # without the verdict option (--no-verdict), the comment names the verdict
+                named = None if rec.spec.verdict or v is None else v
+                targets.append((batch, rec.spec.capture_length,
+                                self._comment(rec.id, svc, be, direction, flags, named),
+                                v if rec.spec.verdict else None))
             bits ^= low
         if len(self._plans) >= MAX_PLANS:
             self._plans.clear()
         out = self._plans[key] = tuple(targets)
         return out
 
-    def _comment(self, rid: str, svc: int, be: int, direction: int, flags: int) -> str:
-        key = (rid, svc, be, direction, flags)
+    def _comment(self, rid: str, svc: int, be: int, direction: int, flags: int, verdict: int | None = None) -> str:
+        key = (rid, svc, be, direction, flags, verdict)
         text = self._comments.get(key)
         if text is None:
             parts = [f"recording={rid}", "in" if direction == 1 else "out"]
@@ -273,6 +278,8 @@ class Drain:
                 parts.append(f"service={self._name('svc', svc)}")
                 if direction == 2:
                     parts.append(f"backend={self._name('be', be)}")
+            if verdict is not None:
+                parts.append(f"verdict={VERDICT_NAMES.get(verdict, verdict)}")
             text = " ".join(parts)
             if len(self._comments) > MAX_PLANS:
                 self._comments.clear()

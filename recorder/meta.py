@@ -44,6 +44,7 @@ class Meta(_Strict):
     capture_length: Count
     format: Literal["pcapng", "pcap"]
     direction: Literal["in", "out", "both"] = "both"
+    verdict: bool = True
     stop: dict[str, Any] | None = None
     rotate: dict[str, Any] | None = None
     started_ns: Count

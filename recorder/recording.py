@@ -54,6 +54,7 @@ class RecordingSpec:
     rotation: RotationPolicy = field(default_factory=RotationPolicy)
     name: str | None = None
     direction: str = "both"                 # in | out | both: which copies the files get
+    verdict: bool = True                    # pcapng epb_verdict (False: named in the comment instead)
 
     def __post_init__(self) -> None:
         if not self.filters:
@@ -63,6 +64,8 @@ class RecordingSpec:
             raise ValueError(f"capture_length: {c!r} must be 0 (whole packet) to {MAX_CAPTURE_LENGTH}")
         if self.fmt not in FORMATS:
             raise ValueError(f"format: {self.fmt!r} is not one of {', '.join(FORMATS)}")
+        if not isinstance(self.verdict, bool):
+            raise ValueError(f"verdict: expected true or false, got {self.verdict!r}")
         if self.direction not in DIRECTIONS:
             raise ValueError(f"direction: {self.direction!r} is not one of {', '.join(DIRECTIONS)}")
 
@@ -130,6 +133,7 @@ class Recording:
         if self.spec.fmt == "pcapng":
             kwargs["section_comment"] = self.section_comment()
             kwargs["interfaces"] = self.interfaces
+            kwargs["verdicts"] = self.spec.verdict
         self._writer = open_writer(path, self.spec.fmt, **kwargs)
         self.files[index] = FileInfo(index, name)
         self._sizes[index] = self._writer.bytes_written
@@ -342,6 +346,7 @@ class Recording:
                 "capture_length": self.spec.capture_length,
                 "format": self.spec.fmt,
                 "direction": self.spec.direction,
+                "verdict": self.spec.verdict,
                 "stop": _stop_dict(self.spec.stop),
                 "rotate": _rotate_dict(self.spec.rotation),
                 "started": self.started_ns / 1e9,
@@ -382,7 +387,7 @@ class Recording:
             "files": [{"index": f.index, "name": f.name} for f in self.files.values()],
             "filters": [f.to_dict() for f in self.spec.filters],
             "capture_length": self.spec.capture_length, "format": self.spec.fmt,
-            "direction": self.spec.direction, "stop": _stop_dict(self.spec.stop), "rotate": _rotate_dict(self.spec.rotation),
+            "direction": self.spec.direction, "verdict": self.spec.verdict, "stop": _stop_dict(self.spec.stop), "rotate": _rotate_dict(self.spec.rotation),
             "started_ns": self.started_ns, "stopped_ns": self.stopped_ns,
         }
         path = self.meta_path()
@@ -411,7 +416,7 @@ class Recording:
         try:
             spec = RecordingSpec(
                 filters=tuple(Filter.from_dict(f) for f in d.filters),
-                capture_length=d.capture_length, fmt=d.format, direction=d.direction,
+                capture_length=d.capture_length, fmt=d.format, direction=d.direction, verdict=d.verdict,
                 stop=StopConditions(**_stop_args(d.stop or {})),
                 rotation=RotationPolicy(**_rotate_args(d.rotate or {})),
                 name=d.name,

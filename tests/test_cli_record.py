@@ -354,6 +354,7 @@ def test_detach_list_show_stop_download_delete(lab: DaemonLab, api: httpx.Client
     ((CLIENT, "0", VIP, "80", "tcp"), f'quote it, e.g. l4lbctl record "{CLIENT} 0 {VIP} 80 tcp"'),
     ((FILTER, "--rotate-count", "3"), "--rotate-count needs --rotate-size"),
     ((FILTER, "--capture-length", "20000"), "--capture-length"),
+    ((FILTER, "--direction", "up"), "'up' is not one of 'in', 'out', 'both'"),
     ((FILTER, "--bytes", "10X"), "is not a size"),
     ((FILTER, "--duration", "0"), "is not a duration > 0"),
     ((FILTER, "--name", "a/b"), "up to 64 letters"),
@@ -466,3 +467,15 @@ def test_a_slow_start_says_what_it_waits_for(monkeypatch: pytest.MonkeyPatch, ca
         pass
     time.sleep(0.05)
     assert capsys.readouterr().err == "", "a quick answer: no line"
+
+
+def test_direction_is_passed_shown_and_kept(lab: DaemonLab, api: httpx.Client, tmp_path: Path) -> None:
+    rid = ok(lab, "record", "--detach", "--direction", "IN", FILTER).strip()
+    assert api.get(f"/v1/recordings/{rid}").json()["direction"] == "in"
+    assert "Direction:   in (as packets arrived)" in ok(lab, "record", "show", rid)
+    inject(lab, 3)
+    wait_for(lambda: api.get(f"/v1/recordings/{rid}").json()["packets"] == 3, "3 packets")
+    ok(lab, "record", "stop", rid)
+    ok(lab, "record", "download", rid, "-w", str(tmp_path))
+    rows = tshark(tmp_path / f"{rid}_000000.pcapng", "frame.packet_flags_direction", "frame.interface_name")
+    assert rows == [["0x00000001", "lbt0a"]] * 3

@@ -133,6 +133,8 @@ def test_pcap_format_and_two_recordings_at_once(lab, tmp_path: Path):
     ({"filters": []}, ["body", "filters"]),
     ({"filters": [FILTER], "rotate": {"count": 3}}, ["body", "rotate"]),
     ({"filters": [FILTER], "format": "pcapx"}, ["body", "format"]),
+    ({"filters": [FILTER], "direction": "sideways"}, ["body", "direction"]),
+    ({"filters": [FILTER], "direction": 1}, ["body", "direction"]),
     ({"filters": [FILTER], "capture_length": -1}, ["body", "capture_length"]),
     ({"filters": [FILTER], "stop": {"packets": 0}}, ["body", "stop", "packets"]),
     ({"filters": [FILTER], "colour": "red"}, ["body", "colour"]),

@@ -299,12 +299,13 @@ def test_a_redirect_shows_each_copy_on_its_own_nic_and_direction_keeps_one_side(
     try:
         flt = (parse_filter(f"{CLIENT} 0 {vip2} 80 tcp"),)
         both, inn, out = (mgr.start(spec(filters=flt, direction=d)) for d in ("both", "in", "out"))
+        plain = mgr.start(spec(filters=flt, verdict=False))
         for i in range(2):
             verdict, _, _ = env.run(raw(Ether(dst="02:11:11:11:11:11", src="02:22:22:22:22:22") / IP(src=CLIENT, dst=vip2)
                                         / TCP(sport=31000 + i, dport=80, flags="S")))
             assert verdict == 4, "XDP_REDIRECT"
-        wait_for(lambda: (both.packets, inn.packets, out.packets) == (4, 2, 2), what="samples")
-        for r in (both, inn, out):
+        wait_for(lambda: (both.packets, inn.packets, out.packets, plain.packets) == (4, 2, 2, 4), what="samples")
+        for r in (both, inn, out, plain):
             mgr.stop(r.id)
         rows = {r.spec.direction: tshark(mgr.file_path(r.id, 0)[0], "frame.interface_name",
                                          "frame.packet_flags_direction", "frame.verdict.ebpf_xdp")
@@ -320,5 +321,15 @@ def test_a_redirect_shows_each_copy_on_its_own_nic_and_direction_keeps_one_side(
         assert _pcapng_block_types(path) == [0x0A0D0D0A, 1, 6, 1, 6, 6, 6, 5, 5]
         info = subprocess.run(["capinfos", str(mgr.file_path(inn.id, 0)[0])], capture_output=True, text=True).stdout
         assert "direction: in" in info, "the section comment says which side was kept"
+        # --no-verdict: no epb_verdict, the verdict in the comment; Debian 12's editcap copies it intact
+        src = mgr.file_path(plain.id, 0)[0]
+        copy = src.parent / "copy.pcapng"
+        subprocess.run(["editcap", str(src), str(copy)], check=True, capture_output=True)
+        for f in (src, copy):
+            rows = tshark(f, "frame.interface_name", "frame.verdict.ebpf_xdp", "frame.comment")
+            assert [r[:2] for r in rows] == [[EDGE_IF, ""], [OUT_IF, ""]] * 2
+            assert all(r[2].endswith("verdict=XDP_REDIRECT") for r in rows[1::2])
+            assert not any("verdict=" in r[2] for r in rows[0::2]), "inbound: no verdict yet"
+        copy.unlink()
     finally:
         env.apply(base)

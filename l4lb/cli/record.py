@@ -208,7 +208,8 @@ def show_recording(rec: dict[str, Any]) -> None:
         ("Capture", f"{rec['capture_length']} bytes per packet" if rec["capture_length"] else "whole packets"),
         ("Format", rec["format"]),
         ("Direction", {"in": "in (as packets arrived)", "out": "out (as the LB sent them)",
-                       "both": "in and out"}.get(rec.get("direction", "both"), rec.get("direction"))),
+                       "both": "in and out"}.get(rec.get("direction", "both"), rec.get("direction"))
+         + ("" if rec.get("verdict", True) else "; verdict in the comment")),
         ("Stop after", limits_text(rec) or "-"),
         ("Rotate", rotate_text(rec) or "-"),
         ("Started", started),
@@ -355,6 +356,9 @@ def record() -> None:
               show_default=True, help="File format (pcap: nanosecond classic pcap).")
 @click.option("--direction", type=click.Choice(["in", "out", "both"], case_sensitive=False), default="both",
               show_default=True, help="Copies kept: in (as the packet arrived), out (as the LB sent it), both.")
+@click.option("--no-verdict", "no_verdict", is_flag=True,
+              help="pcapng: name the XDP verdict in the comment, not as an epb_verdict option (files that "
+                   "Debian 12's editcap/mergecap/tshark -w can copy).")
 @click.option("-c", "--packets", type=click.IntRange(min=1), metavar="N", help="Stop after N packets.")
 @click.option("--bytes", "max_bytes", type=SIZE, help="Stop before the captured bytes exceed this (10M, 1Gi...).")
 @click.option("--duration", type=DURATION, help="Stop after this long (30, 30s, 5m, 1h).")
@@ -370,7 +374,8 @@ def record() -> None:
               help="Refresh the status line every SECS seconds.")
 @output_option
 @pass_app
-def start(app: App, filters: tuple[str, ...], capture_length: int, fmt: str, direction: str, packets: int | None,
+def start(app: App, filters: tuple[str, ...], capture_length: int, fmt: str, direction: str, no_verdict: bool,
+          packets: int | None,
           max_bytes: int | None, duration: float | None, rotate_size: int | None, rotate_seconds: float | None,
           rotate_count: int | None, name: str | None, write: str | None, detach: bool, interval: float) -> None:
     """Start recording packets that match any FILTER; show live counts until a limit or Ctrl-C.
@@ -392,7 +397,7 @@ def start(app: App, filters: tuple[str, ...], capture_length: int, fmt: str, dir
         check_destination(write)
     body: dict[str, Any] = {
         "filters": list(filters), "capture_length": capture_length, "format": fmt.lower(),
-        "direction": direction.lower(),
+        "direction": direction.lower(), "verdict": not no_verdict,
         "stop": {k: v for k, v in (("packets", packets), ("bytes", max_bytes), ("duration", duration)) if v},
         "rotate": {k: v for k, v in (("size", rotate_size), ("seconds", rotate_seconds), ("count", rotate_count))
                    if v},
