@@ -224,7 +224,7 @@ def compile_other(rev: str, env: PacketEnv, filters: list[Filter], masks: list[A
 
     from l4lb.datapath.loader import Program, _fill_slow_paths, feature_cflags, layout_cflags, pin_dir_of
     from l4lb.datapath.recorder import BM_PROTO, BM_WILD, _update_batch, build_bits, build_filters
-    from l4lb.datapath.source import assemble
+    from l4lb.datapath.source import assemble, compile_bpf
 
     root = Path(__file__).resolve().parent.parent
     tmp = Path(tempfile.mkdtemp(prefix="l4lb-recbench-"))
@@ -246,7 +246,8 @@ def compile_other(rev: str, env: PacketEnv, filters: list[Filter], masks: list[A
             f"X({m.src_len}, {m.dst_len}, {int(m.sport_wild)}, {int(m.dport_wild)}, {int(m.proto_wild)})" for m in fm))
     out = []
     for extra in ([], ["-DRECORDER", *mask_flags]):
-        bpf = BPF(text=text.encode(), cflags=[*common, *extra])   # pinned maps reused (root: by id)
+        # REV's sources, inlined above: no include is left for compile_bpf to resolve here
+        bpf = compile_bpf("l4lb.c", [*common, *extra], text=text)   # pinned maps reused (root: by id)
         fn = bpf.load_func(b"l4lb_xdp", BPF.XDP)
         _fill_slow_paths(bpf, BPF, text)
         if extra:

@@ -45,7 +45,6 @@ runs every step, for tests/test_bench.py: its figures are not measurements.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import ipaddress
 import os
 import statistics
@@ -62,7 +61,7 @@ from l4lb import flowhash, maglev
 from l4lb.datapath import netlink
 from l4lb.datapath.engine import hash_seed
 from l4lb.datapath.loader import compile_program
-from l4lb.datapath.recorder import FilterEntry, RecorderMaps, recorder_cflags
+from l4lb.datapath.recorder import FilterEntry, RecorderMaps
 from l4lb.datapath.source import compile_bpf
 from l4lb.lab import netns
 from l4lb.lab.bpffs import private_bpffs
@@ -71,7 +70,7 @@ from l4lb.lab.pktenv import (
     EDGE_IF, EDGE_PEER, EDGE_V4, EDGE_V6, PacketEnv, backend_mac, edge_backends_v4, edge_backends_v6,
 )
 from l4lb.models import Service
-from l4lb.recfilter import compile_masks, parse_filter
+from l4lb.recfilter import parse_filter
 
 ROOT = Path(__file__).resolve().parent.parent
 TRAFFICGEN = ROOT / "build" / "trafficgen"
@@ -152,12 +151,11 @@ class Rig:
         self.peer_mac = netns.link_info(env.ns, EDGE_PEER)["address"]
         self.next_flow = {4: 0, 6: 0}
         self.softirqd = softirqd_pid(cpu)
-        # The recorder build, armed with one filter that the bench's frames never match.
+        # The same program compiled again (its own recorder maps), armed with one filter that
+        # the bench's frames never match; "l4lb" is the datapath's, its recorder idle.
         entries = [FilterEntry(parse_filter(RECORDER_FILTER), 0)]
-        masks = compile_masks(e.filter for e in entries)
-        cfg = dataclasses.replace(env.dp.cfg, extra_cflags=(*env.dp.cfg.extra_cflags, *recorder_cflags(masks)))
-        self.recorder = env.call(compile_program, cfg)
-        RecorderMaps(self.recorder.bpf).write(entries, masks)
+        self.recorder = env.call(compile_program, env.dp.cfg)
+        RecorderMaps(self.recorder.bpf).write(entries)
         from bcc import BPF
 
         self.rx = compile_bpf("traffic_xdp.c", text=XDP_SOURCE.read_text())

@@ -7,7 +7,7 @@ every mask still in use where it is), and one hash map holding every filter unde
 key. For each mask of the packet's family, the datapath masks the packet's tuple and looks it
 up. :func:`first_match` is the reference of that look-up (first hit in mask order) and
 :func:`matches` the plain semantics; the tests prove they agree. A mask is data (its slot's
-value, :meth:`Mask.slot_value`): a filter with a new mask is armed by map writes alone.
+template, :meth:`Mask.template`): a filter with a new mask is armed by map writes alone.
 
 Filter syntax (like ``hubble record``)::
 

@@ -120,7 +120,7 @@ class Drain:
     def _rings_held(self) -> Iterator[None]:
         """_ring_lock for a thread other than the drain's. A busy drain re-takes the lock
         within microseconds of releasing it, before a waiter wakes up: it pauses instead
-        while someone waits (a program swap must not wait for a lull in traffic)."""
+        while someone waits (closing the rings must not wait for a lull in traffic)."""
         self._waiting += 1
         try:
             with self._ring_lock:

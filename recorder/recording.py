@@ -119,8 +119,8 @@ class Recording:
         self.save_meta()
 
     def mark_live(self, mono_ns: int) -> None:
-        """The datapath matches our filters from now on: time limits count from here (a
-        program swap may have taken seconds)."""
+        """The datapath matches our filters from now on: time limits count from here (the
+        map writes that armed them came after the file was opened)."""
         with self.lock:
             self.started_ns = time.time_ns()
             if self._limiter is not None:
