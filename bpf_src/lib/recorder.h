@@ -120,7 +120,8 @@ struct rec_sample {
     __u32 ifindex;      /* the NIC the packet came in by (inbound) or leaves by (outbound) */
 };
 
-/* Per field, in the order of the REC_BM_* tables: slots admitting every value. */
+/* Per field, in the order of the REC_BM_* tables: slots admitting every value;
+ * then the slots in use (0: nothing armed, the one look-up idle traffic pays). */
 struct rec_wild {
     __u64 src4;
     __u64 dst4;
@@ -129,6 +130,7 @@ struct rec_wild {
     __u64 dport;
     __u64 sport;
     __u64 proto;
+    __u64 used;
 };
 
 /* Samples the ring refused, per recording slot (per CPU). */
@@ -176,7 +178,7 @@ L4LB_INLINE __u64 rec_candidates(struct pkt *p)
 {
     __u32 zero = 0;
     struct rec_wild *w = rec_wild.lookup(&zero);
-    if (!w)
+    if (!w || !w->used)
         return 0;
     __u64 c;
     if (p->family == FAMILY_V4) {

@@ -47,6 +47,8 @@ BM_SIZE = BM_PROTO + 256
 # arrays computed here: index BM_WILD + table.
 BM_WILD = BM_SIZE
 WILD_PROTO = 6
+WILD_USED = 7                  # rec_wild.used: the slots in use (0: the program skips the recorder)
+WILD_WORDS = 8
 V4_WILD_BELOW = 8              # an IPv4 prefix shorter than this admits every bucket (it is cheaper
                                # to over-admit: the hash look-up decides) than writing > 256 entries
 _ALL = np.uint64(0xFFFFFFFFFFFFFFFF)
@@ -114,13 +116,15 @@ def _or_column(arr: np.ndarray, filters: Iterable[Filter], bit: int) -> None:
 
 def build_bits(entries: Iterable[FilterEntry], bits: dict[Mask, int]) -> np.ndarray:
     """rec_bits contents (for each field value, the mask slots, ``bits``: mask -> slot, with
-    a filter admitting it), then rec_wild's 7 words (per field, slots admitting every value)."""
-    arr = np.zeros(BM_WILD + 7, dtype=np.uint64)
+    a filter admitting it), then rec_wild's words (per field, slots admitting every value;
+    the slots in use)."""
+    arr = np.zeros(BM_WILD + WILD_WORDS, dtype=np.uint64)
     groups: dict[Mask, set[Filter]] = {}
     for e in entries:
         groups.setdefault(e.filter.mask(), set()).add(e.filter)
     for m, fs in groups.items():
         _or_column(arr, fs, bits[m])
+    arr[BM_WILD + WILD_USED] = np.uint64(sum(1 << bits[m] for m in groups))
     return arr
 
 
@@ -163,7 +167,7 @@ class RecorderMaps:
             raise RuntimeError(f"struct rec_key is {ct.sizeof(self.filters.Key)} bytes, recfilter.KEY_STRUCT 44")
         self.slots: dict[Mask, int] = {}
         self._keys: dict[bytes, tuple[int, int]] = {}      # rec_filters as written
-        self._bits = np.zeros(BM_WILD + 7, dtype=np.uint64)    # rec_bits + rec_wild as written
+        self._bits = np.zeros(BM_WILD + WILD_WORDS, dtype=np.uint64)    # rec_bits + rec_wild as written
         self._by_slot: dict[int, tuple[tuple[Filter, ...], int]] = {}  # recording -> filters, capture length
         self._key_slots: dict[bytes, dict[int, int]] = {}  # key -> {recording: capture length}
         self._mask_filters: dict[Mask, dict[Filter, int]] = {}  # mask -> its filters (how many recordings)
@@ -182,7 +186,7 @@ class RecorderMaps:
                 del self.filters[k]
             except KeyError:
                 pass
-        self._write_wild(np.zeros(7, dtype=np.uint64))
+        self._write_wild(np.zeros(WILD_WORDS, dtype=np.uint64))
         for slot in range(MASK_SLOTS):
             self.masks[ct.c_uint32(slot)] = self.masks.Leaf()
         if len(nz) or stale:
@@ -190,9 +194,9 @@ class RecorderMaps:
 
     def _write_wild(self, words: np.ndarray) -> None:
         v = self.wild.Leaf()
-        if ct.sizeof(v) != 7 * 8:
-            raise RuntimeError(f"struct rec_wild is {ct.sizeof(v)} bytes, not 7 u64")
-        ct.memmove(ct.addressof(v), np.ascontiguousarray(words, dtype=np.uint64).tobytes(), 56)
+        if ct.sizeof(v) != WILD_WORDS * 8:
+            raise RuntimeError(f"struct rec_wild is {ct.sizeof(v)} bytes, not {WILD_WORDS} u64")
+        ct.memmove(ct.addressof(v), np.ascontiguousarray(words, dtype=np.uint64).tobytes(), WILD_WORDS * 8)
         self.wild[ct.c_uint32(0)] = v
 
     def _key(self, packed: bytes) -> Any:
@@ -268,6 +272,7 @@ class RecorderMaps:
         for m in masks_changed:
             if staged[m]:
                 _or_column(bits, staged[m], slots[m])
+        bits[BM_WILD + WILD_USED] = np.uint64(sum(1 << slot for slot in slots.values()))
 
         # 1. slots of new masks (no bit leads to them yet)
         for m, slot in slots.items():
