@@ -145,7 +145,8 @@ class Recording:
         label = f" name={self.spec.name}" if self.spec.name else ""
         direction = f"; direction: {self.spec.direction}" if self.spec.direction != "both" else ""
         head = f"l4lb recording {self.id}{label}; filters: "
-        room = SECTION_COMMENT_BYTES - len(head.encode()) - len(direction) - 40
+        longest_tail = f"; ... and {len(self.spec.filters)} more (l4lbctl record show {self.id})"
+        room = SECTION_COMMENT_BYTES - len(head.encode()) - len(direction) - len(longest_tail.encode())
         shown: list[str] = []
         for f in self.spec.filters:
             text = str(f)
