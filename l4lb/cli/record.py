@@ -406,7 +406,7 @@ def start(app: App, filters: tuple[str, ...], capture_length: int, fmt: str, dir
         body["name"] = name
 
     if detach:
-        with _arming(filters):
+        with _arming(filters, app):
             rec = app.client.json("POST", "/v1/recordings", json=body)
         if app.output != "table":
             emit(rec, app.output)
@@ -414,7 +414,7 @@ def start(app: App, filters: tuple[str, ...], capture_length: int, fmt: str, dir
             click.echo(rec["id"])  # alone on stdout: rid=$(l4lbctl record --detach ...)
         return
 
-    with _stop_signals_deferred(), _arming(filters):
+    with _stop_signals_deferred(), _arming(filters, app):
         # Ctrl-C is held back until the id is known: a recording must never be left running unseen.
         rec = app.client.json("POST", "/v1/recordings", json=body)
     rec = _watch(app, rec, interval)
@@ -433,13 +433,21 @@ ARMING_NOTICE_S = 0.3
 
 
 @contextmanager
-def _arming(filters: tuple[str, ...]) -> Iterator[None]:
+def _arming(filters: tuple[str, ...], app: App | None = None) -> Iterator[None]:
     """The daemon answers a start once the filters are armed in the datapath (map writes,
     milliseconds). Should it take longer (the daemon busy with a large apply, a slow disk),
-    one line on stderr says what the pause is, rather than silence."""
+    one line on stderr says what the pause is, rather than silence (not when there is no
+    daemon socket to wait for: that error follows at once)."""
     n = sum(len(expand_filter(f)) for f in filters)
-    notice = threading.Timer(ARMING_NOTICE_S, lambda: click.echo(
-        f"Waiting for l4lbd to arm {n} filter{'s' if n != 1 else ''} in the datapath...", err=True))
+
+    def say() -> None:
+        endpoint = getattr(getattr(app, "client", None), "endpoint", None)
+        sock = getattr(endpoint, "socket", None)
+        if endpoint is not None and endpoint.url is None and sock is not None and not os.path.exists(sock):
+            return
+        click.echo(f"Waiting for l4lbd to arm {n} filter{'s' if n != 1 else ''} in the datapath...", err=True)
+
+    notice = threading.Timer(ARMING_NOTICE_S, say)
     notice.daemon = True
     notice.start()
     try:
