@@ -36,14 +36,20 @@ TIER_AS = 65010
 SEED = "dGllci1zZWVkLTEy"  # base64 of "tier-seed-12": the same on every box
 
 
-def router_config(router_ip: str, boxes: Iterable[str], *, bfd_ms: int = 100, log: str = "syslog") -> str:
+# BFD in the lab: 100 ms packets, down after 10 missed (1 s). With x 3 (300 ms) a loaded
+# 2-core test machine, where BIRD may not run for a few hundred ms, flapped sessions.
+BFD_MS, BFD_MULT = 100, 10
+
+
+def router_config(router_ip: str, boxes: Iterable[str], *, bfd_ms: int = BFD_MS, bfd_mult: int = BFD_MULT,
+                  log: str = "syslog") -> str:
     """BIRD 2 on the upstream router: ECMP over the boxes, BFD, graceful shutdown honoured."""
     peers = "\n".join(f"protocol bgp lb_{ip.replace('.', '_')} from tier {{ neighbor {ip} as {TIER_AS}; }}"
                       for ip in boxes)
     return f"""log {log} all;
 router id {router_ip};
 protocol device {{}}
-protocol bfd {{ interface "*" {{ min rx interval {bfd_ms} ms; min tx interval {bfd_ms} ms; multiplier 3; }}; }}
+protocol bfd {{ interface "*" {{ min rx interval {bfd_ms} ms; min tx interval {bfd_ms} ms; multiplier {bfd_mult}; }}; }}
 # One kernel route per VIP with a next hop per box (ECMP).
 protocol kernel {{ ipv4 {{ export all; }}; merge paths on; }}
 protocol kernel {{ ipv6 {{ export all; }}; merge paths on; }}
@@ -122,6 +128,7 @@ class Tier:
             cfg["bgp"] = {"local_as": TIER_AS, "router_id": host.ip4, "hold_time": 9, "connect_retry": 1,
                           "poll_interval": 0.5, "drain_delay": 5, "bird_socket": str(box.bird_socket),
                           "bird_include": str(box.include),
+                          "bfd": {"interval_ms": BFD_MS, "multiplier": BFD_MULT},
                           "peers": [{"address": lab.router_ip4, "remote_as": ROUTER_AS, "bfd": True}], **self.bgp}
             (d / "bird.conf").write_text(box_bird_config(d / "bird", log=f'"{d / "bird.log"}"'))
             self.boxes[name] = box
