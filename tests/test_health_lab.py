@@ -133,9 +133,10 @@ def hl(bpffs: Path, lab_decap: Any) -> Iterator[HealthLab]:
                     r = c.put("/v1/state", json={"services": services(lab)})
                     assert r.status_code == 200, r.text
                 hl = HealthLab(lab, daemon, work)
-                # The tunnel compiles once a check needs it; then every probe reports.
+                # The tunnel compiles once a check needs it (seconds when quiet, a minute on a
+                # loaded 2-core box, as the main program's compile); then every probe reports.
                 hl.wait("every probe checked", lambda: all(
-                    b["health"] != "unknown" for s in services(lab) for b in hl.backends(s["name"]).values()), 30)
+                    b["health"] != "unknown" for s in services(lab) for b in hl.backends(s["name"]).values()), 120)
                 yield hl
             finally:
                 daemon.kill()
