@@ -1,6 +1,7 @@
 /* l4lb XDP entry, one packet (README: "The datapath, per packet"):
  * parse -> fragments, ICMP to a VIP: rare paths -> service -> recorder(in)
- * -> flow table / Maglev (no backend: reject or drop) -> next hop -> too big:
+ * -> flow table / new flow: source ranges, Maglev (no backend: reject or
+ * drop) -> next hop -> too big:
  * ICMP, or the kernel fragments -> DNAT + encapsulation -> recorder(out) ->
  * TX / REDIRECT.
  * Everything that is not for a service or a VIP goes to the kernel.
@@ -59,9 +60,12 @@ L4LB_INLINE int balance(struct xdp_md *ctx, struct pkt *p, __u64 len, int first_
     struct lb_config *cfg = config.lookup(&zero);
     if (!cfg)
         return VERDICT(XDP_PASS, REASON_PASS_FIB, len);
-    __u32 hash = flow_hash(p, svc_flags, cfg->hash_seed);
+    __u32 hash = flow_hash(p, svc_flags, svc->affinity_prefix, cfg->hash_seed);
     __u32 be_id = 0;
-    struct backend_info *be = choose_backend(p, svc, hash, cfg->hash_seed, &be_id);
+    int refused = 0;
+    struct backend_info *be = choose_backend(p, svc, hash, cfg->hash_seed, &be_id, &refused);
+    if (refused)
+        return VERDICT(XDP_DROP, REASON_DROP_SOURCE_RANGE, len);
     if (!be)
         return no_backend(ctx, p, svc_flags, len);
     count_backend(be_id, len);

@@ -39,12 +39,17 @@ def jhash_6words(k: list[int], initval: int) -> int:
 
 
 def flow_hash(client: str, client_port: int, service_port: int, proto: int, seed: int,
-              *, hash_src_port: bool = True) -> int:
+              *, hash_src_port: bool = True, affinity_prefix: int | None = None) -> int:
     """Hash of (client address, client port, service port, protocol).
 
+    With ``affinity_prefix`` the client address is cut to that many leading
+    bits first (lookup.h mask_address), so a client network shares a backend.
     The C side reads ports in network order as 16-bit loads on a little-endian
     host; we reproduce those exact values."""
-    raw = ipaddress.ip_address(client).packed.ljust(16, b"\0")
+    addr = ipaddress.ip_address(client)
+    if affinity_prefix is not None:
+        addr = ipaddress.ip_network((addr, affinity_prefix), strict=False).network_address
+    raw = addr.packed.ljust(16, b"\0")
     words = [int.from_bytes(raw[i:i + 4], "little") for i in range(0, 16, 4)]
     sport = _be16(client_port) if hash_src_port else 0
     words.append(((sport << 16) | _be16(service_port)) & M32)

@@ -63,6 +63,35 @@ def _usable(v: IPAddress, info: ValidationInfo) -> IPAddress:
 
 Address = Annotated[IPAddress, BeforeValidator(_parse_ip), AfterValidator(_usable)]
 
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def _parse_cidr(v: Any) -> Any:
+    """A source range is written as a network with its prefix length and no
+    host bits ("192.0.2.0/24", "2001:db8::/32"): "192.0.2.1/24" is most
+    likely a typo for something else, and a bare address is written /32 or /128."""
+    if isinstance(v, (ipaddress.IPv4Network, ipaddress.IPv6Network)):
+        return v
+    if not isinstance(v, str):
+        raise ValueError(f"a source range is a string such as \"192.0.2.0/24\", not {type(v).__name__} {v!r}")
+    addr, slash, plen = v.partition("/")
+    if not slash:
+        ip = _ip_or_none(v)
+        if ip is None:
+            raise ValueError(f"{v!r} is not a CIDR prefix such as 192.0.2.0/24 or 2001:db8::/32")
+        raise ValueError(f"{v!r} has no prefix length: write {v}/{ip.max_prefixlen} for that one address")
+    try:
+        return ipaddress.ip_network(v, strict=True)
+    except ValueError as e:
+        try:
+            net = ipaddress.ip_network(v, strict=False)
+        except ValueError:
+            raise ValueError(f"{v!r} is not a CIDR prefix such as 192.0.2.0/24 or 2001:db8::/32 ({e})") from None
+        raise ValueError(f"{v!r} has host bits set: the prefix is {net}") from None
+
+
+SourceRange = Annotated[IPNetwork, BeforeValidator(_parse_cidr)]
+
 
 def _exploded(addr: IPAddress) -> str:
     # Not cached by address: IPv6Address hashes of structured addresses collide
@@ -75,6 +104,9 @@ MAGLEV_SIZES: tuple[int, ...] = (251, 509, 1021, 2039, 4093, 8191, 16381, 32749,
 DEFAULT_MAGLEV_M = 16381
 
 MAX_BACKENDS_PER_SERVICE = 1024
+# An allowlist is a handful of client networks; thousands of ranges per service
+# would be a firewall's job, and each costs the datapath an LPM-trie node.
+MAX_SOURCE_RANGES_PER_SERVICE = 256
 MAX_WEIGHT = 65535
 
 
@@ -272,6 +304,10 @@ class ServiceOptions(_Strict):
     hash_src_port: Flag = Field(
         default=True, description="Include the client port in the flow hash (false = client-IP affinity)"
     )
+    affinity_prefix: Annotated[int, Strict()] | None = Field(
+        default=None, ge=0, le=128, description="Client-IP affinity by network: clients whose addresses share "
+        "this many leading bits share a backend (IPVS -M, keepalived persistence_granularity); IPv4 0-32, "
+        "IPv6 0-128; needs hash_src_port false. Default: the whole address")
     maglev_weights: Flag = Field(default=True, description="Honour backend weights (false = all equal)")
     no_backend: Literal["reject", "drop"] = Field(
         default="reject", description="No usable backend: reject (TCP RST / ICMP port unreachable) or drop"
@@ -289,6 +325,10 @@ class Service(_Strict):
     announce: bool = Field(default=True, description="Announce the VIP over BGP while this box can serve it "
                            "(only when [bgp] is configured)")
     health: HealthCheck | None = Field(default=None, description="Backend health check (none: never checked)")
+    source_ranges: list[SourceRange] = Field(
+        default_factory=list, max_length=MAX_SOURCE_RANGES_PER_SERVICE,
+        description="Clients allowed to reach the service: CIDR prefixes of the VIP's family (empty: every client); "
+        "others are dropped in the datapath (reason drop_source_range)")
 
     @field_validator("name")
     @classmethod
@@ -299,16 +339,24 @@ class Service(_Strict):
 
     @model_validator(mode="after")
     def _consistent(self, info: ValidationInfo) -> "Service":
+        self._check_ranges()
+        self._check_affinity()
         seen: set[tuple[IPAddress, int]] = set()
         for i, b in enumerate(self.backends):
             if b.address == self.vip and not _stored(info):
                 raise FieldError(f"backend {b.address} is the service's own VIP: its packets would come back "
                                  "to the load balancer", ("backends", i, "address"))
             if b.address.version != self.vip.version:
-                raise FieldError(
-                    f"backend {b.address} is IPv{b.address.version} but VIP {self.vip} is IPv{self.vip.version}",
-                    ("backends", i, "address"),
-                )
+                # IPv4 in IPv6 (4in6) is how v6-only backend fabrics serve v4 clients;
+                # the reverse (IPv6 over an IPv4 fabric) is not offered.
+                if self.vip.version == 6:
+                    raise FieldError(f"backend {b.address} is IPv4 but VIP {self.vip} is IPv6 (an IPv4 VIP may "
+                                     "have IPv6 backends, encapsulated IPv4-in-IPv6; not the reverse)",
+                                     ("backends", i, "address"))
+                check = b.health.over(self.health) if b.health is not None else self.health
+                if check is not None and check.type is not CheckType.none and check.via == "tunnel":
+                    raise FieldError(f"backend {b.address}: health checks through the tunnel are not offered for "
+                                     "IPv6 backends of an IPv4 VIP yet: use via: direct", ("backends", i, "health"))
             if b.port is not None and b.port != self.port and not self.options.l4_dnat:
                 raise FieldError(
                     f"backend {b.address} has port {b.port} but the service port is {self.port}; "
@@ -326,6 +374,27 @@ class Service(_Strict):
                 raise FieldError(f"backend {b.address} port {ident[1]} is listed twice", ("backends", i))
             seen.add(ident)
         return self
+
+    def _check_ranges(self) -> None:
+        seen: set[IPNetwork] = set()
+        for i, net in enumerate(self.source_ranges):
+            if net.version != self.vip.version:
+                raise FieldError(f"source range {net} is IPv{net.version} but VIP {self.vip} is IPv{self.vip.version}: "
+                                 "clients reach a VIP in its own family", ("source_ranges", i))
+            if net in seen:
+                raise FieldError(f"source range {net} is listed twice", ("source_ranges", i))
+            seen.add(net)
+
+    def _check_affinity(self) -> None:
+        plen = self.options.affinity_prefix
+        if plen is None:
+            return
+        if plen > self.vip.max_prefixlen:
+            raise FieldError(f"affinity_prefix {plen} is longer than an IPv{self.vip.version} address "
+                             f"({self.vip.max_prefixlen} bits)", ("options", "affinity_prefix"))
+        if self.options.hash_src_port:
+            raise FieldError("affinity_prefix groups clients by network for client-IP affinity: it needs "
+                             "hash_src_port false", ("options", "affinity_prefix"))
 
     @property
     def key(self) -> tuple[str, int, str]:

@@ -1,4 +1,5 @@
-/* Encapsulation for Direct Server Return (IPIP / IP6IP6), the outer source
+/* Encapsulation for Direct Server Return (IPIP / IP6IP6, and IPv4 in IPv6
+ * for an IPv6 backend of an IPv4 VIP, RFC 2473), the outer source
  * policy, and the optional L4 DNAT of the inner destination port.
  *
  * Outer header policy: IHL 5 / no extension headers, TTL / hop limit 64,
@@ -15,9 +16,9 @@
 
 /* Outer source: a configured prefix + flow-hash bits (stable per flow, spread
  * over the backends' RX queues), else the LB's address on the egress NIC. */
-L4LB_INLINE int outer_source(struct pkt *p, __u32 hash, struct lb_config *cfg, struct if_info *ifi, __u32 *src)
+L4LB_INLINE int outer_source(int outer6, __u32 hash, struct lb_config *cfg, struct if_info *ifi, __u32 *src)
 {
-    if (p->family == FAMILY_V4) {
+    if (!outer6) {
         if (cfg->flags & CFG_F_SRC_PREFIX4) {
             src[0] = cfg->src4_prefix | (bpf_htonl(hash) & cfg->src4_hostmask);
             return 0;
@@ -123,7 +124,7 @@ L4LB_INLINE int encap_ipv6(struct xdp_md *ctx, struct pkt *p, __u32 *saddr, __u3
     ip6->flow_lbl[1] = (hash >> 8) & 0xff;
     ip6->flow_lbl[2] = hash & 0xff;
     ip6->payload_len = bpf_htons(p->l3_len);
-    ip6->nexthdr = IPPROTO_IPV6;
+    ip6->nexthdr = p->family == FAMILY_V4 ? IPPROTO_IPIP : IPPROTO_IPV6;  /* 4in6 / 6in6 */
     ip6->hop_limit = OUTER_TTL;
     __builtin_memcpy(&ip6->saddr, saddr, 16);
     __builtin_memcpy(&ip6->daddr, daddr, 16);

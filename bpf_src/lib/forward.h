@@ -31,23 +31,29 @@ L4LB_INLINE int bench_undo(struct xdp_md *ctx, int overhead, struct ethhdr *orig
 }
 #endif
 
-/* `kind` is FWD_*, a constant at each call site. */
+/* `kind` is FWD_*, a constant at each call site. The outer header is of the
+ * backend's family: IPv4 in IPv6 (4in6) for an IPv6 backend of an IPv4 VIP. */
 L4LB_INLINE int forward(struct xdp_md *ctx, struct pkt *p, struct lb_config *cfg, struct backend_info *be,
                         __u32 be_id, __u32 hash, __u32 svc_flags, __u64 len, int kind REC_PARAM)
 {
-    int overhead = p->family == FAMILY_V4 ? IPV4_HLEN : IPV6_HLEN;
+    int outer6 = be->family == FAMILY_V6;
+    int overhead = outer6 ? IPV6_HLEN : IPV4_HLEN;
     struct bpf_fib_lookup fib;
     int rc = next_hop(ctx, be_id, be, p->l3_len + overhead, &fib);
     __u32 kernel = 0;   /* the reason, when the kernel is to send the encapsulated packet on */
     if (rc != BPF_FIB_LKUP_RET_SUCCESS) {
         if (rc == BPF_FIB_LKUP_RET_FRAG_NEEDED) {
-            /* DF set, or IPv6 (routers never fragment it): the sender must
-             * learn the MTU. No ICMP error about an ICMP error, though (RFC
-             * 1812 4.3.2.7, RFC 4443 2.4(e.1)). */
-            if (p->family == FAMILY_V6 || p->df) {
+            /* DF set, or an IPv6 outer header (routers never fragment it,
+             * and the kernel does not fragment an IPv6 packet it forwards:
+             * a DF-clear IPv4 sender of a 4in6 flow is told the MTU too,
+             * which Linux applies to its route and fragments at the source
+             * from then on): the sender must learn the MTU left for its
+             * packet. No ICMP error about an ICMP error, though (RFC 1812
+             * 4.3.2.7, RFC 4443 2.4(e.1)). */
+            if (outer6 || p->df) {
                 if (kind == FWD_ICMP_ERROR)
                     return VERDICT(XDP_DROP, REASON_DROP_REPLY_FORBIDDEN, len);
-                return reply_to(ctx, REPLY_TOO_BIG, fib.mtu_result, len);  /* lib/icmp.h too_big */
+                return reply_to(ctx, REPLY_TOO_BIG, fib.mtu_result - overhead, len);  /* lib/icmp.h too_big */
             }
             /* DF clear: the tunnel entry fragments the outer packet instead
              * (RFC 2003 5.1), i.e. the kernel does, on its way out. A lookup
@@ -64,7 +70,7 @@ L4LB_INLINE int forward(struct xdp_md *ctx, struct pkt *p, struct lb_config *cfg
     __u32 egress = fib.ifindex;
     struct if_info *ifi = ifaces.lookup(&egress);
     __u32 saddr[4] = {};
-    if (outer_source(p, hash, cfg, ifi, saddr))
+    if (outer_source(outer6, hash, cfg, ifi, saddr))
         return VERDICT(XDP_PASS, REASON_PASS_NO_TXPORT, len);
 
     if ((svc_flags & SVC_F_DNAT) && be->port && be->port != p->dport) {
@@ -94,7 +100,7 @@ L4LB_INLINE int forward(struct xdp_md *ctx, struct pkt *p, struct lb_config *cfg
         __builtin_memcpy(&orig_eth, d, sizeof(orig_eth));
     }
 #endif
-    if (p->family == FAMILY_V4)
+    if (!outer6)
         rc = encap_ipv4(ctx, p, saddr[0], be->addr[0], fib.smac, fib.dmac);
     else
         rc = encap_ipv6(ctx, p, saddr, be->addr, hash, fib.smac, fib.dmac);
@@ -140,9 +146,12 @@ L4LB_INLINE int forward_to_owner(struct xdp_md *ctx, struct pkt *p, struct pkt *
     __u32 svc_id = svc->id;
     __u32 svc_flags = svc->flags;
     count_service(svc_id, len);
-    __u32 hash = flow_hash(q, svc_flags, cfg->hash_seed);
+    __u32 hash = flow_hash(q, svc_flags, svc->affinity_prefix, cfg->hash_seed);
     __u32 be_id = 0;
-    struct backend_info *be = flow_owner(q, svc, hash, cfg->hash_seed, &be_id);
+    int refused = 0;
+    struct backend_info *be = flow_owner(q, svc, hash, cfg->hash_seed, &be_id, &refused);
+    if (refused)
+        return VERDICT(XDP_DROP, REASON_DROP_SOURCE_RANGE, len);
     if (!be)
         return VERDICT(XDP_DROP, REASON_DROP_NO_BACKEND, len);
     if (kind == FWD_ICMP_ERROR && (svc_flags & SVC_F_DNAT) && be->port && be->port != q->dport) {

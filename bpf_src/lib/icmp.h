@@ -219,8 +219,9 @@ L4LB_INLINE int icmp6_error(struct xdp_md *ctx, struct pkt *p, __u8 type, __u8 c
 }
 
 /* Too big for the next hop: ICMP frag-needed (type 3 code 4: DF was set,
- * RFC 792, RFC 1191) / packet-too-big (RFC 4443 3.2) carrying the MTU left
- * for the inner packet. */
+ * RFC 792, RFC 1191) / packet-too-big (RFC 4443 3.2) carrying `mtu`, the
+ * MTU left for the inner packet (the next hop's less our outer header,
+ * which is 40 bytes for 4in6). */
 L4LB_INLINE int too_big(struct xdp_md *ctx, struct pkt *p, struct lb_config *cfg, __u32 mtu, __u64 len)
 {
     if (!reply_allowed(ctx, p, 1))
@@ -229,9 +230,9 @@ L4LB_INLINE int too_big(struct xdp_md *ctx, struct pkt *p, struct lb_config *cfg
         return VERDICT(XDP_DROP, REASON_DROP_ICMP_RATELIMIT, len);
     int rc;
     if (p->family == FAMILY_V4)
-        rc = icmp4_error(ctx, p, ICMP_DEST_UNREACH, ICMP_FRAG_NEEDED, bpf_htonl((mtu - IPV4_HLEN) & 0xffff));
+        rc = icmp4_error(ctx, p, ICMP_DEST_UNREACH, ICMP_FRAG_NEEDED, bpf_htonl(mtu & 0xffff));
     else
-        rc = icmp6_error(ctx, p, ICMPV6_PKT_TOOBIG, 0, bpf_htonl(mtu - IPV6_HLEN));
+        rc = icmp6_error(ctx, p, ICMPV6_PKT_TOOBIG, 0, bpf_htonl(mtu));
     if (rc)
         return VERDICT(XDP_DROP, REASON_DROP_HEADROOM, len);
     RECORD_OUT_REPLY(ctx, p, XDP_TX, REPLY_TOO_BIG);

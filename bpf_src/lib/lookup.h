@@ -4,6 +4,7 @@
 #include "lib/parse.h"
 #include "lib/jhash.h"
 #include "lib/flowcache.h"
+#include "lib/srcrange.h"
 
 L4LB_INLINE struct svc_info *service_lookup(struct pkt *p)
 {
@@ -24,13 +25,29 @@ L4LB_INLINE struct vip_info *vip_lookup(struct pkt *p)
     return vips.lookup(&key);
 }
 
-/* Flow hash: client address, client port (unless client-IP affinity),
- * service port, protocol. Not the VIP, so one client lands on the same
- * backend index whichever box of an ECMP group sees it. */
-L4LB_INLINE __u32 flow_hash(struct pkt *p, __u32 svc_flags, __u32 seed)
+/* Keep the first `bits` bits of an address (four network-order words). */
+L4LB_INLINE void mask_address(__u32 *a, __u32 bits)
+{
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        int left = (int)bits - 32 * i;
+        if (left <= 0)
+            a[i] = 0;
+        else if (left < 32)
+            a[i] &= bpf_htonl(~0U << (32 - left));
+    }
+}
+
+/* Flow hash: client address (cut to its affinity prefix if the service has
+ * one), client port (unless client-IP affinity), service port, protocol. Not
+ * the VIP, so one client lands on the same backend index whichever box of an
+ * ECMP group sees it. */
+L4LB_INLINE __u32 flow_hash(struct pkt *p, __u32 svc_flags, __u32 affinity_prefix, __u32 seed)
 {
     __u32 k[6];
     __builtin_memcpy(k, p->src, 16);
+    if (svc_flags & SVC_F_AFFINITY_PREFIX)
+        mask_address(k, affinity_prefix);
     __u16 sport = (svc_flags & SVC_F_NO_SPORT) ? 0 : p->sport;
     k[4] = ((__u32)sport << 16) | p->dport;
     k[5] = p->proto;
@@ -55,18 +72,21 @@ L4LB_INLINE __u32 flow_key_hash(struct pkt *p, struct svc_info *svc, __u32 hash,
 {
     if (!(svc->flags & SVC_F_NO_SPORT))
         return hash;
-    return flow_hash(p, 0, seed);
+    return flow_hash(p, 0, 0, seed);
 }
 
 /* A flow entry is honoured only if its backend slot still belongs to this
- * service, is the same allocation (gen) and is not in maintenance. */
-L4LB_INLINE struct backend_info *flow_backend(struct flow_pos *pos, struct flow_key *fk, __u32 svc_id, __u32 *id_out)
+ * service, is the same allocation, the service's source ranges are those it
+ * was checked against (gen: the two gens summed; each only grows or, for
+ * the ranges, changes with them) and the backend is not in maintenance. */
+L4LB_INLINE struct backend_info *flow_backend(struct flow_pos *pos, struct flow_key *fk, __u32 svc_id,
+                                              __u32 svc_gen, __u32 *id_out)
 {
     __u32 id = 0, gen = 0;
     if (!flow_cache_get(pos, fk, &id, &gen))
         return 0;
     struct backend_info *be = backends.lookup(&id);
-    if (!be || !be->family || be->gen != gen || be->svc_id != svc_id || (be->flags & BE_F_DOWN))
+    if (!be || !be->family || be->gen + svc_gen != gen || be->svc_id != svc_id || (be->flags & BE_F_DOWN))
         return 0;
     *id_out = id;
     return be;
@@ -91,12 +111,19 @@ L4LB_INLINE struct backend_info *maglev_backend(struct svc_info *svc, __u32 hash
     return be;
 }
 
+/* A new flow's source, if the service has source ranges: 1 if refused. */
+L4LB_INLINE int source_refused(struct pkt *p, struct svc_info *svc)
+{
+    return (svc->flags & SVC_F_SRC_RANGES) && !source_allowed(p, svc->id);
+}
+
 /* Pick the backend for this packet: established flows keep theirs (drained
  * backends keep serving them), new flows (SYN, or unknown) go by Maglev and
- * are remembered. `hash` is flow_hash(p, svc->flags, seed), `seed` the config's
+ * are remembered, if their source may reach the service (else NULL with
+ * *refused set). `hash` is flow_hash() of the service, `seed` the config's
  * (passed in: the caller has the config already). */
 L4LB_INLINE struct backend_info *choose_backend(struct pkt *p, struct svc_info *svc, __u32 hash, __u32 seed,
-                                                 __u32 *id_out)
+                                                 __u32 *id_out, int *refused)
 {
     struct flow_key fk;
     flow_key_of(p, &fk);
@@ -105,29 +132,38 @@ L4LB_INLINE struct backend_info *choose_backend(struct pkt *p, struct svc_info *
     int is_syn = p->proto == IPPROTO_TCP && (p->tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN;
     struct backend_info *be;
     if (!is_syn) {
-        be = flow_backend(&pos, &fk, svc->id, id_out);
+        be = flow_backend(&pos, &fk, svc->id, svc->gen, id_out);
         if (be)
             return be;
+    }
+    if (source_refused(p, svc)) {
+        *refused = 1;
+        return 0;
     }
     be = maglev_backend(svc, hash, id_out);
     if (!be)
         return 0;
-    flow_cache_put(&pos, &fk, *id_out, be->gen);
+    flow_cache_put(&pos, &fk, *id_out, be->gen + svc->gen);
     return be;
 }
 
 /* The backend the flow of `p` has, exactly as its next packet would get it
- * (flow-table entry, else Maglev), without remembering anything: for packets
- * that belong to a flow but must not create one (ICMP errors about it). */
+ * (flow-table entry, else Maglev if its source may reach the service, else
+ * NULL with *refused set), without remembering anything: for packets that
+ * belong to a flow but must not create one (ICMP errors about it). */
 L4LB_INLINE struct backend_info *flow_owner(struct pkt *p, struct svc_info *svc, __u32 hash, __u32 seed,
-                                            __u32 *id_out)
+                                            __u32 *id_out, int *refused)
 {
     struct flow_key fk;
     flow_key_of(p, &fk);
     struct flow_pos pos;
     flow_locate(&fk, flow_key_hash(p, svc, hash, seed), &pos);
-    struct backend_info *be = flow_backend(&pos, &fk, svc->id, id_out);
+    struct backend_info *be = flow_backend(&pos, &fk, svc->id, svc->gen, id_out);
     if (be)
         return be;
+    if (source_refused(p, svc)) {
+        *refused = 1;
+        return 0;
+    }
     return maglev_backend(svc, hash, id_out);
 }

@@ -17,11 +17,16 @@ struct svc_key {
 #define SVC_F_NO_BACKEND_DROP (1U << 2)  /* no usable backend: drop silently (else reject, lib/reject.h) */
 #define SVC_F_PING     (1U << 3)  /* answer_ping: echo replies look at the VIP's entry in `vips`
                                    * (VIP_F_PING); here so the entry holds all of its service's options */
+#define SVC_F_SRC_RANGES (1U << 4)  /* new flows only from the service's source ranges (lib/srcrange.h) */
+#define SVC_F_AFFINITY_PREFIX (1U << 5)  /* hash the client address cut to affinity_prefix bits */
 
 struct svc_info {
     __u32 id;         /* index into svc_stats; backends name their owner by it */
     __u32 flags;      /* SVC_F_* */
     __u32 ring;       /* maglev_outer index of the table in force */
+    __u32 gen;        /* of the source ranges (0: none): a flow entry holds its backend's gen plus
+                       * this, so a change of the ranges has every flow checked again */
+    __u32 affinity_prefix;  /* SVC_F_AFFINITY_PREFIX: leading bits of the client address hashed */
 };
 
 #define BE_F_DOWN (1U << 0)  /* maintenance: existing flows are not honoured */
@@ -150,7 +155,7 @@ enum l4lb_slow {
  * a tail call runs on the same CPU, at once). */
 struct slow_args {
     __u32 reply;             /* enum l4lb_reply, for SLOW_REPLY */
-    __u32 mtu;               /* REPLY_TOO_BIG: the next hop's MTU */
+    __u32 mtu;               /* REPLY_TOO_BIG: the next hop's MTU less our outer header */
 };
 
 /* A VIP (any service on it), for what is addressed to the VIP rather than to
@@ -190,6 +195,20 @@ struct frag_ports {
     __u64 expires_ns;        /* bpf_ktime_get_ns() of the first fragment + FRAG_LIFETIME_NS */
 };
 
+/* Source ranges (a service's allowlist, lib/srcrange.h): one LPM-trie entry
+ * per range, keyed by service id then address, so one trie serves every
+ * service. prefixlen counts the id's 32 bits too. Addresses as four
+ * network-order words; IPv4 uses word 0. */
+#ifndef MAX_SOURCE_RANGES
+#define MAX_SOURCE_RANGES 65536
+#endif
+
+struct src_range_key {
+    __u32 prefixlen;         /* 32 + the range's prefix length */
+    __u32 svc_id;
+    __u32 addr[4];
+};
+
 /* Why a packet went where it went: exactly one reason per packet. Python
  * reads the names from this enum. */
 enum l4lb_reason {
@@ -209,6 +228,7 @@ enum l4lb_reason {
     REASON_DROP_ECHO_RATELIMIT,  /* echo request to a VIP, reply suppressed by its rate limit */
     REASON_DROP_REPLY_FORBIDDEN, /* a reply was due but must not be sent (RFC 1812 4.3.2.7, RFC 4443 2.4(e)) */
     REASON_DROP_FRAG_NO_FIRST,   /* later fragment to a VIP whose first fragment was not seen */
+    REASON_DROP_SOURCE_RANGE,    /* source outside the service's source ranges */
     REASON_TX_ICMP_TOO_BIG,      /* answered with frag-needed / packet-too-big */
     REASON_TX_REJECT,            /* no usable backend: answered with TCP RST / ICMP port unreachable */
     REASON_TX_ECHO,              /* echo request to a VIP: answered */
@@ -242,4 +262,8 @@ BPF_TABLE_PINNED("percpu_array", __u32, struct counter, reason_stats, REASON_MAX
 BPF_TABLE_PINNED("percpu_array", __u32, struct icmp_bucket, icmp_buckets, REPLY_KINDS, PIN_DIR "/icmp_buckets");
 BPF_TABLE_PINNED("hash", struct vip_key, struct vip_info, vips, MAX_SERVICES, PIN_DIR "/vips");
 /* LRU: a flood of first fragments evicts the oldest datagrams, never fails. */
+/* Allocated per entry (an LPM trie must be BPF_F_NO_PREALLOC): sized for the
+ * whole box, costing only what is used. */
+BPF_TABLE_PINNED("lpm_trie", struct src_range_key, __u32, src_ranges, MAX_SOURCE_RANGES, PIN_DIR "/src_ranges",
+                 BPF_F_NO_PREALLOC);
 BPF_TABLE_PINNED("lru_hash", struct frag_key, struct frag_ports, frags, FRAG_TABLE_SIZE, PIN_DIR "/frags");

@@ -190,7 +190,7 @@ class Datapath:
         with self._lock:
             out = []
             for key, sid in sorted(self._slots.svc_ids.items()):
-                flags, ring = self._slots.svc_entry[key]
+                flags, ring = self._slots.svc_entry[key][:2]
                 slots = {bid: (slot.ident, slot.flags) for ident, bid in self._slots.by_svc.get(sid, {}).items()
                          for slot in (self._slots.backends[bid],)}
                 out.append({"key": key, "flags": flags, "backends": slots, "table": self._rings.read(ring)})

@@ -29,12 +29,13 @@ import numpy as np
 from l4lb import maglev
 from l4lb.datapath.config import DatapathError, DatapathFull
 from l4lb.datapath.context import Context
-from l4lb.datapath.flags import bit, service_flags
+from l4lb.datapath.flags import affinity_prefix, bit, ranges_gen, service_flags
 from l4lb.datapath.maglevbuild import TableBuilder, table_inputs
 from l4lb.datapath.nexthop import IPAddress, ip_of
 from l4lb.datapath.rings import Rings
-from l4lb.datapath.slots import PROTO, BackendKey, BackendSlot, ServiceKey, Slots
-from l4lb.models import BackendState, Service
+from l4lb.datapath.slots import PROTO, BackendKey, BackendSlot, ServiceEntry, ServiceKey, Slots
+from l4lb.datapath.srcranges import SourceRanges, range_of
+from l4lb.models import MAX_SOURCE_RANGES_PER_SERVICE, BackendState, Service
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +83,7 @@ class Reconciler:
         self.slots = slots
         self.rings = rings
         self.builder = builder
+        self.ranges = SourceRanges(ctx)
         self.timing = ApplyTimings()
         # svc id -> the inputs of the table written (weights, backend ids): a
         # reconcile rebuilds only the tables whose inputs changed.
@@ -100,6 +102,7 @@ class Reconciler:
         self.inputs.clear()
         self.done.clear()
         self.clean = set()
+        self.ranges.forget()
 
     def check_capacity(self, services: Sequence[Service]) -> None:
         if len(services) > self.ctx.cfg.max_services:
@@ -107,6 +110,10 @@ class Reconciler:
         n = sum(len(s.backends) for s in services)
         if n > self.ctx.cfg.max_backends - 1:
             raise DatapathError(f"{n} backends exceed the datapath limit of {self.ctx.cfg.max_backends - 1}")
+        n = sum(len(s.source_ranges) for s in services)
+        room = self.ctx.tables.src_ranges.max_entries - MAX_SOURCE_RANGES_PER_SERVICE  # one service's old and new
+        if n > room:
+            raise DatapathError(f"{n} source ranges exceed the datapath limit of {room}")
 
     def ticks(self, n: int) -> int:
         """How many of the next ``n`` writes the test hook lets through (all without a hook)."""
@@ -188,6 +195,7 @@ class Reconciler:
             self.rings.grace(always=True)
             self.timing.grace += time.perf_counter() - g0
             stage += 1
+        self.ranges.prune(set(self.slots.svc_ids.values()))
         if w.allocated:
             # Forget freed slots that have been handed to someone else since.
             self.slots.freed_be = {k: v for k, v in self.slots.freed_be.items() if v[0] not in self.slots.backends}
@@ -294,19 +302,23 @@ class Reconciler:
                 self._swap_tables([(sid, inputs) for _, sid, inputs in chunk if self.inputs.get(sid) != inputs],
                                   tables)
                 for key, sid, _ in chunk:
-                    self._write_entry(key, sid, service_flags(w.want[key]))
+                    svc = w.want[key]
+                    self.timing.writes += self.ranges.sync(sid, svc.source_ranges)  # before the entry's gen
+                    self._write_entry(key, sid, ServiceEntry(service_flags(svc), 0, ranges_gen(svc),
+                                                             affinity_prefix(svc) or 0))
         finally:
             tables.close()  # also when a write failed: frees the workers for the rollback
         done = {key for key, _, _ in ready}
         w.waiting = [k for k in w.waiting if k not in done]
         w.progress += len(done)
 
-    def _write_entry(self, key: ServiceKey, sid: int, flags: int) -> None:
-        """The service entry with ``flags`` and the ring in force for ``sid``;
-        a ring that goes out of force is retired (rings.py)."""
+    def _write_entry(self, key: ServiceKey, sid: int, want: ServiceEntry) -> None:
+        """The service entry as ``want`` says, with the ring in force for
+        ``sid``; a ring that goes out of force is retired (rings.py)."""
         ring = self.slots.ring[sid]
+        entry = want._replace(ring=ring)
         old = self.slots.svc_entry.get(key)
-        if old == (flags, ring):
+        if old == entry:
             return
         self.tick()
         m0 = time.perf_counter()
@@ -314,10 +326,10 @@ class Reconciler:
         vip, port, proto = key
         k = t.svc_key(ip_of(vip), port, PROTO[proto])
         v = t.services.Leaf()
-        v.id, v.flags, v.ring = sid, flags, ring
+        v.id, v.flags, v.ring, v.gen, v.affinity_prefix = sid, entry.flags, ring, entry.gen, entry.affinity_prefix
         t.services[k] = v
-        self.slots.svc_entry[key] = (flags, ring)
-        self.rings.use(ring, None if old is None else old[1])
+        self.slots.svc_entry[key] = entry
+        self.rings.use(ring, None if old is None else old.ring)
         self.timing.writes += 1
         self.timing.maps += time.perf_counter() - m0
 
@@ -328,7 +340,9 @@ class Reconciler:
         The table in force is trusted to be Maglev of these weights."""
         sid = self.slots.svc_ids.get(key)
         entry = self.slots.svc_entry.get(key)
-        if sid is None or entry is None or entry[0] != service_flags(svc) or not self.rings.mapped(entry[1]):
+        if (sid is None or entry is None or entry.flags != service_flags(svc) or entry.gen != ranges_gen(svc)
+                or entry.affinity_prefix != (affinity_prefix(svc) or 0) or not self.rings.mapped(entry.ring)
+                or self.ranges.of(sid) != {range_of(n) for n in svc.source_ranges}):
             return False
         have = self.slots.by_svc.get(sid, {})
         weights = svc.maglev_weights()
@@ -341,7 +355,7 @@ class Reconciler:
                 return False
         inputs = table_inputs(weights, have)
         self.inputs[sid] = inputs
-        self.rings.adopt(entry[1], inputs)
+        self.rings.adopt(entry.ring, inputs)
         self.done[key] = svc
         return True
 
@@ -381,7 +395,7 @@ class Reconciler:
             self.inputs[sid] = inputs
             key = names.get(sid)
             if key is not None and key in self.slots.svc_entry:
-                self._write_entry(key, sid, self.slots.svc_entry[key][0])
+                self._write_entry(key, sid, self.slots.svc_entry[key])
             self.timing.writes += 1
             self.timing.maps += time.perf_counter() - m0
 
@@ -397,13 +411,14 @@ class Reconciler:
                 del t.services[t.svc_key(ipaddress.ip_address(vip), port, PROTO[proto])]
             except KeyError:
                 pass
+            self.ranges.drop(sid)  # after the entry: no new flow is checked against them any more
             # Its buffers stay in maglev_outer for the next service with this id
             # (deleting them would cost a grace period each); no entry points at them.
             self.slots.drop_service(key)
             self.slots.freed_svc[key] = sid
             entry = self.slots.svc_entry.pop(key, None)
             if entry is not None:
-                self.rings.release(entry[1])
+                self.rings.release(entry.ring)
             self.slots.ring.pop(sid, None)
             self.inputs.pop(sid, None)
         for sid in orphans:

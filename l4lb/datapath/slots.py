@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from l4lb.addrtext import exploded_packed
 from l4lb.datapath.tables import Tables
@@ -30,12 +31,21 @@ class BackendSlot:
     flags: int
 
 
+class ServiceEntry(NamedTuple):
+    """What a service entry in the map holds besides its id (maps.h svc_info)."""
+
+    flags: int
+    ring: int
+    gen: int = 0              # of its source ranges (srcranges.py)
+    affinity_prefix: int = 0
+
+
 class Slots:
     def __init__(self) -> None:
         self.svc_ids: dict[ServiceKey, int] = {}
-        # What each service entry in the map holds: (flags, ring), and the
-        # buffer each service id's table is in force in (the entry's ring).
-        self.svc_entry: dict[ServiceKey, tuple[int, int]] = {}
+        # What each service entry in the map holds, and the buffer each
+        # service id's table is in force in (the entry's ring).
+        self.svc_entry: dict[ServiceKey, ServiceEntry] = {}
         self.ring: dict[int, int] = {}
         self.backends: dict[int, BackendSlot] = {}
         self.next_gen = 1
@@ -111,10 +121,10 @@ class Slots:
         self._labels = None
         self.svc_entry.clear()
         self.ring.clear()
-        for (vip, port, proto), (sid, flags, ring) in t.read_services().items():
+        for (vip, port, proto), (sid, flags, ring, gen, affinity) in t.read_services().items():
             key = (vip, port, PROTO_NAME.get(proto, str(proto)))
             self.svc_ids[key] = sid
-            self.svc_entry[key] = (flags, ring)
+            self.svc_entry[key] = ServiceEntry(flags, ring, gen, affinity)
             self.ring[sid] = ring
         self.backends.clear()
         bids, rows = t.backend_rows()

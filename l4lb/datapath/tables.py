@@ -41,7 +41,7 @@ def port_host(port_be_value: int) -> int:
 # The maps Tables gives names to; they are what a program adopted without
 # compiling must bring (loader.py keeps BCC's types of exactly these).
 MAPS = ("services", "maglev_outer", "backends", "flows", "config", "ifaces", "tx_ports", "svc_stats",
-        "backend_stats", "reason_stats", "nexthops", "vips", "frags")
+        "backend_stats", "reason_stats", "nexthops", "vips", "frags", "src_ranges")
 
 
 def handle(bpf: Any, name: str) -> MapHandle:
@@ -66,6 +66,7 @@ class Tables:
         self.nexthops = handle(bpf, "nexthops")
         self.vips = handle(bpf, "vips")      # vips.py
         self.frags = handle(bpf, "frags")    # the datapath's own (lib/frag.h): read by tests
+        self.src_ranges = handle(bpf, "src_ranges")  # srcranges.py
 
     # --- run-time config ---------------------------------------------------------
     def write_config(self, cfg: Any, hash_seed: int) -> None:
@@ -133,12 +134,12 @@ class Tables:
         k.family = vip.version
         return k
 
-    def read_services(self) -> dict[tuple[str, int, int], tuple[int, int, int]]:
-        """(vip exploded, port, proto) -> (id, flags, ring) of what is in the map."""
+    def read_services(self) -> dict[tuple[str, int, int], tuple[int, int, int, int, int]]:
+        """(vip exploded, port, proto) -> (id, flags, ring, gen, affinity_prefix) of what is in the map."""
         out = {}
         for k, v in self.services.items():
             vip = words_addr(k.vip, k.family)
-            out[(vip.exploded, port_host(k.port), k.proto)] = (v.id, v.flags, v.ring)
+            out[(vip.exploded, port_host(k.port), k.proto)] = (v.id, v.flags, v.ring, v.gen, v.affinity_prefix)
         return out
 
     # --- maglev (written through rings.py) -----------------------------------------------
