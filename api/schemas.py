@@ -13,8 +13,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from l4lb.names import NAME_REGEX
 from l4lb.models import (
-    MAX_BACKENDS_PER_SERVICE, Address, Backend, BackendState, HealthCheck, HealthOverride, Port, Protocol, Service,
-    ServiceOptions, Weight,
+    MAX_BACKENDS_PER_SERVICE, MAX_SOURCE_RANGES_PER_SERVICE, Address, Backend, BackendState, HealthCheck,
+    HealthOverride, Port, Protocol, Service, ServiceOptions, SourceRange, Weight,
 )
 
 
@@ -33,6 +33,9 @@ class ServiceBody(_Body):
     backends: list[Backend] = Field(default_factory=list, max_length=MAX_BACKENDS_PER_SERVICE)
     announce: bool = Field(default=True, description="Announce the VIP over BGP while this box can serve it")
     health: HealthCheck | None = None
+    source_ranges: list[SourceRange] = Field(
+        default_factory=list, max_length=MAX_SOURCE_RANGES_PER_SERVICE,
+        description="Clients allowed to reach the service: CIDR prefixes of the VIP's family (empty: every client)")
 
 
 class BackendBody(_Body):

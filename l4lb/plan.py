@@ -176,7 +176,13 @@ def _service_fields(a: Service, b: Service) -> tuple[FieldChange, ...]:
         va, vb = getattr(a.options, name), getattr(b.options, name)
         if va != vb:
             out.append(FieldChange(f"options.{name}", va, vb))
+    if a.source_ranges != b.source_ranges:
+        out.append(FieldChange("source_ranges", _ranges(a), _ranges(b)))
     return tuple(out)
+
+
+def _ranges(s: Service) -> tuple[str, ...]:
+    return tuple(str(n) for n in s.source_ranges)  # a tuple: changes are hashed (cached JSON)
 
 
 def diff(old: DesiredState, new: DesiredState) -> Plan:
@@ -224,4 +230,6 @@ def diff(old: DesiredState, new: DesiredState) -> Plan:
 def _service_fields_all(s: Service) -> tuple[FieldChange, ...]:
     out = [FieldChange(n, None, _jsonable(getattr(s, n))) for n in ("vip", "port", "protocol")]
     out += [FieldChange(f"options.{n}", None, getattr(s.options, n)) for n in type(s.options).model_fields]
+    if s.source_ranges:
+        out.append(FieldChange("source_ranges", None, _ranges(s)))
     return tuple(out)

@@ -42,8 +42,9 @@ def test_ipvsadm_sample() -> None:
         # NAT to another port: L4 DNAT.
         {"name": "udp-198.51.100.10-53", "vip": "198.51.100.10", "port": 53, "protocol": "udp",
          "options": {"l4_dnat": True}, "backends": [b("192.0.2.101", 1, port=5353), b("192.0.2.102", 1, port=5353)]},
+        # -M: client-IP affinity by network.
         {"name": "tcp-198.51.100.11-25", "vip": "198.51.100.11", "port": 25, "protocol": "tcp",
-         "options": {"hash_src_port": False}, "backends": [b("192.0.2.104", 1)]},
+         "options": {"hash_src_port": False, "affinity_prefix": 24}, "backends": [b("192.0.2.104", 1)]},
         # mh without mh-port hashes the client address only: client-IP affinity.
         {"name": "tcp-2001-db8-0-100--10-80", "vip": "2001:db8:0:100::10", "port": 80, "protocol": "tcp",
          "options": {"hash_src_port": False},
@@ -55,7 +56,6 @@ def test_ipvsadm_sample() -> None:
         ("ipvsadm.rules", 11, "-s rr", "approximated"), ("ipvsadm.rules", 11, "-o", "ignored"),
         ("ipvsadm.rules", 12, "-m", "approximated"),
         ("ipvsadm.rules", 14, "-s sh", "approximated"), ("ipvsadm.rules", 14, "-p 300", "approximated"),
-        ("ipvsadm.rules", 14, "-M 255.255.255.0", "ignored"),
         ("ipvsadm.rules", 15, "-g", "approximated"), ("ipvsadm.rules", 15, "-x 1000", "ignored"),
         ("ipvsadm.rules", 15, "-y 800", "ignored"),
         ("ipvsadm.rules", 17, "-i", "approximated"),  # --tun-type gue
@@ -95,14 +95,22 @@ def test_ipvsadm_bad_syntax_imports_nothing(text: str, message: str) -> None:
 
 
 def test_ipvsadm_services_l4lb_refuses_are_skipped_with_a_note() -> None:
-    r = ipvsadm.parse("-A -t 198.51.100.1:80\n-a -t 198.51.100.1:80 -r [2001:db8::1]:80\n"
+    r = ipvsadm.parse("-A -t [2001:db8::100]:80\n-a -t [2001:db8::100]:80 -r 192.0.2.1:80\n"
                       "-A -t 198.51.100.1:0 -p\n-C\n", "x")
     assert r.services == []
-    assert notes_of(r) == {("x", 1, "service tcp-198.51.100.1-80", "skipped"),  # mixed families
+    assert notes_of(r) == {("x", 1, "service tcp-2001-db8--100-80", "skipped"),  # IPv4 backend, IPv6 VIP
                            ("x", 1, "-s (none: wlc)", "approximated"),
                            ("x", 2, "(no -g/-i/-m: -g)", "approximated"),
                            ("x", 3, "-t 198.51.100.1:0", "skipped"), ("x", 4, "-C", "ignored")}
-    assert "is IPv6 but VIP 198.51.100.1 is IPv4" in next(str(n) for n in r.notes if n.action == "skipped" and n.line == 1)
+    assert "is IPv4 but VIP 2001:db8::100 is IPv6" in next(str(n) for n in r.notes if n.action == "skipped" and n.line == 1)
+
+
+def test_ipvsadm_ipv6_real_servers_of_an_ipv4_service_become_4in6_backends() -> None:
+    r = ipvsadm.parse("-A -t 198.51.100.1:80 -s sh -p 60 -M 16\n-a -t 198.51.100.1:80 -r [2001:db8::1]:80 -i\n"
+                      "-a -t 198.51.100.1:80 -r 192.0.2.1:80 -i\n", "x")
+    assert r.services == [{"name": "tcp-198.51.100.1-80", "vip": "198.51.100.1", "port": 80, "protocol": "tcp",
+                           "options": {"hash_src_port": False, "affinity_prefix": 16},
+                           "backends": [b("2001:db8::1", 1), b("192.0.2.1", 1)]}]
 
 
 # --- keepalived ------------------------------------------------------------------------------------------
@@ -120,7 +128,7 @@ KEEPALIVED_DOC = {"services": [
                   b("192.0.2.104", 0, health={"type": "none"})],  # no checker: never taken out
      "health": hc("http", 5.0, 2.0, 3, path="/healthz", expect_status="200")},
     {"name": "tcp-198.51.100.10-443", "vip": "198.51.100.10", "port": 443, "protocol": "tcp",
-     "options": {"hash_src_port": False},
+     "options": {"hash_src_port": False, "affinity_prefix": 24},  # persistence_granularity 255.255.255.0
      "backends": [b("192.0.2.101", 1), b("192.0.2.102", 1), b("192.0.2.103", 1, health={"port": 8443})],
      "health": hc("https", 10.0, 3.0, 2, path="/status", expect_status="200-299,301", host="www.example.com")},
     *({"name": f"DNS-udp-198.51.100.{n}-53", "vip": f"198.51.100.{n}", "port": 53, "protocol": "udp",
@@ -158,7 +166,6 @@ def test_keepalived_sample_with_includes() -> None:
         ("10-tls.conf", 4, "lvs_sched wrr", "approximated"),
         ("10-tls.conf", 5, "lvs_method DR", "approximated"),
         ("10-tls.conf", 6, "persistence_timeout 600", "approximated"),
-        ("10-tls.conf", 6, "persistence_granularity 255.255.255.0", "ignored"),
         ("10-tls.conf", 10, "sorry_server 192.0.2.200 443", "ignored"),
         ("10-tls.conf", 32, "real_server 192.0.2.103 8443", "ignored"),  # DR keeps the service port
         ("10-tls.conf", 42, "MISC_CHECK", "ignored"),

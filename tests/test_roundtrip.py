@@ -45,6 +45,18 @@ _ODD_ADDRESSES = ["fe80::1%eth0", "2001:db8::1%2", "::ffff:192.0.2.1", "127.0.0.
                   "0.0.0.0", "ff02::1", "240.0.0.1", "192.0.2.1 ", "", "1.2.3", 1, True, None]
 _ODD_PORTS = [0, 65536, True, "80", 80.0]
 _ODD_NAMES = ["abc\n", "a b", "-x", "x" * 64, "é", "a/b", ""]
+_ODD_RANGES = ["192.0.2.1/24", "2001:db8::1/32", "192.0.2.1", "10.0.0.0/33", "2001:db8::/129", "", 24, None,
+               "203.0.113.0/24", "2001:db8:5::/48"]  # the last two: the other family for one of the VIPs
+
+
+def _source_range(family: int, odd: bool) -> st.SearchStrategy[Any]:
+    if odd:
+        return st.sampled_from(_ODD_RANGES)
+    if family == 4:
+        return st.builds(lambda a, p: str(ipaddress.ip_network(f"{a}/{p}", strict=False)),
+                         st.ip_addresses(v=4), st.integers(0, 32))
+    return st.builds(lambda a, p: str(ipaddress.ip_network(f"{a}/{p}", strict=False)).upper(),
+                     st.ip_addresses(v=6), st.integers(0, 128))
 
 
 def _address(family: int, odd: bool, *, vip: bool = False) -> st.SearchStrategy[Any]:
@@ -80,11 +92,20 @@ def _service(draw: Any, family: int, odd: st.SearchStrategy[bool]) -> dict[str, 
             "protocol": _maybe_odd(odd, st.sampled_from(["tcp", "udp"]), st.just("icmp")),
             "options": st.fixed_dictionaries({}, optional={
                 "l4_dnat": flag, "hash_src_port": flag, "maglev_weights": flag, "answer_ping": flag,
-                "no_backend": _maybe_odd(odd, st.sampled_from(["reject", "drop"]), st.just("refuse"))})})),
+                "no_backend": _maybe_odd(odd, st.sampled_from(["reject", "drop"]), st.just("refuse")),
+                "affinity_prefix": _maybe_odd(odd, st.integers(0, 32 if family == 4 else 128),
+                                              st.sampled_from([129, -1, "24", True, 1.5]))}),
+            "source_ranges": st.lists(odd.flatmap(lambda o: _source_range(family, o)), max_size=3)})),
     }
+    options = svc.get("options", {})
+    if "affinity_prefix" in options and draw(st.integers(0, 3)):
+        options["hash_src_port"] = False  # what affinity_prefix needs, mostly given
     # Backend ports other than the service's need l4_dnat: give them mostly when it is on.
     dnat = svc.get("options", {}).get("l4_dnat") is True
-    backend = st.fixed_dictionaries({"address": odd.flatmap(lambda o: _address(family, o))}, optional={
+    # An IPv4 VIP may have IPv6 backends (4in6); the reverse is refused.
+    other = st.integers(0, 5).map(lambda n: family if n else 10 - family)
+    backend = st.fixed_dictionaries({"address": st.tuples(odd, other).flatmap(lambda of: _address(of[1], of[0]))},
+                                    optional={
         "port": port if dnat else _maybe_odd(odd, st.just(svc["port"]), port),
         "weight": _maybe_odd(odd, st.integers(0, 65535), st.sampled_from([True, -1, 70000])),
         "state": _maybe_odd(odd, st.sampled_from(["active", "draining", "maintenance"]), st.just("up")),
@@ -104,12 +125,13 @@ documents = st.booleans().flatmap(lambda unusual: st.fixed_dictionaries({"servic
 
 def _normal(svc: dict[str, Any]) -> dict[str, Any]:
     """What a service document means, written independently of the models."""
-    options = {"l4_dnat": False, "hash_src_port": True, "maglev_weights": True, "no_backend": "reject",
-               "answer_ping": True, **svc.get("options", {})}
+    options = {"l4_dnat": False, "hash_src_port": True, "affinity_prefix": None, "maglev_weights": True,
+               "no_backend": "reject", "answer_ping": True, **svc.get("options", {})}
     backends = sorted(((str(ipaddress.ip_address(b["address"])), b.get("port"), b.get("weight", 100),
                         b.get("state", "active")) for b in svc["backends"]), key=repr)
     return {"vip": str(ipaddress.ip_address(svc["vip"])), "port": svc["port"],
-            "protocol": svc.get("protocol", "tcp"), "options": options, "backends": backends}
+            "protocol": svc.get("protocol", "tcp"), "options": options, "backends": backends,
+            "source_ranges": [str(ipaddress.ip_network(r)) for r in svc.get("source_ranges", [])]}
 
 
 def _state(client: httpx.Client) -> tuple[str, Any]:

@@ -60,11 +60,41 @@ class IPType(click.ParamType):
             self.fail(f"{value!r} is not an IPv4 or IPv6 address", param, ctx)
 
 
+class CidrType(click.ParamType):
+    """A source range, checked as the service model checks it (strict: no host bits)."""
+
+    name = "CIDR"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        from l4lb.models import _parse_cidr
+
+        try:
+            return str(_parse_cidr(str(value).strip()))
+        except ValueError as e:
+            self.fail(str(e), param, ctx)
+
+
+class PrefixType(click.ParamType):
+    """A prefix length 0-128, or ``none`` (the whole address)."""
+
+    name = "BITS|none"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int | str:
+        text = str(value).strip().lower()
+        if text == "none":
+            return "none"
+        if text.isdigit() and 0 <= int(text) <= 128:
+            return int(text)
+        self.fail(f"{value!r} is not a prefix length (0-32 for IPv4, 0-128 for IPv6) or 'none'", param, ctx)
+
+
 BACKEND = BackendRefType()
 BACKEND_WEIGHTED = BackendRefType(allow_weight=True)
 SERVICE_ADDRESS = ServiceAddressType()
 NAME = NameType()
 IP = IPType()
+CIDR = CidrType()
+PREFIX = PrefixType()
 PORT = click.IntRange(1, 65535)
 WEIGHT = click.IntRange(0, 65535)
 PROTOCOL = click.Choice(["tcp", "udp"], case_sensitive=False)

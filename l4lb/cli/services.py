@@ -13,7 +13,7 @@ from .context import App, complete_service, output_option, pass_app
 from .errors import ApiError, CliError
 from .health import ago, backend_rows, check_body, check_options, describe, health_cell
 from .output import count, emit, fields, table
-from .params import BACKEND_WEIGHTED, IP, NAME, PORT, PROTOCOL, SERVICE_ADDRESS
+from .params import BACKEND_WEIGHTED, CIDR, IP, NAME, PORT, PREFIX, PROTOCOL, SERVICE_ADDRESS
 from .specs import ServiceAddress, hostport
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -26,6 +26,8 @@ def option_flags(options: dict[str, Any]) -> list[str]:
         flags.append("dnat")
     if options.get("hash_src_port") is False:
         flags.append("no-sport-hash")
+    if options.get("affinity_prefix") is not None:
+        flags.append(f"affinity=/{options['affinity_prefix']}")
     if options.get("maglev_weights") is False:
         flags.append("no-weights")
     if options.get("no_backend") == "drop":
@@ -47,6 +49,9 @@ def option_flags_decorator(f: F) -> F:
                      help="Without a usable backend: reject (TCP RST / ICMP port unreachable) or drop.")(f)
     f = click.option("--weights/--no-weights", "maglev_weights", default=None,
                      help="Honour backend weights in Maglev (--no-weights: all equal).")(f)
+    f = click.option("--affinity-prefix", "affinity_prefix", type=PREFIX, default=None,
+                     help="With --no-sport-hash: clients whose addresses share this many leading bits share "
+                          "a backend (IPVS -M; IPv4 0-32, IPv6 0-128; 'none': the whole address).")(f)
     f = click.option("--sport-hash/--no-sport-hash", "hash_src_port", default=None,
                      help="Hash the client port (--no-sport-hash: client-IP affinity).")(f)
     f = click.option("--dnat/--no-dnat", "l4_dnat", default=None,
@@ -74,7 +79,19 @@ def _merge_address(address: ServiceAddress | None, vip: str | None, port: int | 
 
 
 def _options(**given: Any) -> dict[str, Any]:
-    return {k: v for k, v in given.items() if v is not None}
+    """The options given; ``affinity_prefix="none"`` is an explicit null (the whole address)."""
+    return {k: (None if k == "affinity_prefix" and v == "none" else v) for k, v in given.items() if v is not None}
+
+
+def sources_cell(svc: dict[str, Any]) -> str:
+    ranges = svc.get("source_ranges") or []
+    return ", ".join(ranges) if ranges else "any"
+
+
+def source_range_option(f: F) -> F:
+    return click.option("--source-range", "source_ranges", type=CIDR, multiple=True,
+                        help="Only clients in this CIDR prefix reach the service (repeatable; the VIP's family; "
+                             "others are dropped in the datapath). Default: every client.")(f)
 
 
 def show_service(svc: dict[str, Any], revision: int | None = None, health: dict[str, Any] | None = None) -> None:
@@ -87,6 +104,7 @@ def show_service(svc: dict[str, Any], revision: int | None = None, health: dict[
         ("Service", svc["name"]),
         ("Address", service_endpoint(svc)),
         ("Options", ", ".join(option_flags(svc["options"])) or "defaults (sport-hash, weights, no dnat, reject, ping)"),
+        ("Source ranges", sources_cell(svc)),
         ("Backends", summary),
         ("Health check", describe(svc.get("health"))),
     ]
@@ -132,8 +150,9 @@ def list_services(app: App) -> None:
     rows = []
     for s in services:
         active = sum(1 for b in s["backends"] if b["state"] == "active")
+        flags = option_flags(s["options"]) + ([f"sources={len(s['source_ranges'])}"] if s.get("source_ranges") else [])
         rows.append([s["name"], s["protocol"], hostport(s["vip"], s["port"]), len(s["backends"]), active,
-                     ",".join(option_flags(s["options"])) or "-"])
+                     ",".join(flags) or "-"])
     click.echo(table(["NAME", "PROTO", "VIP:PORT", "BACKENDS", "ACTIVE", "OPTIONS"], rows))
 
 
@@ -156,14 +175,16 @@ def show(app: App, name: str) -> None:
 @address_options
 @option_flags_decorator
 @click.option("-b", "--backend", "backends", type=BACKEND_WEIGHTED, multiple=True,
-              help="A backend ADDR, ADDR:PORT or [IPv6]:PORT, optionally @WEIGHT (repeatable).")
+              help="A backend ADDR, ADDR:PORT or [IPv6]:PORT, optionally @WEIGHT (repeatable). An IPv4 VIP "
+                   "may have IPv6 backends (IPv4-in-IPv6).")
+@source_range_option
 @check_options
 @output_option
 @pass_app
 def add(app: App, name: str, address: ServiceAddress | None, vip: str | None, port: int | None, proto: str | None,
-        l4_dnat: bool | None, hash_src_port: bool | None, maglev_weights: bool | None,
-        no_backend: str | None, answer_ping: bool | None, backends: tuple[Any, ...], check_type: str | None,
-        check_opts: tuple[str, ...]) -> None:
+        l4_dnat: bool | None, hash_src_port: bool | None, affinity_prefix: int | str | None,
+        maglev_weights: bool | None, no_backend: str | None, answer_ping: bool | None, backends: tuple[Any, ...],
+        source_ranges: tuple[str, ...], check_type: str | None, check_opts: tuple[str, ...]) -> None:
     """Create service NAME; refused if it exists already.
 
     \b
@@ -171,14 +192,18 @@ def add(app: App, name: str, address: ServiceAddress | None, vip: str | None, po
     l4lbctl service add dns --vip 2001:db8::53 --port 53 --proto udp
     l4lbctl service add alt [2001:db8::1]:443 --dnat -b [2001:db8::10]:8443
     l4lbctl service add web 198.51.100.1:80 -b 192.0.2.1 --check http --check-opt path=/healthz
+    l4lbctl service add admin 198.51.100.9:22 -b 192.0.2.9 --source-range 203.0.113.0/24
+    l4lbctl service add v6fabric 198.51.100.7:443 -b 2001:db8::17 -b 2001:db8::18
+    l4lbctl service add sticky 198.51.100.8:443 -b 192.0.2.8 --no-sport-hash --affinity-prefix 24
     """
     vip, port, proto = _merge_address(address, vip, port, proto)
     if vip is None or port is None:
         raise click.UsageError("give the service address: VIP:PORT[/PROTO], or --vip and --port")
     body: dict[str, Any] = {"vip": vip, "port": port, "protocol": proto or "tcp",
                             "options": _options(l4_dnat=l4_dnat, hash_src_port=hash_src_port,
-                                                maglev_weights=maglev_weights, no_backend=no_backend,
-                                                answer_ping=answer_ping),
+                                                affinity_prefix=affinity_prefix, maglev_weights=maglev_weights,
+                                                no_backend=no_backend, answer_ping=answer_ping),
+                            "source_ranges": list(source_ranges),
                             "backends": [{k: v for k, v in (("address", str(b.address)), ("port", b.port),
                                                             ("weight", b.weight)) if v is not None}
                                          for b in backends]}
@@ -204,12 +229,15 @@ def add(app: App, name: str, address: ServiceAddress | None, vip: str | None, po
 @click.argument("address", type=SERVICE_ADDRESS, required=False, metavar="[VIP:PORT[/PROTO]]")
 @address_options
 @option_flags_decorator
+@source_range_option
+@click.option("--any-source", is_flag=True, help="Drop the source ranges: every client reaches the service.")
 @check_options
 @output_option
 @pass_app
 def edit(app: App, name: str, address: ServiceAddress | None, vip: str | None, port: int | None, proto: str | None,
-         l4_dnat: bool | None, hash_src_port: bool | None, maglev_weights: bool | None,
-         no_backend: str | None, answer_ping: bool | None, check_type: str | None,
+         l4_dnat: bool | None, hash_src_port: bool | None, affinity_prefix: int | str | None,
+         maglev_weights: bool | None, no_backend: str | None, answer_ping: bool | None,
+         source_ranges: tuple[str, ...], any_source: bool, check_type: str | None,
          check_opts: tuple[str, ...]) -> None:
     """Change a service's address or options; its backends stay.
 
@@ -221,19 +249,26 @@ def edit(app: App, name: str, address: ServiceAddress | None, vip: str | None, p
     l4lbctl service edit web --no-sport-hash --dnat
     l4lbctl service edit web --check-opt interval=1 --check-opt fall=2
     l4lbctl service edit web --no-backend drop --no-ping
+    l4lbctl service edit web --source-range 203.0.113.0/24 --source-range 192.0.2.0/25   (replaces the list)
+    l4lbctl service edit web --any-source
     """
     vip, port, proto = _merge_address(address, vip, port, proto)
-    options = _options(l4_dnat=l4_dnat, hash_src_port=hash_src_port, maglev_weights=maglev_weights,
-                       no_backend=no_backend, answer_ping=answer_ping)
+    options = _options(l4_dnat=l4_dnat, hash_src_port=hash_src_port, affinity_prefix=affinity_prefix,
+                       maglev_weights=maglev_weights, no_backend=no_backend, answer_ping=answer_ping)
     checks = check_type is not None or bool(check_opts)
-    if vip is None and port is None and proto is None and not options and not checks:
-        raise click.UsageError("nothing to change: give VIP:PORT[/PROTO], --vip, --port, --proto, option flags "
-                               "or --check/--check-opt")
+    if source_ranges and any_source:
+        raise click.UsageError("give --source-range or --any-source, not both")
+    ranges = [] if any_source else list(source_ranges) if source_ranges else None
+    if vip is None and port is None and proto is None and not options and not checks and ranges is None:
+        raise click.UsageError("nothing to change: give VIP:PORT[/PROTO], --vip, --port, --proto, option flags, "
+                               "--source-range/--any-source or --check/--check-opt")
     r = app.client.get(f"/v1/services/{segment(name)}")
     old, etag = r.json(), r.headers.get("ETag")
     new = {k: v for k, v in old.items() if k != "name"}
     new.update({k: v for k, v in (("vip", vip), ("port", port), ("protocol", proto)) if v is not None})
     new["options"] = {**old["options"], **options}
+    if ranges is not None:
+        new["source_ranges"] = ranges
     if checks:
         new["health"] = check_body(old.get("health"), check_type, check_opts)
     if {**new, "name": name} == old:
@@ -258,6 +293,8 @@ def edit(app: App, name: str, address: ServiceAddress | None, vip: str | None, p
                 for k, v in svc["options"].items() if old["options"].get(k) != v]
     if old.get("health") != svc.get("health"):
         changed.append(f"health check {describe(svc.get('health'))}")
+    if old.get("source_ranges") != svc.get("source_ranges"):
+        changed.append(f"source ranges {sources_cell(svc)}")
     click.echo(f"service {name!r} updated: {', '.join(changed)} (revision {revision_of(r)})")
 
 

@@ -79,16 +79,18 @@ def scheduler(name: str | None, flags: Iterable[str], what: str) -> tuple[bool, 
 
 
 def persistence(timeout: int | None, netmask: str | None, family: int, what_p: str, what_m: str,
-                hash_src_port: bool) -> tuple[bool, Remarks]:
-    """Persistence -> client-IP affinity (hash_src_port false)."""
+                hash_src_port: bool) -> tuple[bool, int | None, Remarks]:
+    """Persistence -> client-IP affinity (hash_src_port false), and its netmask
+    (granularity) -> options.affinity_prefix (None: the whole address)."""
     r = Remarks()
     if timeout is None:
-        return hash_src_port, r
+        if netmask is not None:
+            r.add(what_m, "ignored", "a persistence netmask without persistence means nothing")
+        return hash_src_port, None, r
     r.add(what_p, "approximated", "client-IP affinity (options.hash_src_port: false): a client keeps its "
           "backend while the backend set is unchanged, with no timeout")
-    if netmask is not None and prefix_len(netmask, family) != (32 if family == 4 else 128):
-        r.add(what_m, "ignored", "affinity is per client address, not per network (granularity)")
-    return False, r
+    plen = prefix_len(netmask, family) if netmask is not None else None
+    return False, plen if plen is not None and plen < (32 if family == 4 else 128) else None, r
 
 
 def prefix_len(mask: str, family: int) -> int:
@@ -135,11 +137,13 @@ def backend(address: str, port: int | None, service_port: int, kind: str, weight
     return doc, dnat, r
 
 
-def options(hash_src_port: bool, dnat: bool) -> dict[str, Any]:
+def options(hash_src_port: bool, dnat: bool, affinity_prefix: int | None = None) -> dict[str, Any]:
     """Only the options that differ from l4lb's defaults."""
     out: dict[str, Any] = {}
     if dnat:
         out["l4_dnat"] = True
     if not hash_src_port:
         out["hash_src_port"] = False
+    if affinity_prefix is not None:
+        out["affinity_prefix"] = affinity_prefix
     return out

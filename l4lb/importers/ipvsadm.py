@@ -45,6 +45,7 @@ class _Service:
     line: int
     doc: dict[str, Any]
     hash_src_port: bool
+    affinity_prefix: int | None = None
     dnat: bool = False
     backends: list[dict[str, Any]] = field(default_factory=list)
 
@@ -142,7 +143,7 @@ def parse(text: str, source: str = "<ipvsadm>") -> Result:
         _add_server(opts, services[key], source, n, notes)
     drafts = []
     for svc in services.values():
-        svc.doc["options"] = ipvs.options(svc.hash_src_port, svc.dnat)
+        svc.doc["options"] = ipvs.options(svc.hash_src_port, svc.dnat, svc.affinity_prefix)
         if not svc.doc["options"]:
             del svc.doc["options"]
         svc.doc["backends"] = svc.backends
@@ -176,7 +177,7 @@ def _add_service(opts: dict[str, str], kind: str, source: str, n: int, notes: No
             ipvs.prefix_len(mask, family)
         except ValueError:
             raise SourceError(source, n, f"-M {mask!r} is not a netmask") from None
-    hash_port, r = ipvs.persistence(timeout, mask, family, f"-p {opts.get('-p')}", f"-M {mask}", hash_port)
+    hash_port, affinity, r = ipvs.persistence(timeout, mask, family, f"-p {opts.get('-p')}", f"-M {mask}", hash_port)
     r.to(notes, source, n)
     for opt, what in (("-o", "one-packet scheduling: l4lb keeps each client port's datagrams on one backend"),
                       ("--pe", "persistence engines (SIP) have no equivalent")):
@@ -184,7 +185,7 @@ def _add_service(opts: dict[str, str], kind: str, source: str, n: int, notes: No
             notes.add(source, n, opt + (f" {opts[opt]}" if opts[opt] else ""), "ignored", what)
     doc = {"name": service_name(protocol, vip, port), "vip": ipaddress.ip_address(vip).compressed, "port": port,
            "protocol": protocol}
-    services[(kind, opts[kind])] = _Service(n, doc, hash_port)
+    services[(kind, opts[kind])] = _Service(n, doc, hash_port, affinity)
     return None
 
 

@@ -183,7 +183,7 @@ def _virtual_server(s: Stmt, ctx: _Ctx) -> list[Draft]:
     timeout = s.first("persistence_timeout")
     gran = s.first("persistence_granularity")
     family = ipaddress.ip_address(members[0][0]).version
-    hash_port, r = ipvs.persistence(int(_num(timeout, int)) if timeout else None, gran.args[0] if gran and gran.args else None,
+    hash_port, affinity, r = ipvs.persistence(int(_num(timeout, int)) if timeout else None, gran.args[0] if gran and gran.args else None,
                                     family, f"persistence_timeout {timeout.args[0] if timeout else ''}",
                                     f"persistence_granularity {gran.args[0] if gran and gran.args else ''}", hash_port)
     r.to(notes, *(timeout or s).where())
@@ -201,8 +201,8 @@ def _virtual_server(s: Stmt, ctx: _Ctx) -> list[Draft]:
             checks.append(check)
             dnat |= d
         doc: dict[str, Any] = {"name": name, "vip": vip, "port": port, "protocol": protocol}
-        if ipvs.options(hash_port, dnat):
-            doc["options"] = ipvs.options(hash_port, dnat)
+        if ipvs.options(hash_port, dnat, affinity):
+            doc["options"] = ipvs.options(hash_port, dnat, affinity)
         doc["backends"] = backends
         _service_health(doc, checks, s, notes)
         drafts.append(Draft(s.source, s.line, doc))
