@@ -224,3 +224,23 @@ def test_full_length_affinity_prefix_is_plain_client_ip_affinity(env):
     for i in range(16):
         client = f"203.0.113.{i + 1}"
         assert same(outer_dst(env.run(syn(client, VIP4, 49000 + i))[1]), expected_backend(plain, client, 1))
+
+
+# --- read back from the maps (l4lbd --adopt-datapath) --------------------------------------------------------
+
+def test_ranges_and_affinity_prefix_come_back_from_the_maps(env):
+    from l4lb.lifecycle.adopt import desired_from_maps
+
+    s4 = svc("back4", VIP4, 80, [B4[0], B6[1]], hash_src_port=False, affinity_prefix=20).model_copy(
+        update={"source_ranges": [ipaddress.ip_network(n) for n in ("203.0.113.0/24", "192.0.2.128/25")]})
+    s6 = svc("back6", VIP6, 80, B6[:2]).model_copy(
+        update={"source_ranges": [ipaddress.ip_network("2001:db8:77::/48")]})
+    env.apply([s4, s6])
+    got = {s.key: s for s in desired_from_maps(env.call(env.dp.in_force), M, b"l4lb-default").state.services}
+    for want in (s4, s6):
+        back = got[want.key]
+        assert sorted(back.source_ranges, key=str) == sorted(want.source_ranges, key=str)
+        assert back.options.affinity_prefix == want.options.affinity_prefix
+        assert back.options.hash_src_port == want.options.hash_src_port
+    env.apply([])
+

@@ -184,17 +184,10 @@ class Datapath:
             return sum(self._rec.adopt(s.key, s) for s in services)
 
     def in_force(self) -> list[dict[str, Any]]:
-        """What the maps hold, per service: key, entry flags, backend slots
-        (identity, flags) and the table in force as backend slots, for
+        """What the maps hold, per service (Reconciler.in_force), for
         rebuilding a desired state from the maps (l4lb/lifecycle/adopt.py)."""
         with self._lock:
-            out = []
-            for key, sid in sorted(self._slots.svc_ids.items()):
-                flags, ring = self._slots.svc_entry[key][:2]
-                slots = {bid: (slot.ident, slot.flags) for ident, bid in self._slots.by_svc.get(sid, {}).items()
-                         for slot in (self._slots.backends[bid],)}
-                out.append({"key": key, "flags": flags, "backends": slots, "table": self._rings.read(ring)})
-            return out
+            return [self._rec.in_force(key, sid) for key, sid in sorted(self._slots.svc_ids.items())]
 
     # --- reconcile --------------------------------------------------------------
     def apply(self, services: Sequence[Service], *, settle: bool = True) -> None:

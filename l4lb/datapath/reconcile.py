@@ -359,6 +359,16 @@ class Reconciler:
         self.done[key] = svc
         return True
 
+    def in_force(self, key: ServiceKey, sid: int) -> dict[str, Any]:
+        """What the maps hold for one service: key, entry flags and affinity
+        prefix, source ranges, backend slots (identity, flags) and the table
+        in force as backend slots."""
+        e = self.slots.svc_entry[key]
+        slots = {bid: (self.slots.backends[bid].ident, self.slots.backends[bid].flags)
+                 for bid in self.slots.by_svc.get(sid, {}).values()}
+        return {"key": key, "flags": e.flags, "affinity_prefix": e.affinity_prefix, "backends": slots,
+                "source_ranges": self.ranges.networks(sid, ip_of(key[0]).version), "table": self.rings.read(e.ring)}
+
     def _swap_tables(self, todo: list[tuple[int, tuple[Any, ...]]], tables: Iterator[maglev.MaglevTable]) -> None:
         """Take the next built table for each (svc id, inputs), write it into a
         spare buffer and point services that have an entry at it (new services

@@ -1,8 +1,9 @@
 """Rebuild a desired state from what the datapath's maps hold (pure), for
 ``l4lbd --adopt-datapath``.
 
-The maps hold, per service: VIP, port, protocol and flags (L4 DNAT, client-IP
-affinity, the no-backend policy, answering ping); per backend: address, port
+The maps hold, per service: VIP, port, protocol, flags (L4 DNAT, client-IP
+affinity, the no-backend policy, answering ping), the affinity prefix and the
+source ranges (their LPM trie); per backend: address, port
 and the maintenance flag; and the Maglev table in force. What they do not
 hold, and how it is recovered:
 
@@ -35,8 +36,9 @@ from l4lb import maglev
 from l4lb.datapath.flags import bit
 from l4lb.models import MAX_WEIGHT, DesiredState, Service
 
-SVC_F_DNAT, SVC_F_NO_SPORT, SVC_F_NO_BACKEND_DROP, SVC_F_PING, BE_F_DOWN = (
-    bit(n) for n in ("SVC_F_DNAT", "SVC_F_NO_SPORT", "SVC_F_NO_BACKEND_DROP", "SVC_F_PING", "BE_F_DOWN"))
+SVC_F_DNAT, SVC_F_NO_SPORT, SVC_F_NO_BACKEND_DROP, SVC_F_PING, SVC_F_AFFINITY_PREFIX, BE_F_DOWN = (
+    bit(n) for n in ("SVC_F_DNAT", "SVC_F_NO_SPORT", "SVC_F_NO_BACKEND_DROP", "SVC_F_PING", "SVC_F_AFFINITY_PREFIX",
+                     "BE_F_DOWN"))
 DEFAULT_WEIGHT = 100
 RATIO_STEPS = 64  # simplest ratios tried: the largest weight 1..RATIO_STEPS
 
@@ -96,7 +98,8 @@ def _weights(counts: dict[tuple[str, int], int], slot_of: dict[tuple[str, int], 
 
 
 def desired_from_maps(in_force: Sequence[dict[str, Any]], m: int, seed: bytes) -> Adopted:
-    """``in_force``: Datapath.in_force() (key, flags, backends {slot: (identity, flags)}, table)."""
+    """``in_force``: Datapath.in_force() (key, flags, affinity_prefix, source_ranges, backends {slot:
+    (identity, flags)}, table)."""
     services, result = [], Adopted(DesiredState())
     for entry in in_force:
         vip, port, proto = entry["key"]
@@ -122,7 +125,10 @@ def desired_from_maps(in_force: Sequence[dict[str, Any]], m: int, seed: bytes) -
             "options": {"l4_dnat": bool(entry["flags"] & SVC_F_DNAT),
                         "hash_src_port": not entry["flags"] & SVC_F_NO_SPORT,
                         "no_backend": "drop" if entry["flags"] & SVC_F_NO_BACKEND_DROP else "reject",
-                        "answer_ping": bool(entry["flags"] & SVC_F_PING)}})
+                        "answer_ping": bool(entry["flags"] & SVC_F_PING),
+                        "affinity_prefix": (entry.get("affinity_prefix")
+                                            if entry["flags"] & SVC_F_AFFINITY_PREFIX else None)},
+            "source_ranges": [str(n) for n in entry.get("source_ranges", ())]})
         services.append(svc)
         if diff:
             result.inexact.append(f"{name}: {diff} of {m} slots differ")
