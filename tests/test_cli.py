@@ -224,14 +224,14 @@ def test_service_add_list_show_edit_delete(lab: DaemonLab, api: httpx.Client) ->
     assert added == api.get("/v1/services/dns").json()
     assert api.get("/v1/services/web").json() == {
         "name": "web", "vip": VIP4, "port": 80, "protocol": "tcp",
-        "options": {"l4_dnat": False, "hash_src_port": True, "maglev_weights": True, "no_backend": "reject",
-                    "answer_ping": True},
+        "options": {"l4_dnat": False, "hash_src_port": True, "affinity_prefix": None, "maglev_weights": True,
+                    "no_backend": "reject", "answer_ping": True},
         "backends": [{"address": "192.0.2.1", "port": None, "weight": 100, "state": "active", "health": None},
                      {"address": "192.0.2.2", "port": None, "weight": 50, "state": "active", "health": None}],
-        "announce": True, "health": None}
+        "announce": True, "health": None, "source_ranges": []}
     alt = api.get("/v1/services/alt").json()
-    assert alt["options"] == {"l4_dnat": True, "hash_src_port": False, "maglev_weights": True,
-                              "no_backend": "reject", "answer_ping": True}
+    assert alt["options"] == {"l4_dnat": True, "hash_src_port": False, "affinity_prefix": None,
+                              "maglev_weights": True, "no_backend": "reject", "answer_ping": True}
     assert [(b["address"], b["port"]) for b in alt["backends"]] == [("2001:db8::10", 8443), ("2001:db8::11", None)]
     dns = api.get("/v1/services/dns").json()
     assert (dns["protocol"], dns["port"], dns["options"]["maglev_weights"], dns["backends"]) == ("udp", 53, False, [])
@@ -272,6 +272,39 @@ def test_service_add_list_show_edit_delete(lab: DaemonLab, api: httpx.Client) ->
     assert ok(lab, "service", "list", "-o", "yaml").count("name: ") == 1
 
 
+def test_source_ranges_affinity_prefix_and_ipv6_backends_of_an_ipv4_vip(lab: DaemonLab, api: httpx.Client) -> None:
+    out = ok(lab, "service", "add", "edge", f"{VIP4}:443", "-b", "192.0.2.1", "-b", "2001:db8::11",
+             "--source-range", "203.0.113.0/24", "--source-range", "192.0.2.128/25",
+             "--no-sport-hash", "--affinity-prefix", "24")
+    assert out.startswith(f"service 'edge' created: tcp {VIP4}:443, 2 backends (revision ")
+    edge = api.get("/v1/services/edge").json()
+    assert edge["source_ranges"] == ["203.0.113.0/24", "192.0.2.128/25"]
+    assert (edge["options"]["hash_src_port"], edge["options"]["affinity_prefix"]) == (False, 24)
+    assert [b["address"] for b in edge["backends"]] == ["192.0.2.1", "2001:db8::11"]
+    head = ok(lab, "service", "show", "edge").partition("\n\n")[0]
+    assert fields(head)["Source ranges"] == "203.0.113.0/24, 192.0.2.128/25"
+    assert fields(head)["Options"] == "no-sport-hash, affinity=/24"
+    assert rows(ok(lab, "service", "list"))[1][-1] == "no-sport-hash,affinity=/24,sources=2"
+
+    out = ok(lab, "service", "edit", "edge", "--source-range", "198.51.100.0/24")
+    assert out.startswith("service 'edge' updated: source ranges 198.51.100.0/24 (revision ")
+    assert api.get("/v1/services/edge").json()["source_ranges"] == ["198.51.100.0/24"]
+    out = ok(lab, "service", "edit", "edge", "--any-source", "--affinity-prefix", "none")
+    assert out.startswith("service 'edge' updated: affinity_prefix 24 -> null, source ranges any (revision ")
+    edge = api.get("/v1/services/edge").json()
+    assert edge["source_ranges"] == [] and edge["options"]["affinity_prefix"] is None
+    assert fields(ok(lab, "service", "show", "edge").partition("\n\n")[0])["Source ranges"] == "any"
+
+    # export / apply: the new fields go round unchanged.
+    exported = ok(lab, "service", "edit", "edge", "--source-range", "203.0.113.0/24", "--affinity-prefix", "16")
+    assert "source ranges 203.0.113.0/24" in exported
+    rev = snapshot(api)
+    doc = ok(lab, "export")
+    assert "203.0.113.0/24" in doc and "affinity_prefix: 16" in doc
+    ok(lab, "apply", "-f", "-", stdin=doc)
+    assert snapshot(api) == rev
+
+
 def test_service_refusals_are_plain_and_change_nothing(lab: DaemonLab, api: httpx.Client) -> None:
     api.put("/v1/services/web", json=web())
     before = snapshot(api)
@@ -280,8 +313,14 @@ def test_service_refusals_are_plain_and_change_nothing(lab: DaemonLab, api: http
                    "Hint: change it with `l4lbctl service edit web`, or delete it first\n")
     err = fails(lab, 1, "service", "add", "other", f"{VIP4}:80/tcp")
     assert err.startswith(f"Error: {VIP4} port 80/tcp is already used by service 'web' (HTTP 409 ")
-    err = fails(lab, 1, "service", "add", "mixed", f"{VIP4}:82", "-b", "2001:db8::1")
-    assert "backend 2001:db8::1 is IPv6 but VIP 198.51.100.20 is IPv4 (HTTP 422 Invalid request)" in err
+    err = fails(lab, 1, "service", "add", "mixed", f"[{VIP6}]:82", "-b", "192.0.2.1")
+    assert f"backend 192.0.2.1 is IPv4 but VIP {VIP6} is IPv6 (an IPv4 VIP may have IPv6 backends" in err
+    err = fails(lab, 1, "service", "add", "ranges", f"{VIP4}:82", "--source-range", "2001:db8::/32")
+    assert f"source range 2001:db8::/32 is IPv6 but VIP {VIP4} is IPv4" in err
+    err = fails(lab, 1, "service", "add", "aff", f"{VIP4}:82", "--affinity-prefix", "40", "--no-sport-hash")
+    assert "affinity_prefix 40 is longer than an IPv4 address (32 bits)" in err
+    err = fails(lab, 1, "service", "add", "aff", f"{VIP4}:82", "--affinity-prefix", "24")
+    assert "it needs hash_src_port false" in err
     assert fails(lab, 1, "service", "show", "nope") == "Error: no service named 'nope' (HTTP 404 Not found)\n"
     assert fails(lab, 1, "service", "delete", "nope").startswith("Error: no service named 'nope'")
     assert f"is IPv4 but VIP {VIP6} is IPv6" in fails(lab, 1, "service", "edit", "web", f"[{VIP6}]:80")
@@ -298,6 +337,10 @@ def test_service_refusals_are_plain_and_change_nothing(lab: DaemonLab, api: http
     (("service", "add", "bad name", f"{VIP4}:80"), "1-63 letters"),
     (("service", "add", "web", f"{VIP4}:80", "-b", "192.0.2.1@x"), "weight 'x' must be 0-65535"),
     (("service", "edit", "web"), "nothing to change"),
+    (("service", "add", "web", f"{VIP4}:80", "--source-range", "192.0.2.1/24"), "has host bits set: the prefix is 192.0.2.0/24"),
+    (("service", "add", "web", f"{VIP4}:80", "--source-range", "192.0.2.1"), "write 192.0.2.1/32"),
+    (("service", "add", "web", f"{VIP4}:80", "--affinity-prefix", "129"), "is not a prefix length"),
+    (("service", "edit", "web", "--source-range", "192.0.2.0/24", "--any-source"), "not both"),
     (("backend", "add", "web", "192.0.2.300"), "'192.0.2.300' is not a valid IPv4 or IPv6 address"),
     (("backend", "add", "web", "[192.0.2.3]:80"), "brackets are for IPv6"),
     (("backend", "add", "web", "[2001:db8::1"), "is not [IPv6]:PORT"),
