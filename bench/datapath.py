@@ -13,7 +13,8 @@ times only the program's run: see l4lb/lab/testrun.py). Its new-connection rows
 give every call a frame of a different flow (l4lb/lab/flows.py).
 Every row runs R times, rows interleaved (run 1 of every row, then run 2, ...),
 on one pinned CPU; min/median/max over the runs. v4 rows are compared with the
-bare IPIP floor, v6 rows with the bare IP6IP6 floor, measured in the same run,
+bare IPIP floor, v6 and 4in6 (IPv4 in IPv6) rows with the bare IP6IP6 floor
+(the same outer header), measured in the same run,
 as are the other floors (XDP_TX, one FIB lookup, flow-table writes) and the
 build that asks the FIB for every packet instead of the next-hop cache.
 Then the verifier's view of each build (xlated / verified instructions) and
@@ -49,6 +50,7 @@ from l4lb.lab.pktenv import PacketEnv, edge_backends_v4, edge_backends_v6  # noq
 from l4lb.models import Service  # noqa: E402
 
 VIP4, VIP6 = "198.51.100.1", "2001:db8:100::1"
+RANGES_PORT, FOUR6_PORT = 81, 82
 REPEAT_A, CALLS_B, RUNS = 200_000, 1_000_000, 3
 QUICK_RUNS = 2_000          # --quick: repeat and calls
 QUICK_FLOW_TABLE = 1 << 16
@@ -69,7 +71,25 @@ def packets() -> dict[str, bytes]:
         # become the flow number's (l4lb/lab/flows.py).
         "v4 new": raw(e / IP(src="198.51.100.0", dst=VIP4) / TCP(sport=1, dport=80, flags="S") / pad),
         "v6 new": raw(e / IPv6(src="2001:db8:78::", dst=VIP6) / TCP(sport=1, dport=80, flags="S") / pad),
+        # Issue 15's features, each on a service of its own (services(), same VIP).
+        "v4 ranges non-SYN": raw(e / IP(src="203.0.113.7", dst=VIP4) / TCP(sport=33335, dport=RANGES_PORT, flags="A")
+                                 / pad),
+        "v4 ranges new": raw(e / IP(src="198.51.100.0", dst=VIP4) / TCP(sport=1, dport=RANGES_PORT, flags="S") / pad),
+        "4in6 non-SYN": raw(e / IP(src="203.0.113.7", dst=VIP4) / TCP(sport=33336, dport=FOUR6_PORT, flags="A") / pad),
+        "4in6 new": raw(e / IP(src="198.51.100.0", dst=VIP4) / TCP(sport=1, dport=FOUR6_PORT, flags="S") / pad),
     }
+
+
+def services() -> list[Service]:
+    """Two 100-backend services, and those of issue 15's rows: 16 source ranges (the
+    clients' among them), and an IPv4 VIP with 100 IPv6 backends (4in6)."""
+    v4 = [{"address": a} for a in edge_backends_v4(100)]
+    v6 = [{"address": a} for a in edge_backends_v6(100)]
+    ranges = [f"192.0.2.{16 * i}/28" for i in range(14)] + ["203.0.113.0/24", "198.51.100.0/24"]
+    return [Service(name="bench4", vip=VIP4, port=80, backends=v4),
+            Service(name="bench6", vip=VIP6, port=80, backends=v6),
+            Service(name="ranges4", vip=VIP4, port=RANGES_PORT, backends=v4, source_ranges=ranges),
+            Service(name="four6", vip=VIP4, port=FOUR6_PORT, backends=v6)]
 
 
 @dataclass(frozen=True)
@@ -92,6 +112,15 @@ def rows() -> list[Row]:
             Row(f"l4lb {fam} non-SYN, flow-table hit", "undo", "prod", f"{fam} non-SYN", False, encap, encap),
             Row(f"l4lb {fam} new connection (SYN, new client)", "undo_next", "prod", f"{fam} new", True, step, encap),
         ]
+    ipip, ip6ip6 = "floor bare IPIP", "floor bare IP6IP6"
+    out += [
+        Row("l4lb v4 source ranges, flow-table hit", "undo", "prod", "v4 ranges non-SYN", False, ipip, ipip),
+        Row("l4lb v4 source ranges, new connection", "undo_next", "prod", "v4 ranges new", True,
+            "floor IPIP + next-flow step", ipip),
+        Row("l4lb 4in6, flow-table hit", "undo", "prod", "4in6 non-SYN", False, ip6ip6, ip6ip6),
+        Row("l4lb 4in6, new connection", "undo_next", "prod", "4in6 new", True, "floor IP6IP6 + next-flow step",
+            ip6ip6),
+    ]
     for fam, encap in (("v4", "floor bare IPIP"), ("v6", "floor bare IP6IP6")):
         for pkt, what in (("SYN", "SYN, same flow rewritten"), ("non-SYN", "non-SYN, flow-table hit")):
             out.append(Row(f"  fib build {fam} {what}", "fib_undo", "fib_prod", f"{fam} {pkt}", False, encap, encap))
@@ -117,7 +146,7 @@ class Bench:
     def __init__(self, env: PacketEnv, repeat: int, calls: int) -> None:
         self.env, self.repeat, self.calls = env, repeat, calls
         self.pk = packets()
-        self.next_flow = {"v4 new": 0, "v6 new": 0}
+        self.next_flow = {name: 0 for name in self.pk if name.endswith(" new")}
         self.fds: dict[str, int] = {}
         self.builds: dict[str, Datapath] = {}
 
@@ -226,14 +255,12 @@ def main() -> None:
 
     with private_bpffs("l4lb-bench-") as bpffs:
         with PacketEnv(bpffs, n_backends=100, prefix="l4bench", **env_cfg) as env:
-            s4 = Service(name="bench4", vip=VIP4, port=80, backends=[{"address": a} for a in edge_backends_v4(100)])
-            s6 = Service(name="bench6", vip=VIP6, port=80, backends=[{"address": a} for a in edge_backends_v6(100)])
-            env.apply([s4, s6])
+            env.apply(services())
             env.call(os.sched_setaffinity, 0, {args.cpu})   # the worker thread runs every test run
             bench = Bench(env, repeat, calls)
             try:
                 bench.load()
-                for name in ("v4 non-SYN", "v6 non-SYN"):  # the flow-table-hit rows' flows
+                for name in ("v4 non-SYN", "v6 non-SYN", "v4 ranges non-SYN", "4in6 non-SYN"):  # the hit rows' flows
                     env.run(bench.pk[name])
                 table = rows()
                 a: dict[str, list[float]] = {r.label: [] for r in table}

@@ -186,8 +186,18 @@ def test_vip_port_proto_reuse_is_409_and_changes_nothing(lab: DaemonLab, client:
 # --- validation: every error path, each changing nothing -------------------------------------------------------
 
 SERVICE_ERRORS = [
-    (web(backends=[{"address": "192.0.2.1"}, {"address": "2001:db8::5"}]), ["body", "backends", 1, "address"],
-     f"backend 2001:db8::5 is IPv6 but VIP {VIP4} is IPv4"),
+    (web(vip=VIP6, backends=[{"address": "2001:db8::5"}, {"address": "192.0.2.1"}]), ["body", "backends", 1, "address"],
+     f"backend 192.0.2.1 is IPv4 but VIP {VIP6} is IPv6"),
+    (web(source_ranges=["203.0.113.7/24"]), ["body", "source_ranges", 0],
+     "'203.0.113.7/24' has host bits set: the prefix is 203.0.113.0/24"),
+    (web(source_ranges=["2001:db8::/32"]), ["body", "source_ranges", 0],
+     f"source range 2001:db8::/32 is IPv6 but VIP {VIP4} is IPv4"),
+    (web(source_ranges=["203.0.113.0/24", "203.0.113.0/24"]), ["body", "source_ranges", 1], "is listed twice"),
+    (web(source_ranges=[f"203.0.113.{i}/32" for i in range(257 % 256)] + [f"192.0.2.{i}/32" for i in range(256)]),
+     ["body", "source_ranges"], "at most 256 items"),
+    (web(options={"hash_src_port": False, "affinity_prefix": 33}), ["body", "options", "affinity_prefix"],
+     "affinity_prefix 33 is longer than an IPv4 address"),
+    (web(options={"affinity_prefix": 24}), ["body", "options", "affinity_prefix"], "needs hash_src_port false"),
     (web(vip="198.51.100.300"), ["body", "vip"], "'198.51.100.300' is not a valid IPv4 or IPv6 address"),
     (web(vip="224.0.0.1"), ["body", "vip"], "224.0.0.1 is a multicast address: not usable as a VIP or backend"),
     # Address classes, each refused with its reason (issue 11): VIPs and backends alike.
@@ -244,8 +254,8 @@ def test_service_validation_errors(lab: DaemonLab, client: httpx.Client, body: d
     ("put", "/v1/services/web", {}, ["body"], "a JSON body is required"),
     ("put", "/v1/services/web/backends/192.0.2.300", {"json": {}}, ["path", "backend"], "'192.0.2.300' is not a valid"),
     ("put", "/v1/services/web/backends/192.0.2.9:0", {"json": {}}, ["path", "backend"], "port '0' must be 1-65535"),
-    ("put", "/v1/services/web/backends/2001:db8::9", {"json": {}}, ["path", "backend"],
-     f"backend 2001:db8::9 is IPv6 but VIP {VIP4} is IPv4"),
+    ("put", "/v1/services/web/backends/2001:db8::9", {"json": {"health": {"type": "tcp"}}},
+     ["body", "backends", 2, "health"], "health checks through the tunnel are not offered for IPv6 backends"),
     ("put", "/v1/services/web/backends/192.0.2.9", {"json": {"address": "192.0.2.8"}}, ["body", "address"],
      "differs from the URL's"),
     ("put", "/v1/services/web/backends/192.0.2.9:81", {"json": {}}, ["body", "port"], "set options.l4_dnat"),
@@ -260,8 +270,8 @@ def test_service_validation_errors(lab: DaemonLab, client: httpx.Client, body: d
      ["body", "services", 1], f"services 'a' and 'b' both use {VIP4} port 80/tcp"),
     ("put", "/v1/state", {"json": {"services": [{"name": f"s{i}", **web(port=1000 + i)} for i in range(33)]}},
      ["body", "services"], "33 services exceed limits.max_services = 32"),
-    ("put", "/v1/state", {"json": {"services": [{"name": "a", **web(backends=[{"address": "2001:db8::1"}])}]}},
-     ["body", "services", 0, "backends", 0, "address"], "is IPv6 but VIP"),
+    ("put", "/v1/state", {"json": {"services": [{"name": "a", **web(vip=VIP6, backends=[{"address": "192.0.2.1"}])}]}},
+     ["body", "services", 0, "backends", 0, "address"], "is IPv4 but VIP"),
     ("put", "/v1/state", {"json": {"service": []}}, ["body", "service"], "unknown field"),
     # Issue 11: "abc\n" was stored through the document and could never be addressed again.
     ("put", "/v1/state", {"json": {"services": [{"name": "abc\n", **web()}]}},

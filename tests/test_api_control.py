@@ -233,8 +233,10 @@ def test_backend_operations(control: Control) -> None:
 
 def test_backend_family_and_port_checks(control: Control) -> None:
     control.put_service(svc("web"))
-    with pytest.raises(Invalid, match="backend 2001:db8::5 is IPv6 but VIP 198.51.100.1 is IPv4"):
-        control.put_backend("web", BackendRef.parse("2001:db8::5"), Backend(address="2001:db8::5"))
+    control.put_service(svc("web6", vip="2001:db8:100::1", backends=["2001:db8::1"]))
+    with pytest.raises(Invalid, match="backend 192.0.2.5 is IPv4 but VIP 2001:db8:100::1 is IPv6"):
+        control.put_backend("web6", BackendRef.parse("192.0.2.5"), Backend(address="192.0.2.5"))
+    control.put_backend("web", BackendRef.parse("2001:db8::5"), Backend(address="2001:db8::5"))  # 4in6
     with pytest.raises(Invalid, match="set options.l4_dnat"):
         control.put_backend("web", BackendRef.parse("192.0.2.9:8080"), Backend(address="192.0.2.9"))
 

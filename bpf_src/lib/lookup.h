@@ -76,9 +76,10 @@ L4LB_INLINE __u32 flow_key_hash(struct pkt *p, struct svc_info *svc, __u32 hash,
 }
 
 /* A flow entry is honoured only if its backend slot still belongs to this
- * service, is the same allocation, the service's source ranges are those it
- * was checked against (gen: the two gens summed; each only grows or, for
- * the ranges, changes with them) and the backend is not in maintenance. */
+ * service, is the same allocation and not in maintenance, and the service's
+ * source ranges are those the flow was checked against. The entry holds the
+ * backend's gen plus the service's (a digest of its ranges, 0 without): a
+ * change of either misses, unless both change by opposite amounts mod 2^32. */
 L4LB_INLINE struct backend_info *flow_backend(struct flow_pos *pos, struct flow_key *fk, __u32 svc_id,
                                               __u32 svc_gen, __u32 *id_out)
 {
