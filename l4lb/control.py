@@ -646,9 +646,9 @@ class Control:
                        [Issue(("path", "backend"), "no such backend", "not_found")])
 
     def _check_backend_fits(self, svc: Service, b: Backend) -> None:
-        if b.address.version != svc.vip.version:
+        if b.address.version != svc.vip.version and svc.vip.version == 6:  # a v4 VIP may have v6 backends: 4in6
             raise Invalid(
-                f"backend {b.address} is IPv{b.address.version} but VIP {svc.vip} is IPv{svc.vip.version}",
+                f"backend {b.address} is IPv4 but VIP {svc.vip} is IPv6 (an IPv4 VIP may have IPv6 backends, not the reverse)",
                 [Issue(("path", "backend"), f"IPv{b.address.version} backend for an IPv{svc.vip.version} VIP",
                        "family_mismatch")],
             )

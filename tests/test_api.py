@@ -164,13 +164,15 @@ def test_service_lifecycle(lab: DaemonLab, client: httpx.Client) -> None:
 
 def test_ipv6_service_and_options(client: httpx.Client) -> None:
     body = {"vip": VIP6, "port": 53, "protocol": "udp",
-            "options": {"l4_dnat": True, "hash_src_port": False, "maglev_weights": False, "no_backend": "drop",
-                        "answer_ping": False},
+            "options": {"l4_dnat": True, "hash_src_port": False, "affinity_prefix": 48, "maglev_weights": False,
+                        "no_backend": "drop", "answer_ping": False},
+            "source_ranges": ["2001:db8:77::/48", "2001:db8:78::/64"],
             "backends": [{"address": "2001:db8::10", "port": 5353}, {"address": "2001:db8::11", "port": 5354}]}
     r = client.put("/v1/services/dns6", json=body)
     assert r.status_code == 201, r.text
     got = client.get("/v1/services/dns6").json()
     assert got["options"] == body["options"] and got["protocol"] == "udp"
+    assert got["source_ranges"] == body["source_ranges"]
 
 
 def test_vip_port_proto_reuse_is_409_and_changes_nothing(lab: DaemonLab, client: httpx.Client) -> None:
