@@ -46,7 +46,12 @@ def table_hash(svc: Service, dp: TableSource) -> str:
         if bid is not None:
             lut[bid] = pos  # 0: a slot that is no backend of this service (or "no backend")
     h = hashlib.blake2b(digest_size=16, person=b"l4lb-table-dig")
-    h.update(repr((svc.key, svc.options.model_dump_json(), idents)).encode())
+    # Source ranges decide who reaches the table: part of it. Fields added later
+    # count only when set, so a service that does not use them hashes as on a box
+    # of the version before (a tier mid-upgrade still compares equal).
+    ranges = tuple(str(n) for n in svc.source_ranges)
+    options = svc.options.model_dump_json(exclude_none=True)
+    h.update(repr((svc.key, options, idents, *((ranges,) if ranges else ()))).encode())
     h.update(lut[table.astype(np.int64)].astype("<u4").tobytes())
     return h.hexdigest()
 

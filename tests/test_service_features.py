@@ -244,3 +244,32 @@ def test_ranges_and_affinity_prefix_come_back_from_the_maps(env):
         assert back.options.hash_src_port == want.options.hash_src_port
     env.apply([])
 
+
+
+def test_fleet_digest_includes_source_ranges_and_not_unused_new_fields():
+    """Boxes with different allowlists must not compare equal; a service that uses
+    none of the new fields hashes as before they existed (a tier mid-upgrade)."""
+    import hashlib
+
+    import numpy as np
+
+    from l4lb.fleet import table_hash
+
+    class Source:
+        def service_id(self, service):
+            return 1
+
+        def backend_id(self, service, ident):
+            return 1
+
+        def maglev_table(self, sid):
+            return np.ones(7, dtype=np.uint32)
+
+    plain = svc("dig", VIP4, 80, B4[:1])
+    limited = plain.model_copy(update={"source_ranges": [ipaddress.ip_network("203.0.113.0/24")]})
+    assert table_hash(plain, Source()) != table_hash(limited, Source())
+    old = hashlib.blake2b(digest_size=16, person=b"l4lb-table-dig")
+    old.update(repr((plain.key, '{"l4_dnat":false,"hash_src_port":true,"maglev_weights":true,"no_backend":"reject",'
+                                '"answer_ping":true}', [plain.backends[0].identity(80)])).encode())
+    old.update(np.ones(7, dtype="<u4").tobytes())
+    assert table_hash(plain, Source()) == old.hexdigest()
