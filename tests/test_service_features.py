@@ -103,6 +103,7 @@ def test_services_without_ranges_and_other_services_are_unaffected(env):
     sid = env.call(env.dp.tables.read_services)[(limited.vip.exploded, 80, 6)][0]
     keys = env.call(lambda: [(k.svc_id, k.prefixlen) for k in env.dp.tables.src_ranges.keys()])
     assert keys == [(sid, 32 + 24)]
+    assert env.call(env.dp.status)["maps"]["source_ranges"] == {"used": 1, "max": 65536}   # status, metrics
     env.apply([other])                 # the service goes: so do its ranges
     assert env.call(lambda: env.dp.tables.src_ranges.items()) == []
 

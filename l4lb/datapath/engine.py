@@ -327,6 +327,7 @@ class Datapath:
                     "services": {"used": len(self._slots.svc_ids), "max": self.cfg.max_services},
                     "backends": {"used": len(self._slots.backends), "max": self.cfg.max_backends - 1},
                     "flows": {"max": self.cfg.flow_table_size},
+                    "source_ranges": {"used": self._rec.ranges.count(), "max": self.tables.src_ranges.max_entries},
                 },
             }
 

@@ -47,6 +47,9 @@ class SourceRanges:
             self._have = have
         return self._have
 
+    def count(self) -> int:
+        return sum(map(len, self._books().values()))
+
     def of(self, sid: int) -> set[Range]:
         return set(self._books().get(sid, ()))
 
