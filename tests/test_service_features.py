@@ -177,6 +177,22 @@ def test_4in6_too_big_tells_the_client_the_mtu_left_after_40_bytes(env, df):
     assert delta(before, reasons(env)) == {"tx_icmp_too_big": 1}
 
 
+def test_icmp_errors_about_a_4in6_flow_reach_its_backend_in_ipv6(env):
+    s = svc("icmp46", VIP4, 80, B6[:4])
+    env.apply([s])
+    v, out, _ = env.run(syn(CLIENT4, VIP4, 47500))
+    backend = outer_dst(out)
+    quoted = IP(src=VIP4, dst=CLIENT4) / TCP(sport=80, dport=47500)
+    err = raw(Ether(dst="02:11:11:11:11:11", src="02:22:22:22:22:22")
+              / IP(src="192.0.2.254", dst=VIP4) / ICMP(type=3, code=4, nexthopmtu=1400) / raw(quoted))
+    before = reasons(env)
+    v, out, _ = env.run(err)
+    assert v == XDP_TX
+    outer = Ether(out)[IPv6]
+    assert (outer.nh, outer.dst) == (4, backend) and raw(outer.payload) == err[14:]
+    assert delta(before, reasons(env)) == {"fwd_icmp_error": 1}
+
+
 def test_4in6_maglev_identity_is_the_backend_address(env):
     """Same backends, any order: the same table, so boxes of a tier agree."""
     a = svc("ident", VIP4, 80, [B6[0], B4[0], B6[1]])
