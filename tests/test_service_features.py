@@ -93,6 +93,19 @@ def test_a_flow_made_before_a_change_of_ranges_is_checked_again(env):
     assert env.call(lambda: env.dp.tables.src_ranges.items()) == []
 
 
+def test_flows_of_a_service_with_ranges_count_as_active_flows(env):
+    from l4lb.datapath.flowscan import scan
+    from l4lb.datapath.jiffies import KernelClock
+
+    s = svc("counted", VIP4, 80, B4[:1]).model_copy(update={"source_ranges": [ipaddress.ip_network("203.0.113.0/24")]})
+    env.apply([s])
+    for sport in range(43100, 43105):
+        assert env.run(syn(ALLOWED4, VIP4, sport))[0] == XDP_TX
+    flows, labels = env.call(env.dp.flow_source)
+    got = env.call(scan, flows, labels, KernelClock())
+    assert got.backends[(s.key, (str(ipaddress.ip_address(B4[0])), 80))] == (5, 0)
+
+
 def test_services_without_ranges_and_other_services_are_unaffected(env):
     limited = svc("limited", VIP4, 80, B4[:2]).model_copy(
         update={"source_ranges": [ipaddress.ip_network("203.0.113.0/24")]})

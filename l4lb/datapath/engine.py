@@ -311,7 +311,7 @@ class Datapath:
     def flow_source(self) -> tuple[Any, Labels]:
         """The flow map and the slot labels in force, for flowscan.FlowWatch."""
         with self._lock:
-            return self.tables.flows, self._slots.labels()
+            return self.tables.flows, self._slots.flow_labels()  # gens as flow entries hold them
 
     def status(self) -> dict[str, Any]:
         with self._lock:

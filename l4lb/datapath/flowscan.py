@@ -9,9 +9,11 @@ map with BCC's generated type of the bucket as a numpy dtype, so a new layout
 changes `_count` and nothing else.
 
 * An entry is a way whose tag is not 0. It counts for a backend only while its
-  generation is the one the backend slot holds now: a removed or replaced
-  backend's entries still take room (``stale``) until overwritten, but no
-  longer count for anybody.
+  generation is the one the backend slot holds now (plus its service's
+  source-range gen: the labels come from Slots.flow_labels): a removed or
+  replaced backend's entries still take room (``stale``) until overwritten, but
+  no longer count for anybody; nor do those made before a change of the
+  service's source ranges, until their next packet checks them again.
 * Active: its last-used stamp (jiffies of the last packet that hit it, or of
   its insertion) is at most ``window`` seconds old. Embryonic entries (a SYN
   and nothing since) count like any other: a SYN flood shows as active flows.

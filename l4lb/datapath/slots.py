@@ -8,6 +8,7 @@ the flow table's (backend id, generation) pairs valid and connections survive.
 from __future__ import annotations
 
 import logging
+import dataclasses
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -109,6 +110,16 @@ class Slots:
         if self._labels is None:
             self._labels = (list(self.svc_ids.items()), list(self.backends.items()))
         return self._labels
+
+    def flow_labels(self) -> Labels:
+        """labels() with each backend slot's gen as flow entries hold it: plus its
+        service's source-range gen (bpf_src/lib/lookup.h), for reading the flow table."""
+        svc_ids, slots = self.labels()
+        extra = {sid: self.svc_entry[key].gen for key, sid in svc_ids if key in self.svc_entry}
+        if not any(extra.values()):
+            return svc_ids, slots
+        return svc_ids, [(bid, dataclasses.replace(s, gen=(s.gen + extra.get(s.svc_id, 0)) & 0xFFFFFFFF))
+                         for bid, s in slots]
 
     def backend_id(self, service: ServiceKey, ident: BackendKey) -> int | None:
         sid = self.svc_ids.get(service)
