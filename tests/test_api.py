@@ -446,13 +446,13 @@ def test_concurrent_writers_with_the_same_etag_one_wins(lab: DaemonLab, client: 
 # --- read side -------------------------------------------------------------------------------------------------------
 
 
-def inject_udp(lab: DaemonLab, dst: str, dport: int, count: int) -> None:
-    """Frames into the XDP interface from its veth peer (inside the lab netns)."""
+def inject_udp(lab: DaemonLab, dst: str, dport: int, count: int, inter: float = 0) -> None:
+    """Frames into the XDP interface from its veth peer (inside the lab netns), `inter` s apart."""
     script = (
         "from scapy.all import Ether, IP, IPv6, UDP, sendp\n"
         f"l3 = IPv6(src='2001:db8:77::7', dst='{dst}') if ':' in '{dst}' else IP(src='203.0.113.77', dst='{dst}')\n"
         f"sendp([Ether(dst='02:00:00:00:00:01') / l3 / UDP(sport=40000 + i, dport={dport}) / (b'x' * 20)"
-        f" for i in range({count})], iface='lbt0b', verbose=False)\n"
+        f" for i in range({count})], iface='lbt0b', inter={inter}, verbose=False)\n"
     )
     lab.nsexec(PY, "-c", script)
 
@@ -472,9 +472,22 @@ def test_stats_status_and_metrics_from_the_real_counters(lab: DaemonLab, client:
     assert svc["bytes"] > 20 * 40
     assert stats["reasons"] and all(set(v) == {"packets", "bytes", "pps", "bps"} for v in stats["reasons"].values())
     assert sum(v["packets"] for v in stats["reasons"].values()) >= 20
-    # Rates: against the newest sample at least 1 s old, which predates the packets
-    # (samples are >= 1 s apart; a service newer than the sample is rated from 0).
+    # Rates: against the newest sample at least 1 s old (samples are >= 1 s apart). Read
+    # while packets flow: on a loaded machine more than a second can pass between a burst
+    # and the query, and then that sample already holds the burst (a rate of 0).
+    feeder = threading.Thread(target=inject_udp, args=(lab, VIP4, 53, 100), kwargs={"inter": 0.05})
+    feeder.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not ((svc := (stats := client.get("/v1/stats").json())["services"][0])["pps"] > 0
+                   and feeder.is_alive()):
+            assert time.monotonic() < deadline and feeder.is_alive(), stats
+            time.sleep(0.1)
+    finally:
+        feeder.join(60)
     assert stats["rate_interval_seconds"] >= 1 and svc["pps"] > 0 and svc["bps"] > 0, stats
+    (svc,) = client.get("/v1/stats").json()["services"]   # every packet in (the metrics below)
+    assert svc["packets"] - svc0["packets"] == 120
 
     status = client.get("/v1/status").json()
     assert status["ready"] and status["degraded"] is None and status["services"] == 1 and status["backends"] == 2
