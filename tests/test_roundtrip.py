@@ -216,6 +216,7 @@ def app_client(tmp_path: Path):
 
 
 def test_every_accepted_document_reads_back_is_addressable_and_reapplies_unchanged(app_client, tmp_path: Path):
-    seen = run_roundtrips(app_client, tmp_path, examples=120)
-    # Both outcomes were really exercised (the strategy leans to valid documents).
-    assert seen["accepted"] >= 25 and seen["refused"] >= 25, seen
+    seen = run_roundtrips(app_client, tmp_path, examples=200)
+    # Both outcomes were really exercised (about a fifth of the documents are valid since
+    # source ranges, mixed families and affinity prefixes joined: ~40 expected).
+    assert seen["accepted"] >= 20 and seen["refused"] >= 20, seen

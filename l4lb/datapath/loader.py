@@ -23,6 +23,7 @@ the bpffs file.
 from __future__ import annotations
 
 import ctypes as ct
+import errno
 import hashlib
 import logging
 import os
@@ -147,6 +148,24 @@ class ProgramKind:
 XDP_KIND = ProgramKind()
 
 
+LOAD_ATTEMPTS = 4
+
+
+def load_func(bpf: Any, name: str, prog_type: int) -> Any:
+    """BCC's load_func, tried again when the kernel answers EAGAIN: the verifier gives
+    up with EAGAIN whenever a signal is pending, and verifying this program takes a
+    second or more on a busy box (libbpf's own retries come back at once, before the
+    signal has gone). Other failures raise at once."""
+    for attempt in range(1, LOAD_ATTEMPTS + 1):
+        try:
+            return bpf.load_func(name.encode(), prog_type)
+        except Exception as e:  # BCC raises a bare Exception carrying strerror
+            if os.strerror(errno.EAGAIN) not in str(e) or attempt == LOAD_ATTEMPTS:
+                raise
+            log.warning("BPF load of %s: %s; trying again (%d of %d)", name, e, attempt + 1, LOAD_ATTEMPTS)
+    raise AssertionError("unreachable")
+
+
 def compile_program(cfg: DatapathConfig, *, entry: str = ENTRY, func: str = FUNC, kind: ProgramKind = XDP_KIND,
                     cflags: list[str] | None = None) -> Program:
     """Compile ``entry`` with its maps pinned under ``cfg.bpffs``. The XDP
@@ -166,7 +185,7 @@ def compile_program(cfg: DatapathConfig, *, entry: str = ENTRY, func: str = FUNC
         bpf = compile_bpf(entry, [*flags, f'-DPIN_DIR="{scratch}"'])
         try:
             _use_pinned_maps(bpf, scratch, pin_dir)
-            fn = bpf.load_func(func.encode(), BPF.XDP if kind.prog_type == "xdp" else BPF.SCHED_CLS)
+            fn = load_func(bpf, func, BPF.XDP if kind.prog_type == "xdp" else BPF.SCHED_CLS)
             if entry == ENTRY:
                 _fill_slow_paths(bpf, BPF, text)
         except Exception as e:  # BCC raises bare Exception with the verifier log on stderr
@@ -190,7 +209,7 @@ def _fill_slow_paths(bpf: Any, BPF: Any, text: str) -> None:
         raise DatapathError(f"enum l4lb_slow {slots} does not match the loader's {SLOW_FUNCS}")
     table = bpf[SLOW_PATHS.encode()]
     for i, name in enumerate(SLOW_FUNCS):
-        table[ct.c_int(i)] = ct.c_int(bpf.load_func(name.encode(), BPF.XDP).fd)
+        table[ct.c_int(i)] = ct.c_int(load_func(bpf, name, BPF.XDP).fd)
 
 
 def _use_pinned_maps(bpf: Any, scratch: Path, pin_dir: Path) -> None:
