@@ -53,7 +53,7 @@ def web(**kw: Any) -> dict[str, Any]:
     return doc
 
 
-COUNTERS = ("svc_stats", "backend_stats", "reason_stats", "icmp_buckets", "flows", "frags")
+COUNTERS = ("svc_stats", "backend_stats", "reason_stats", "icmp_buckets", "flows", "frags", "cache_epoch")
 
 
 def config_maps(lab: DaemonLab) -> dict[str, dict[bytes, bytes]]:

@@ -24,7 +24,7 @@ from l4lb.store import Store
 
 pytestmark = [pytest.mark.bpf, pytest.mark.netns]
 
-COUNTERS = ("svc_stats", "backend_stats", "reason_stats", "icmp_buckets", "flows", "frags")
+COUNTERS = ("svc_stats", "backend_stats", "reason_stats", "icmp_buckets", "flows", "frags", "cache_epoch")
 WEB = {"vip": "198.51.100.10", "port": 80, "backends": [{"address": "192.0.2.1"}, {"address": "192.0.2.2"}]}
 
 

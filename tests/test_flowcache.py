@@ -7,6 +7,7 @@ shows how flows spread and that the table is shared by all CPUs."""
 from __future__ import annotations
 
 import ctypes as ct
+import functools
 import ipaddress
 import os
 import socket
@@ -26,6 +27,8 @@ from l4lb.datapath.engine import hash_seed
 from l4lb.datapath import flowscan, libbpf
 from l4lb.datapath.jiffies import KernelClock
 from l4lb.datapath.loader import FLOW_WAYS, flow_cflags
+from l4lb.lab import testrun
+from l4lb.lab.flows import flow_frames
 from l4lb.lab.pktenv import PacketEnv, edge_backends_v4
 from l4lb.models import Service
 
@@ -65,9 +68,14 @@ def svc(backends: list, **options) -> Service:
                    backends=[b if isinstance(b, dict) else {"address": b} for b in backends])
 
 
+@functools.lru_cache(maxsize=16)
+def _table(weights: tuple) -> maglev.MaglevTable:
+    return maglev.build(dict(weights), M, SEED)
+
+
 def pick(s: Service, sport: int, client: str = CLIENT) -> str:
     """The backend Maglev gives this flow (Python model of the datapath)."""
-    table = maglev.build(s.maglev_weights(), M, SEED)
+    table = _table(tuple(s.maglev_weights().items()))  # moving() asks thousands of times
     h = flowhash.flow_hash(client, sport, s.port, 6, hash_seed(SEED), hash_src_port=s.options.hash_src_port)
     ident = table.backend_at(h % M)
     assert ident is not None
@@ -351,6 +359,36 @@ def test_the_table_is_shared_by_all_cpus(many):
         assert on(cpus[1], p, "A") == first[p]
 
 
+@pytest.mark.bpf
+@pytest.mark.netns
+def test_a_syn_flood_with_two_maglev_changes_moves_no_established_flow(many):
+    """Issue 16: 20 established flows, then a flood of SYNs of distinct flows
+    (40 per way of the 1,024-entry table) in three bursts with a Maglev change
+    between them. Every established flow keeps its backend, although Maglev
+    alone would move some of them. The flood runs through the test-run batch
+    loop (l4lb/lab/testrun.py), a few hundred ms, not a real-time flood."""
+    a, b, c = svc(B[:3]), svc(B[:6]), svc(B[:9])
+    many.apply([a])
+    ports = list(range(42000, 42020))
+    before = {p: send(many, p, "S") for p in ports}
+    for p in ports:
+        assert send(many, p, "A") == before[p]
+    moved_by_maglev = [p for p in ports if pick(c, p) != before[p]]
+    assert moved_by_maglev, "precondition: the two changes move some of these flows in Maglev"
+
+    template = raw(Ether(dst="02:11:11:11:11:11", src="02:22:22:22:22:22") / IP(src="198.51.100.0", dst=VIP)
+                   / TCP(sport=1, dport=80, flags="S"))
+    burst = 40 * many.dp.tables.flows.max_entries * FLOW_WAYS // 3
+    for i, change in enumerate((b, c, None)):
+        frames = flow_frames(template, i * burst, burst)
+        r = many.call(testrun.run_frames, many.dp.prog_fd, frames, ingress_ifindex=many.edge_ifindex, calls=burst)
+        assert r.verdicts == {"tx": burst}
+        for p in ports:                  # the established flows keep talking during the flood
+            assert send(many, p, "A") == before[p], f"flow {p} moved during burst {i}"
+        if change is not None:
+            many.apply([change])
+    assert {p: send(many, p, "A") for p in ports} == before, "0 of 20 established flows may move"
+    assert send(many, moved_by_maglev[0], "S") == pick(c, moved_by_maglev[0]), "new connections follow Maglev"
 # --- the table read back (l4lb/datapath/flowscan.py) ---------------------------------------
 
 @pytest.mark.bpf

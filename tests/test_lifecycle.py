@@ -35,7 +35,7 @@ from l4lb.store import Store
 
 pytestmark = [pytest.mark.bpf, pytest.mark.netns]
 
-RUNTIME = ("svc_stats", "backend_stats", "reason_stats", "icmp_buckets", "flows", "frags")
+RUNTIME = ("svc_stats", "backend_stats", "reason_stats", "icmp_buckets", "flows", "frags", "cache_epoch")
 VIP = "198.51.100.10"
 STATE = {"services": [
     {"name": "web", "vip": VIP, "port": 80, "options": {"l4_dnat": True}, "backends": [

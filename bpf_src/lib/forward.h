@@ -68,7 +68,7 @@ L4LB_INLINE int forward(struct xdp_md *ctx, struct pkt *p, struct lb_config *cfg
     }
 
     __u32 egress = fib.ifindex;
-    struct if_info *ifi = ifaces.lookup(&egress);
+    struct if_info *ifi = iface_cached(egress);
     __u32 saddr[4] = {};
     if (outer_source(outer6, hash, cfg, ifi, saddr))
         return VERDICT(XDP_PASS, REASON_PASS_NO_TXPORT, len);

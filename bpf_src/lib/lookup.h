@@ -5,6 +5,7 @@
 #include "lib/jhash.h"
 #include "lib/flowcache.h"
 #include "lib/srcrange.h"
+#include "lib/hotcache.h"
 
 L4LB_INLINE struct svc_info *service_lookup(struct pkt *p)
 {
@@ -13,7 +14,7 @@ L4LB_INLINE struct svc_info *service_lookup(struct pkt *p)
     key.port = p->dport;
     key.proto = p->proto;
     key.family = p->family;
-    return services.lookup(&key);
+    return svc_cached(&key);
 }
 
 /* The VIP entry of the packet's destination (maps.h: vips), or NULL. */

@@ -62,6 +62,7 @@ def attach(t: Tables, prog: Program, interfaces: Sequence[str], mode: str) -> tu
             # NO_NEIGH hands the encapsulated packet (our own source) to the
             # kernel; accept_local lets IPv4 forward it instead of calling it martian.
             netlink.set_sysctl(f"/proc/sys/net/ipv4/conf/{name}/accept_local", "1")
+        t.tables_changed()  # the datapath's cached copies of `ifaces` entries (lib/hotcache.h)
         result, fresh = {}, False
         for name, info in zip(interfaces, infos):
             current = netlink.xdp_state(ipr, info.ifindex)

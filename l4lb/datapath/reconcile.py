@@ -328,6 +328,7 @@ class Reconciler:
         v = t.services.Leaf()
         v.id, v.flags, v.ring, v.gen, v.affinity_prefix = sid, entry.flags, ring, entry.gen, entry.affinity_prefix
         t.services[k] = v
+        t.tables_changed()
         self.slots.svc_entry[key] = entry
         self.rings.use(ring, None if old is None else old.ring)
         self.timing.writes += 1
@@ -421,6 +422,7 @@ class Reconciler:
                 del t.services[t.svc_key(ipaddress.ip_address(vip), port, PROTO[proto])]
             except KeyError:
                 pass
+            t.tables_changed()  # before its ring is released: no CPU may keep a cached entry pointing at it
             self.ranges.drop(sid)  # after the entry: no new flow is checked against them any more
             # Its buffers stay in maglev_outer for the next service with this id
             # (deleting them would cost a grace period each); no entry points at them.

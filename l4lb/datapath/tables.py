@@ -41,7 +41,7 @@ def port_host(port_be_value: int) -> int:
 # The maps Tables gives names to; they are what a program adopted without
 # compiling must bring (loader.py keeps BCC's types of exactly these).
 MAPS = ("services", "maglev_outer", "backends", "flows", "config", "ifaces", "tx_ports", "svc_stats",
-        "backend_stats", "reason_stats", "nexthops", "vips", "frags", "src_ranges")
+        "backend_stats", "reason_stats", "nexthops", "vips", "frags", "src_ranges", "cache_epoch")
 
 
 def handle(bpf: Any, name: str) -> MapHandle:
@@ -67,6 +67,17 @@ class Tables:
         self.vips = handle(bpf, "vips")      # vips.py
         self.frags = handle(bpf, "frags")    # the datapath's own (lib/frag.h): read by tests
         self.src_ranges = handle(bpf, "src_ranges")  # srcranges.py
+        self.cache_epoch = handle(bpf, "cache_epoch")
+        self.tables_changed()  # a program loaded just now has empty caches; this makes them usable
+
+    # --- the datapath's per-CPU caches of services and ifaces (bpf_src/lib/hotcache.h) ----------
+    def tables_changed(self) -> None:
+        """Call after every write to ``services`` or ``ifaces``: bumps ``cache_epoch``, so no
+        CPU uses a cached copy of an entry from before the write (at 0, a new map's
+        value, the datapath uses no cache). One writer: the daemon's change path."""
+        key = ct.c_uint32(0)
+        now = int(self.cache_epoch[key].value)
+        self.cache_epoch[key] = ct.c_uint64(now + 1)
 
     # --- run-time config ---------------------------------------------------------
     def write_config(self, cfg: Any, hash_seed: int) -> None:
