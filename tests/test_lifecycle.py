@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_daemon_harness import DaemonLab, to_toml
+from test_daemon_harness import DaemonLab, dump_pinned_maps, to_toml
 
 from l4lb.lab.l4lbd import PY
 from l4lb.store import Store
@@ -355,3 +355,40 @@ def test_unroutable_backends_are_logged_once_per_change_not_per_refresh(lab: Dae
     assert "every backend has a route again" in lines[1]
     lab.config["stats_interval"] = 1.0
     assert lab.stop() == 0
+
+
+def test_maps_of_another_layout_are_not_adopted_and_a_start_fills_this_layout(lab: DaemonLab) -> None:
+    """An upgrade across a map layout change (issue 16 changed maps.h): an older
+    version's pins live under another ``maps-<layout digest>`` directory, which
+    this version never opens as its own. --adopt-datapath refuses, naming the
+    version; a start with the store converges maps of this layout, replaces
+    the old program atomically and drops the old pins (established flows then
+    go by Maglev: the old flow table cannot be read)."""
+    if lab.proc is not None and lab.proc.poll() is None:
+        assert lab.stop() == 0
+    lab.start()
+    with lab.client() as c:
+        c.put("/v1/state", json=STATE).raise_for_status()
+    maps, prog = stopped(lab)
+    [cur] = lab.pin_dirs()
+    older = cur.with_name("maps-0123456789ab")   # as an older version's layout digest names it
+    cur.rename(older)
+    saved = lab.dir / "saved-layout"
+    try:
+        move_store(lab, saved)
+        cp = lab.run_cli("--adopt-datapath")
+        assert cp.returncode != 0, cp.stderr[-2000:]
+        why = next(line for line in cp.stderr.splitlines() if "cannot start" in line)
+        assert "by an l4lb version with another map layout" in why and str(older) in why, why
+        assert lab.pin_dirs() == [older] and lab.xdp_prog_id("lbt0a") == prog, "a refused start changed something"
+        move_store_back(lab, saved)
+        lab.start()
+        with lab.client() as c:
+            assert {s["name"] for s in c.get("/v1/services").json()["services"]} == {s["name"] for s in
+                                                                                     STATE["services"]}
+        assert lab.pin_dirs() == [cur], "the older layout's pins go once this version's program is attached"
+        assert dump_pinned_maps(cur)["services"] == maps["services"], "this layout's maps hold the store's state"
+        assert lab.xdp_prog_id("lbt0a") not in (None, prog), "the program of this version replaced the old one"
+        assert lab.stop() == 0
+    finally:
+        shutil.rmtree(older, ignore_errors=True)

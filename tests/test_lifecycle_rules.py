@@ -80,6 +80,7 @@ def test_what_a_start_may_do() -> None:
     assert d.action is Action.converge and not d.refused and not d.trusted
     d = decide(store(fresh=True), maps(rec=REC, current=False), Mode.adopt, SEED)
     assert d.refused and "other datapath settings" in (d.refusal or "")
+    assert "an l4lb version with another map layout" in (d.refusal or "")
 
 
 # --- adopt: weights from the table in force --------------------------------------------------------------------

@@ -81,8 +81,10 @@ def decide(store: StoreFacts, maps: MapFacts | None, mode: Mode, seed: str) -> D
         if maps is not None and maps.services and not maps.current_layout:
             return Decision(Action.adopt, refusal=(
                 f"the maps holding {maps.services} services ({maps.path}) were made with other datapath settings "
-                "(maglev_m, max_services, max_backends or flow_table_size): start once with those settings and "
-                "--adopt-datapath, then change them. Nothing was changed"))
+                "(maglev_m, max_services, max_backends or flow_table_size) or by an l4lb version with another map "
+                "layout (bpf_src/lib/maps.h), which this version cannot read: start once with those settings (or "
+                "that version) and --adopt-datapath, then change them; or start with the store, which fills maps "
+                "of this layout and replaces the program atomically. Nothing was changed"))
         return Decision(Action.adopt)
     if mode is Mode.reset:
         return Decision(Action.reset)
