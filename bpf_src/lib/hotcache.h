@@ -33,7 +33,7 @@ _Static_assert((SVC_CACHE_SLOTS & (SVC_CACHE_SLOTS - 1)) == 0, "SVC_CACHE_SLOTS 
 _Static_assert((IF_CACHE_SLOTS & (IF_CACHE_SLOTS - 1)) == 0, "IF_CACHE_SLOTS must be a power of two");
 
 /* The service entry of `key`: from this CPU's cache, else from `services`
- * (then cached). The pointer is to this CPU's copy or the map's element. */
+ * (then cached). The pointer is to this CPU's copy. */
 L4LB_INLINE struct svc_info *svc_cached(struct svc_key *key)
 {
     __u64 epoch = cache_epoch_now();
@@ -44,12 +44,16 @@ L4LB_INLINE struct svc_info *svc_cached(struct svc_key *key)
     struct svc_cache_entry *ce = svc_cache.lookup(&slot);
     if (ce && epoch && ce->epoch == epoch && svc_key_eq(&ce->key, key))
         return &ce->info;
+    if (!ce)
+        return 0;   /* cannot happen: the slot is in bounds */
     struct svc_info *svc = services.lookup(key);
-    if (!svc || !ce || !epoch)
-        return svc;
+    if (!svc)
+        return 0;
+    /* Always this CPU's copy, never the map's element: one pointer type for
+     * the verifier (two doubled the states it walks after the lookup). */
     __builtin_memcpy(&ce->key, key, sizeof(*key));
     __builtin_memcpy(&ce->info, svc, sizeof(*svc));
-    ce->epoch = epoch;
+    ce->epoch = epoch;   /* 0: a copy that never matches */
     return &ce->info;
 }
 
@@ -61,9 +65,11 @@ L4LB_INLINE struct if_info *iface_cached(__u32 ifindex)
     struct if_cache_entry *ce = if_cache.lookup(&slot);
     if (ce && epoch && ce->epoch == epoch && ce->ifindex == ifindex)
         return &ce->info;
+    if (!ce)
+        return 0;
     struct if_info *ifi = ifaces.lookup(&ifindex);
-    if (!ifi || !ce || !epoch)
-        return ifi;
+    if (!ifi)
+        return 0;
     __builtin_memcpy(&ce->info, ifi, sizeof(*ifi));
     ce->ifindex = ifindex;
     ce->epoch = epoch;
