@@ -32,12 +32,8 @@ VIP4, VIP6 = "198.51.100.1", "2001:db8:100::1"
 
 @pytest.fixture(scope="module")
 def lab(bpffs: Path):
-    the_lab = DaemonLab(bpffs, "api")
-    try:
-        the_lab.start()
+    with DaemonLab.started(bpffs, "api") as the_lab:
         yield the_lab
-    finally:
-        the_lab.close()
 
 
 @pytest.fixture

@@ -24,6 +24,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -100,6 +101,18 @@ class DaemonLab(L4lbd):
         dirs = self.pin_dirs()
         assert len(dirs) == 1, f"expected one pinned map set, found {dirs}"
         return dump_pinned_maps(dirs[0])
+
+    @classmethod
+    @contextmanager
+    def started(cls, bpffs: Path, name: str, **kw: Any) -> Iterator["DaemonLab"]:
+        """A lab whose daemon runs with the default config, closed on the way out
+        (the module fixture of most daemon tests)."""
+        lab = cls(bpffs, name, **kw)
+        try:
+            lab.start()
+            yield lab
+        finally:
+            lab.close()
 
     # -- teardown ------------------------------------------------------------------------------
 

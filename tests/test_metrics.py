@@ -40,12 +40,8 @@ OPENMETRICS = "application/openmetrics-text; version=1.0.0; charset=utf-8"
 
 @pytest.fixture(scope="module")
 def lab(bpffs: Path):
-    the_lab = DaemonLab(bpffs, "metrics", ns_prefix="l4m")
-    try:
-        the_lab.start()
+    with DaemonLab.started(bpffs, "metrics", ns_prefix="l4m") as the_lab:
         yield the_lab
-    finally:
-        the_lab.close()
 
 
 @pytest.fixture
