@@ -31,7 +31,8 @@ VIP = "198.51.100.1"
 CLIENT = "203.0.113.77"
 B = edge_backends_v4(12)
 MAX_SERVICES, MAX_BACKENDS = 4, 8  # slot 0 means "no backend": 7 usable slots
-RUNTIME = ("svc_stats", "backend_stats", "reason_stats", "icmp_buckets", "flows", "frags")
+# cache_epoch: a failed change still bumps it (the caches must drop what they may hold)
+RUNTIME = ("svc_stats", "backend_stats", "reason_stats", "icmp_buckets", "flows", "frags", "cache_epoch")
 
 
 @pytest.fixture(scope="module")

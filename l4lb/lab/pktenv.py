@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import secrets
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +42,11 @@ class PacketEnv:
 
     def __init__(self, bpffs: Path, *, n_backends: int = 128, prefix: str = "l4pt", **cfg: Any) -> None:
         self.ns = f"{prefix}-{secrets.token_hex(3)}"
-        self.cfg = DatapathConfig(bpffs=bpffs, **cfg)
+        # Pins in a directory of its own: a datapath that attaches drops the pinned map
+        # sets of other layouts in its bpffs dir (remove_stale_pins), which would pull
+        # the maps from under another PacketEnv of the same test session.
+        self.pins = bpffs / self.ns
+        self.cfg = DatapathConfig(bpffs=self.pins, **cfg)
         self.n_backends = n_backends
         self.worker: netns.NetnsWorker | None = None
         self.dp: Datapath | None = None
@@ -59,6 +64,7 @@ class PacketEnv:
 
     def _build(self) -> None:
         ns = self.ns
+        self.pins.mkdir(mode=0o700, exist_ok=True)
         netns.add(ns)
         netns.ip_batch(ns, [
             f"link add {EDGE_IF} type veth peer name {EDGE_PEER}",
@@ -137,6 +143,7 @@ class PacketEnv:
                 self.worker.close()
             if netns.exists(self.ns):
                 netns.delete(self.ns)
+            shutil.rmtree(self.pins, ignore_errors=True)
 
 
 def _ifindex(name: str) -> int:
