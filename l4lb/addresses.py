@@ -20,9 +20,19 @@ _THIS_NETWORK = ipaddress.IPv4Network("0.0.0.0/8")          # RFC 1122 "this hos
 _BROADCAST = ipaddress.IPv4Address("255.255.255.255")
 
 
-@lru_cache(maxsize=1 << 17)
 def unusable(addr: IPAddress) -> str | None:
     """Why ``addr`` can be neither a VIP nor a backend; None when it can be either."""
+    # IPv6 global unicast (2000::/3) is none of the classes below: decided by
+    # its top bits. A document of 100,000 distinct IPv6 backends spent a second
+    # in ipaddress's class properties and in the cache, whose keys collide
+    # (IPv6Address hashes of structured addresses fold into few values).
+    if isinstance(addr, ipaddress.IPv6Address) and not addr.scope_id and int(addr) >> 125 == 1:
+        return None
+    return _unusable(addr)
+
+
+@lru_cache(maxsize=1 << 12)
+def _unusable(addr: IPAddress) -> str | None:
     if isinstance(addr, ipaddress.IPv6Address) and addr.scope_id:
         return f"{addr} has a zone index (%{addr.scope_id}), which means something on this host only"
     if addr.is_unspecified:

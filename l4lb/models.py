@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import (
     AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, Strict, ValidationError, ValidationInfo,
-    field_validator, model_validator,
+    ValidatorFunctionWrapHandler, WrapValidator, field_validator, model_validator,
 )
 
 from l4lb.addresses import IPAddress, unusable
@@ -39,16 +39,17 @@ def _ip_or_none(text: str) -> IPAddress | None:
         return None
 
 
-def _parse_ip(v: Any) -> Any:
+def _parse_ip(v: Any, handler: ValidatorFunctionWrapHandler) -> Any:
     """Parse each distinct address text once: a 100,000-backend document names
     the same servers for many VIPs, and parsing was most of its validation.
-    Text that is no address goes on to the type's own validator, which words the error.
-    Only text (or an address object) is an address: pydantic would take 1 as 0.0.0.1."""
+    An address is returned as it is: pydantic's own union validator would try
+    it as IPv4 first, which for an IPv6 address costs a str() and a failed
+    parse. Text that is no address goes on to that validator, which words the
+    error. Only text (or an address object) is an address: pydantic would take
+    1 as 0.0.0.1."""
     if isinstance(v, str):
         ip = _ip_or_none(v)
-        if ip is not None:
-            return ip
-        return v
+        return ip if ip is not None else handler(v)
     if isinstance(v, (ipaddress.IPv4Address, ipaddress.IPv6Address)):
         return v
     raise ValueError(f"an address is a string such as \"192.0.2.1\" or \"2001:db8::1\", not {type(v).__name__} {v!r}")
@@ -61,7 +62,7 @@ def _usable(v: IPAddress, info: ValidationInfo) -> IPAddress:
     return v
 
 
-Address = Annotated[IPAddress, BeforeValidator(_parse_ip), AfterValidator(_usable)]
+Address = Annotated[IPAddress, WrapValidator(_parse_ip), AfterValidator(_usable)]
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
