@@ -145,7 +145,8 @@ class Slots:
                 rows["gen"].tolist(), rows["flags"].tolist())):
             addr = exploded_packed(raw[16 * i:16 * i + (4 if family == 4 else 16)])
             self.backends[bid] = BackendSlot(svc_id, (addr, _ntohs(port)), gen, flags)
-            self.next_gen = max(self.next_gen, gen + 1)
+        if len(bids):
+            self.next_gen = max(self.next_gen, int(rows["gen"].max()) + 1)
         self.reindex()
 
 
