@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import socket
 from enum import Enum
 from functools import lru_cache
 from typing import Annotated, Any, Literal
@@ -31,10 +32,23 @@ def _stored(info: ValidationInfo) -> bool:
     return bool(info.context and info.context.get("stored"))
 
 
+_HEX_COLON = frozenset("0123456789abcdefABCDEF:")
+
+
 @lru_cache(maxsize=1 << 17)
 def _ip_or_none(text: str) -> IPAddress | None:
     # The family by its separator: ip_address() tries IPv4 first, and the
     # failed attempt (an exception) cost as much as the IPv6 parse itself.
+    if ":" in text and _HEX_COLON.issuperset(text):
+        # Plain hex-and-colons IPv6 text: the C parser, ~10x faster than
+        # ipaddress's (which took ~1 s for a restart's 100,000 distinct
+        # backends); over this alphabet both accept exactly the same texts as
+        # the same addresses (tests/test_addresses.py). Anything it refuses
+        # goes the slow way below, which has the last word.
+        try:
+            return ipaddress.IPv6Address(int.from_bytes(socket.inet_pton(socket.AF_INET6, text), "big"))
+        except OSError:
+            pass
     try:
         return ipaddress.IPv6Address(text) if ":" in text else ipaddress.IPv4Address(text)
     except ValueError:
