@@ -87,10 +87,25 @@ def main() -> None:
     names = [n for n in results[args.rev][0] if n in results["this tree"][0]]
     print(f"\nbench/datapath.py, {args.rounds} interleaved rounds each; ns/packet as min median max over the "
           f"rounds' runs; 1-min load average {min(loads):.1f}-{max(loads):.1f} at the rounds' starts")
-    print(f"{'row':<44}{args.rev + ' A':>17}{'this A':>17}{args.rev + ' B':>17}{'this B':>17}")
+    print("ratio columns: this tree / the other, by the lowest minimum and by the median of the medians "
+          "(on a shared VM noise only adds time: the minima show the code, the medians the typical run)")
+    print(f"{'row':<44}{args.rev + ' A':>17}{'this A':>17}{args.rev + ' B':>17}{'this B':>17}"
+          f"{'A min':>7}{'A med':>7}{'B min':>7}{'B med':>7}")
     for n in names:
         cols = [spread([r[n] for r in results[t]], m) for m in (0, 1) for t in (args.rev, "this tree")]
-        print(f"{n:<44}{cols[0]:>17}{cols[1]:>17}{cols[2]:>17}{cols[3]:>17}")
+        ratios = "".join(f"{ratio(results, args.rev, n, m, k):>7.2f}" for m in (0, 1) for k in (0, 1))
+        print(f"{n:<44}{cols[0]:>17}{cols[1]:>17}{cols[2]:>17}{cols[3]:>17}{ratios}")
+
+
+def ratio(results: dict[str, list[dict[str, tuple[int, ...]]]], rev: str, row: str, method: int, stat: int) -> float:
+    """This tree over the other for one row: stat 0 the lowest minimum, 1 the median of the medians."""
+    def value(tree: str) -> float:
+        runs = [r[row] for r in results[tree]]
+        if stat == 0:
+            return min(r[3 * method] for r in runs)
+        return statistics.median(r[3 * method + 1] for r in runs)
+    other = value(rev)
+    return value("this tree") / other if other else float("nan")
 
 
 if __name__ == "__main__":
