@@ -39,7 +39,8 @@ REST API of **l4lbd**, the XDP layer-4 load balancer.
 
 
 def create_app(control: Control, *, version: str = "0.1.0",
-               max_body_bytes: Callable[[], int] = lambda: DEFAULT_MAX_BODY_BYTES) -> FastAPI:
+               max_body_bytes: Callable[[], int] = lambda: DEFAULT_MAX_BODY_BYTES,
+               zero: Baseline | None = None) -> FastAPI:
     # No CDN: /docs and its assets are served locally (api/docs.py); ReDoc, CDN-only, is off.
     app = FastAPI(title="l4lbd", version=version, description=DESCRIPTION, docs_url=None, redoc_url=None)
     docs.install(app)
@@ -48,7 +49,7 @@ def create_app(control: Control, *, version: str = "0.1.0",
     app.state.health = None  # the daemon sets its HealthManager here
     app.state.flows = None   # the daemon sets its FlowWatch here (l4lb/datapath/flowscan.py)
     app.state.recorder = None
-    app.state.zero = Baseline()
+    app.state.zero = zero or Baseline()
     control.subscribe(lambda view: app.state.zero.prune(view.desired))
     app.state.metrics = Metrics(control, health=lambda: app.state.health, flows=lambda: app.state.flows,
                                 recorder=lambda: app.state.recorder, version=version)

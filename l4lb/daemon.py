@@ -457,12 +457,14 @@ class Daemon:
     async def serve(self) -> None:
         from l4lb.api.app import create_app
         from l4lb.datapath.flowscan import FlowWatch
+        from l4lb.zeroing import Baseline
 
         assert self.control is not None
         loop = asyncio.get_running_loop()
         self._stopping = asyncio.Event()
         self._reload_lock = asyncio.Lock()
-        self._app = create_app(self.control, version=__version__, max_body_bytes=lambda: self.cfg.api.max_body_bytes)
+        self._app = create_app(self.control, version=__version__, max_body_bytes=lambda: self.cfg.api.max_body_bytes,
+                               zero=Baseline(path=self.cfg.state_dir / "stats-zero.json"))
         self._app.state.recorder = self._recorder
         self._app.state.flows = FlowWatch(self._dp.flow_source)  # read by stats, status and /metrics
         self._app.state.digest = self._digest

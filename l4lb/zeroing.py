@@ -9,20 +9,29 @@ what /v1/stats shows. Rates are differences and need no baseline.
 A baseline entry is forgotten, and the raw counter shown again, when its service
 or backend leaves the desired state (``prune``, on every committed change: a
 re-added backend starts from fresh counters) or when a counter reads lower
-than its baseline (a slot reused: the counter restarted). The baseline lives
-in the daemon's memory: a restarted daemon shows the counters since the
-program's maps were created again (they are pinned, so these go on counting).
+than its baseline (a slot reused: the counter restarted). The daemon keeps the
+baseline in a file of its state directory, written (atomically) on every zero
+and every prune that forgets something, so a restart keeps it: the pinned
+counters go on counting across a restart, and maps made afresh (a layout
+change) read below their zeros, which forgets them as above. A file that cannot
+be read is logged and ignored: a display baseline never stops a start.
 """
 
 from __future__ import annotations
 
+import json
+import logging
+import os
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 from l4lb.models import DesiredState, Service
 
 Key = tuple  # ("svc", name, vip, port, proto) / ("be", name, vip, port, proto, address, port)
+FILE_VERSION = 1
+log = logging.getLogger(__name__)
 
 
 def _svc_key(s: dict[str, Any]) -> tuple:
@@ -34,8 +43,9 @@ def _be_key(s: dict[str, Any], b: dict[str, Any]) -> tuple:
 
 
 class Baseline:
-    def __init__(self, clock: Any = time.time) -> None:
+    def __init__(self, clock: Any = time.time, path: Path | None = None) -> None:
         self._clock = clock
+        self._path = path   # None: memory only
         self._lock = threading.Lock()
         # Per service name: its own and its backends' zeros, and when it was zeroed.
         self._base: dict[str, dict[Key, tuple[int, int]]] = {}
@@ -43,6 +53,44 @@ class Baseline:
         self._reasons: dict[str, tuple[int, int]] = {}
         self._reasons_since: float | None = None
         self._checked: dict[str, Service] = {}   # the Service object prune() last checked a name against
+        if path is not None:
+            self._load(path)
+
+    def _load(self, path: Path) -> None:
+        try:
+            doc = json.loads(path.read_text())
+            if doc.get("version") != FILE_VERSION:
+                raise ValueError(f"version {doc.get('version')!r}, not {FILE_VERSION}")
+            base = {name: {tuple(z[:-2]): (int(z[-2]), int(z[-1])) for z in svc["zeros"]}
+                    for name, svc in doc["services"].items()}
+            since = {name: float(svc["since"]) for name, svc in doc["services"].items()}
+            reasons = {r: (int(p), int(b)) for r, (p, b) in doc["reasons"].items()}
+            reasons_since = None if doc["reasons_since"] is None else float(doc["reasons_since"])
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            log.warning("stats zero baseline %s ignored (%s): counters show from when the maps were made", path, e)
+            return
+        self._base, self._since, self._reasons, self._reasons_since = base, since, reasons, reasons_since
+
+    def _save(self) -> None:
+        """Write the baseline (the caller holds the lock): a temporary file, fsync, rename."""
+        if self._path is None:
+            return
+        doc = {"version": FILE_VERSION,
+               "services": {name: {"since": self._since[name], "zeros": [[*k, *v] for k, v in base.items()]}
+                            for name, base in self._base.items()},
+               "reasons": {r: list(v) for r, v in self._reasons.items()},
+               "reasons_since": self._reasons_since}
+        tmp = self._path.with_name(self._path.name + ".tmp")
+        try:
+            with open(tmp, "w") as f:
+                json.dump(doc, f, separators=(",", ":"))
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self._path)
+        except OSError as e:
+            log.warning("stats zero baseline not saved to %s (%s): a restart will not keep it", self._path, e)
 
     def zero(self, doc: dict[str, Any], names: list[str] | None = None) -> None:
         """Take the raw counters of ``doc`` (a /v1/stats document before apply())
@@ -60,33 +108,39 @@ class Baseline:
             if names is None:
                 self._reasons = {r: (c["packets"], c["bytes"]) for r, c in doc["reasons"].items()}
                 self._reasons_since = now
+            self._save()
 
     def apply(self, doc: dict[str, Any]) -> dict[str, Any]:
         """``doc`` with every zeroed counter shown from its zero (in place), and
         ``zeroed_at`` (epoch seconds or null) per service and for the reasons."""
         with self._lock:
+            forgot = False
             for s in doc["services"]:
                 base = self._base.get(s["name"])
                 if base is not None:
-                    self._sub(base, _svc_key(s), s)
+                    forgot |= self._sub(base, _svc_key(s), s)
                     for b in s["backends"]:
-                        self._sub(base, _be_key(s, b), b)
+                        forgot |= self._sub(base, _be_key(s, b), b)
                 s["zeroed_at"] = self._since.get(s["name"])
             for r, c in doc["reasons"].items():
-                self._sub(self._reasons, r, c)
+                forgot |= self._sub(self._reasons, r, c)
             doc["reasons_zeroed_at"] = self._reasons_since
+            if forgot:  # else a restart would bring back a zero its counter has left below
+                self._save()
         return doc
 
     @staticmethod
-    def _sub(base: dict, key: Any, c: dict[str, Any]) -> None:
+    def _sub(base: dict, key: Any, c: dict[str, Any]) -> bool:
+        """Subtract the zero of ``key`` from ``c``; True if the zero was forgotten."""
         zero = base.get(key)
         if zero is None:
-            return
+            return False
         if c["packets"] < zero[0] or c["bytes"] < zero[1]:  # the counter restarted: its zero is gone
             del base[key]
-            return
+            return True
         c["packets"] -= zero[0]
         c["bytes"] -= zero[1]
+        return False
 
     def prune(self, desired: DesiredState) -> None:
         """Forget the zero of services and backends no longer in ``desired``. Runs
@@ -96,12 +150,14 @@ class Baseline:
         with self._lock:
             if not self._base:
                 return
+            forgot = False
             current = {s.name: s for s in desired.services}
             for name in list(self._base):
                 svc = current.get(name)
                 if svc is None:
                     del self._base[name], self._since[name]
                     self._checked.pop(name, None)
+                    forgot = True
                     continue
                 if self._checked.get(name) is svc:
                     continue
@@ -111,7 +167,12 @@ class Baseline:
                 if sk not in base:      # another VIP, port or protocol: another service's counters
                     del self._base[name], self._since[name]
                     self._checked.pop(name, None)
+                    forgot = True
                     continue
-                for k in [k for k in base if k not in keep]:
+                gone = [k for k in base if k not in keep]
+                for k in gone:
                     del base[k]
+                forgot = forgot or bool(gone)
                 self._checked[name] = svc
+            if forgot:
+                self._save()

@@ -212,6 +212,15 @@ def test_stats_zero_is_a_display_baseline(lab: DaemonLab, api: httpx.Client) -> 
     alt = next(s for s in api.get("/v1/stats").json()["services"] if s["name"] == "alt")
     assert alt["zeroed_at"] is None and alt["packets"] == 3
 
+    # kill -9 and a new start: the zero is kept (state_dir/stats-zero.json), the pinned counters went on.
+    zeroed = next(s for s in api.get("/v1/stats").json()["services"] if s["name"] == "web")
+    api.close()
+    lab.kill9()
+    lab.start()
+    with lab.client() as c:
+        web = next(s for s in c.get("/v1/stats").json()["services"] if s["name"] == "web")
+    assert web["zeroed_at"] == zeroed["zeroed_at"] and web["packets"] == zeroed["packets"] == 0
+
 
 # --- the pure pieces (no root) ----------------------------------------------------------------------------------------
 
@@ -327,3 +336,24 @@ def test_flowwatch_failure_is_none_logged_once(monkeypatch: pytest.MonkeyPatch, 
     time.sleep(0.06)
     assert watch.get() is None and calls[0] == 4
     assert len([r for r in caplog.records if "flow table not readable" in r.getMessage()]) == 1
+
+
+def test_baseline_survives_a_restart_in_its_file(tmp_path: Path) -> None:
+    path = tmp_path / "stats-zero.json"
+    z = Baseline(clock=lambda: 1000.0, path=path)
+    z.zero(_doc(100, 60, 500))
+    again = Baseline(path=path)
+    got = again.apply(_doc(130, 70, 510))
+    assert (got["services"][0]["packets"], got["services"][0]["backends"][0]["packets"]) == (30, 10)
+    assert got["services"][0]["zeroed_at"] == 1000.0 and got["reasons"]["tx"]["packets"] == 10
+    # A counter found below its zero forgets it in the file too: maps made afresh may
+    # count past the old zero before the next restart.
+    again.apply(_doc(130, 5, 510))
+    assert Baseline(path=path).apply(_doc(130, 80, 510))["services"][0]["backends"][0]["packets"] == 80
+    # Removal forgets it in the file.
+    Baseline(path=path).prune(DesiredState(services=[]))
+    assert Baseline(path=path).apply(_doc(140, 90, 520))["services"][0]["zeroed_at"] is None
+    # A file that cannot be read is ignored (logged): a display baseline never stops a start.
+    for junk in ("{", '{"version": 99}', '{"version": 1, "services": {"web": {"since": 1}}}', "[]"):
+        path.write_text(junk)
+        assert Baseline(path=path).apply(_doc(140, 90, 520))["services"][0]["packets"] == 140
