@@ -119,13 +119,17 @@ L4LB_INLINE int source_refused(struct pkt *p, struct svc_info *svc)
     return (svc->flags & SVC_F_SRC_RANGES) && !source_allowed(p, svc->id);
 }
 
-/* Pick the backend for this packet: established flows keep theirs (drained
- * backends keep serving them), new flows (SYN, or unknown) go by Maglev and
- * are remembered, if their source may reach the service (else NULL with
- * *refused set). `hash` is flow_hash() of the service, `seed` the config's
- * (passed in: the caller has the config already). */
-L4LB_INLINE struct backend_info *choose_backend(struct pkt *p, struct svc_info *svc, __u32 hash, __u32 seed,
-                                                 __u32 *id_out, int *refused)
+/* The backend of this packet's flow. `remember` (a constant at each call):
+ * the flow's packets themselves (choose_backend): established flows keep
+ * theirs (drained backends keep serving them), new flows (SYN, or unknown) go
+ * by Maglev and are remembered. Without it (flow_owner), the backend the
+ * flow's next packet would get, remembering nothing: for packets that belong
+ * to a flow but must not create one (ICMP errors about it). Either way, a new
+ * flow whose source may not reach the service gets NULL with *refused set.
+ * `hash` is flow_hash() of the service, `seed` the config's (passed in: the
+ * caller has the config already). */
+L4LB_INLINE struct backend_info *backend_of_flow(struct pkt *p, struct svc_info *svc, __u32 hash, __u32 seed,
+                                                 __u32 *id_out, int *refused, int remember)
 {
     struct flow_key fk;
     flow_key_of(p, &fk);
@@ -133,7 +137,7 @@ L4LB_INLINE struct backend_info *choose_backend(struct pkt *p, struct svc_info *
     flow_locate(&fk, flow_key_hash(p, svc, hash, seed), &pos);
     int is_syn = p->proto == IPPROTO_TCP && (p->tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN;
     struct backend_info *be;
-    if (!is_syn) {
+    if (!(remember && is_syn)) {
         be = flow_backend(&pos, &fk, svc->id, svc->gen, id_out);
         if (be)
             return be;
@@ -143,29 +147,10 @@ L4LB_INLINE struct backend_info *choose_backend(struct pkt *p, struct svc_info *
         return 0;
     }
     be = maglev_backend(svc, hash, id_out);
-    if (!be)
-        return 0;
-    flow_cache_put(&pos, &fk, *id_out, be->gen + svc->gen);
+    if (be && remember)
+        flow_cache_put(&pos, &fk, *id_out, be->gen + svc->gen);
     return be;
 }
 
-/* The backend the flow of `p` has, exactly as its next packet would get it
- * (flow-table entry, else Maglev if its source may reach the service, else
- * NULL with *refused set), without remembering anything: for packets that
- * belong to a flow but must not create one (ICMP errors about it). */
-L4LB_INLINE struct backend_info *flow_owner(struct pkt *p, struct svc_info *svc, __u32 hash, __u32 seed,
-                                            __u32 *id_out, int *refused)
-{
-    struct flow_key fk;
-    flow_key_of(p, &fk);
-    struct flow_pos pos;
-    flow_locate(&fk, flow_key_hash(p, svc, hash, seed), &pos);
-    struct backend_info *be = flow_backend(&pos, &fk, svc->id, svc->gen, id_out);
-    if (be)
-        return be;
-    if (source_refused(p, svc)) {
-        *refused = 1;
-        return 0;
-    }
-    return maglev_backend(svc, hash, id_out);
-}
+#define choose_backend(p, svc, hash, seed, id_out, refused) backend_of_flow(p, svc, hash, seed, id_out, refused, 1)
+#define flow_owner(p, svc, hash, seed, id_out, refused) backend_of_flow(p, svc, hash, seed, id_out, refused, 0)
