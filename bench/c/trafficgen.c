@@ -171,12 +171,12 @@ int main(int argc, char **argv)
 {
     const char *ifname = NULL, *client = NULL, *vip = NULL;
     unsigned char src_mac[ETH_ALEN], dst_mac[ETH_ALEN];
-    int have_src = 0, have_dst = 0, cpu = -1, opt;
+    int have_src = 0, have_dst = 0, cpu = -1, yield = 0, opt;
     unsigned long flows = 1, first = 0, dport = 80, len = 64;
     double seconds = 1.0;
     uint8_t flags = TH_ACK;
 
-    while ((opt = getopt(argc, argv, "i:s:d:c:v:p:n:f:F:t:C:l:")) != -1) {
+    while ((opt = getopt(argc, argv, "i:s:d:c:v:p:n:f:F:t:C:l:Y")) != -1) {
         switch (opt) {
         case 'i': ifname = optarg; break;
         case 's': parse_mac(optarg, src_mac); have_src = 1; break;
@@ -190,6 +190,7 @@ int main(int argc, char **argv)
         case 't': seconds = atof(optarg); break;
         case 'C': cpu = atoi(optarg); break;
         case 'l': len = strtoul(optarg, NULL, 10); break;
+        case 'Y': yield = 1; break;
         default:
             fprintf(stderr, "usage: %s -i IFACE -s SRC_MAC -d DST_MAC -c CLIENT -v VIP [-p PORT] [-n FLOWS] "
                             "[-f FIRST] [-F S|A] [-t SECONDS] [-C CPU] [-l LEN]\n", argv[0]);
@@ -249,6 +250,8 @@ int main(int argc, char **argv)
                 die("sendmmsg");
             r = 0;
         }
+        if (yield && r < BATCH)
+            sched_yield();
         sent += (unsigned)r;
         failed += BATCH - (unsigned)r;
         t = now();

@@ -73,6 +73,28 @@ class BpfProgInfo(ct.Structure):
         ("nr_map_ids", ct.c_uint32),
         ("map_ids", ct.c_uint64),
         ("name", ct.c_char * 16),
+        ("ifindex", ct.c_uint32),
+        ("gpl_compatible", ct.c_uint32),  # a 1-bit field in the UAPI, then padding
+        ("netns_dev", ct.c_uint64),
+        ("netns_ino", ct.c_uint64),
+        ("nr_jited_ksyms", ct.c_uint32),
+        ("nr_jited_func_lens", ct.c_uint32),
+        ("jited_ksyms", ct.c_uint64),
+        ("jited_func_lens", ct.c_uint64),
+        ("btf_id", ct.c_uint32),
+        ("func_info_rec_size", ct.c_uint32),
+        ("func_info", ct.c_uint64),
+        ("nr_func_info", ct.c_uint32),
+        ("nr_line_info", ct.c_uint32),
+        ("line_info", ct.c_uint64),
+        ("jited_line_info", ct.c_uint64),
+        ("nr_jited_line_info", ct.c_uint32),
+        ("line_info_rec_size", ct.c_uint32),
+        ("jited_line_info_rec_size", ct.c_uint32),
+        ("nr_prog_tags", ct.c_uint32),
+        ("prog_tags", ct.c_uint64),
+        ("run_time_ns", ct.c_uint64),     # while run-time stats are on (enable_run_stats)
+        ("run_cnt", ct.c_uint64),
     ]
 
 
@@ -105,6 +127,7 @@ def _lib() -> ct.CDLL:
     lib.bpf_map_get_fd_by_id.argtypes = [ct.c_uint32]
     lib.bpf_obj_get_info_by_fd.argtypes = [ct.c_int, ct.c_void_p, ct.POINTER(ct.c_uint32)]
     lib.bpf_prog_test_run_opts.argtypes = [ct.c_int, ct.POINTER(BpfTestRunOpts)]
+    lib.bpf_enable_stats.argtypes = [ct.c_int]
     lib.bpf_prog_load.argtypes = [ct.c_int, ct.c_char_p, ct.c_char_p, ct.c_void_p, ct.c_size_t, ct.c_void_p]
     return lib
 
@@ -137,6 +160,18 @@ def prog_info(fd: int) -> BpfProgInfo:
     size = ct.c_uint32(ct.sizeof(info))
     _check(_lib().bpf_obj_get_info_by_fd(fd, ct.byref(info), ct.byref(size)), "program info")
     return info
+
+
+BPF_STATS_RUN_TIME = 0
+
+
+def enable_run_stats() -> int:
+    """Turn on the kernel's per-program run-time stats (run_time_ns, run_cnt in
+    prog_info) until the returned fd is closed. Kernel-wide: while on, every
+    BPF program on the machine pays two clock reads per run (what
+    sysctl kernel.bpf_stats_enabled does, but ended by the fd's close even if
+    the process dies)."""
+    return _check(_lib().bpf_enable_stats(BPF_STATS_RUN_TIME), "enable BPF run-time stats")
 
 
 def prog_map_ids(fd: int) -> list[int]:
