@@ -13,7 +13,11 @@
  * address (j / 65535) % 256: the numbering of l4lb/lab/flows.py.
  *
  *   trafficgen -i IFACE -s SRC_MAC -d DST_MAC -c CLIENT -v VIP [-p PORT]
- *              [-n FLOWS] [-f FIRST] [-F S|A] [-t SECONDS] [-C CPU] [-l LEN]
+ *              [-n FLOWS] [-f FIRST] [-F S|A] [-t SECONDS] [-C CPU] [-l LEN] [-Y]
+ *
+ * -Y: sched_yield() after a batch the interface did not take whole (its ring
+ * full), so that a NAPI kernel thread on the same CPU (threaded NAPI) gets
+ * to drain it rather than wait for the end of the sender's time slice.
  *
  * -n 1: every frame is flow FIRST; -n 0: flow FIRST, FIRST+1, ... (a new flow
  * every frame). Prints one line: sent=N failed=N seconds=S cpu_seconds=C next=J
@@ -193,7 +197,7 @@ int main(int argc, char **argv)
         case 'Y': yield = 1; break;
         default:
             fprintf(stderr, "usage: %s -i IFACE -s SRC_MAC -d DST_MAC -c CLIENT -v VIP [-p PORT] [-n FLOWS] "
-                            "[-f FIRST] [-F S|A] [-t SECONDS] [-C CPU] [-l LEN]\n", argv[0]);
+                            "[-f FIRST] [-F S|A] [-t SECONDS] [-C CPU] [-l LEN] [-Y]\n", argv[0]);
             return 2;
         }
     }
