@@ -549,6 +549,8 @@ def main() -> int:
     ap.add_argument("--cpu", type=int, default=0, help="CPU of the sender and the NAPI threads (default 0)")
     ap.add_argument("--napi", choices=("softirq", "threaded"), default="softirq",
                     help="where the veth's NAPI runs (default softirq, the veth's default)")
+    ap.add_argument("--flow-table", type=int, default=1 << 20,
+                    help="flow-table entries (default 1,048,576, the datapath's default; --quick: 65,536)")
     ap.add_argument("--hits-only", action="store_true",
                     help="only the floors and the same-flow rows (more rounds in the same time)")
     args = ap.parse_args()
@@ -558,7 +560,7 @@ def main() -> int:
     if not TRAFFICGEN.exists():
         print(f"{TRAFFICGEN} is missing: scripts/setup.sh (make setup) builds it", file=sys.stderr)
         return 1
-    flow_table = 1 << 16 if args.quick else 1 << 20  # 1 << 20: the datapath's default
+    flow_table = 1 << 16 if args.quick else args.flow_table
     loads = [os.getloadavg()]
     with private_bpffs("l4fr-traffic-") as bpffs:
         with PacketEnv(bpffs, n_backends=N_BACKENDS, prefix="l4fr", flow_table_size=flow_table) as env:
