@@ -91,7 +91,6 @@ from l4lb.datapath.engine import hash_seed
 from l4lb.datapath.jiffies import KernelClock
 from l4lb.datapath.loader import compile_program
 from l4lb.datapath.recorder import FilterEntry, RecorderMaps
-from l4lb.datapath.source import compile_bpf
 from l4lb.lab import netns
 from l4lb.lab.bpffs import private_bpffs
 from l4lb.lab.flows import ETH_HLEN, FLOW_SPACE, FLOWS_PER_BYTE, flow_frames, flow_of
@@ -267,11 +266,11 @@ class Rig:
         self.armed.write(entries)
         from bcc import BPF
 
-        self.rx = compile_bpf("traffic_xdp.c", text=XDP_SOURCE.read_text())
-        self.floors = env.compile_floors(undo=False)
+        # The encap floors and traffic_xdp.c's programs in one compile (each costs seconds).
+        self.rx = env.compile_floors(undo=False, extra=XDP_SOURCE.read_text())
         self.fds = {("macswap", f): self.rx.load_func(b"floor_macswap", BPF.XDP).fd for f in (4, 6)}
         for f in (4, 6):
-            self.fds[("encap", f)] = self.floors.load_func(ENCAP_FLOOR[f], BPF.XDP).fd
+            self.fds[("encap", f)] = self.rx.load_func(ENCAP_FLOOR[f], BPF.XDP).fd
             self.fds[("l4lb", f)] = env.dp.prog_fd
             self.fds[("recorder", f)] = self.recorder.fd
         rx_fd = self.rx.load_func(b"rx_count", BPF.XDP).fd
@@ -469,7 +468,6 @@ class Rig:
 
     def close(self) -> None:
         self.recorder.bpf.cleanup()
-        self.floors.cleanup()
         self.rx.cleanup()
 
 

@@ -11,7 +11,8 @@
  * SAMPLE_LEN bytes of every SAMPLE_EVERY-th frame in a ring of SAMPLES slots
  * for the bench to check against l4lb's Maglev in Python, and drops them.
  *
- * Compiled by bench/traffic.py through l4lb.datapath.source.compile_bpf. */
+ * Compiled by bench/traffic.py in one object with bpf_src/bench_floor.c
+ * (PacketEnv.compile_floors(extra=...): one BCC compile, not two). */
 #include <uapi/linux/bpf.h>
 #include <linux/in.h>
 #include <linux/if_ether.h>

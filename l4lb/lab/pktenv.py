@@ -15,7 +15,7 @@ from typing import Any
 from l4lb.datapath import Datapath, DatapathConfig
 from l4lb.datapath.libbpf import test_run
 from l4lb.datapath.loader import flow_cflags
-from l4lb.datapath.source import compile_bpf
+from l4lb.datapath.source import bpf_src_dir, compile_bpf
 from l4lb.lab import netns
 
 EDGE_IF, EDGE_PEER = "edge0", "edge0p"
@@ -125,14 +125,17 @@ class PacketEnv:
         return self.call(test_run, self.dp.prog_fd, packet, ingress_ifindex=ingress or self.edge_ifindex,
                          repeat=repeat)
 
-    def compile_floors(self, *, undo: bool) -> Any:
+    def compile_floors(self, *, undo: bool, extra: str = "") -> Any:
         """bpf_src/bench_floor.c as a ``bcc.BPF``: the floor programs benches measure beside
         l4lb. Its flow-cache floors use the datapath's headers at this env's flow-table size,
-        their maps pinned in a directory of their own; ``undo`` builds with -DBENCH_UNDO."""
+        their maps pinned in a directory of their own; ``undo`` builds with -DBENCH_UNDO.
+        ``extra``: more C (a bench's own programs) compiled into the same object, since
+        a BCC compile costs seconds even for a small file."""
         pin_dir = self.cfg.bpffs / "bench-floor-maps"
         pin_dir.mkdir(exist_ok=True)
         cflags = [f'-DPIN_DIR="{pin_dir}"', *flow_cflags(self.cfg.flow_table_size)]
-        return compile_bpf("bench_floor.c", cflags + (["-DBENCH_UNDO"] if undo else []))
+        text = (bpf_src_dir() / "bench_floor.c").read_text() + "\n" + extra if extra else None
+        return compile_bpf("bench_floor.c", cflags + (["-DBENCH_UNDO"] if undo else []), text=text)
 
     def close(self) -> None:
         try:
