@@ -4,10 +4,18 @@ the suite is meant to run on a machine that can load BPF."""
 from __future__ import annotations
 
 import os
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+# A shell without job control starts background commands (`make test &`) with SIGINT
+# ignored, and an ignored signal stays ignored in every child: the tests that press
+# Ctrl-C on l4lbctl or the demo would wait on a process that never hears it. A handled
+# signal is reset to its default on exec, so children get Ctrl-C as from a terminal.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def _require_root() -> None:
