@@ -50,18 +50,24 @@ def tier(bpffs: Path, lab_decap):
         pytest.fail("BIRD 2 is not installed: run scripts/setup.sh (apt-get install bird2)", pytrace=False)
     with Lab(clients=1, backends=3, lbs=3, router=True, prefix="l4bgp", decap=lab_decap) as lab:
         addrs = [h.ip4 for h in lab.backends.values()]
+        addrs6 = [h.ip6 for h in lab.backends.values()]
         services = [
             {"name": "web10", "vip": lab.vips4[0], "port": 80, "backends": [{"address": a} for a in addrs]},
             {"name": "dns10", "vip": lab.vips4[0], "port": UDP, "protocol": "udp",
              "backends": [{"address": a} for a in addrs]},
             {"name": "web11", "vip": lab.vips4[1], "port": 80, "backends": [{"address": a} for a in addrs]},
+            # IPv6 VIPs with IPv6 backends (IP6IP6), announced over the IPv6 sessions.
+            {"name": "web6", "vip": lab.vips6[0], "port": 80, "backends": [{"address": a} for a in addrs6]},
+            {"name": "dns6", "vip": lab.vips6[0], "port": UDP, "protocol": "udp",
+             "backends": [{"address": a} for a in addrs6]},
+            {"name": "web61", "vip": lab.vips6[1], "port": 80, "backends": [{"address": a} for a in addrs6]},
         ]
         work = Path(tempfile.mkdtemp(prefix="l4bgp-"))
         t = Tier(lab, work, bpffs, services)
         try:
             t.up()
-            for vip in lab.vips4:
-                t.wait_nexthops(f"{vip}/32", all_boxes(t))
+            for prefix, hops in every_prefix(t):
+                t.wait_nexthops(prefix, hops)
             yield t
         finally:
             t.down()
@@ -70,6 +76,12 @@ def tier(bpffs: Path, lab_decap):
 
 def all_boxes(t: Tier) -> set[str]:
     return {b.ip for b in t.boxes.values()}
+
+
+def every_prefix(t: Tier) -> list[tuple[str, set[str]]]:
+    """Every VIP prefix of the tier, with the router's next hops when every box announces it."""
+    return ([(f"{v}/32", t.addresses(4)) for v in t.lab.vips4]
+            + [(f"{v}/128", t.addresses(6)) for v in t.lab.vips6])
 
 
 def ctl(t: Tier, *args: str, boxes: list[str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -93,10 +105,10 @@ def packets(t: Tier, box: str, service: str) -> int:
 
 
 def test_every_box_announces_and_the_router_has_one_next_hop_per_box(tier: Tier) -> None:
-    for vip in tier.lab.vips4:
-        assert tier.nexthops(f"{vip}/32") == all_boxes(tier)
+    for prefix, hops in every_prefix(tier):
+        assert tier.nexthops(prefix) == hops, prefix
     for name, box in tier.boxes.items():
-        want = {f"{v}/32": "announced" for v in tier.lab.vips4}
+        want = {prefix: "announced" for prefix, _ in every_prefix(tier)}
         deadline = time.monotonic() + 5  # the daemon reads the speaker back every poll_interval
         with box.l4lbd.client() as c:
             while True:
@@ -107,15 +119,21 @@ def test_every_box_announces_and_the_router_has_one_next_hop_per_box(tier: Tier)
                 time.sleep(0.1)
             status = c.get("/v1/status").json()
             metrics = c.get("/metrics").text
-        assert [s["bgp_state"] for s in bgp["sessions"]] == ["Established"], (name, bgp)
-        assert status["bgp"]["announced"] == [f"{v}/32" for v in tier.lab.vips4]
-        assert f'l4lb_bgp_session_established{{peer="{tier.lab.router_ip4}",state="Established"}} 1.0' in metrics
+        # One session per family, each over its own.
+        assert {s["peer"]: s["bgp_state"] for s in bgp["sessions"]} == {
+            tier.lab.router_ip4: "Established", tier.lab.router_ip6: "Established"}, (name, bgp)
+        assert status["bgp"]["announced"] == sorted(want)
+        for peer in (tier.lab.router_ip4, tier.lab.router_ip6):
+            assert f'l4lb_bgp_session_established{{peer="{peer}",state="Established"}} 1.0' in metrics
         assert 'l4lb_bgp_prefix_announced{prefix="198.51.100.10/32",reason="serving",state="announced"} 1.0' in metrics
+        assert ('l4lb_bgp_prefix_announced{prefix="2001:db8:0:100::10/128",reason="serving",state="announced"} 1.0'
+                in metrics)
     cp = ctl(tier, "fleet", "status")
     assert cp.returncode == 0, cp.stdout + cp.stderr
     assert cp.stdout.count(" same") == 3 and "DIFFERS" not in cp.stdout, cp.stdout
     table = ctl(tier, "status", boxes=["lb2"])
-    assert "Announced:     198.51.100.10/32, 198.51.100.11/32" in table.stdout, table.stdout
+    assert ("Announced:     198.51.100.10/32, 198.51.100.11/32, 2001:db8:0:100::10/128, 2001:db8:0:100::11/128"
+            in table.stdout), table.stdout
 
 
 def test_flows_spread_over_boxes_and_keep_their_backend_whichever_box(tier: Tier) -> None:
@@ -136,6 +154,53 @@ def test_flows_spread_over_boxes_and_keep_their_backend_whichever_box(tier: Tier
             assert udp_backends(tier, ports) == via_router, f"{name} picks other backends"
         finally:
             lab.run("c1", "ip", "route", "del", f"{lab.vips4[0]}/32")
+
+
+def forwarded6(t: Tier, host: str) -> int:
+    """IPv6 datagrams the kernel of ``host`` forwarded (XDP_TX does not count: the kernel never sees those)."""
+    def read() -> int:
+        text = Path("/proc/thread-self/net/snmp6").read_text()
+        return int(next(line.split()[1] for line in text.splitlines() if line.startswith("Ip6OutForwDatagrams")))
+    return t.lab.call(host, read)
+
+
+def test_ipv6_flows_spread_over_boxes_reach_the_backends_and_replies_go_direct(tier: Tier) -> None:
+    lab, vip, ports = tier.lab, tier.lab.vips6[0], range(43000, 43040)
+    c1 = lab.clients["c1"].ip6
+    before = {n: packets(tier, n, "dns6") for n in tier.boxes}
+    fwd = {h: forwarded6(tier, h) for h in ["router", *tier.boxes]}
+    replies = {p: lab.udp("c1", vip, port=UDP, sport=p) for p in ports}
+    assert all(r is not None and r.backend in lab.backends and r.peer[0] == vip for r in replies.values()), replies
+    got = {n: packets(tier, n, "dns6") - before[n] for n in tier.boxes}
+    chosen = {p: tier.box_of_flow(c1, p, vip, UDP) for p in ports}
+    assert {n: list(chosen.values()).count(n) for n in tier.boxes} == got
+    assert sum(got.values()) == len(ports) and all(v > 0 for v in got.values()), got
+    # Replies go from the backend straight to the client: the router forwarded the requests
+    # only, and no box's kernel forwarded anything (requests leave a box by XDP_TX).
+    after = {h: forwarded6(tier, h) for h in fwd}
+    assert after["router"] - fwd["router"] == len(ports), (fwd, after)
+    assert all(after[n] == fwd[n] for n in tier.boxes), (fwd, after)
+    b1 = lab.backends["b1"]
+    route = json.loads(lab.run(b1.ns, "ip", "-j", "-6", "route", "get", c1, "from", vip).stdout)[0]
+    assert "gateway" not in route and route["dev"] == "eth0", route
+    # TCP (curl -6): every connection served, the backend sees the client's own address.
+    web_before = {n: packets(tier, n, "web6") for n in tier.boxes}
+    via: set[str] = set()
+    for port in range(43100, 43115):
+        r = lab.curl("c1", lab.url(vip), local_port=port, args=["-6"])
+        assert r.ok and r.backend in lab.backends, (r.returncode, r.stderr)
+        assert (r.fields["client_ip"], r.fields["local_ip"]) == (c1, vip), r.fields
+        via.add(tier.box_of_flow(c1, port, vip, 80, "tcp"))
+    assert len(via) > 1, via
+    assert {n for n in tier.boxes if packets(tier, n, "web6") > web_before[n]} == via
+    # The same flows pinned to each box in turn (a /128 on the client) land on the same backends.
+    first = {p: r.backend for p, r in replies.items()}
+    for name, box in tier.boxes.items():
+        lab.run("c1", "ip", "-6", "route", "replace", f"{vip}/128", "via", box.ip6)
+        try:
+            assert {p: lab.udp("c1", vip, port=UDP, sport=p).backend for p in ports} == first, name
+        finally:
+            lab.run("c1", "ip", "-6", "route", "del", f"{vip}/128")
 
 
 class Traffic(threading.Thread):
@@ -211,7 +276,10 @@ def test_service_without_usable_backend_is_withdrawn_from_that_box_only(tier: Ti
             p11 = next(p for p in c.get("/v1/bgp").json()["prefixes"] if p["prefix"] == vip11)
         assert (p11["state"], p11["reason"]) == ("withdrawn", "no usable backend: web11")
         cp = ctl(tier, "fleet", "status")
-        rows = {line.split()[0]: line for line in cp.stdout.splitlines()[1:]}
+        boxes_table, _, prefixes_table = cp.stdout.partition("\n\n")
+        rows = {line.split()[0]: line for line in boxes_table.splitlines()[1:]}
+        announced_by = {line.split()[0]: line.split()[1:] for line in prefixes_table.splitlines()[1:]}
+        assert announced_by[vip11] == ["2/3", f"unix:{box.l4lbd.socket}"] and announced_by[vip10] == ["3/3"], cp.stdout
         assert cp.returncode == 1 and f"boxes differ: unix:{box.l4lbd.socket}" in cp.stderr, cp.stdout + cp.stderr
         assert rows.pop(f"unix:{box.l4lbd.socket}").endswith("DIFFERS: web11 table"), cp.stdout
         assert all(r.endswith("same") for r in rows.values()), cp.stdout
@@ -229,6 +297,37 @@ def test_service_without_usable_backend_is_withdrawn_from_that_box_only(tier: Ti
     assert cp.returncode == 1 and "not tried: unix:" in cp.stderr and cp.stderr.count("unix:") == 3, cp.stderr
     cp = ctl(tier, "apply", "--continue", "-f", str(path))
     assert cp.returncode == 1 and cp.stdout.count("FAILED") == 3 and "not tried" not in cp.stderr, cp.stderr
+
+
+def test_ipv6_vip_without_usable_backend_is_withdrawn_from_that_box_only(tier: Tier) -> None:
+    vip60, vip61 = (f"{v}/128" for v in tier.lab.vips6)
+    box = tier.boxes["lb2"]
+    with box.l4lbd.client() as c:
+        doc = c.get("/v1/state").json()
+        for b in tier.lab.backends.values():
+            r = c.patch(f"/v1/services/web61/backends/{b.ip6}", json={"state": "draining"})
+            assert r.status_code == 200, r.text
+    try:
+        tier.wait_nexthops(vip61, tier.addresses(6) - {box.ip6})
+        for prefix, hops in every_prefix(tier):
+            if prefix != vip61:
+                assert tier.nexthops(prefix) == hops, prefix
+        with box.l4lbd.client() as c:
+            prefixes = {p["prefix"]: p for p in c.get("/v1/bgp").json()["prefixes"]}
+        assert (prefixes[vip61]["state"], prefixes[vip61]["reason"]) == ("withdrawn", "no usable backend: web61")
+        assert prefixes[vip60]["state"] == "announced", prefixes[vip60]
+        cp = ctl(tier, "fleet", "status")
+        rows = {line.split()[0]: line.split()[1:] for line in cp.stdout.splitlines() if "/" in line.split()[0]}
+        assert rows[vip61] == ["2/3", f"unix:{box.l4lbd.socket}"], cp.stdout
+        assert rows[vip60] == ["3/3"] and rows["198.51.100.11/32"] == ["3/3"], cp.stdout
+        js = json.loads(ctl(tier, "-o", "json", "fleet", "status").stdout)
+        assert js["prefixes"][vip61] == sorted(f"unix:{b.l4lbd.socket}" for b in tier.boxes.values() if b is not box)
+    finally:
+        path = box.dir / "state6.json"
+        path.write_text(json.dumps({"services": doc["services"]}))
+        cp = ctl(tier, "apply", "-f", str(path), boxes=["lb2"])
+        assert cp.returncode == 0, cp.stdout + cp.stderr
+    tier.wait_nexthops(vip61, tier.addresses(6))
 
 
 def test_box_drain_moves_new_traffic_off_before_the_withdraw(tier: Tier) -> None:

@@ -40,6 +40,16 @@ def compare(boxes: dict[str, dict[str, Any] | None]) -> dict[str, list[str]]:
     return out
 
 
+def coverage(boxes: dict[str, dict[str, Any] | None]) -> dict[str, list[str]]:
+    """Prefix -> the boxes announcing it, over the reachable boxes with BGP (IPv4 and IPv6 alike).
+
+    Every prefix some box knows (announced or withdrawn) is listed, so one withdrawn by every box shows too."""
+    bgp = {n: s["bgp"] for n, s in boxes.items() if s is not None and s.get("bgp")}
+    known = {p for b in bgp.values() for p in (b.get("announced") or []) + (b.get("withdrawn") or [])}
+    return {p: sorted(n for n, b in bgp.items() if p in (b.get("announced") or []))
+            for p in sorted(known, key=lambda p: (":" in p, p))}
+
+
 @click.group("fleet", short_help="Several boxes at once: compare what they forward and announce.")
 def fleet() -> None:
     """Commands over the boxes named by repeated --url/--socket, or --fleet FILE
@@ -60,8 +70,9 @@ def status(app: App) -> None:
         except CliError as e:
             boxes[ep.label], errors[ep.label] = None, e.message
     diffs = compare(boxes)
+    prefixes = coverage(boxes)
     if app.output != "table":
-        emit({"boxes": boxes, "differs": diffs, "errors": errors}, app.output)
+        emit({"boxes": boxes, "differs": diffs, "errors": errors, "prefixes": prefixes}, app.output)
     else:
         rows = []
         for name, s in boxes.items():
@@ -77,6 +88,11 @@ def status(app: App) -> None:
                          "DIFFERS: " + ", ".join(diffs[name]) if name in diffs else "same"])
         click.echo(table(["BOX", "READY", "REVISION", "DIGEST", "BOX STATE", "SESSIONS", "ANNOUNCED", "TABLES"],
                          rows, right=[False, False, True, False, False, False, True, False]))
+        if prefixes:  # which box announces what: a VIP (v4 or v6) one box withdrew stands out
+            with_bgp = [n for n, s in boxes.items() if s is not None and s.get("bgp")]
+            click.echo("\n" + table(["PREFIX", "ANNOUNCED BY", "NOT BY"],
+                                     [[p, f"{len(by)}/{len(with_bgp)}", ", ".join(n for n in with_bgp if n not in by)]
+                                      for p, by in prefixes.items()], right=[False, True, False]))
     if diffs:
         raise CliError(f"{len(diffs)} of {len(boxes)} boxes differ: {', '.join(sorted(diffs))}",
                        "apply the same document to every box (l4lbctl --fleet FILE apply -f state.yaml) "

@@ -3,10 +3,13 @@
 ``Lab(lbs=N, router=True)`` gives the namespaces (clients, ``router``, ``lb``
 … ``lbN``, backends, all on segment A). A ``Tier`` runs what a real tier runs:
 
-* on the router, BIRD 2 with one eBGP session per box (BFD, short timers),
-  ``merge paths on`` so the kernel gets one ECMP route with a next hop per
-  box (hashed on L4: the lab sets ``fib_multipath_hash_policy=1``), and the
-  RFC 8326 graceful-shutdown community honoured (local preference 0);
+* on the router, BIRD 2 with two eBGP sessions per box, one per address
+  family, each over its own family (an IPv4 session carries the IPv4 VIPs, an
+  IPv6 session the IPv6 ones; BFD, short timers), ``merge paths on`` so the
+  kernel gets one ECMP route with a next hop per box (hashed on L4: the lab
+  sets ``fib_multipath_hash_policy=1`` for both families), IPv6 next hops
+  taken as the boxes' global addresses, and the RFC 8326 graceful-shutdown
+  community honoured (local preference 0);
 * on each box, BIRD 2 (its own process, so it outlives l4lbd, as the
   distribution's unit does) whose main config includes what l4lbd generates,
   and l4lbd itself with a ``[bgp]`` section, the same seed and the same
@@ -41,11 +44,20 @@ SEED = "dGllci1zZWVkLTEy"  # base64 of "tier-seed-12": the same on every box
 BFD_MS, BFD_MULT = 100, 10
 
 
+def _peer_name(ip: str) -> str:
+    return "lb_" + ip.replace(".", "_").replace(":", "_")
+
+
 def router_config(router_ip: str, boxes: Iterable[str], *, bfd_ms: int = BFD_MS, bfd_mult: int = BFD_MULT,
                   log: str = "syslog") -> str:
-    """BIRD 2 on the upstream router: ECMP over the boxes, BFD, graceful shutdown honoured."""
-    peers = "\n".join(f"protocol bgp lb_{ip.replace('.', '_')} from tier {{ neighbor {ip} as {TIER_AS}; }}"
-                      for ip in boxes)
+    """BIRD 2 on the upstream router: ECMP over the boxes, BFD, graceful shutdown honoured.
+
+    ``boxes``: every address of every box that the router peers with; an IPv4 address
+    gets an IPv4 session (IPv4 VIPs), an IPv6 address an IPv6 session (IPv6 VIPs)."""
+    peers = "\n".join(f"protocol bgp {_peer_name(ip)} from tier{'6' if ':' in ip else ''} "
+                      f"{{ neighbor {ip} as {TIER_AS}; }}" for ip in boxes)
+    common = (f"  local as {ROUTER_AS};\n  bfd on;\n  hold time 9;\n"
+              "  connect delay time 1; connect retry time 1; error wait time 1, 5;")
     return f"""log {log} all;
 router id {router_ip};
 protocol device {{}}
@@ -56,11 +68,13 @@ protocol kernel {{ ipv6 {{ export all; }}; merge paths on; }}
 # RFC 8326: a box that drains tags its routes GRACEFUL_SHUTDOWN; prefer the others.
 filter from_tier {{ if (65535, 0) ~ bgp_community then bgp_local_pref = 0; accept; }}
 template bgp tier {{
-  local as {ROUTER_AS};
-  bfd on;
-  hold time 9;
-  connect delay time 1; connect retry time 1; error wait time 1, 5;
+{common}
   ipv4 {{ import filter from_tier; export none; }};
+}}
+# IPv6 VIPs over IPv6 sessions; the box's global address as next hop, not its link-local one.
+template bgp tier6 {{
+{common}
+  ipv6 {{ import filter from_tier; export none; next hop prefer global; }};
 }}
 {peers}
 """
@@ -78,7 +92,8 @@ include "{include_dir}/*.conf";
 class Box:
     name: str
     ns: str
-    ip: str
+    ip: str           # IPv4: the router's next hop for IPv4 VIPs
+    ip6: str          # IPv6: the router's next hop for IPv6 VIPs
     dir: Path
     l4lbd: L4lbd
     bird: subprocess.Popen | None = None
@@ -113,7 +128,7 @@ class Tier:
         rdir = self.workdir
         rdir.mkdir(parents=True, exist_ok=True)
         conf = rdir / "router.conf"
-        conf.write_text(router_config(lab.router_ip4, [h.ip4 for h in lab.lbs.values()],
+        conf.write_text(router_config(lab.router_ip4, [a for h in lab.lbs.values() for a in (h.ip4, h.ip6)],
                                       log=f'"{rdir / "router.log"}"'))
         self.router_bird = lab.popen("router", "bird", "-f", "-c", conf, "-s", self.router_socket,
                                      "-P", rdir / "router.pid", stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -124,12 +139,15 @@ class Tier:
             pins.mkdir(exist_ok=True)
             cfg = default_config(d, pins, [host.ifname])
             cfg["datapath"]["maglev_seed"] = SEED
-            box = Box(name, host.ns, host.ip4, d, L4lbd(host.ns, d, cfg))
+            box = Box(name, host.ns, host.ip4, host.ip6, d, L4lbd(host.ns, d, cfg))
             cfg["bgp"] = {"local_as": TIER_AS, "router_id": host.ip4, "hold_time": 9, "connect_retry": 1,
                           "poll_interval": 0.5, "drain_delay": 5, "bird_socket": str(box.bird_socket),
                           "bird_include": str(box.include),
                           "bfd": {"interval_ms": BFD_MS, "multiplier": BFD_MULT},
-                          "peers": [{"address": lab.router_ip4, "remote_as": ROUTER_AS, "bfd": True}], **self.bgp}
+                          # One session per family, each over its own (README: "IPv6 VIPs").
+                          "peers": [{"address": lab.router_ip4, "remote_as": ROUTER_AS, "bfd": True},
+                                    {"address": lab.router_ip6, "remote_as": ROUTER_AS, "bfd": True}],
+                          **self.bgp}
             (d / "bird.conf").write_text(box_bird_config(d / "bird", log=f'"{d / "bird.log"}"'))
             self.boxes[name] = box
             self.start_bird(box)
@@ -157,9 +175,14 @@ class Tier:
 
     # -- looking at the router ------------------------------------------------------------
 
+    def addresses(self, family: int = 4) -> set[str]:
+        """Every box's address of that family: the router's next hops when all boxes announce."""
+        return {b.ip6 if family == 6 else b.ip for b in self.boxes.values()}
+
     def nexthops(self, prefix: str) -> set[str]:
         """Next hops of the router's kernel route to ``prefix`` (one per box announcing it)."""
-        out = netns.ip(self.lab.ns_of("router"), "-j", "route", "show", prefix).stdout
+        fam = "-6" if ":" in prefix else "-4"
+        out = netns.ip(self.lab.ns_of("router"), "-j", fam, "route", "show", prefix).stdout
         hops: set[str] = set()
         for r in json.loads(out or "[]"):
             if "gateway" in r:
@@ -190,4 +213,4 @@ class Tier:
         out = netns.ip(self.lab.ns_of("router"), "-j", "route", "get", dst, "from", src, "iif", "eth0",
                        "ipproto", proto, "sport", sport, "dport", dport).stdout
         gw = json.loads(out)[0]["gateway"]
-        return next(n for n, b in self.boxes.items() if b.ip == gw)
+        return next(n for n, b in self.boxes.items() if gw in (b.ip, b.ip6))
