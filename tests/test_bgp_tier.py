@@ -172,8 +172,8 @@ def test_ipv6_flows_spread_over_boxes_reach_the_backends_and_replies_go_direct(t
     replies = {p: lab.udp("c1", vip, port=UDP, sport=p) for p in ports}
     assert all(r is not None and r.backend in lab.backends and r.peer[0] == vip for r in replies.values()), replies
     got = {n: packets(tier, n, "dns6") - before[n] for n in tier.boxes}
-    chosen = {p: tier.box_of_flow(c1, p, vip, UDP) for p in ports}
-    assert {n: list(chosen.values()).count(n) for n in tier.boxes} == got
+    # (No `ip route get` prediction here as for IPv4: the sender's kernel gives an IPv6 skb a
+    # random-seeded L4 hash for its flow label, and the router, on the same kernel, reuses it.)
     assert sum(got.values()) == len(ports) and all(v > 0 for v in got.values()), got
     # Replies go from the backend straight to the client: the router forwarded the requests
     # only, and no box's kernel forwarded anything (requests leave a box by XDP_TX).
@@ -185,14 +185,12 @@ def test_ipv6_flows_spread_over_boxes_reach_the_backends_and_replies_go_direct(t
     assert "gateway" not in route and route["dev"] == "eth0", route
     # TCP (curl -6): every connection served, the backend sees the client's own address.
     web_before = {n: packets(tier, n, "web6") for n in tier.boxes}
-    via: set[str] = set()
     for port in range(43100, 43115):
         r = lab.curl("c1", lab.url(vip), local_port=port, args=["-6"])
         assert r.ok and r.backend in lab.backends, (r.returncode, r.stderr)
         assert (r.fields["client_ip"], r.fields["local_ip"]) == (c1, vip), r.fields
-        via.add(tier.box_of_flow(c1, port, vip, 80, "tcp"))
+    via = {n for n in tier.boxes if packets(tier, n, "web6") > web_before[n]}
     assert len(via) > 1, via
-    assert {n for n in tier.boxes if packets(tier, n, "web6") > web_before[n]} == via
     # The same flows pinned to each box in turn (a /128 on the client) land on the same backends.
     first = {p: r.backend for p, r in replies.items()}
     for name, box in tier.boxes.items():
@@ -317,7 +315,7 @@ def test_ipv6_vip_without_usable_backend_is_withdrawn_from_that_box_only(tier: T
         assert (prefixes[vip61]["state"], prefixes[vip61]["reason"]) == ("withdrawn", "no usable backend: web61")
         assert prefixes[vip60]["state"] == "announced", prefixes[vip60]
         cp = ctl(tier, "fleet", "status")
-        rows = {line.split()[0]: line.split()[1:] for line in cp.stdout.splitlines() if "/" in line.split()[0]}
+        rows = {line.split()[0]: line.split()[1:] for line in cp.stdout.partition("\n\n")[2].splitlines()[1:]}
         assert rows[vip61] == ["2/3", f"unix:{box.l4lbd.socket}"], cp.stdout
         assert rows[vip60] == ["3/3"] and rows["198.51.100.11/32"] == ["3/3"], cp.stdout
         js = json.loads(ctl(tier, "-o", "json", "fleet", "status").stdout)

@@ -206,7 +206,9 @@ class Bird:
             else:
                 self.write(old)
             raise SpeakerError(f"BIRD refused the new configuration, previous one kept: {e}") from None
-        if "Reconfigured" not in out and "Reconfiguration in progress" not in out:
+        # "in progress": BIRD is still shutting something down for it; "queueing new config": a
+        # previous reconfiguration still runs and BIRD applies this one (already parsed) after it.
+        if not any(m in out for m in ("Reconfigured", "Reconfiguration in progress", "queueing new config")):
             raise SpeakerError(f"birdc configure: {out.splitlines()[-1] if out else 'no answer'}")
         return True
 

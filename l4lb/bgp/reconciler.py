@@ -67,6 +67,7 @@ class Reconciler:
         self._error: str | None = None
         self._last_change: float | None = None
         self._applied: str | None = None   # the text the speaker runs (as far as we know)
+        self._retry = False                # the last hand-over failed: try again at the next poll
         self._thread: threading.Thread | None = None
 
     # -- the control core's side --------------------------------------------------------
@@ -131,7 +132,10 @@ class Reconciler:
                 view, box, cfg, dirty = self._view, self._box, self.cfg, self._dirty
                 self._dirty = False
             try:
-                if view is not None and (dirty or deadline is not None) and self._reconcile(view, box, cfg):
+                # A failed hand-over (BIRD busy, birdc timed out under load) is retried every
+                # poll_interval: nothing else would ask again until the next change.
+                if view is not None and (dirty or deadline is not None or self._retry) \
+                        and self._reconcile(view, box, cfg):
                     next_poll = 0.0  # the speaker has news: read it back at once
                 if time.monotonic() >= next_poll:
                     self._poll()
@@ -163,9 +167,10 @@ class Reconciler:
             return False  # not converged: don't know, change nothing
         changed = False
         text = render(cfg, prefixes)
+        self._retry = True
         try:
             changed = self._speaker.configure(text)
-            self._applied, self._error = text, None
+            self._applied, self._error, self._retry = text, None, False
             if changed:
                 log.info("BGP: %s", "; ".join(f"{p.prefix} {'announce' if p.announce else 'withdraw'} "
                                               f"({p.reason})" for p in prefixes) or "nothing to announce")
