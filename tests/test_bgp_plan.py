@@ -6,15 +6,17 @@ from __future__ import annotations
 
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
 
 from l4lb.bgp import plan as planner
-from l4lb.bgp.bird import parse_protocols, parse_routes, render
+from l4lb.bgp.bird import Session, SpeakerError, parse_protocols, parse_routes, render
 from l4lb.bgp.box import BOX, BoxState, BoxStore, Drain
 from l4lb.bgp.config import BgpSection
-from l4lb.cli.fleet import compare
+from l4lb.bgp.reconciler import Reconciler
+from l4lb.cli.fleet import compare, coverage
 from l4lb.config import ConfigError, parse
 from l4lb.models import DesiredState, Service
 from l4lb.view import View
@@ -183,3 +185,113 @@ def test_fleet_compare_flags_the_odd_box() -> None:
              "d": st("t", web="1"), "e": None}
     assert compare(boxes) == {"c": ["web table"], "d": ["maglev seed", "dns missing"], "e": ["unreachable"]}
     assert compare({"a": st("s", web="1"), "b": st("s", web="1")}) == {}
+
+
+# -- dual stack: an IPv6 session per router, as the tier lab and the README run it --------------
+
+DUAL = BgpSection.model_validate({"local_as": 65010, "router_id": "192.0.2.1", "poll_interval": 0.05,
+                                  "peers": [{"address": "192.0.2.254", "remote_as": 65000, "bfd": True},
+                                            {"address": "2001:db8:0:1::fe", "remote_as": 65000, "bfd": True}]})
+
+
+def _protocols(text: str) -> dict[str, str]:
+    """The generated BGP protocols by name, each with its body."""
+    return {b.split(None, 1)[0]: b for b in text.split("protocol bgp ")[1:]}
+
+
+def _bird_accepts(tmp_path: Path, text: str) -> subprocess.CompletedProcess[str]:
+    inc = tmp_path / "inc"
+    inc.mkdir(exist_ok=True)
+    (inc / "l4lbd.conf").write_text(text)
+    (tmp_path / "bird.conf").write_text(f'protocol device {{}}\ninclude "{inc}/*.conf";\n')
+    return subprocess.run(["bird", "-p", "-c", str(tmp_path / "bird.conf")], capture_output=True, text=True,
+                          timeout=30)
+
+
+def test_dual_stack_render_each_session_carries_its_own_family(tmp_path: Path) -> None:
+    v = view(svc("web", "198.51.100.10"), svc("web6", "2001:db8:0:100::10"), svc("dns6", "2001:db8:0:100::10", 53))
+    text = render(DUAL, planner.plan(v, BoxState(), DUAL, 0))
+    peers = _protocols(text)
+    v4, v6 = peers["l4lb_peer_192_0_2_254"], peers["l4lb_peer_2001_db8_0_1__fe"]
+    assert "neighbor 2001:db8:0:1::fe as 65000;" in v6 and "bfd on;" in v6
+    assert "ipv4 { table l4lb_v4;" in v4 and "ipv6" not in v4, v4
+    # The IPv6 session's own address is the next hop (BIRD adds the link-local one): nothing to configure.
+    assert "ipv6 { table l4lb_v6; import none; export filter l4lb_export_v6; };" in v6 and "ipv4" not in v6, v6
+    assert "route 2001:db8:0:100::10/128 blackhole;" in text and text.count("2001:db8:0:100::10/128") == 1
+    cp = _bird_accepts(tmp_path, text)
+    assert cp.returncode == 0, cp.stderr + text
+    # The other way round: IPv4 VIPs over an IPv6-only session need next_hop_v4, and BIRD takes it.
+    only6 = DUAL.model_copy(update={"peers": [DUAL.peers[1]], "next_hop_v4": "192.0.2.1"})
+    text = render(only6, planner.plan(v, BoxState(), only6, 0))
+    (v6,) = _protocols(text).values()
+    assert "ipv4 { table l4lb_v4; import none; export filter l4lb_export_v4; next hop address 192.0.2.1; };" in v6
+    cp = _bird_accepts(tmp_path, text)
+    assert cp.returncode == 0, cp.stderr + text
+
+
+class FakeBird:
+    """A speaker that refuses the first ``fail`` configures; holds what it was last given."""
+
+    def __init__(self, fail: int = 0, up: tuple[str, ...] = ("192.0.2.254", "2001:db8:0:1::fe")) -> None:
+        self.fail, self.up, self.calls, self.text = fail, up, 0, ""
+
+    def configure(self, text: str) -> bool:
+        self.calls += 1
+        if self.calls <= self.fail:
+            raise SpeakerError("birdc configure: no answer in 20s")
+        changed, self.text = text != self.text, text
+        return changed
+
+    def sessions(self) -> list[Session]:
+        return [Session(p.address.compressed, "x", "up", "Established" if p.address.compressed in self.up else "Active",
+                        "") for p in DUAL.peers]
+
+    def routes(self) -> set[str]:
+        return {line.split()[1] for line in self.text.splitlines() if line.strip().startswith("route ")}
+
+
+def _states(r: Reconciler) -> dict[str, str]:
+    return {p["prefix"]: p["state"] for p in r.status()["prefixes"]}
+
+
+def test_an_ipv6_prefix_is_announced_only_while_an_ipv6_session_is_up(tmp_path: Path) -> None:
+    bird = FakeBird(up=("192.0.2.254",))
+    r = Reconciler(DUAL, bird, BoxStore(tmp_path / "box.json"))
+    r.on_view(view(svc("web", "198.51.100.10"), svc("web6", "2001:db8:0:100::10")))
+    r.reconcile_once()
+    assert _states(r) == {"198.51.100.10/32": "announced", "2001:db8:0:100::10/128": "pending"}
+    bird.up = ("192.0.2.254", "2001:db8:0:1::fe")
+    r.reconcile_once()
+    assert _states(r) == {"198.51.100.10/32": "announced", "2001:db8:0:100::10/128": "announced"}
+    # Over the IPv4 session it counts only with next_hop_v6 (then that session carries IPv6 too).
+    bird.up = ("192.0.2.254",)
+    r.update_config(DUAL.model_copy(update={"next_hop_v6": "2001:db8:0:1::1"}))
+    r.reconcile_once()
+    assert _states(r)["2001:db8:0:100::10/128"] == "announced"
+
+
+def test_a_failed_hand_over_to_the_speaker_is_retried(tmp_path: Path) -> None:
+    bird = FakeBird(fail=2)
+    r = Reconciler(DUAL, bird, BoxStore(tmp_path / "box.json"))
+    r.start()
+    try:
+        r.on_view(view(svc("web6", "2001:db8:0:100::10")))
+        deadline = time.monotonic() + 30  # a bound for a stuck thread, not a timing claim
+        while _states(r) != {"2001:db8:0:100::10/128": "announced"}:
+            assert time.monotonic() < deadline, (bird.calls, r.status())
+            time.sleep(0.02)
+        assert bird.calls == 3 and r.status()["error"] is None
+    finally:
+        r.stop()
+
+
+def test_fleet_coverage_names_the_boxes_announcing_each_prefix() -> None:
+    def st(announced: list[str], withdrawn: list[str] = ()) -> dict:
+        return {"bgp": {"announced": announced, "withdrawn": list(withdrawn)}}
+
+    v4, v6, w6 = "198.51.100.10/32", "2001:db8:0:100::10/128", "2001:db8:0:100::11/128"
+    boxes = {"a": st([v4, v6, w6]), "b": st([v4, v6], [w6]), "c": st([v6, v4], [w6]), "d": None, "e": {"bgp": None}}
+    got = coverage(boxes)
+    assert list(got) == [v4, v6, w6]  # IPv4 first, then IPv6
+    assert got == {v4: ["a", "b", "c"], v6: ["a", "b", "c"], w6: ["a"]}
+    assert coverage({"x": st([], [w6])}) == {w6: []}
