@@ -295,3 +295,14 @@ def test_fleet_coverage_names_the_boxes_announcing_each_prefix() -> None:
     assert list(got) == [v4, v6, w6]  # IPv4 first, then IPv6
     assert got == {v4: ["a", "b", "c"], v6: ["a", "b", "c"], w6: ["a"]}
     assert coverage({"x": st([], [w6])}) == {w6: []}
+
+
+def test_readme_router_example_is_the_one_the_lab_generates() -> None:
+    from l4lb.lab.tier import router_config
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    start = readme.index("BIRD 2: this is the lab's router")
+    block = readme[readme.index("```\n", start) + 4:]
+    block = block[:block.index("   ```")]
+    want = router_config("192.0.2.254", ["192.0.2.1", "2001:db8:0:1::1", "192.0.2.2", "2001:db8:0:1::2"], bfd_mult=3)
+    assert [line.removeprefix("   ") for line in block.splitlines()] == want.rstrip("\n").splitlines()

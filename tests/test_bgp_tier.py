@@ -19,6 +19,14 @@ kernel routes and real traffic:
   hop, and 100 long-lived connections, some of which ECMP moves to the
   surviving boxes, keep working (0 broken). The convergence time is printed;
 * ``l4lbd --detach`` (stopping for good) withdraws the box's VIPs.
+
+IPv6 (the lab is dual-stack): every box also peers with the router over IPv6
+and announces the IPv6 VIPs there; the router's IPv6 route per VIP has a next
+hop per box; UDP and TCP (curl -6) flows reach the backends (IP6IP6) through
+several boxes, replies go straight to the client, each flow keeps its backend
+whichever box handles it; an IPv6 VIP without a usable backend on one box is
+withdrawn from that box only (``/v1/bgp``, ``fleet status``); drain, box loss
+and ``--detach`` withdraw the IPv6 VIPs as well.
 """
 
 from __future__ import annotations
@@ -340,13 +348,14 @@ def test_ipv6_vip_without_usable_backend_is_withdrawn_from_that_box_only(tier: T
 
 
 def test_box_drain_moves_new_traffic_off_before_the_withdraw(tier: Tier) -> None:
-    prefix = f"{tier.lab.vips4[0]}/32"
+    prefix, prefix6 = f"{tier.lab.vips4[0]}/32", f"{tier.lab.vips6[0]}/128"
     box = tier.boxes["lb3"]
     cp = ctl(tier, "box", "drain", "--delay", "4", boxes=["lb3"])
     assert cp.returncode == 0 and "draining: graceful shutdown now" in cp.stdout, cp.stdout + cp.stderr
     try:
         t0 = time.monotonic()
         tier.wait_nexthops(prefix, all_boxes(tier) - {box.ip}, timeout=3.5)
+        tier.wait_nexthops(prefix6, tier.addresses(6) - {box.ip6}, timeout=3.5)  # IPv6 VIPs too
         # Still announced (graceful shutdown community, MED, prepend): the router holds the path, not as best.
         routes = tier.router_birdc("show", "route", "for", prefix, "all")
         assert routes.count("via ") == 3 and "(65535,0)" in routes, routes
@@ -361,9 +370,11 @@ def test_box_drain_moves_new_traffic_off_before_the_withdraw(tier: Tier) -> None
             time.sleep(0.1)
         status = ctl(tier, "box", "status", boxes=["lb3"]).stdout
         assert "drained" in status and "withdrawn" in status, status
+        assert tier.router_birdc("show", "route", "for", prefix6, "all").count("via ") == 2
     finally:
         assert ctl(tier, "box", "undrain", boxes=["lb3"]).returncode == 0
-    tier.wait_nexthops(prefix, all_boxes(tier))
+    for p, hops in every_prefix(tier):
+        tier.wait_nexthops(p, hops)
 
 
 def _http_get(sock: socket.socket) -> str:
@@ -422,15 +433,20 @@ def test_box_lost_bfd_withdraws_it_and_100_long_lived_connections_survive(tier: 
         t0 = time.monotonic()
         lab.run(lost.ns, "ip", "link", "set", "eth0", "down")
         converged = tier.wait_nexthops(prefix, all_boxes(tier) - {lost.ip}, timeout=20)
+        # Its IPv6 session's BFD goes down with the same link: the IPv6 VIP's next hop goes too.
+        converged6 = converged + tier.wait_nexthops(f"{lab.vips6[0]}/128", tier.addresses(6) - {lost.ip6},
+                                                    timeout=20)
         time.sleep(1.0)
         stop.set()
         talker.join(60)
-        print(f"\nbox lost (link down): router converged in {converged * 1000:.0f} ms (BFD {BFD_MS} ms x {BFD_MULT}); "
+        print(f"\nbox lost (link down): router converged in {converged * 1000:.0f} ms, IPv6 VIP by "
+              f"{converged6 * 1000:.0f} ms (BFD {BFD_MS} ms x {BFD_MULT}); "
               f"{len(moved)} of {len(conns)} connections moved by ECMP; {len(broken)} broken")
         assert broken == [], broken[:5]
         assert all(a == [first[i]] * len(a) and a for i, a in answers.items()), "a connection changed backend"
         detect = BFD_MS * BFD_MULT / 1000
         assert converged < detect + 1.0, f"withdraw took {converged:.2f}s: BFD should find a lost box in ~{detect:g}s"
+        assert converged6 < detect + 1.0, f"IPv6 withdraw took {converged6:.2f}s (BFD ~{detect:g}s)"
         after = [_http_get(s) for s in conns]
         assert after == first
         assert time.monotonic() - t0 < 30
@@ -447,4 +463,6 @@ def test_detach_withdraws_every_vip_before_removing_xdp(tier: Tier) -> None:
     assert cp.returncode == 0 and "every VIP withdrawn from BGP" in cp.stdout, cp.stdout + cp.stderr
     for vip in tier.lab.vips4:
         tier.wait_nexthops(f"{vip}/32", lambda h: box.ip not in h and len(h) > 0, timeout=5)
+    for vip in tier.lab.vips6:
+        tier.wait_nexthops(f"{vip}/128", lambda h: box.ip6 not in h and len(h) > 0, timeout=5)
     assert "route " not in box.include.read_text()
