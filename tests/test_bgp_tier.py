@@ -366,7 +366,8 @@ def test_box_drain_moves_new_traffic_off_before_the_withdraw(tier: Tier) -> None
         # Then the withdraw: the router no longer has lb3's path at all.
         deadline = time.monotonic() + 15
         while tier.router_birdc("show", "route", "for", prefix, "all").count("via ") != 2:
-            assert time.monotonic() < deadline, tier.router_birdc("show", "route", "for", prefix, "all")
+            assert time.monotonic() < deadline, (tier.router_birdc("show", "route", "for", prefix, "all")
+                                                 + box_speaker(tier, "lb3"))
             time.sleep(0.1)
         status = ctl(tier, "box", "status", boxes=["lb3"]).stdout
         assert "drained" in status and "withdrawn" in status, status
@@ -375,6 +376,15 @@ def test_box_drain_moves_new_traffic_off_before_the_withdraw(tier: Tier) -> None
         assert ctl(tier, "box", "undrain", boxes=["lb3"]).returncode == 0
     for p, hops in every_prefix(tier):
         tier.wait_nexthops(p, hops)
+
+
+def box_speaker(t: Tier, name: str) -> str:
+    """What a box's BIRD and l4lbd say (for a failure message)."""
+    box = t.boxes[name]
+    birdc = [subprocess.run(["birdc", "-s", str(box.bird_socket), *cmd], capture_output=True, text=True,
+                            timeout=30).stdout for cmd in (["show", "protocols"], ["show", "route", "all"])]
+    return (f"\n--- {name}'s BIRD ---\n" + "\n".join(birdc) + f"\n--- {name}'s include ---\n"
+            + box.include.read_text() + f"\n--- {name}'s l4lbd ---\n" + box.l4lbd.log_tail(30))
 
 
 def _http_get(sock: socket.socket) -> str:
