@@ -209,7 +209,10 @@ class Tier:
                               timeout=30).stdout
 
     def box_of_flow(self, src: str, sport: int, dst: str, dport: int, proto: str = "udp") -> str:
-        """The box the router's ECMP hash sends this flow to (the kernel's own answer)."""
+        """The box the router's ECMP hash sends this flow to (the kernel's own answer).
+
+        IPv4 only in this lab: an IPv6 sender's kernel gives the packet a random-seeded L4
+        hash (for its flow label) and the router, on the same kernel, reuses that hash."""
         out = netns.ip(self.lab.ns_of("router"), "-j", "route", "get", dst, "from", src, "iif", "eth0",
                        "ipproto", proto, "sport", sport, "dport", dport).stdout
         gw = json.loads(out)[0]["gateway"]
