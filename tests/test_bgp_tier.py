@@ -40,10 +40,11 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from l4lb.lab.tier import BFD_MS, BFD_MULT, Tier
+from l4lb.lab.tier import BFD_MS, BFD_MULT, Box, Tier
 from l4lb.lab.topology import Lab
 
 pytestmark = [pytest.mark.netns, pytest.mark.bpf]
@@ -278,14 +279,20 @@ def test_kill9_of_l4lbd_withdraws_nothing_and_fails_no_request(tier: Tier) -> No
     assert box.include.read_text() == include
 
 
+def drain_every_backend(box: Box, service: str, addresses: list[str]) -> dict[str, Any]:
+    """Drain every backend of ``service`` on one box only; the box's document before it."""
+    with box.l4lbd.client() as c:
+        doc = c.get("/v1/state").json()
+        for a in addresses:
+            r = c.patch(f"/v1/services/{service}/backends/{a}", json={"state": "draining"})
+            assert r.status_code == 200, r.text
+    return doc
+
+
 def test_service_without_usable_backend_is_withdrawn_from_that_box_only(tier: Tier) -> None:
     vip10, vip11 = (f"{v}/32" for v in tier.lab.vips4)
     box = tier.boxes["lb3"]
-    with box.l4lbd.client() as c:
-        doc = c.get("/v1/state").json()
-        for b in tier.lab.backends.values():
-            r = c.patch(f"/v1/services/web11/backends/{b.ip4}", json={"state": "draining"})
-            assert r.status_code == 200, r.text
+    doc = drain_every_backend(box, "web11", [b.ip4 for b in tier.lab.backends.values()])
     try:
         tier.wait_nexthops(vip11, all_boxes(tier) - {box.ip})
         assert tier.nexthops(vip10) == all_boxes(tier)
@@ -319,11 +326,7 @@ def test_service_without_usable_backend_is_withdrawn_from_that_box_only(tier: Ti
 def test_ipv6_vip_without_usable_backend_is_withdrawn_from_that_box_only(tier: Tier) -> None:
     vip60, vip61 = (f"{v}/128" for v in tier.lab.vips6)
     box = tier.boxes["lb2"]
-    with box.l4lbd.client() as c:
-        doc = c.get("/v1/state").json()
-        for b in tier.lab.backends.values():
-            r = c.patch(f"/v1/services/web61/backends/{b.ip6}", json={"state": "draining"})
-            assert r.status_code == 200, r.text
+    doc = drain_every_backend(box, "web61", [b.ip6 for b in tier.lab.backends.values()])
     try:
         tier.wait_nexthops(vip61, tier.addresses(6) - {box.ip6})
         for prefix, hops in every_prefix(tier):
