@@ -21,12 +21,12 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
+from l4lb.atomicfile import write_atomic
 from l4lb.models import DesiredState, Service
 
 Key = tuple  # ("svc", name, vip, port, proto) / ("be", name, vip, port, proto, address, port)
@@ -82,13 +82,8 @@ class Baseline:
                             for name, base in self._base.items()},
                "reasons": {r: list(v) for r, v in self._reasons.items()},
                "reasons_since": self._reasons_since}
-        tmp = self._path.with_name(self._path.name + ".tmp")
         try:
-            with open(tmp, "w") as f:
-                json.dump(doc, f, separators=(",", ":"))
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self._path)
+            write_atomic(self._path, json.dumps(doc, separators=(",", ":")))
         except OSError as e:
             log.warning("stats zero baseline not saved to %s (%s): a restart will not keep it", self._path, e)
 

@@ -21,10 +21,9 @@ import logging
 import os
 import re
 import subprocess
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 
+from l4lb.atomicfile import write_atomic
 from l4lb.bgp.config import BgpSection, Peer
 from l4lb.bgp.plan import Prefix
 
@@ -173,23 +172,16 @@ class Bird:
             gid = os.stat(self.cfg.bird_socket).st_gid
         except OSError:
             gid = -1
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".l4lbd.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w") as f:
-                f.write(text)
-                f.flush()
-                os.fchmod(f.fileno(), 0o640)
-                if gid >= 0:
-                    try:
-                        os.fchown(f.fileno(), -1, gid)
-                        os.chown(path.parent, -1, gid)
-                    except PermissionError:
-                        log.warning("cannot give %s to group %d (BIRD's): is l4lbd in that group?", path, gid)
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        def prepare(fd: int) -> None:
+            os.fchmod(fd, 0o640)
+            if gid >= 0:
+                try:
+                    os.fchown(fd, -1, gid)
+                    os.chown(path.parent, -1, gid)
+                except PermissionError:
+                    log.warning("cannot give %s to group %d (BIRD's): is l4lbd in that group?", path, gid)
+
+        write_atomic(path, text, prepare=prepare)
 
     def configure(self, text: str) -> bool:
         """Make BIRD run ``text``; False if it already did (nothing asked). On a refusal the

@@ -10,11 +10,11 @@ survives a restart.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
+
+from l4lb.atomicfile import write_atomic
 
 BOX = "*"  # the key of a whole-box drain
 
@@ -74,13 +74,4 @@ class BoxStore:
 
     def save(self, state: BoxState) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".box.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(state.to_json(), f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_atomic(self.path, json.dumps(state.to_json()))
