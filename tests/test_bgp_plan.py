@@ -78,10 +78,16 @@ def test_drain_is_graceful_then_withdrawn() -> None:
     assert "65535:0" in p.communities
     assert planner.next_deadline(planner.plan(v, box, BGP, 105.0), 105.0) == 5.0
     assert all(not p.announce and p.reason == planner.DRAINED for p in planner.plan(v, box, BGP, 110.0))
-    # A service drain touches its VIP only; draining again keeps the first deadline.
+    # A service drain touches its VIP only; draining again never postpones the withdraw.
     one = BoxState().with_drain("api", Drain(100.0, 10.0)).with_drain("api", Drain(200.0, 10.0))
     got = by_prefix(planner.plan(v, one, BGP, 120.0))
     assert got["198.51.100.10/32"].reason == planner.SERVING and got["198.51.100.11/32"].reason == planner.DRAINED
+    # ...but a shorter delay hastens it ("withdraw now" during a long graceful phase).
+    long = BoxState().with_drain(BOX, Drain(100.0, 3600.0))
+    assert by_prefix(planner.plan(v, long, BGP, 120.0))["198.51.100.10/32"].reason == planner.DRAINING
+    now = long.with_drain(BOX, Drain(120.0, 0.0))
+    assert now.drains[BOX] == Drain(120.0, 0.0)
+    assert all(p.reason == planner.DRAINED for p in planner.plan(v, now, BGP, 120.0))
 
 
 def test_box_store_round_trip_and_bad_file(tmp_path: Path) -> None:

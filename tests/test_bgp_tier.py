@@ -353,21 +353,25 @@ def test_ipv6_vip_without_usable_backend_is_withdrawn_from_that_box_only(tier: T
 def test_box_drain_moves_new_traffic_off_before_the_withdraw(tier: Tier) -> None:
     prefix, prefix6 = f"{tier.lab.vips4[0]}/32", f"{tier.lab.vips6[0]}/128"
     box = tier.boxes["lb3"]
-    cp = ctl(tier, "box", "drain", "--delay", "4", boxes=["lb3"])
+    # A graceful phase far longer than the checks below take, however loaded the machine: no clock
+    # in the test. The phase is ended on purpose by a second drain with a shorter delay.
+    cp = ctl(tier, "box", "drain", "--delay", "600", boxes=["lb3"])
     assert cp.returncode == 0 and "draining: graceful shutdown now" in cp.stdout, cp.stdout + cp.stderr
     try:
-        t0 = time.monotonic()
-        tier.wait_nexthops(prefix, all_boxes(tier) - {box.ip}, timeout=3.5)
-        tier.wait_nexthops(prefix6, tier.addresses(6) - {box.ip6}, timeout=3.5)  # IPv6 VIPs too
+        tier.wait_nexthops(prefix, all_boxes(tier) - {box.ip})
+        tier.wait_nexthops(prefix6, tier.addresses(6) - {box.ip6})  # IPv6 VIPs too
         # Still announced (graceful shutdown community, MED, prepend): the router holds the path, not as best.
         routes = tier.router_birdc("show", "route", "for", prefix, "all")
         assert routes.count("via ") == 3 and "(65535,0)" in routes, routes
         before = packets(tier, "lb3", "dns10")
         assert None not in udp_backends(tier, range(42000, 42030)).values()
         assert packets(tier, "lb3", "dns10") == before, "new flows still reach the draining box"
-        assert time.monotonic() - t0 < 4, "too slow to show the graceful phase apart from the withdraw"
-        # Then the withdraw: the router no longer has lb3's path at all.
-        deadline = time.monotonic() + 15
+        routes = tier.router_birdc("show", "route", "for", prefix, "all")
+        assert routes.count("via ") == 3, "the graceful phase ended on its own: " + routes + box_speaker(tier, "lb3")
+        # Then the withdraw, hastened by draining again with no delay: the router drops lb3's path.
+        cp = ctl(tier, "box", "drain", "--delay", "0", boxes=["lb3"])
+        assert cp.returncode == 0, cp.stdout + cp.stderr
+        deadline = time.monotonic() + 30
         while tier.router_birdc("show", "route", "for", prefix, "all").count("via ") != 2:
             assert time.monotonic() < deadline, (tier.router_birdc("show", "route", "for", prefix, "all")
                                                  + box_speaker(tier, "lb3"))

@@ -45,7 +45,10 @@ class BoxState:
         drains = dict(self.drains)
         if drain is None:
             drains.pop(key, None)
-        elif key not in drains:  # draining again keeps the first deadline
+        elif key not in drains or drain.withdraw_at < drains[key].withdraw_at:
+            # Draining again never postpones the withdraw (a repeated command
+            # must not extend a drain), but a shorter delay hastens it: the
+            # operator's "withdraw now" during a long graceful phase.
             drains[key] = drain
         return replace(self, drains=drains)
 
