@@ -461,9 +461,11 @@ def test_box_lost_bfd_withdraws_it_and_100_long_lived_connections_survive(tier: 
               f"{len(moved)} of {len(conns)} connections moved by ECMP; {len(broken)} broken")
         assert broken == [], broken[:5]
         assert all(a == [first[i]] * len(a) and a for i, a in answers.items()), "a connection changed backend"
+        # BFD, not the hold timer, found the loss: BFD says so after ~1 s, the 9 s hold timer (keepalives
+        # every 3 s) no sooner than 6 s. The bound between them leaves a loaded machine room.
         detect = BFD_MS * BFD_MULT / 1000
-        assert converged < detect + 1.0, f"withdraw took {converged:.2f}s: BFD should find a lost box in ~{detect:g}s"
-        assert converged6 < detect + 1.0, f"IPv6 withdraw took {converged6:.2f}s (BFD ~{detect:g}s)"
+        assert converged < detect + 4.0, f"withdraw took {converged:.2f}s: BFD should find a lost box in ~{detect:g}s"
+        assert converged6 < detect + 4.0, f"IPv6 withdraw took {converged6:.2f}s (BFD ~{detect:g}s)"
         after = [_http_get(s) for s in conns]
         assert after == first
         assert time.monotonic() - t0 < 30

@@ -175,7 +175,9 @@ def test_connection_to_a_service_without_usable_backends_fails_at_once(lab, fami
           Service(name="dns", vip=vip, port=UDP_PORT, protocol="udp", backends=[]))
     rc, status, _, took, wall = curl(lab.clients["c1"].ns, url(vip), 5)
     assert rc == 7 and status == 0, f"curl should be refused (exit 7), got {rc}"
-    assert took < 0.1, f"refused after {took:.3f} s (curl's own clock; {wall:.3f} s with process start)"
+    # At once: a SYN that went unanswered would be sent again only after 1 s (Linux's initial RTO), so
+    # anything well below that is the first SYN's answer, on however loaded a machine.
+    assert took < 0.5, f"refused after {took:.3f} s (curl's own clock; {wall:.3f} s with process start)"
 
     def udp_refused() -> float:
         fam = socket.AF_INET if family == 4 else socket.AF_INET6
@@ -188,7 +190,7 @@ def test_connection_to_a_service_without_usable_backends_fails_at_once(lab, fami
                 s.recv(100)
             return time.monotonic() - t0
 
-    assert lab.call("c1", udp_refused) < 0.1
+    assert lab.call("c1", udp_refused) < 0.5   # the ICMP error, not the 2 s timeout
 
 
 def test_with_the_drop_policy_the_connection_hangs(lab):
