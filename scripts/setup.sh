@@ -20,6 +20,7 @@ command -v apt-get >/dev/null || die "this script targets Debian 12 (no apt-get 
 PKGS=(python3-bpfcc bpfcc-tools python3-venv python3-pip python3-yaml libbpf1
       iproute2 ethtool tshark curl libcap2-bin util-linux iputils-ping procps
       systemd make bird2    # bird2: the BGP speaker l4lbd drives (and the lab's router)
+      frr                   # the lab's second router: the README's FRR example, run
       dnsmasq-base openssl  # the health-check tests' DNS server and self-signed certificate
       man-db groff-base     # the man pages make install writes (tests render them with man -l)
       gcc libc6-dev linux-libc-dev)   # the benches' C helpers (bench/c/)
@@ -45,6 +46,10 @@ if [ ${#missing[@]} -gt 0 ]; then
     missing=("${missing[@]/linux-headers-amd64/linux-headers-$KVER}")
   fi
   apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null
+  # The lab runs FRR's daemons itself, in a namespace: not the distribution's service.
+  if [[ " ${missing[*]} " == *" frr "* ]] && [ -d /run/systemd/system ]; then
+    systemctl disable --now frr >/dev/null 2>&1 || true
+  fi
 else
   say "Debian packages: all present"
 fi

@@ -112,6 +112,10 @@ def test_render_is_accepted_by_bird_and_carries_the_attributes(tmp_path: Path) -
            "bgp_med = 4294967295; bgp_path.prepend(65010); bgp_path.prepend(65010); bgp_path.prepend(65010); }" in text
     assert "bgp_large_community.add((65010, 7, 9));" in text and "route 2001:db8::10/128 blackhole;" in text
     assert "ipv6 { table l4lb_v6; import none; export filter l4lb_export_v6; next hop address 2001:db8::1; };" in text
+    assert "error wait" not in text  # BIRD's default (60, 300) unless configured
+    cfg = cfg.model_copy(update={"error_wait": (1, 5)})
+    text = render(cfg, planner.plan(v, box, cfg, 1.0))
+    assert text.count("  error wait time 1, 5;") == len(cfg.peers)
     main, inc = tmp_path / "bird.conf", tmp_path / "l4lbd.d"
     inc.mkdir()
     (inc / "l4lbd.conf").write_text(text)
@@ -158,6 +162,10 @@ def _cfg(bgp: str) -> str:
      '[[bgp.peers]]\naddress = "192.0.2.254"\nremote_as = 2', "peer 192.0.2.254 is listed twice"),
     ('local_as = 1\nrouter_id = "192.0.2.1"\nhold = 3\n[[bgp.peers]]\naddress = "192.0.2.254"\nremote_as = 1',
      "bgp.hold: unknown key"),
+    ('local_as = 1\nrouter_id = "192.0.2.1"\nerror_wait = [10, 5]\n[[bgp.peers]]\naddress = "192.0.2.254"\n'
+     'remote_as = 1', "error_wait must be [first, longest] seconds"),
+    ('local_as = 1\nrouter_id = "192.0.2.1"\nerror_wait = [0, 5]\n[[bgp.peers]]\naddress = "192.0.2.254"\n'
+     'remote_as = 1', "error_wait must be [first, longest] seconds"),
 ])
 def test_bad_bgp_config_is_refused_with_the_key(bgp: str, problem: str) -> None:
     with pytest.raises(ConfigError) as e:
@@ -311,4 +319,16 @@ def test_readme_router_example_is_the_one_the_lab_generates() -> None:
     block = readme[readme.index("```\n", start) + 4:]
     block = block[:block.index("   ```")]
     want = router_config("192.0.2.254", ["192.0.2.1", "2001:db8:0:1::1", "192.0.2.2", "2001:db8:0:1::2"], bfd_mult=3)
+    assert [line.removeprefix("   ") for line in block.splitlines()] == want.rstrip("\n").splitlines()
+
+
+def test_readme_frr_example_is_the_one_the_lab_runs() -> None:
+    from l4lb.lab.frr import bgpd_config
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    start = readme.index("FRR 8.4 (Debian 12's): the lab's second router runs this")
+    block = readme[readme.index("```\n", start) + 4:]
+    block = block[:block.index("   ```")]
+    want = bgpd_config(65000, 65010, ("192.0.2.254", "2001:db8:0:1::254"),
+                       ["192.0.2.1", "2001:db8:0:1::1", "192.0.2.2", "2001:db8:0:1::2"])
     assert [line.removeprefix("   ") for line in block.splitlines()] == want.rstrip("\n").splitlines()

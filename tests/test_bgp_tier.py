@@ -20,6 +20,11 @@ kernel routes and real traffic:
   surviving boxes, keep working (0 broken). The convergence time is printed;
 * ``l4lbd --detach`` (stopping for good) withdraws the box's VIPs.
 
+FRR: a second router runs FRR 8.4 with the README's FRR example, peering
+with the same boxes: it installs the same ECMP routes (IPv6 via the boxes'
+global addresses), carries traffic to every box, moves off a draining box in
+its graceful phase and drops a lost box by BFD.
+
 IPv6 (the lab is dual-stack): every box also peers with the router over IPv6
 and announces the IPv6 VIPs there; the router's IPv6 route per VIP has a next
 hop per box; UDP and TCP (curl -6) flows reach the backends (IP6IP6) through
@@ -44,6 +49,8 @@ from typing import Any
 
 import pytest
 
+from l4lb.lab import netns
+from l4lb.lab.frr import FrrRouter
 from l4lb.lab.tier import BFD_MS, BFD_MULT, Box, Tier
 from l4lb.lab.topology import Lab
 
@@ -57,7 +64,9 @@ UDP = 5353
 def tier(bpffs: Path, lab_decap):
     if shutil.which("bird") is None:
         pytest.fail("BIRD 2 is not installed: run scripts/setup.sh (apt-get install bird2)", pytrace=False)
-    with Lab(clients=1, backends=3, lbs=3, router=True, prefix="l4bgp", decap=lab_decap) as lab:
+    if FrrRouter.missing():
+        pytest.fail(FrrRouter.missing(), pytrace=False)
+    with Lab(clients=1, backends=3, lbs=3, router=True, routers=2, prefix="l4bgp", decap=lab_decap) as lab:
         addrs = [h.ip4 for h in lab.backends.values()]
         addrs6 = [h.ip6 for h in lab.backends.values()]
         services = [
@@ -77,6 +86,7 @@ def tier(bpffs: Path, lab_decap):
             t.up()
             for prefix, hops in every_prefix(t):
                 t.wait_nexthops(prefix, hops)
+                t.wait_nexthops(prefix, hops, router="router2")
             yield t
         finally:
             t.down()
@@ -128,9 +138,10 @@ def test_every_box_announces_and_the_router_has_one_next_hop_per_box(tier: Tier)
                 time.sleep(0.1)
             status = c.get("/v1/status").json()
             metrics = c.get("/metrics").text
-        # One session per family, each over its own.
-        assert {s["peer"]: s["bgp_state"] for s in bgp["sessions"]} == {
-            tier.lab.router_ip4: "Established", tier.lab.router_ip6: "Established"}, (name, bgp)
+        # One session per family and router (BIRD's and FRR's), each over its own family.
+        routers = (tier.lab.router_ip4, tier.lab.router_ip6, *tier.lab.router2_ips)
+        assert {s["peer"]: s["bgp_state"] for s in bgp["sessions"]} == dict.fromkeys(routers, "Established"), (
+            name, bgp)
         assert status["bgp"]["announced"] == sorted(want)
         for peer in (tier.lab.router_ip4, tier.lab.router_ip6):
             assert f'l4lb_bgp_session_established{{peer="{peer}",state="Established"}} 1.0' in metrics
@@ -143,6 +154,32 @@ def test_every_box_announces_and_the_router_has_one_next_hop_per_box(tier: Tier)
     table = ctl(tier, "status", boxes=["lb2"])
     assert ("Announced:     198.51.100.10/32, 198.51.100.11/32, 2001:db8:0:100::10/128, 2001:db8:0:100::11/128"
             in table.stdout), table.stdout
+
+
+def test_frr_router_installs_the_same_ecmp_routes_and_carries_traffic_to_every_box(tier: Tier) -> None:
+    lab, frr = tier.lab, tier.frr
+    assert frr is not None
+    for prefix, hops in every_prefix(tier):
+        assert tier.nexthops(prefix, "router2") == hops, (prefix, frr.bgp_route(prefix))
+    # zebra installed them (proto bgp), one route with a next hop per box; IPv6 via global addresses.
+    routes = netns.ip(lab.ns_of("router2"), "-6", "route", "show", f"{lab.vips6[0]}/128").stdout
+    assert "proto bgp" in routes and "fe80" not in routes, routes
+    summary = frr.vtysh("show bgp summary")
+    for state in ("Idle", "Connect", "Active", "OpenSent", "OpenConfirm"):
+        assert state not in summary, summary
+    bfd = frr.vtysh("show bfd peers brief")
+    assert sum(line.split()[-1:] == ["up"] for line in bfd.splitlines()) == 2 * len(tier.boxes), bfd
+    # Traffic through FRR's router: the client routes the VIP via router2 for a moment.
+    ports = range(43100, 43160)
+    before = {n: packets(tier, n, "dns10") for n in tier.boxes}
+    lab.run("c1", "ip", "route", "replace", f"{lab.vips4[0]}/32", "via", lab.router2_ips[0])
+    try:
+        answered = udp_backends(tier, ports)
+    finally:
+        lab.run("c1", "ip", "route", "del", f"{lab.vips4[0]}/32")
+    assert None not in answered.values(), answered
+    got = {n: packets(tier, n, "dns10") - before[n] for n in tier.boxes}
+    assert sum(got.values()) == len(ports) and all(v > 0 for v in got.values()), got
 
 
 def test_flows_spread_over_boxes_and_keep_their_backend_whichever_box(tier: Tier) -> None:
@@ -358,11 +395,13 @@ def test_box_drain_moves_new_traffic_off_before_the_withdraw(tier: Tier) -> None
     cp = ctl(tier, "box", "drain", "--delay", "600", boxes=["lb3"])
     assert cp.returncode == 0 and "draining: graceful shutdown now" in cp.stdout, cp.stdout + cp.stderr
     try:
-        tier.wait_nexthops(prefix, all_boxes(tier) - {box.ip})
-        tier.wait_nexthops(prefix6, tier.addresses(6) - {box.ip6})  # IPv6 VIPs too
+        for router in ("router", "router2"):
+            tier.wait_nexthops(prefix, all_boxes(tier) - {box.ip}, router=router)
+            tier.wait_nexthops(prefix6, tier.addresses(6) - {box.ip6}, router=router)  # IPv6 VIPs too
         # Still announced (graceful shutdown community, MED, prepend): the router holds the path, not as best.
         routes = tier.router_birdc("show", "route", "for", prefix, "all")
         assert routes.count("via ") == 3 and "(65535,0)" in routes, routes
+        assert tier.frr is not None and "Paths: (3 available" in tier.frr.bgp_route(prefix)
         before = packets(tier, "lb3", "dns10")
         assert None not in udp_backends(tier, range(42000, 42030)).values()
         assert packets(tier, "lb3", "dns10") == before, "new flows still reach the draining box"
@@ -379,10 +418,15 @@ def test_box_drain_moves_new_traffic_off_before_the_withdraw(tier: Tier) -> None
         status = ctl(tier, "box", "status", boxes=["lb3"]).stdout
         assert "drained" in status and "withdrawn" in status, status
         assert tier.router_birdc("show", "route", "for", prefix6, "all").count("via ") == 2
+        deadline = time.monotonic() + 30
+        while "Paths: (2 available" not in tier.frr.bgp_route(prefix):
+            assert time.monotonic() < deadline, tier.frr.bgp_route(prefix)
+            time.sleep(0.1)
     finally:
         assert ctl(tier, "box", "undrain", boxes=["lb3"]).returncode == 0
     for p, hops in every_prefix(tier):
         tier.wait_nexthops(p, hops)
+        tier.wait_nexthops(p, hops, router="router2")
 
 
 def box_speaker(t: Tier, name: str) -> str:
@@ -453,11 +497,15 @@ def test_box_lost_bfd_withdraws_it_and_100_long_lived_connections_survive(tier: 
         # Its IPv6 session's BFD goes down with the same link: the IPv6 VIP's next hop goes too.
         converged6 = converged + tier.wait_nexthops(f"{lab.vips6[0]}/128", tier.addresses(6) - {lost.ip6},
                                                     timeout=20)
+        # FRR's router (bfdd) drops it too; its time is at most this, since the link went down.
+        for p, gone in ((prefix, lost.ip), (f"{lab.vips6[0]}/128", lost.ip6)):
+            tier.wait_nexthops(p, lambda h, gone=gone: gone not in h and len(h) == 2, timeout=20, router="router2")
+        converged_frr = time.monotonic() - t0
         time.sleep(1.0)
         stop.set()
         talker.join(60)
         print(f"\nbox lost (link down): router converged in {converged * 1000:.0f} ms, IPv6 VIP by "
-              f"{converged6 * 1000:.0f} ms (BFD {BFD_MS} ms x {BFD_MULT}); "
+              f"{converged6 * 1000:.0f} ms, FRR's router within {converged_frr * 1000:.0f} ms (BFD {BFD_MS} ms x {BFD_MULT}); "
               f"{len(moved)} of {len(conns)} connections moved by ECMP; {len(broken)} broken")
         assert broken == [], broken[:5]
         assert all(a == [first[i]] * len(a) and a for i, a in answers.items()), "a connection changed backend"
@@ -466,6 +514,7 @@ def test_box_lost_bfd_withdraws_it_and_100_long_lived_connections_survive(tier: 
         detect = BFD_MS * BFD_MULT / 1000
         assert converged < detect + 4.0, f"withdraw took {converged:.2f}s: BFD should find a lost box in ~{detect:g}s"
         assert converged6 < detect + 4.0, f"IPv6 withdraw took {converged6:.2f}s (BFD ~{detect:g}s)"
+        assert converged_frr < detect + 4.0, f"FRR's withdraw took up to {converged_frr:.2f}s (BFD ~{detect:g}s)"
         after = [_http_get(s) for s in conns]
         assert after == first
         assert time.monotonic() - t0 < 30
@@ -480,8 +529,9 @@ def test_detach_withdraws_every_vip_before_removing_xdp(tier: Tier) -> None:
     box.l4lbd.stop()
     cp = box.l4lbd.run_cli("--detach")
     assert cp.returncode == 0 and "every VIP withdrawn from BGP" in cp.stdout, cp.stdout + cp.stderr
-    for vip in tier.lab.vips4:
-        tier.wait_nexthops(f"{vip}/32", lambda h: box.ip not in h and len(h) > 0, timeout=5)
-    for vip in tier.lab.vips6:
-        tier.wait_nexthops(f"{vip}/128", lambda h: box.ip6 not in h and len(h) > 0, timeout=5)
+    for router in ("router", "router2"):
+        for vip in tier.lab.vips4:
+            tier.wait_nexthops(f"{vip}/32", lambda h: box.ip not in h and len(h) > 0, timeout=5, router=router)
+        for vip in tier.lab.vips6:
+            tier.wait_nexthops(f"{vip}/128", lambda h: box.ip6 not in h and len(h) > 0, timeout=5, router=router)
     assert "route " not in box.include.read_text()

@@ -98,6 +98,8 @@ def render(cfg: BgpSection, prefixes: tuple[Prefix, ...]) -> str:
         local = f" {peer.local_address}" if peer.local_address else ""
         body = [f"  local{local} as {cfg.local_as};", f"  neighbor {peer.address} as {peer.remote_as};",
                 f"  hold time {cfg.hold_time};", f"  connect retry time {cfg.connect_retry};"]
+        if cfg.error_wait != (60, 300):  # BIRD's own default: the include stays as it was without the key
+            body.append(f"  error wait time {cfg.error_wait[0]}, {cfg.error_wait[1]};")
         if peer.bfd:
             body.append("  bfd on;")
         if peer.password is not None:

@@ -101,6 +101,9 @@ class BgpSection(_Section):
     next_hop_v6: ipaddress.IPv6Address | None = None
     hold_time: int = Field(default=90, ge=3, le=65535)
     connect_retry: int = Field(default=5, ge=1, le=3600, description="seconds between connection attempts")
+    # BIRD's "error wait time": after a session fails (BFD down, an error from the peer) BIRD
+    # waits this long before trying again, doubling from the first to the second figure.
+    error_wait: tuple[int, int] = Field(default=(60, 300), description="seconds: first and longest wait")
     bfd: Bfd = Bfd()
     communities: tuple[str, ...] = ()            # on every prefix
     med: int | None = Field(default=None, ge=0, le=4294967295)
@@ -134,6 +137,13 @@ class BgpSection(_Section):
     def _abs(cls, v: Path) -> Path:
         if not v.is_absolute():
             raise ValueError(f"must be an absolute path, not {str(v)!r}")
+        return v
+
+    @field_validator("error_wait")
+    @classmethod
+    def _error_wait(cls, v: tuple[int, int]) -> tuple[int, int]:
+        if not 1 <= v[0] <= v[1] <= 86400:
+            raise ValueError(f"error_wait must be [first, longest] seconds with 1 <= first <= longest <= 86400, not {list(v)}")
         return v
 
     @model_validator(mode="after")

@@ -16,7 +16,10 @@
   services on every box.
 
 The router's config is the README's BIRD example, generated here so the
-test and the documentation cannot drift apart.
+test and the documentation cannot drift apart. With ``Lab(routers=2)`` a
+second router, ``router2``, runs FRR with the README's FRR example
+(l4lb/lab/frr.py) and every box peers with it too (the clients still route
+via the first).
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from l4lb.lab import netns
+from l4lb.lab.frr import FrrRouter, bfdd_config, bgpd_config
 from l4lb.lab.l4lbd import L4lbd, default_config
 from l4lb.lab.topology import Lab
 
@@ -116,6 +120,7 @@ class Tier:
     bgp: dict[str, Any] = field(default_factory=dict)   # extra [bgp] keys for every box
     boxes: dict[str, Box] = field(default_factory=dict)
     router_bird: subprocess.Popen | None = None
+    frr: FrrRouter | None = None                         # router2's FRR (Lab(routers=2))
 
     @property
     def router_socket(self) -> Path:
@@ -132,6 +137,14 @@ class Tier:
                                       log=f'"{rdir / "router.log"}"'))
         self.router_bird = lab.popen("router", "bird", "-f", "-c", conf, "-s", self.router_socket,
                                      "-P", rdir / "router.pid", stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        peers = [{"address": lab.router_ip4, "remote_as": ROUTER_AS, "bfd": True},
+                 {"address": lab.router_ip6, "remote_as": ROUTER_AS, "bfd": True}]
+        if lab.n_routers == 2:
+            self.frr = FrrRouter(lab.ns_of("router2"))
+            self.frr.start(bgpd_config(ROUTER_AS, TIER_AS, lab.router2_ips,
+                                       [a for h in lab.lbs.values() for a in (h.ip4, h.ip6)], bfd_profile="lab"),
+                           bfdd_config("lab", BFD_MS, BFD_MULT))
+            peers += [{"address": a, "remote_as": ROUTER_AS, "bfd": True} for a in lab.router2_ips]
         for name, host in lab.lbs.items():
             d = self.workdir / name
             (d / "bird").mkdir(parents=True, exist_ok=True)
@@ -140,13 +153,15 @@ class Tier:
             cfg = default_config(d, pins, [host.ifname])
             cfg["datapath"]["maglev_seed"] = SEED
             box = Box(name, host.ns, host.ip4, host.ip6, d, L4lbd(host.ns, d, cfg))
+            # error_wait: FRR re-creates each BFD session once its BGP session connects, which BIRD
+            # counts as a failure (README, FRR): the lab waits 1 s for the retry, not 60.
             cfg["bgp"] = {"local_as": TIER_AS, "router_id": host.ip4, "hold_time": 9, "connect_retry": 1,
+                          "error_wait": [1, 5],
                           "poll_interval": 0.5, "drain_delay": 5, "bird_socket": str(box.bird_socket),
                           "bird_include": str(box.include),
                           "bfd": {"interval_ms": BFD_MS, "multiplier": BFD_MULT},
                           # One session per family, each over its own (README: "IPv6 VIPs").
-                          "peers": [{"address": lab.router_ip4, "remote_as": ROUTER_AS, "bfd": True},
-                                    {"address": lab.router_ip6, "remote_as": ROUTER_AS, "bfd": True}],
+                          "peers": peers,
                           **self.bgp}
             (d / "bird.conf").write_text(box_bird_config(d / "bird", log=f'"{d / "bird.log"}"'))
             self.boxes[name] = box
@@ -172,6 +187,8 @@ class Tier:
                 netns.stop(box.bird)
         if self.router_bird is not None:
             netns.stop(self.router_bird)
+        if self.frr is not None:
+            self.frr.stop()
 
     # -- looking at the router ------------------------------------------------------------
 
@@ -179,10 +196,10 @@ class Tier:
         """Every box's address of that family: the router's next hops when all boxes announce."""
         return {b.ip6 if family == 6 else b.ip for b in self.boxes.values()}
 
-    def nexthops(self, prefix: str) -> set[str]:
-        """Next hops of the router's kernel route to ``prefix`` (one per box announcing it)."""
+    def nexthops(self, prefix: str, router: str = "router") -> set[str]:
+        """Next hops of a router's kernel route to ``prefix`` (one per box announcing it)."""
         fam = "-6" if ":" in prefix else "-4"
-        out = netns.ip(self.lab.ns_of("router"), "-j", fam, "route", "show", prefix).stdout
+        out = netns.ip(self.lab.ns_of(router), "-j", fam, "route", "show", prefix).stdout
         hops: set[str] = set()
         for r in json.loads(out or "[]"):
             if "gateway" in r:
@@ -191,17 +208,18 @@ class Tier:
         return hops
 
     def wait_nexthops(self, prefix: str, want: Callable[[set[str]], bool] | set[str], timeout: float = 30,
-                      step: float = 0.01) -> float:
+                      step: float = 0.01, router: str = "router") -> float:
         """Seconds until the router's next hops for ``prefix`` satisfy ``want``; AssertionError at timeout."""
         ok = want if callable(want) else (lambda h: h == want)
         t0 = time.monotonic()
         while True:
-            hops = self.nexthops(prefix)
+            hops = self.nexthops(prefix, router)
             if ok(hops):
                 return time.monotonic() - t0
             if time.monotonic() - t0 > timeout:
-                raise AssertionError(f"router's next hops for {prefix} after {timeout}s: {sorted(hops)}\n"
-                                     + self.router_birdc("show", "protocols"))
+                said = (self.router_birdc("show", "protocols") if router == "router" or self.frr is None
+                        else self.frr.vtysh("show bgp summary", "show bfd peers brief") + self.frr.log())
+                raise AssertionError(f"{router}'s next hops for {prefix} after {timeout}s: {sorted(hops)}\n" + said)
             time.sleep(step)
 
     def router_birdc(self, *args: str) -> str:

@@ -336,6 +336,9 @@ class Lab:
                           it instead of via ``lb``; forwarding, ECMP hashing on L4
                           (``fib_multipath_hash_policy=1``), no ICMP redirects. What
                           runs on it (a routing daemon) is up to the caller.
+      routers             how many such routers (``router``, ``router2`` at .253): the
+                          clients route via the first; a second one peers with the
+                          same boxes (another routing daemon's view of the tier).
     """
 
     def __init__(
@@ -359,6 +362,7 @@ class Lab:
         prefix: str = PREFIX,
         lbs: int = 1,
         router: bool = False,
+        routers: int = 1,
     ):
         if not 1 <= clients <= MAX_CLIENTS:
             raise ValueError(f"clients must be 1..{MAX_CLIENTS}")
@@ -394,6 +398,9 @@ class Lab:
         self.prefix = prefix
         self.n_lbs = lbs
         self.with_router = router
+        if not 1 <= routers <= 2:
+            raise ValueError("routers must be 1 or 2")
+        self.n_routers = routers if router else 0
 
         self.tag = secrets.token_hex(3)
         self.bridge_ns = self._ns("br")
@@ -438,6 +445,11 @@ class Lab:
     @property
     def router_ip6(self) -> str:
         return _addr6(NET_A6, ROUTER_HOST)
+
+    @property
+    def router2_ips(self) -> tuple[str, str]:
+        """IPv4 and IPv6 address of the second router (``routers=2``)."""
+        return _addr4(NET_A4, ROUTER_HOST - 1), _addr6(NET_A6, ROUTER_HOST - 1)
 
     # LB shortcuts (what a test needs to attach / drive the LB program)
     @property
@@ -544,9 +556,9 @@ class Lab:
         plan.append({"name": "lb", "role": "lb", "nics": lb_nics})
         for k in range(2, self.n_lbs + 1):
             plan.append({"name": f"lb{k}", "role": "lb", "nics": [nic(NODE_IF, "a", k, f"v-lb{k}", self.backend_mtu)]})
-        if self.with_router:
-            plan.append({"name": "router", "role": "router",
-                         "nics": [nic(NODE_IF, "a", ROUTER_HOST, "v-rt", self.backend_mtu)]})
+        for k in range(1, self.n_routers + 1):
+            plan.append({"name": "router" if k == 1 else f"router{k}", "role": "router",
+                         "nics": [nic(NODE_IF, "a", ROUTER_HOST + 1 - k, "v-rt" if k == 1 else f"v-rt{k}", self.backend_mtu)]})
         for j in range(1, self.n_backends + self.n_seg_b + 1):
             seg = "a" if j <= self.n_backends else "b"
             plan.append({"name": f"b{j}", "role": "backend",
