@@ -10,7 +10,8 @@ kernel routes and real traffic:
   per box, and the boxes' digests are identical;
 * flows spread over the boxes, and each flow's backend is the same whichever
   box handles it;
-* kill -9 of one l4lbd (and its restart) withdraws nothing and fails no request;
+* kill -9 of one l4lbd (and its restart) withdraws nothing from either router and
+  fails no request (curl over IPv4 and IPv6);
 * a service without a usable backend on one box is withdrawn from that box only
   (and ``fleet status`` flags that box's table);
 * ``box drain`` moves new traffic off the box while its route still exists
@@ -277,29 +278,31 @@ class Traffic(threading.Thread):
 
 
 class HopWatch(threading.Thread):
-    """Polls the router's next hops for a prefix; records every distinct set."""
+    """Polls a router's next hops for a prefix; records every distinct set."""
 
-    def __init__(self, t: Tier, prefix: str) -> None:
+    def __init__(self, t: Tier, prefix: str, router: str = "router") -> None:
         super().__init__(daemon=True)
-        self.t, self.prefix = t, prefix
+        self.t, self.prefix, self.router = t, prefix, router
         self.seen: list[set[str]] = []
         self.stop_flag = threading.Event()
 
     def run(self) -> None:
         while not self.stop_flag.is_set():
-            hops = self.t.nexthops(self.prefix)
+            hops = self.t.nexthops(self.prefix, self.router)
             if not self.seen or self.seen[-1] != hops:
                 self.seen.append(hops)
             time.sleep(0.02)
 
 
 def test_kill9_of_l4lbd_withdraws_nothing_and_fails_no_request(tier: Tier) -> None:
-    box = tier.boxes["lb2"]
+    box, lab = tier.boxes["lb2"], tier.lab
     include = box.include.read_text()
-    prefix = f"{tier.lab.vips4[0]}/32"
-    traffic, watch = Traffic(tier, tier.lab.vips4[0]), HopWatch(tier, prefix)
-    traffic.start()
-    watch.start()
+    prefix, prefix6 = f"{lab.vips4[0]}/32", f"{lab.vips6[0]}/128"
+    traffic = [Traffic(tier, lab.vips4[0]), Traffic(tier, lab.vips6[0])]   # curl over IPv4 and IPv6
+    watches = {(p, r): HopWatch(tier, p, r) for p in (prefix, prefix6) for r in ("router", "router2")}
+    threads = [*traffic, *watches.values()]
+    for t in threads:
+        t.start()
     try:
         time.sleep(1)
         box.l4lbd.kill9()
@@ -307,12 +310,15 @@ def test_kill9_of_l4lbd_withdraws_nothing_and_fails_no_request(tier: Tier) -> No
         box.l4lbd.start()                    # compiles, converges, attaches, then plans
         time.sleep(1.5)
     finally:
-        traffic.stop_flag.set()
-        watch.stop_flag.set()
-        traffic.join(60)
-        watch.join(10)
-    assert traffic.failed == [] and traffic.ok > 0, traffic.failed[:3]
-    assert watch.seen == [all_boxes(tier)], f"the router's next hops changed: {watch.seen}"
+        for t in threads:
+            t.stop_flag.set()
+        for t in threads:
+            t.join(60)
+    for t in traffic:
+        assert t.failed == [] and t.ok > 0, (t.url, t.failed[:3])
+    for (p, router), w in watches.items():
+        want = all_boxes(tier) if p == prefix else tier.addresses(6)
+        assert w.seen == [want], f"{router}'s next hops for {p} changed: {w.seen}"
     assert box.include.read_text() == include
 
 
