@@ -7,8 +7,9 @@ descriptors, and then the unix socket stalls too). This is a subclass of uvicorn
 protocol that adds them, using only the asyncio protocol interface and h11's public
 connection state:
 
-* at most ``max_connections`` open connections per listener: one more is answered 503
-  and closed at once, so descriptors stay bounded whatever the peers do;
+* at most ``max_connections`` open connections per listener, and ``max_per_client`` from
+  one client address: one more is answered 503 and closed at once, so descriptors stay
+  bounded whatever the peers do, and one peer cannot hold every connection;
 * a request's headers must be complete ``header_timeout`` seconds after its first byte
   (or after the connection opened): else 408 and close;
 * its body must be complete ``body_timeout`` seconds after its headers: else close
@@ -42,6 +43,7 @@ class Bounds:
     header_timeout: float
     body_timeout: float
     max_connections: int | None = None      # None: no cap (the unix socket, guarded by its mode)
+    max_per_client: int | None = None       # per client address (TCP)
 
 
 def _raw_response(status: int, reason: str, detail: str) -> bytes:
@@ -52,6 +54,8 @@ def _raw_response(status: int, reason: str, detail: str) -> bytes:
 
 
 _BUSY = _raw_response(503, "Service Unavailable", "too many open connections to this listener; retry later")
+_BUSY_CLIENT = _raw_response(503, "Service Unavailable",
+                             "too many open connections from this address to this listener; retry later")
 _SLOW_HEADERS = _raw_response(408, "Request Timeout", "the request headers did not arrive in time")
 
 
@@ -89,21 +93,35 @@ def guarded_protocol(bounds: Callable[[], Bounds], watch: Watch) -> type[asyncio
     """An h11 protocol class for uvicorn's ``http=``; ``bounds`` is read per connection (a
     SIGHUP reload applies to new connections)."""
 
+    by_client: Counter[str] = Counter()     # open connections per client address, this listener
+
     class Guarded(H11Protocol):
         _timer: asyncio.TimerHandle | None = None
         _phase: str | None = None
         _bounds: Bounds
+        _client: str | None = None
 
         def connection_made(self, transport: Any) -> None:  # type: ignore[override]
             super().connection_made(transport)
             self._bounds = bounds()
-            cap = self._bounds.max_connections
+            cap, per_client = self._bounds.max_connections, self._bounds.max_per_client
             if cap is not None and len(self.connections) > cap:
-                watch.note("connection refused at the limit")
-                transport.write(_BUSY)
-                transport.close()
+                self._refuse(transport, "connection refused at the limit", _BUSY)
                 return
+            peer = transport.get_extra_info("peername")
+            if per_client is not None and isinstance(peer, tuple) and peer:
+                if by_client[peer[0]] >= per_client:
+                    self._refuse(transport, "connection refused at the per-client limit", _BUSY_CLIENT)
+                    return
+                self._client = peer[0]
+                by_client[self._client] += 1
             self._arm("headers")
+
+        @staticmethod
+        def _refuse(transport: Any, event: str, answer: bytes) -> None:
+            watch.note(event)
+            transport.write(answer)
+            transport.close()
 
         def data_received(self, data: bytes) -> None:
             super().data_received(data)
@@ -115,6 +133,11 @@ def guarded_protocol(bounds: Callable[[], Bounds], watch: Watch) -> type[asyncio
 
         def connection_lost(self, exc: Exception | None) -> None:
             self._arm(None)
+            if self._client is not None:
+                by_client[self._client] -= 1
+                if not by_client[self._client]:
+                    del by_client[self._client]
+                self._client = None
             super().connection_lost(exc)
 
         def _follow(self, *, receiving: bool) -> None:

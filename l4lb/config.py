@@ -154,6 +154,10 @@ class TcpListener(_Section):
     max_connections: int = Field(
         default=256, ge=1, le=65536, description="Open connections at most; one more is answered 503 and closed"
     )
+    max_connections_per_client: int = Field(
+        default=64, ge=1, le=65536,
+        description="Open connections from one client address at most (so one peer cannot hold them all)",
+    )
     # Filled from token_file while validating; never written back or logged.
     token: SecretStr | None = Field(default=None, exclude=True, repr=False)
 

@@ -403,8 +403,10 @@ class Daemon:
         from l4lb.api.guard import Bounds
 
         api = self.cfg.api  # read per connection: a reload applies to new connections
-        cap = api.tcp.max_connections if tcp and api.tcp is not None else None
-        return Bounds(header_timeout=api.header_timeout, body_timeout=api.body_timeout, max_connections=cap)
+        t = api.tcp if tcp else None
+        return Bounds(header_timeout=api.header_timeout, body_timeout=api.body_timeout,
+                      max_connections=t.max_connections if t else None,
+                      max_per_client=t.max_connections_per_client if t else None)
 
     async def _start_listener(self, name: str, sock: socket.socket, app: Any, path: Path | None) -> Listener:
         import uvicorn

@@ -3,7 +3,7 @@ parsed off the event loop. Against a real l4lbd (real datapath) in a private net
 real sockets: the unix socket from here, the TCP listener (127.0.0.1 in the daemon's netns)
 through sockets made inside that netns.
 
-The daemon runs with a small TCP connection cap (64), header_timeout 2 s and body_timeout
+The daemon runs with a small TCP connection cap (64, 48 per client address), header_timeout 2 s and body_timeout
 3 s, so the bounds show within seconds. Latency bounds are generous on purpose (a loaded
 2-core machine), yet far below what the unbounded daemon did: stalls of seconds.
 """
@@ -31,6 +31,7 @@ pytestmark = [pytest.mark.bpf, pytest.mark.netns]
 TOKEN = "bounds-test-token-0123456789"
 PORT = 9180
 CAP = 64
+PER_CLIENT = 48                      # > CAP // 2: the slowloris test's one attacker still holds that many
 HEADER_TIMEOUT, BODY_TIMEOUT = 2.0, 3.0
 LIMIT = 16 << 20                     # api.max_body_bytes default
 FD_LIMIT = 1024
@@ -46,7 +47,8 @@ def lab(bpffs: Path):
     token.chmod(0o600)
     the_lab.config["api"].update({
         "header_timeout": HEADER_TIMEOUT, "body_timeout": BODY_TIMEOUT,
-        "tcp": {"listen": f"127.0.0.1:{PORT}", "token_file": str(token), "max_connections": CAP},
+        "tcp": {"listen": f"127.0.0.1:{PORT}", "token_file": str(token), "max_connections": CAP,
+                "max_connections_per_client": PER_CLIENT},
     })
     # A common default fd limit, below the attack's 2,000 connections: unbounded, the daemon
     # ran out of descriptors and the unix socket stalled with the TCP listener.
@@ -220,6 +222,52 @@ def test_slowloris_leaves_the_unix_socket_answering_and_fds_bounded(lab: DaemonL
 
 
 # --- body limits -----------------------------------------------------------------------------------------
+
+
+def test_one_client_address_cannot_hold_every_connection(lab: DaemonLab) -> None:
+    """80 half-open connections from one address: PER_CLIENT are held, the rest get 503 at once
+    (the listener's own cap alone would hold CAP); another address is still served."""
+    def connect_from(src: str) -> socket.socket:
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        s.bind((src, 0))
+        s.connect(("127.0.0.1", PORT))
+        return s
+
+    def open_all() -> list[socket.socket]:
+        return [connect_from("127.0.0.3") for _ in range(80)]
+
+    def status_from(src: str) -> int:
+        s = netns.call_in_netns(lab.ns, connect_from, src)
+        try:
+            s.sendall(request_head("GET", "/v1/status", token=TOKEN))
+            return read_response(s)[0]
+        finally:
+            s.close()
+
+    # An earlier test's attack may still sit in the listen backlog: start when the listener serves.
+    deadline = time.monotonic() + 60
+    while status_from("127.0.0.4") != 200:
+        assert time.monotonic() < deadline, "the TCP listener never served again"
+        time.sleep(0.2)
+    held = netns.call_in_netns(lab.ns, open_all)
+    try:
+        for s in held:
+            s.sendall(b"GET /v1/status HTTP/1.1\r\nHost: l4lbd\r\n")  # headers never finish
+        assert status_from("127.0.0.4") == 200
+        answers = []
+        for s in held:
+            s.settimeout(HEADER_TIMEOUT + 5)
+            try:
+                answers.append(s.recv(4096).split(b"\r\n")[0].decode())
+            except OSError as e:
+                answers.append(type(e).__name__)
+        refused = answers.count("HTTP/1.1 503 Service Unavailable")
+        assert refused == 80 - PER_CLIENT, answers
+        assert answers.count("HTTP/1.1 408 Request Timeout") == PER_CLIENT, answers
+    finally:
+        for s in held:
+            s.close()
+    assert status_from("127.0.0.3") == 200   # its slots are free again
 
 
 def test_declared_200mb_body_is_413_at_once_and_rss_stays_flat(lab: DaemonLab) -> None:
