@@ -10,10 +10,12 @@ recording, the service and the backend.
 Batches: the rings are read with :mod:`l4lb.recorder.perfring` (why not BCC's perf buffer:
 see there), a whole CPU ring at a time. Per sample the drain only unpacks the header, looks up
 a *plan* cached per distinct header (recordings bitmap, service, backend, direction,
-verdict, flags: which recordings, cut where, with which comment) and appends a tuple to
-each target recording's batch; every recording then takes its batch with one
-:meth:`Recording.write_many`, which encodes the records from cached option bytes and hands
-them to the file in large writes.
+verdict, flags, NIC: which recordings, cut where, with which :class:`RecordKind`) and
+appends ``(data, mono_ns, orig_len, kind)`` to each target recording's batch; every
+recording then takes its batch with one :meth:`Recording.write_many`, whose writer encodes
+the records from option bytes cached per kind, in one loop, and hands them to the file in
+large writes. The wall clock is one offset per batch (``mono + offset``), added as the
+record is encoded.
 
 Losses: when a ring is full the datapath counts the refused sample for every recording that
 wanted it (``rec_lost_cnt``); the drain turns the growth of those counters into
@@ -39,6 +41,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from l4lb.recorder.pcapfile import RecordKind, Sample
 from l4lb.recorder.perfring import Chunk, PerfRings
 from l4lb.recorder.recording import Recording
 
@@ -46,6 +49,10 @@ log = logging.getLogger(__name__)
 
 #: struct rec_sample: recordings, ts_ns, cap_len, orig_len, svc_id, be_id, direction, verdict, flags, ifindex
 SAMPLE = struct.Struct("<QQIIIIBBBxI")
+# The same header as the drain reads it: the plan key's fields (svc_id .. ifindex) stay
+# 16 raw bytes, decoded (_FIELDS) only when a new plan is made.
+_HEAD = struct.Struct("<QQII16s")
+_FIELDS = struct.Struct("<IIBBBxI")
 VERDICT_NONE = 0xFF
 F_REPLY = 1  # + the kind of generated reply (bpf_src/lib/maps.h enum l4lb_reply)
 REPLY_NAMES = {1: "icmp-too-big", 2: "reject", 3: "echo-reply"}
@@ -54,9 +61,9 @@ DEFAULT_PAGES = 256          # per CPU: 1 MiB of ring
 POLL_MS = 50                 # longest a sample below the wake-up watermark waits
 MAX_PLANS = 4096
 
-# What one recording does with samples of one header: (its batch, capture length (0 =
-# whole), comment, verdict for the file).
-_Target = tuple[list[tuple[Any, ...]], int, str, int | None]
+# What one recording does with samples of one header: append to its batch, capture length
+# (0 = whole), kind of record.
+_Target = tuple[Callable[[Sample], None], int, RecordKind]
 
 
 class _Ring:
@@ -83,8 +90,8 @@ class Drain:
         self._slots: dict[int, Recording] = {}
         self._slots_gen = 0
         # Owned by whoever holds _ring_lock (the drain thread, or stop/retire):
-        self._plans: dict[tuple[int, ...], tuple[_Target, ...]] = {}
-        self._batches: dict[str, tuple[Recording, list[tuple[Any, ...]]]] = {}
+        self._plans: dict[tuple[int, bytes], tuple[_Target, ...]] = {}
+        self._batches: dict[str, tuple[Recording, list[Sample]]] = {}
         self._plans_gen = -1
         self._plan_slots: dict[int, Recording] = {}
         self._comments: dict[tuple[Any, ...], str] = {}
@@ -217,23 +224,20 @@ class Drain:
         if self._plans_gen != self._slots_gen:
             self._replan()
         plans, plan_for = self._plans, self._plan
-        offset = self._offset
-        unpack, hdr = SAMPLE.unpack_from, SAMPLE.size
+        unpack, hdr = _HEAD.unpack_from, SAMPLE.size
         for off in samples:
-            recs, ts, cap, orig, svc, be, direction, verdict, flags, ifindex = unpack(buf, off)
-            key = (recs, svc, be, direction, verdict, flags)
-            targets = plans.get(key)
+            recs, ts, cap, orig, fields = unpack(buf, off)
+            targets = plans.get((recs, fields))
             if targets is None:
-                targets = plan_for(key)
+                targets = plan_for(recs, fields)
             start = off + hdr
-            wall = ts + offset
-            for batch, c, comment, v in targets:
-                batch.append((buf[start:start + (c if 0 < c < cap else cap)], ts, wall, orig, direction, v, comment,
-                              ifindex))
+            for append, c, kind in targets:
+                append((buf[start:start + (c if 0 < c < cap else cap)], ts, orig, kind))
+        offset = self._offset
         for rec, batch in self._batches.values():
             if batch:
                 try:
-                    rec.write_many(batch)
+                    rec.write_many(batch, offset)
                 except Exception:  # noqa: BLE001 - one recording's file error must not stop the rest
                     log.exception("recording %s: write failed", rec.id)
                 batch.clear()
@@ -246,8 +250,8 @@ class Drain:
         self._plans = {}
         self._batches = {rec.id: (rec, []) for rec in self._plan_slots.values()}
 
-    def _plan(self, key: tuple[int, ...]) -> tuple[_Target, ...]:
-        recs, svc, be, direction, verdict, flags = key
+    def _plan(self, recs: int, fields: bytes) -> tuple[_Target, ...]:
+        svc, be, direction, verdict, flags, ifindex = _FIELDS.unpack(fields)
         v = None if verdict == VERDICT_NONE else verdict
         targets: list[_Target] = []
         bits = recs
@@ -258,13 +262,13 @@ class Drain:
                 batch = self._batches[rec.id][1]
                 # without the verdict option (--no-verdict), the comment names the verdict
                 named = None if rec.spec.verdict or v is None else v
-                targets.append((batch, rec.spec.capture_length,
-                                self._comment(rec.id, svc, be, direction, flags, named),
-                                v if rec.spec.verdict else None))
+                kind = RecordKind(self._comment(rec.id, svc, be, direction, flags, named), direction,
+                                  v if rec.spec.verdict else None, ifindex)
+                targets.append((batch.append, rec.spec.capture_length, kind))
             bits ^= low
         if len(self._plans) >= MAX_PLANS:
             self._plans.clear()
-        out = self._plans[key] = tuple(targets)
+        out = self._plans[(recs, fields)] = tuple(targets)
         return out
 
     def _comment(self, rid: str, svc: int, be: int, direction: int, flags: int, verdict: int | None = None) -> str:

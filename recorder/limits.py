@@ -12,6 +12,12 @@ The drain asks a :class:`Limiter` about every sample before writing it::
 and calls :meth:`Limiter.poll` from a timer so that a recording without traffic still ends
 when its time is up. The limiter assumes every WRITE/ROTATE packet is written.
 
+Runs: most packets are plain WRITEs to the current file, and asking for each one is a large
+part of the drain's cost. :meth:`Limiter.plain` says how far the next packets are certain to
+be plain writes (a packet count, a caplen sum, a timestamp; the file size is left to the
+caller, whose writer knows each record's size); :meth:`Limiter.took` counts such a run at once,
+exactly as the same ``offer`` calls would have.
+
 File 0 is opened when the recording starts. Indices go into
 :func:`l4lb.recorder.pcapfile.safe_name`.
 
@@ -118,6 +124,20 @@ class Decision:
     reason: StopReason | None = None  # STOP, or final
 
 
+NO_BOUND = 1 << 80      # past any packet count, byte count or u64 timestamp
+
+
+@dataclass(frozen=True, slots=True)
+class Plain:
+    """A run of packets is all plain WRITEs if it has at most ``packets`` packets, its caplens
+    add up to less than ``caplen_below`` at every packet, and every timestamp is less than
+    ``ts_below`` (:data:`NO_BOUND`: no such limit)."""
+
+    packets: int
+    caplen_below: int
+    ts_below: int
+
+
 class Limiter:
     """Decides write / rotate / stop for each packet of one recording (see module doc)."""
 
@@ -183,6 +203,33 @@ class Limiter:
             return self._stop(StopReason.MAX_DURATION)
         return None
 
+    def plain(self) -> Plain | None:
+        """The bounds within which the next packets are all plain WRITEs to the current file
+        (none STOP, ROTATE by time or is ``final``), or None if the next packet needs
+        :meth:`offer`: stopped, or the file is empty (its first packet opens the rotation
+        window). With a size rotation, a packet is plain only while the file holds at most
+        ``rotation.file_size`` bytes before it: the caller checks that per record."""
+        if self._reason is not None or self._file_packets == 0:
+            return None
+        sc, rot = self.stop_conditions, self.rotation
+        packets = NO_BOUND if sc.max_packets is None else sc.max_packets - self._packets - 1  # the last is final
+        if packets <= 0:
+            return None
+        caplen = NO_BOUND if sc.max_bytes is None else sc.max_bytes - self._bytes   # reaching it is final
+        ts = NO_BOUND
+        if sc.max_duration_ns is not None:
+            ts = self.start_ns + sc.max_duration_ns
+        if rot.rotate_ns is not None:
+            ts = min(ts, self._file_first_ts + rot.rotate_ns)
+        return Plain(packets, caplen, ts)
+
+    def took(self, packets: int, caplen: int) -> None:
+        """Count ``packets`` plain WRITEs of ``caplen`` captured bytes in all, taken within
+        the bounds :meth:`plain` gave (as many ``offer`` calls would have)."""
+        self._packets += packets
+        self._bytes += caplen
+        self._file_packets += packets
+
     def offer(self, caplen: int, ts_ns: int, *, file_bytes: int | None = None) -> Decision:
         """Decide for a packet of ``caplen`` captured bytes at ``ts_ns``; ``file_bytes`` is the
         current file's size before this packet (needed when rotating by size)."""
@@ -241,4 +288,4 @@ class Limiter:
         return Decision(action, self._index, overwrite=overwrite, final=reason is not None, reason=reason)
 
 
-__all__ = ["Action", "Decision", "Limiter", "RotationPolicy", "StopConditions", "StopReason"]
+__all__ = ["NO_BOUND", "Action", "Decision", "Limiter", "Plain", "RotationPolicy", "StopConditions", "StopReason"]

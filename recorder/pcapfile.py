@@ -30,8 +30,10 @@ the drain can treat both writers alike.
 Records are collected in memory and handed to the file in one write per :data:`STAGE_PIECES`
 pieces (and at :meth:`~_Writer.flush` and close): the drain writes hundreds of thousands of
 small records a second, and a ``write`` call per record was a large share of its time.
-:meth:`~_Writer.write_sample` is the drain's unchecked entry; for pcapng it encodes a record
-from cached option bytes with one ``struct`` call.
+The drain has two unchecked entries: :meth:`~_Writer.write_batch`, a run of samples in one
+loop (per record: one ``struct`` call for the fixed fields, option bytes cached per
+:class:`RecordKind`, four list items), and :meth:`~_Writer.write_sample`, one sample, for
+what the batch leaves to it (a NIC new to the file, a drop count to report, a size bound).
 
 Files are created with ``O_CREAT|O_EXCL|O_NOFOLLOW`` and mode 0600: a writer never follows a
 symlink or truncates an existing file. :func:`safe_name` and :func:`safe_join` build the paths.
@@ -53,8 +55,10 @@ import os
 import re
 import struct
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from enum import IntEnum
+from itertools import islice
 from pathlib import Path
 
 from l4lb import __version__
@@ -96,6 +100,9 @@ _U32 = 0xFFFFFFFF
 _U64 = 0xFFFFFFFFFFFFFFFF
 # EPB fixed fields: block type, total length, interface, timestamp high/low, caplen, origlen
 _EPB_HEAD = struct.Struct("<IIIIIII").pack
+_PCAP_HEAD = struct.Struct("<IIII").pack     # classic record: seconds, nanoseconds, caplen, origlen
+_NS = 1_000_000_000
+_KINDS_CACHED = 1024        # a writer's cache of encoded kinds (a file rarely sees more than a few)
 USERAPPL = f"l4lb {__version__}"
 
 
@@ -177,6 +184,27 @@ def _check_ts(ts_ns: int) -> int:
     return ts_ns
 
 
+@dataclass(frozen=True, eq=False, slots=True)
+class RecordKind:
+    """What the records of one (sample header, recording) share: comment, direction, XDP
+    verdict (None: not stored) and NIC. The drain makes one per plan and reuses it, so a
+    writer caches the encoded option bytes per kind; ``eq=False`` keeps the identity hash,
+    a dict lookup that hashes nothing."""
+
+    comment: str | None
+    direction: int | None
+    verdict: int | None
+    ifindex: int | None = None
+
+
+# A pcapng record's tails: "padding + options" for data lengths 0..3 mod 4, and the fixed overhead.
+_Tails = tuple[bytes, bytes, bytes, bytes, int]
+
+#: A sample as the drain hands it over: (data cut to the capture length, CLOCK_MONOTONIC ns,
+#: original length, kind). The wall clock is ``mono + offset_ns`` of the batch.
+Sample = tuple[bytes, int, int, RecordKind]
+
+
 class _Writer:
     """Common file handling: exclusive 0600 creation, byte accounting, flush, idempotent close."""
 
@@ -230,6 +258,11 @@ class _Writer:
     @property
     def packets_written(self) -> int:
         return self._packets
+
+    @property
+    def data_written(self) -> int:
+        """Captured bytes of the records handed over so far (their packet data only)."""
+        return self._data
 
     @property
     def lost(self) -> int:
@@ -294,6 +327,22 @@ class _Writer:
             self._bytes, self._packets, self._data = end, packets, captured
             raise WriteFailed(e, self.path, *dropped) from e
         self._durable = (self._bytes, self._packets, self._data)
+
+    def flush_if_full(self) -> None:
+        """Hand the staged records over if there are enough of them for one large write
+        (:meth:`write_batch` leaves that to its caller, who counts the packets first)."""
+        if len(self._staged) >= STAGE_PIECES:
+            self._commit()
+
+    def write_batch(self, samples: Sequence[Sample], start: int, stop: int, offset_ns: int,
+                    until: int | None = None) -> int:
+        """Stage ``samples[start:stop]`` as records, timestamps ``mono + offset_ns``, as
+        :meth:`write_sample` would, in one loop; nothing is handed to the file (see
+        :meth:`flush_if_full`). Stops before a sample when the file already has more than
+        ``until`` bytes (a size rotation is due), when its record would pass :attr:`limit`
+        (write_sample raises LimitReached for it), or when the sample needs write_sample's
+        slower path. Returns the index of the first sample not staged (``stop``: all were)."""
+        raise NotImplementedError
 
     def _check_open(self) -> None:
         if self._closed:
@@ -417,7 +466,8 @@ class PcapngWriter(_Writer):
         self._verdicts = verdicts
         self._start_ns = _check_ts(time.time_ns() if start_ns is None else start_ns)
         self._unreported_lost = 0
-        self._tails: dict[tuple, tuple[bytes, bytes, bytes, bytes, int]] = {}
+        self._tails: dict[tuple, _Tails] = {}
+        self._kinds: dict[RecordKind, tuple[int, _Tails]] = {}     # write_batch's cache, per file
         # ifindex -> IDB number; the IDBs' packet counts (for their ISBs)
         self._iface_ids: dict[int | None, int] = {} if interfaces is not None else {None: 0}
         self._if_packets: list[int] = [] if interfaces is not None else [0]
@@ -534,10 +584,8 @@ class PcapngWriter(_Writer):
         if tails is None:
             self._next_iface = iid
             super().write_sample(data, ts_ns, orig_len, direction, verdict, comment)
-            if len(self._tails) < 1024:
-                opts = self._encode_options(comment, direction, 0, verdict)
-                self._tails[(comment, direction, verdict)] = (
-                    opts, b"\0" + opts, b"\0\0" + opts, b"\0\0\0" + opts, 32 + len(opts))
+            if len(self._tails) < _KINDS_CACHED:
+                self._tails[(comment, direction, verdict)] = self._encode_tails(comment, direction, verdict)
             return
         n = len(data)
         pad = -n & 3
@@ -553,6 +601,67 @@ class PcapngWriter(_Writer):
         self._data += n
         if len(staged) >= STAGE_PIECES:
             self._commit()
+
+    def _encode_tails(self, comment: str | None, direction: int | None, verdict: int | None) -> _Tails:
+        """A record's options after its data: four "padding + options" strings (one per data
+        length mod 4) and the record's fixed overhead (block header, fields, length)."""
+        opts = self._encode_options(comment, direction, 0, verdict)
+        return opts, b"\0" + opts, b"\0\0" + opts, b"\0\0\0" + opts, 32 + len(opts)
+
+    def _kind(self, kind: RecordKind) -> tuple[int, _Tails] | None:
+        """A kind's IDB number and tails, cached for this file; None while its NIC has no IDB
+        in this file yet (write_sample writes that first)."""
+        iid = self._iface_ids.get(kind.ifindex if self._resolve is not None else None)
+        if iid is None:
+            return None
+        if len(self._kinds) >= _KINDS_CACHED:
+            self._kinds.clear()
+        enc = self._kinds[kind] = (iid, self._encode_tails(kind.comment, kind.direction, kind.verdict))
+        return enc
+
+    def write_batch(self, samples: Sequence[Sample], start: int, stop: int, offset_ns: int,
+                    until: int | None = None) -> int:
+        # As write_sample's cached path, for a run of samples: everything the loop touches is
+        # a local, counters are added up once, and the pieces go to a local list that joins
+        # the staged ones at the end (an exception leaves the writer as it was).
+        if self._closed:
+            raise ValueError(f"{self.fmt} writer for {self.path} is closed")
+        if self._unreported_lost:
+            return start            # the next record carries a drop count: write_sample's path
+        kinds, kind_of = self._kinds, self._kind
+        per_iface = [0] * len(self._if_packets)
+        size, max_end = self._bytes, self._max_end
+        bound = (1 << 64) if until is None else until
+        pieces: list[bytes] = []
+        add = pieces.extend
+        head, epb, u32 = _EPB_HEAD, BT_EPB, _U32
+        data_bytes = 0
+        i = start
+        for data, mono, orig, kind in islice(samples, start, stop):
+            enc = kinds.get(kind)
+            if enc is None:
+                enc = kind_of(kind)
+                if enc is None:
+                    break
+            iid, tails = enc
+            n = len(data)
+            pad = -n & 3
+            total = tails[4] + n + pad
+            if size > bound or size + total > max_end:
+                break
+            ts = mono + offset_ns
+            add((head(epb, total, iid, (ts >> 32) & u32, ts & u32, n, orig), data, tails[pad],
+                 total.to_bytes(4, "little")))
+            size += total
+            data_bytes += n
+            per_iface[iid] += 1
+            i += 1
+        self._staged += pieces
+        self._if_packets = [a + b for a, b in zip(self._if_packets, per_iface)]
+        self._packets += i - start
+        self._bytes = size
+        self._data += data_bytes
+        return i
 
     def _isb(self, iid: int, ts_ns: int, first: bool) -> bytes:
         hi, lo = _ts_parts(ts_ns)
@@ -587,6 +696,34 @@ class PcapWriter(_Writer):
         if sec > _U32:
             raise ValueError(f"ts_ns: {ts_ns} is past the classic pcap range (year 2106)")
         return struct.pack("<IIII", sec, nsec, len(data), orig_len) + data
+
+    def write_batch(self, samples: Sequence[Sample], start: int, stop: int, offset_ns: int,
+                    until: int | None = None) -> int:
+        # As _Writer.write_sample for each sample, in one loop over locals (see PcapngWriter's).
+        if self._closed:
+            raise ValueError(f"{self.fmt} writer for {self.path} is closed")
+        size, max_end = self._bytes, self._max_end
+        bound = (1 << 64) if until is None else until
+        pieces: list[bytes] = []
+        add = pieces.extend
+        head, ns, u32 = _PCAP_HEAD, _NS, _U32
+        data_bytes = 0
+        i = start
+        for data, mono, orig, _kind in islice(samples, start, stop):
+            n = len(data)
+            total = 16 + n
+            sec, nsec = divmod(mono + offset_ns, ns)
+            if size > bound or size + total > max_end or sec > u32:
+                break           # write_sample: LimitReached, or the year 2106's ValueError
+            add((head(sec, nsec, n, orig), data))
+            size += total
+            data_bytes += n
+            i += 1
+        self._staged += pieces
+        self._packets += i - start
+        self._bytes = size
+        self._data += data_bytes
+        return i
 
 
 def open_writer(path: str | os.PathLike[str], fmt: str = "pcapng", **kwargs) -> PcapngWriter | PcapWriter:
@@ -647,6 +784,8 @@ def safe_join(directory: str | os.PathLike[str], name: str) -> Path:
 
 __all__ = [
     "DEFAULT_SNAPLEN",
+    "RecordKind",
+    "Sample",
     "Direction",
     "FORMATS",
     "LINKTYPE_ETHERNET",

@@ -1,7 +1,8 @@
 """One recording: what it asked for (:class:`RecordingSpec`) and its files (:class:`Recording`).
 
 A Recording owns its :class:`~l4lb.recorder.limits.Limiter` and the current capture file. The
-drain calls :meth:`Recording.write` for every sample that belongs to it and
+drain hands it the samples that belong to it with :meth:`Recording.write_many`, a batch at a
+time, and calls
 :meth:`Recording.tick` from its timer; the API thread reads :meth:`Recording.to_dict` and calls
 :meth:`Recording.stop`. One lock per recording keeps those apart.
 
@@ -22,17 +23,18 @@ import os
 import stat
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from l4lb.recfilter import Filter
 from l4lb.recorder.budget import DiskBudget
-from l4lb.recorder.limits import Action, Limiter, RotationPolicy, StopConditions
+from l4lb.recorder.limits import NO_BOUND, Action, Limiter, RotationPolicy, StopConditions
 from l4lb.recorder.meta import BadMeta, read_meta
 from l4lb.recorder.pcapfile import (
-    FORMATS, LimitReached, PcapngWriter, PcapWriter, open_writer, plain_join, safe_join, safe_name,
+    FORMATS, LimitReached, PcapngWriter, PcapWriter, RecordKind, Sample, open_writer, plain_join, safe_join,
+    safe_name,
 )
 
 log = logging.getLogger(__name__)
@@ -162,13 +164,18 @@ class Recording:
     def write(self, data: bytes, mono_ns: int, wall_ns: int, orig_len: int, direction: int,
               verdict: int | None, comment: str | None, ifindex: int | None = None) -> None:
         """One sample (already cut to this recording's capture length); ``ifindex``: its NIC."""
-        self.write_many(((data, mono_ns, wall_ns, orig_len, direction, verdict, comment, ifindex),))
+        kind = RecordKind(comment, direction, verdict, ifindex)
+        self.write_many([(data, mono_ns, orig_len, kind)], wall_ns - mono_ns)
 
-    def write_many(self, samples: Iterable[tuple[bytes, int, int, int, int, int | None, str | None, int | None]]
-                   ) -> None:
-        """Samples ``(data, mono_ns, wall_ns, orig_len, direction, verdict, comment, ifindex)``
-        as for :meth:`write`, under one lock acquisition (the drain's batches). The batch may add
-        at most :meth:`_room` bytes to the disk; the record that would pass it stops the recording."""
+    def write_many(self, samples: Sequence[Sample], offset_ns: int) -> None:
+        """The drain's batch: samples ``(data, mono_ns, orig_len, kind)`` (data already cut to
+        this recording's capture length), wall clock = ``mono_ns + offset_ns``, under one lock
+        acquisition. The batch may add at most :meth:`_room` bytes to the disk; the record that
+        would pass it stops the recording.
+
+        Runs of plain writes (no limit, rotation or new NIC in the way: Limiter.plain) are
+        encoded by the writer in one loop (write_batch); the sample that ends a run goes
+        through the limiter and write_sample alone, then the next run starts."""
         with self.lock, self._accounted():
             w, lim = self._writer, self._limiter
             if self.state != "running" or w is None or lim is None:
@@ -176,7 +183,26 @@ class Recording:
             start = self._footprint()
             room, why = self._room()
             w.limit = w.bytes_written + w.closing_bytes + room
-            for data, mono_ns, wall_ns, orig_len, direction, verdict, comment, ifindex in samples:
+            size_rotation = self.spec.rotation.file_size
+            i, end = 0, len(samples)
+            while i < end:
+                run = self._plain_run(lim, samples, i)
+                if run:
+                    data_before = w.data_written
+                    j = w.write_batch(samples, i, i + run, offset_ns, size_rotation)
+                    lim.took(j - i, w.data_written - data_before)    # counted before the hand-over can fail
+                    if j > i:
+                        self._dirty = True
+                        try:
+                            w.flush_if_full()
+                        except OSError as e:
+                            self._failed(e)
+                            return
+                    i = j
+                    if i == end:
+                        return
+                data, mono_ns, orig_len, kind = samples[i]
+                i += 1
                 d = lim.offer(len(data), mono_ns, file_bytes=w.bytes_written)
                 if d.action is Action.STOP:
                     self._finish(d.reason.value if d.reason else "stopped")
@@ -189,7 +215,8 @@ class Recording:
                         return
                     w.limit = w.bytes_written + w.closing_bytes + room - (self._footprint() - start)
                 try:
-                    w.write_sample(data, wall_ns, orig_len, direction, verdict, comment, ifindex)
+                    w.write_sample(data, mono_ns + offset_ns, orig_len, kind.direction, kind.verdict, kind.comment,
+                                   kind.ifindex)
                 except LimitReached:
                     self._dropped[0] += 1
                     self._dropped[1] += len(data)
@@ -202,6 +229,24 @@ class Recording:
                 if d.final:
                     self._finish(d.reason.value if d.reason else "stopped")
                     return
+
+    @staticmethod
+    def _plain_run(lim: Limiter, samples: Sequence[Sample], i: int) -> int:
+        """How many samples from ``i`` on are plain writes as far as the limiter is concerned."""
+        plain = lim.plain()
+        if plain is None:
+            return 0
+        stop = min(len(samples), i + plain.packets)
+        caplen_below, ts_below = plain.caplen_below, plain.ts_below
+        if caplen_below == NO_BOUND and ts_below == NO_BOUND:
+            return stop - i
+        total = 0
+        for j in range(i, stop):
+            data, mono_ns = samples[j][:2]
+            total += len(data)
+            if total >= caplen_below or mono_ns >= ts_below:
+                return j - i
+        return stop - i
 
     def _rotate(self, w: PcapngWriter | PcapWriter, index: int, overwrite: bool) -> PcapngWriter | PcapWriter:
         try:

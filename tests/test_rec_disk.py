@@ -23,6 +23,7 @@ from l4lb.recfilter import expand_filter
 from l4lb.recorder.budget import MIN_START, DiskBudget, DiskLimits
 from l4lb.recorder.limits import RotationPolicy, StopConditions
 from l4lb.recorder.meta import BadMeta
+from l4lb.recorder.pcapfile import RecordKind, Sample
 from l4lb.recorder.recording import Recording, RecordingSpec, file_problem
 
 T0 = 1_700_000_000 * 10**9
@@ -34,8 +35,12 @@ def spec(**kw) -> RecordingSpec:
     return RecordingSpec(filters=expand_filter("any 0 any 80 tcp"), **kw)
 
 
-def batch(start: int, n: int = 50) -> list[tuple]:
-    return [(FRAME, i, T0 + i, len(FRAME), 1, None, "recording=t in service=web", None) for i in range(start, start + n)]
+KIND = RecordKind("recording=t in service=web", 1, None)
+
+
+def batch(start: int, n: int = 50) -> list[Sample]:
+    """Samples as the drain batches them: monotonic time i, wall clock T0 + i (write_many(..., T0))."""
+    return [(FRAME, i, len(FRAME), KIND) for i in range(start, start + n)]
 
 
 def fake_statvfs(free: dict[str, int]):
@@ -58,7 +63,7 @@ def run_until_stopped(recs: list[Recording], batches: int = 2000) -> None:
         if not running:
             return
         for r in running:
-            r.write_many(batch(k * 50))
+            r.write_many(batch(k * 50), T0)
             r.tick(k)
     raise AssertionError("still running")
 
@@ -97,7 +102,7 @@ def test_recordings_share_the_global_cap_and_stopped_ones_still_count(tmp_path: 
                         statvfs=fake_statvfs({"bytes": BIG}))
     old = Recording("old", spec(), tmp_path, 0, budget=budget)
     old.open(0)
-    old.write_many(batch(0, 20))
+    old.write_many(batch(0, 20), T0)
     old.stop()
     recs = [Recording(f"r{i}", spec(), tmp_path, 1 + i, budget=budget) for i in range(2)]
     for r in recs:
@@ -120,7 +125,7 @@ def test_the_free_space_reserve_is_never_written_into(tmp_path: Path) -> None:
     rec = Recording("reserve", spec(), tmp_path, 0, budget=budget)
     rec.open(0)
     for k in range(500):            # no refresh: the statvfs figure stays, the writes count against it
-        rec.write_many(batch(k * 50))
+        rec.write_many(batch(k * 50), T0)
         if rec.state != "running":
             break
     assert rec.stop_reason == "disk_full"
@@ -145,7 +150,7 @@ def test_a_ring_runs_within_its_cap(tmp_path: Path) -> None:
     rec = Recording("ring", spec(rotation=RotationPolicy(file_size=2_000, max_files=3)), tmp_path, 0, budget=budget)
     rec.open(0)
     for k in range(40):
-        rec.write_many(batch(k * 50))
+        rec.write_many(batch(k * 50), T0)
         rec.tick(k)
     assert rec.state == "running" and len(rec.files) == 3
     rec.stop()
@@ -161,7 +166,7 @@ ENOSPC_SCRIPT = """
 import json, shutil, sys
 from pathlib import Path
 sys.path.insert(0, sys.argv[3])
-from test_rec_disk import FRAME, batch, spec
+from test_rec_disk import FRAME, T0, batch, spec
 from l4lb.recorder.recording import Recording
 
 tiny, out = Path(sys.argv[1]), Path(sys.argv[2])
@@ -169,7 +174,7 @@ rec = Recording("enospc", spec(), tiny, 0)          # no budget: nothing stops i
 rec.open(0)
 k = 0
 while rec.state == "running" and k < 10_000:
-    rec.write_many(batch(k * 50))
+    rec.write_many(batch(k * 50), T0)
     rec.tick(k)                                      # the drain's tick: flush what was staged
     k += 1
 rec.stop()                                           # stopping a recording on a full disk must not raise
@@ -207,7 +212,7 @@ def test_enospc_stops_with_disk_full_and_the_file_ends_on_a_whole_packet(tmp_pat
 def saved(tmp_path: Path) -> Recording:
     rec = Recording("good", spec(name="probe", stop=StopConditions(max_packets=10)), tmp_path, 0)
     rec.open(0)
-    rec.write_many(batch(0, 10))
+    rec.write_many(batch(0, 10), T0)
     return rec
 
 
@@ -258,7 +263,7 @@ def test_many_filters_fit_the_section_comment_and_the_file_reads(tmp_path: Path)
     filters = tuple(f for i in range(4000) for f in expand_filter(f"203.0.{i // 250}.{i % 250} 0 any {1 + i} tcp"))
     rec = Recording("many", RecordingSpec(filters=filters), tmp_path, 0)
     rec.open(0)
-    rec.write_many(batch(0, 3))
+    rec.write_many(batch(0, 3), T0)
     rec.stop()
     comment = rec.section_comment()
     assert len(comment.encode()) <= 65535 and comment.endswith("more (l4lbctl record show many)")
