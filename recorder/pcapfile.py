@@ -103,6 +103,7 @@ _EPB_HEAD = struct.Struct("<IIIIIII").pack
 _PCAP_HEAD = struct.Struct("<IIII").pack     # classic record: seconds, nanoseconds, caplen, origlen
 _NS = 1_000_000_000
 _KINDS_CACHED = 1024        # a writer's cache of encoded kinds (a file rarely sees more than a few)
+_LENGTHS_CACHED = 2048      # record ends cached per kind, by data length
 USERAPPL = f"l4lb {__version__}"
 
 
@@ -199,6 +200,9 @@ class RecordKind:
 
 # A pcapng record's tails: "padding + options" for data lengths 0..3 mod 4, and the fixed overhead.
 _Tails = tuple[bytes, bytes, bytes, bytes, int]
+# write_batch's code for a kind in one file: IDB number, tails, data length -> (record length,
+# "padding + options + record length").
+_KindCode = tuple[int, _Tails, dict[int, tuple[int, bytes]]]
 
 #: A sample as the drain hands it over: (data cut to the capture length, CLOCK_MONOTONIC ns,
 #: original length, kind). The wall clock is ``mono + offset_ns`` of the batch.
@@ -378,6 +382,7 @@ class _Writer:
         data, orig_len = self._lengths(data, orig_len)
         record = self._record(data, _check_ts(ts_ns), orig_len, direction, verdict, comment)
         self._room_for(len(record))
+        self._accepted()
         self._packets += 1               # counted before _write: a failed hand-over drops it too
         self._data += len(data)
         self._write(record)
@@ -394,6 +399,7 @@ class _Writer:
             raise ValueError(f"{self.fmt} writer for {self.path} is closed")
         record = self._record(data, ts_ns, orig_len, direction, verdict, comment)
         self._room_for(len(record))
+        self._accepted()
         self._packets += 1
         self._data += len(data)
         self._write(record)
@@ -428,6 +434,9 @@ class _Writer:
         self.close()
 
     # -- format hooks --------------------------------------------------------------------
+    def _accepted(self) -> None:
+        """The record just made by _record fits: count it (a refused one is not in the file)."""
+
     def _header(self) -> bytes:
         raise NotImplementedError
 
@@ -467,7 +476,7 @@ class PcapngWriter(_Writer):
         self._start_ns = _check_ts(time.time_ns() if start_ns is None else start_ns)
         self._unreported_lost = 0
         self._tails: dict[tuple, _Tails] = {}
-        self._kinds: dict[RecordKind, tuple[int, _Tails]] = {}     # write_batch's cache, per file
+        self._kinds: dict[RecordKind, _KindCode] = {}     # write_batch's cache, per file
         # ifindex -> IDB number; the IDBs' packet counts (for their ISBs)
         self._iface_ids: dict[int | None, int] = {} if interfaces is not None else {None: 0}
         self._if_packets: list[int] = [] if interfaces is not None else [0]
@@ -563,9 +572,11 @@ class PcapngWriter(_Writer):
             + bytes(_pad4(len(data)))
             + encoded
         )
-        self._unreported_lost = 0
-        self._if_packets[iid] += 1
         return _block(BT_EPB, body)
+
+    def _accepted(self) -> None:
+        self._unreported_lost = 0                   # reported in that record
+        self._if_packets[self._next_iface] += 1
 
     def write_sample(self, data: bytes, ts_ns: int, orig_len: int, direction: int | None,
                      verdict: int | None, comment: str | None, ifindex: int | None = None) -> None:
@@ -608,22 +619,25 @@ class PcapngWriter(_Writer):
         opts = self._encode_options(comment, direction, 0, verdict)
         return opts, b"\0" + opts, b"\0\0" + opts, b"\0\0\0" + opts, 32 + len(opts)
 
-    def _kind(self, kind: RecordKind) -> tuple[int, _Tails] | None:
-        """A kind's IDB number and tails, cached for this file; None while its NIC has no IDB
-        in this file yet (write_sample writes that first)."""
+    def _kind(self, kind: RecordKind) -> _KindCode | None:
+        """A kind's IDB number, tails and (empty) per-length cache, for this file; None while
+        its NIC has no IDB in this file yet (write_sample writes that first)."""
         iid = self._iface_ids.get(kind.ifindex if self._resolve is not None else None)
         if iid is None:
             return None
         if len(self._kinds) >= _KINDS_CACHED:
             self._kinds.clear()
-        enc = self._kinds[kind] = (iid, self._encode_tails(kind.comment, kind.direction, kind.verdict))
-        return enc
+        code = self._kinds[kind] = (iid, self._encode_tails(kind.comment, kind.direction, kind.verdict), {})
+        return code
 
     def write_batch(self, samples: Sequence[Sample], start: int, stop: int, offset_ns: int,
                     until: int | None = None) -> int:
-        # As write_sample's cached path, for a run of samples: everything the loop touches is
-        # a local, counters are added up once, and the pieces go to a local list that joins
-        # the staged ones at the end (an exception leaves the writer as it was).
+        # As write_sample's cached path, for a run of samples, with everything the loop
+        # touches in locals. A record is three pieces: its fixed fields (one struct call), the
+        # data, and "padding + options + total length", cached per (kind, data length) with
+        # the total: traffic has few distinct lengths. Counters are added up once; the pieces
+        # go to a local list that joins the staged ones at the end (an exception leaves the
+        # writer as it was).
         if self._closed:
             raise ValueError(f"{self.fmt} writer for {self.path} is closed")
         if self._unreported_lost:
@@ -636,32 +650,36 @@ class PcapngWriter(_Writer):
         add = pieces.extend
         head, epb, u32 = _EPB_HEAD, BT_EPB, _U32
         data_bytes = 0
-        i = start
         for data, mono, orig, kind in islice(samples, start, stop):
-            enc = kinds.get(kind)
-            if enc is None:
-                enc = kind_of(kind)
-                if enc is None:
+            code = kinds.get(kind)
+            if code is None:
+                code = kind_of(kind)
+                if code is None:
                     break
-            iid, tails = enc
+            iid, tails, by_len = code
             n = len(data)
-            pad = -n & 3
-            total = tails[4] + n + pad
+            end = by_len.get(n)
+            if end is None:
+                if len(by_len) >= _LENGTHS_CACHED:
+                    by_len.clear()
+                pad = -n & 3
+                total = tails[4] + n + pad
+                end = by_len[n] = (total, tails[pad] + total.to_bytes(4, "little"))
+            total = end[0]
             if size > bound or size + total > max_end:
                 break
             ts = mono + offset_ns
-            add((head(epb, total, iid, (ts >> 32) & u32, ts & u32, n, orig), data, tails[pad],
-                 total.to_bytes(4, "little")))
+            add((head(epb, total, iid, (ts >> 32) & u32, ts & u32, n, orig), data, end[1]))
             size += total
             data_bytes += n
             per_iface[iid] += 1
-            i += 1
+        written = len(pieces) // 3
         self._staged += pieces
         self._if_packets = [a + b for a, b in zip(self._if_packets, per_iface)]
-        self._packets += i - start
+        self._packets += written
         self._bytes = size
         self._data += data_bytes
-        return i
+        return start + written
 
     def _isb(self, iid: int, ts_ns: int, first: bool) -> bytes:
         hi, lo = _ts_parts(ts_ns)

@@ -8,18 +8,25 @@ import os
 import struct
 import subprocess
 import time
+import uuid
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
 from scapy.all import IP, TCP, Ether, Raw, raw
 
 from l4lb.lab.pktenv import PacketEnv, edge_backends_v4
 from l4lb.models import Service
 from l4lb.recfilter import parse_filter
+from l4lb.recorder import pcapfile
+from l4lb.recorder.budget import DiskBudget, DiskLimits
+from l4lb.recorder.limits import RotationPolicy, StopConditions
 from l4lb.recorder.manager import RecorderManager
-from l4lb.recorder.pcapfile import PcapngWriter, PcapWriter
+from l4lb.recorder.pcapfile import PcapngWriter, PcapWriter, RecordKind, Sample
 from l4lb.recorder.perfring import online_cpus
-from l4lb.recorder.recording import RecordingSpec
+from l4lb.recorder.recording import Recording, RecordingSpec
 
 VIP = "198.51.100.1"
 CLIENT = "203.0.113.7"
@@ -148,3 +155,98 @@ def test_drain_entry_writes_the_bytes_of_the_checked_entry(tmp_path: Path, write
     assert os.path.getsize(tmp_path / "fast") == fast.bytes_written
     with pytest.raises(ValueError, match="closed"):
         fast.write_sample(b"x", T0, 1, 1, None, "recording=a in service=web")
+
+
+# --------------------------------------------------------------------------- batch path = per-sample path
+
+NICS = {5: ("eth5", "uplink"), 9: ("eth9", "downlink")}
+KINDS = [RecordKind("recording=p in service=web", 1, None, 5),
+         RecordKind("recording=p out service=web backend=192.0.2.10", 2, 3, 5),
+         RecordKind("recording=p out service=web backend=192.0.2.11", 2, 4, 9),
+         RecordKind(None, 1, None, 9)]
+
+
+def _run_recording(tmp: Path, fmt: str, stop: StopConditions, rot: RotationPolicy, cap: int | None,
+            batches: list[list[Sample]], lost_after: dict[int, int]) -> tuple[dict, dict[str, bytes]]:
+    """One recording fed these batches (losses noted between them); its report and files."""
+    budget = None
+    if cap is not None:
+        budget = DiskBudget(tmp, DiskLimits(max_total_bytes=1 << 40, max_recording_bytes=cap, min_free_bytes=0),
+                            statvfs=lambda _p: SimpleNamespace(f_bavail=1 << 40, f_frsize=1))
+    spec = RecordingSpec(filters=(parse_filter(f"any 0 {VIP} 80 tcp"),), fmt=fmt, stop=stop, rotation=rot)
+    rec = Recording("p", spec, tmp, 0, budget=budget, interfaces=NICS.get)
+    rec.open(0)
+    after = []              # the recording after each batch: a limit must end it at the same sample
+    for k, b in enumerate(batches):
+        rec.write_many(b, T0)
+        if k in lost_after:
+            rec.note_lost(lost_after[k])
+        after.append((rec.state, rec.stop_reason, rec.packets, rec.bytes, len(rec.files)))
+    rec.stop()
+    d = rec.to_dict()
+    files = {f["name"]: Path(f["path"]).read_bytes() for f in d["files"]}
+    return {"after": after, **{k: d[k] for k in ("state", "stop_reason", "packets", "bytes", "lost")}}, files
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    st.lists(st.tuples(st.sampled_from([0, 1, 3, 60, 64, 99, 200]), st.integers(0, 3), st.integers(-50, 3_000)),
+             min_size=1, max_size=90),
+    st.lists(st.integers(1, 12), min_size=1, max_size=8),
+    st.dictionaries(st.integers(0, 8), st.integers(1, 5), max_size=3),
+    st.sampled_from(["pcapng", "pcap"]),
+    st.one_of(st.none(), st.integers(1, 30)), st.one_of(st.none(), st.integers(1, 8_000)),
+    st.one_of(st.none(), st.integers(1, 100_000)),
+    st.one_of(st.none(), st.integers(1, 3_000)), st.one_of(st.none(), st.integers(1, 30_000)),
+    st.one_of(st.none(), st.integers(1, 4)), st.one_of(st.none(), st.integers(500, 20_000)),
+)
+@example([(60, 0, 10)] * 4, [1], {}, "pcapng", 2, None, None, None, None, None, None)   # max_packets ends a batch
+@example([(60, 0, 10)] * 9, [4], {}, "pcap", None, None, None, 176, None, None, None)  # 24 + 2 x 76 = 176: full
+def test_batch_path_writes_exactly_what_the_per_sample_path_writes(
+        tmp_path: Path, packets, cuts, lost_after, fmt, max_packets, max_bytes, max_dur, file_size, rotate_ns,
+        max_files, cap) -> None:
+    """Recording.write_many encodes runs of plain writes in one loop (Limiter.plain +
+    write_batch); with that turned off every sample goes through Limiter.offer and
+    write_sample. Both must leave the same files, byte for byte, and the same counts, across
+    stop limits, rotation by size and time, rings of files, NICs new to a file, drop counts
+    and the disk cap."""
+    if max_files is not None and file_size is None and rotate_ns is None:
+        max_files = None
+    stop = StopConditions(max_packets, max_bytes, max_dur)
+    rot = RotationPolicy(file_size=file_size, rotate_ns=rotate_ns, max_files=max_files)
+    samples, mono = [], 0
+    for i, (n, kind, dt) in enumerate(packets):
+        mono += dt
+        samples.append((bytes([i & 0xFF]) * n, mono, n + i % 3, KINDS[kind]))
+    batches, at = [], 0
+    for c in cuts * 20:
+        if at >= len(samples):
+            break
+        batches.append(samples[at:at + c])
+        at += c
+    out = {}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(pcapfile.time, "time_ns", lambda: T0)     # SHB/ISB times: the same in both files
+        for path in ("batch", "per-sample"):
+            d = tmp_path / f"{path}-{uuid.uuid4().hex}"
+            d.mkdir()
+            if path == "per-sample":
+                mp.setattr(Recording, "_plain_run", staticmethod(lambda lim, s, i: 0))
+            out[path] = _run_recording(d, fmt, stop, rot, cap, batches, lost_after)
+    assert out["batch"] == out["per-sample"]
+
+
+def test_plain_batches_take_the_batch_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without limits, write_sample only writes the file's first record (it opens the rotation
+    window) and the first of a NIC new to the file (its IDB); the rest go through write_batch."""
+    calls = []
+    real = PcapngWriter.write_sample
+    monkeypatch.setattr(PcapngWriter, "write_sample", lambda self, *a: calls.append(a[6]) or real(self, *a))
+    spec = RecordingSpec(filters=(parse_filter(f"any 0 {VIP} 80 tcp"),))
+    rec = Recording("plain", spec, tmp_path, 0, interfaces=NICS.get)
+    rec.open(0)
+    for k in range(3):
+        rec.write_many([(b"z" * (60 + i % 7), k * 1000 + i, 70, KINDS[i % 4]) for i in range(200)], T0)
+    assert rec.packets == 600
+    assert calls == [5, 9], "ifindex of the records written one by one"
+    rec.stop()
