@@ -32,7 +32,7 @@ pieces (and at :meth:`~_Writer.flush` and close): the drain writes hundreds of t
 small records a second, and a ``write`` call per record was a large share of its time.
 The drain has two unchecked entries: :meth:`~_Writer.write_batch`, a run of samples in one
 loop (per record: one ``struct`` call for the fixed fields, option bytes cached per
-:class:`RecordKind`, four list items), and :meth:`~_Writer.write_sample`, one sample, for
+:class:`RecordKind`, three list items), and :meth:`~_Writer.write_sample`, one sample, for
 what the batch leaves to it (a NIC new to the file, a drop count to report, a size bound).
 
 Files are created with ``O_CREAT|O_EXCL|O_NOFOLLOW`` and mode 0600: a writer never follows a
