@@ -6,7 +6,7 @@ import os
 
 import dpkt
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from l4lb.recorder.limits import Action, Decision, Limiter, RotationPolicy, StopConditions, StopReason
@@ -308,3 +308,49 @@ def test_prop_limits_hold(steps, max_packets, max_bytes, max_dur, file_size, rot
     if max_files is not None and file_size is None:
         assert len(seq_files) <= max_files
     assert lim.files_opened == len(seq_files)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    # steps and limits that land exactly on each other: the bounds are where plain() can be wrong
+    st.lists(st.tuples(st.sampled_from([0, 1, 40, 300]),
+                       st.one_of(st.sampled_from([0, S // 4, S // 2, S]), st.integers(-S // 10, S))), max_size=60),
+    st.one_of(st.none(), st.integers(1, 30)),
+    st.one_of(st.none(), st.sampled_from([40, 80, 341, 680]), st.integers(1, 3000)),
+    st.one_of(st.none(), st.sampled_from([S // 2, S, 2 * S]), st.integers(1, 20 * S)),
+    st.one_of(st.none(), st.sampled_from([HDR + REC + 40, HDR + 2 * (REC + 40)]), st.integers(1, 600)),
+    st.one_of(st.none(), st.sampled_from([S // 2, S, 2 * S]), st.integers(1, 3 * S)),
+    st.one_of(st.none(), st.integers(1, 4)),
+)
+@example([(40, 0), (40, 0)], None, 80, None, None, None, None)          # max_bytes reached exactly: final
+@example([(1, S // 2), (1, S // 2)], None, None, S, None, None, None)   # max_duration reached exactly: stop
+def test_prop_plain_runs_are_what_offer_decides(steps, max_packets, max_bytes, max_dur, file_size, rotate_ns,
+                                                max_files):
+    """Limiter.plain's bounds (with the caller's file-size check) only admit packets that
+    offer() would WRITE to the current file without a final; took() counts them as offer
+    does: a limiter fed through took() wherever plain() admits a packet ends in the same
+    state as one asked about every packet."""
+    if max_files is not None and file_size is None and rotate_ns is None:
+        max_files = None
+    stop, rot = StopConditions(max_packets, max_bytes, max_dur), RotationPolicy(file_size, rotate_ns, max_files)
+    asked, ran = Limiter(stop, rot, start_ns=T0), Limiter(stop, rot, start_ns=T0)
+    ts, size, took = T0, HDR, 0
+    for caplen, dt in steps:
+        ts += dt
+        p = ran.plain()
+        plain = (p is not None and p.packets >= 1 and caplen < p.caplen_below and ts < p.ts_below
+                 and (file_size is None or size <= file_size))
+        d = asked.offer(caplen, ts, file_bytes=size)
+        if plain:
+            assert d.action is Action.WRITE and not d.final, (d, p)
+            ran.took(1, caplen)
+            took += 1
+        else:
+            assert ran.offer(caplen, ts, file_bytes=size) == d
+        if d.action is Action.STOP:
+            break
+        size = (HDR if d.action is Action.ROTATE else size) + REC + caplen
+        if d.final:
+            break
+    state = lambda lim: (lim.packets, lim.bytes, lim.index, lim.files_opened, lim.reason)  # noqa: E731
+    assert state(ran) == state(asked)
