@@ -6,7 +6,10 @@ do not start in bursts. A due probe starts an attempt (l4lb/health/probe.py);
 its result goes through the probe's rise/fall machine, and transitions go to
 ``on_transition`` (the manager persists them and tells the control core).
 At most ``max_in_flight`` attempts run at once; a probe that finds no room
-is started a little later and counted as late. An attempt that the LB
+is started a little later and counted as late, and so is a probe that comes
+due while its last attempt still runs (it starts when that one ends). A probe
+has one place in the queue (its ``due``); entries left behind by a reschedule
+are skipped. An attempt that the LB
 itself cannot start (no socket, no tunnel) is *not run*: no evidence, no
 change.
 
@@ -145,9 +148,18 @@ class Scheduler:
             if job.running is attempt:
                 self._finish(job, False, f"timeout after {job.config.timing.timeout:g} s ({attempt.stage})")
         while due and due[0][0] <= now:
-            _, _, job = heapq.heappop(due)
-            if self.jobs.get(job.key) is job and job.running is None:
-                self._launch(job, now)
+            at, _, job = heapq.heappop(due)
+            if at != job.due or self.jobs.get(job.key) is not job:
+                continue  # stale: the job was rescheduled (only the entry at job.due counts) or removed
+            if job.running is not None:
+                # Due again while its attempt still runs (the loop ran late, or timeout ==
+                # interval): it starts once that attempt ends, at its deadline at the latest.
+                # Dropping the entry here would stop the probe for good.
+                self.stats.late += 1
+                job.due = max(job.running.deadline, now)
+                self._schedule(job)
+                continue
+            self._launch(job, now)
 
     def _event(self, fd: int, mask: int) -> None:
         job = self._inflight.get(fd)
@@ -178,8 +190,8 @@ class Scheduler:
                 continue
             job = self.jobs.get(key)
             if job is not None:
-                if cfg.timing.interval < job.config.timing.interval:
-                    job.due = min(job.due, now + cfg.timing.interval)
+                if cfg.timing.interval < job.config.timing.interval and now + cfg.timing.interval < job.due:
+                    job.due = now + cfg.timing.interval
                     self._schedule(job)
                 job.config = cfg
                 job.state.timing = cfg.timing
@@ -191,6 +203,8 @@ class Scheduler:
             self._schedule(job)
 
     def _schedule(self, job: Job) -> None:
+        """Queue ``job`` at ``job.due``. A job has one live entry, the one at its
+        current ``due``; entries left from before a reschedule are skipped."""
         heapq.heappush(self._due, (job.due, next(self._seq), job))
 
     def _launch(self, job: Job, now: float) -> None:

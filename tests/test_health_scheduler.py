@@ -1,0 +1,134 @@
+"""The probe scheduler's bookkeeping on a fake clock (no root, no network):
+every probe keeps exactly one place in the queue, whatever the loop's
+timing. The probes here are stand-ins (an AF_UNIX socket pair that never
+answers, or one that answers at once); tests/test_health_lab.py runs the
+real probers."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from l4lb.health import scheduler as sched
+from l4lb.health.overlay import Health
+from l4lb.health.probe import EPOLLIN, Attempt, Route
+from l4lb.health.targets import ProbeSpec, Timing
+from l4lb.models import CheckType
+
+
+class Clock:
+    """monotonic() and time() for the scheduler; the loop's epoll waits move it."""
+
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def monotonic(self) -> float:
+        return self.t
+
+    def time(self) -> float:
+        return self.t + 1.7e9
+
+    def sleep(self, seconds: float) -> None:
+        self.t += seconds
+
+
+class FakeEpoll:
+    """A real epoll set whose waits take fake time: each wait lasts its timeout
+    plus the next of ``late`` (a loop that wakes up late: a busy machine)."""
+
+    def __init__(self, real: Any, clock: Clock, late: Iterator[float]) -> None:
+        self.real, self.clock, self.late = real, clock, late
+
+    def poll(self, timeout: float = -1, maxevents: int = -1) -> list[tuple[int, int]]:
+        self.clock.t += max(timeout, 0.0) + next(self.late, 0.0)
+        return self.real.poll(0, maxevents)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.real, name)
+
+
+class Silent(Attempt):
+    """A backend that never answers: waits for a byte nobody sends."""
+
+    def start(self) -> int | tuple[bool, str]:
+        self.sock, self.peer = socket.socketpair()
+        self.sock.setblocking(False)
+        return EPOLLIN
+
+    def close(self) -> None:
+        super().close()
+        self.peer.close()
+
+
+class Answers(Attempt):
+    """A backend that answers at once."""
+
+    def start(self) -> int | tuple[bool, str]:
+        return True, ""
+
+
+def spec(i: int = 0) -> ProbeSpec:
+    return ProbeSpec(kind=CheckType.tcp, via="direct", address=f"192.0.2.{i + 1}", port=80)
+
+
+@pytest.fixture()
+def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
+    c = Clock()
+    monkeypatch.setattr(sched, "time", c)
+    monkeypatch.setattr(sched.random, "uniform", lambda a, b: 0.0)   # first check at once
+    return c
+
+
+def scheduler(clock: Clock, attempt: type[Attempt], late: list[float],
+              monkeypatch: pytest.MonkeyPatch) -> sched.Scheduler:
+    monkeypatch.setitem(sched.ATTEMPTS, CheckType.tcp, attempt)
+    s = sched.Scheduler(lambda t: None)
+    s._ep = FakeEpoll(s._ep, clock, iter(late))
+    return s
+
+
+def test_a_probe_due_again_while_its_attempt_runs_keeps_running(clock: Clock,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """timeout == interval (allowed), a backend that never answers, and one check
+    started half a second late: its next due comes while that attempt still
+    runs. The probe must carry on and go down after ``fall`` timeouts (a
+    scheduler that dropped it there stopped checking it for good, and a dead
+    backend stayed in service)."""
+    s = scheduler(clock, Silent, [0.5], monkeypatch)
+    try:
+        s.update({spec().key: sched.ProbeConfig(spec(), Timing(1.0, 1.0, rise=1, fall=3), Route())})
+        for _ in range(40):
+            s._turn()
+        job = s.jobs[spec().key]
+        elapsed = clock.t - 1000.0
+        assert job.state.state is Health.down, (job.state.checks, s.stats)
+        # One attempt per interval from then on (it shifted by the late start, no more).
+        assert elapsed - 2 <= s.stats.started <= elapsed + 1, (s.stats.started, elapsed)
+        assert s.stats.results["failed"] == s.stats.started - (job.running is not None)
+    finally:
+        s.stop()
+
+
+def test_a_shorter_interval_keeps_one_queue_entry_per_probe(clock: Clock, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A probe whose interval shrinks runs at the new interval; the entry queued
+    for the old one is skipped when it comes due, not run as a second chain
+    (each such entry stayed in the queue for good, and every later reschedule,
+    e.g. no room under max_in_flight, added one more)."""
+    s = scheduler(clock, Answers, [], monkeypatch)
+    try:
+        probes = {spec(i).key: (spec(i), i) for i in range(3)}
+        s.update({k: sched.ProbeConfig(sp, Timing(10.0, 1.0, 1, 1), Route()) for k, (sp, _) in probes.items()})
+        s._turn()
+        assert s.stats.started == 3
+        s.update({k: sched.ProbeConfig(sp, Timing(1.0, 1.0, 1, 1), Route()) for k, (sp, _) in probes.items()})
+        start = clock.t
+        while clock.t - start < 30:
+            s._turn()
+        per_probe = (s.stats.started - 3) / 3
+        assert 29 <= per_probe <= 31, per_probe
+        assert len(s._due) == 3, "one queue entry per probe once the old ones came due"
+    finally:
+        s.stop()
