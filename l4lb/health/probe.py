@@ -23,6 +23,7 @@ over plain sockets does the same work in a few syscalls per check.
 
 from __future__ import annotations
 
+import _socket
 import errno
 import os
 import socket
@@ -35,7 +36,7 @@ from typing import Any
 from l4lb.health.targets import ProbeSpec
 from l4lb.models import CheckType
 
-EPOLLIN, EPOLLOUT = 0x001, 0x004
+EPOLLIN, EPOLLOUT, EPOLLERR, EPOLLHUP = 0x001, 0x004, 0x008, 0x010
 LINGER_RST = struct.pack("ii", 1, 0)
 BODY_LIMIT = 64 * 1024
 _FAMILY = {4: socket.AF_INET, 6: socket.AF_INET6}
@@ -63,16 +64,20 @@ class Attempt:
 
     __slots__ = ("spec", "route", "sock", "started", "deadline", "stage", "key")
 
+    # The plain C socket type where nothing needs the Python wrapper (only TLS
+    # does): its constructor and close() are C calls, a few µs less per check.
+    socket_type: Any = socket.socket
+
     def __init__(self, spec: ProbeSpec, route: Route, deadline: float, key: Any) -> None:
         self.spec, self.route, self.deadline, self.key = spec, route, deadline, key
-        self.sock: socket.socket | None = None
+        self.sock: Any = None
         self.started = time.monotonic()
         self.stage = "connecting"
 
-    def _socket(self, kind: int) -> socket.socket:
+    def _socket(self, kind: int) -> Any:
         spec, route = self.spec, self.route
         try:
-            s = socket.socket(_FAMILY[spec.family], kind | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+            s = self.socket_type(_FAMILY[spec.family], kind | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
         except OSError as e:
             raise LocalError(f"socket: {e.strerror}") from None
         try:
@@ -108,9 +113,11 @@ class Attempt:
     def event(self, mask: int) -> int | tuple[bool, str]:
         if self.stage == "connecting":
             assert self.sock is not None
-            err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-            if err:
-                return False, f"connect: {os.strerror(err).lower()}"
+            # Writable without an error or hangup: the connect succeeded (no syscall to ask).
+            if mask & (EPOLLERR | EPOLLHUP):
+                err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                if err:
+                    return False, f"connect: {os.strerror(err).lower()}"
             return self.connected()
         return self.step(mask)
 
@@ -129,6 +136,7 @@ class Attempt:
 
 class TcpAttempt(Attempt):
     __slots__ = ()
+    socket_type = _socket.socket
 
 
 class HttpAttempt(Attempt):
@@ -266,6 +274,7 @@ def _is_ip(text: str) -> bool:
 
 class DnsAttempt(Attempt):
     __slots__ = ("query",)
+    socket_type = _socket.socket
 
     def start(self) -> int | tuple[bool, str]:
         return self._connect(socket.SOCK_DGRAM)

@@ -90,6 +90,7 @@ class Scheduler:
         self._seq = itertools.count()
         self._stop = False
         self._thread: threading.Thread | None = None
+        self.version = 0    # bumped when probes come or go or change state (counting them is then due)
 
     # -- from other threads ----------------------------------------------------------
 
@@ -181,6 +182,7 @@ class Scheduler:
     def _reconfigure(self) -> None:
         with self._lock:
             changes, self._pending = self._pending, {}
+        self.version += 1
         now = time.monotonic()
         for key, cfg in changes.items():
             if cfg is None:
@@ -252,14 +254,17 @@ class Scheduler:
     def _finish(self, job: Job, ok: bool, error: str) -> None:
         attempt = job.running
         assert attempt is not None
-        latency = time.monotonic() - attempt.started
+        now = time.monotonic()
+        latency = now - attempt.started
         self._drop(job)
-        self.stats.finished += 1
-        self.stats.results["ok" if ok else "failed"] += 1
+        stats = self.stats
+        stats.finished += 1
+        stats.results["ok" if ok else "failed"] += 1
         if self._on_result is not None:
             self._on_result(job.config, ok, latency)
-        t = job.state.observe(ok, error or None, latency, time.monotonic(), time.time())
+        t = job.state.observe(ok, error or None, latency, now, time.time())
         if t is not None:
+            self.version += 1
             self._on_transition(t)
 
 

@@ -18,6 +18,7 @@ probes and their last known states: nothing is lost, nothing flaps.
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import logging
 import multiprocessing
@@ -47,8 +48,7 @@ class Latency:
         self.total = 0.0
 
     def observe(self, seconds: float) -> None:
-        i = next((i for i, b in enumerate(LATENCY_BUCKETS) if seconds <= b), len(LATENCY_BUCKETS))
-        self.counts[i] += 1
+        self.counts[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1   # the first bucket >= seconds
         self.total += seconds
 
 
@@ -86,14 +86,17 @@ def serve(conn: Any, damping: Damping, max_in_flight: int, restored: Mapping[str
     sched = Scheduler(on_transition, on_result, damping=damping, max_in_flight=max_in_flight, restored=restored)
 
     def flusher() -> None:
+        counted = -1
         while True:
             wake.wait(FLUSH_EVERY)
             wake.clear()
             batch = [pending.pop(0) for _ in range(len(pending))]
-            states = {h.value: 0 for h in Health}
-            for job in list(sched.jobs.values()):
-                states[job.state.state.value] += 1
-            sched.stats.states = states
+            if counted != sched.version:   # probes by state: counted again only after a change
+                counted = sched.version
+                states = {h.value: 0 for h in Health}
+                for job in list(sched.jobs.values()):
+                    states[job.state.state.value] += 1
+                sched.stats.states = states
             try:
                 send(("batch", batch, sched.stats, latency))
             except (OSError, ValueError):
