@@ -7,7 +7,8 @@ its result goes through the probe's rise/fall machine, and transitions go to
 ``on_transition`` (the manager persists them and tells the control core).
 At most ``max_in_flight`` attempts run at once; a probe that finds no room
 is started a little later and counted as late, and so is a probe that comes
-due while its last attempt still runs (it starts when that one ends). A probe
+due while its last attempt still runs (it starts when that one ends), and one
+that starts a whole interval late (the loop fell behind: short of CPU). A probe
 has one place in the queue (its ``due``); entries left behind by a reschedule
 are skipped. An attempt that the LB
 itself cannot start (no socket, no tunnel) is *not run*: no evidence, no
@@ -211,8 +212,13 @@ class Scheduler:
 
     def _launch(self, job: Job, now: float) -> None:
         interval = job.config.timing.interval
-        # Fixed rate; a loop that fell behind by a whole interval starts afresh.
-        job.due = job.due + interval if job.due + interval > now else now + interval
+        # Fixed rate; a loop that fell behind by a whole interval starts afresh
+        # (and says so: a check was left out, the box is short of CPU for its probes).
+        if job.due + interval > now:
+            job.due += interval
+        else:
+            job.due = now + interval
+            self.stats.late += 1
         self._schedule(job)
         route = job.config.route
         if isinstance(route, str):
