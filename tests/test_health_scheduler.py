@@ -136,15 +136,16 @@ def test_a_shorter_interval_keeps_one_queue_entry_per_probe(clock: Clock, monkey
 
 def test_a_loop_that_falls_a_whole_interval_behind_counts_it_late(clock: Clock,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    """A loop starved of CPU for longer than an interval leaves checks out; the
-    fixed-rate schedule starts afresh and ``late`` says that it happened."""
+    """A loop starved of CPU for longer than an interval leaves checks out and
+    ``late`` says so; the probe keeps its phase (restarting late probes at
+    now + interval lined them all up into one burst per interval)."""
     s = scheduler(clock, Answers, [0.0, 2.5], monkeypatch)
     try:
         s.update({spec().key: sched.ProbeConfig(spec(), Timing(1.0, 0.5, 1, 1), Route())})
         s._turn()                      # the first check, on time
         s._turn()                      # the next one 2.5 s late: two checks left out
         assert (s.stats.started, s.stats.late) == (2, 1)
-        s._turn()                      # then on time again, one interval later
-        assert (s.stats.started, s.stats.late) == (3, 1) and clock.t == pytest.approx(1000 + 3.5 + 1.0)
+        s._turn()                      # then on time again, in its old phase
+        assert (s.stats.started, s.stats.late) == (3, 1) and clock.t == pytest.approx(1004.0)
     finally:
         s.stop()

@@ -24,6 +24,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import logging
+import math
 import os
 import random
 import resource
@@ -212,13 +213,16 @@ class Scheduler:
 
     def _launch(self, job: Job, now: float) -> None:
         interval = job.config.timing.interval
-        # Fixed rate; a loop that fell behind by a whole interval starts afresh
-        # (and says so: a check was left out, the box is short of CPU for its probes).
-        if job.due + interval > now:
-            job.due += interval
-        else:
-            job.due = now + interval
+        # Fixed rate. A loop that fell a whole interval behind leaves the missed
+        # checks out and says so (late: the box is short of CPU for its probes),
+        # but keeps each probe's phase: restarting them all at now + interval
+        # would line every late probe up into one burst per interval, which
+        # keeps the loop behind for good.
+        due = job.due + interval
+        if due <= now:
+            due += interval * (math.floor((now - due) / interval) + 1)
             self.stats.late += 1
+        job.due = due
         self._schedule(job)
         route = job.config.route
         if isinstance(route, str):
