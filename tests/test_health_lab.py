@@ -278,7 +278,8 @@ def test_kill9_restart_keeps_a_down_backend_down_and_flaps_nothing(hl: HealthLab
         daemon.start()
         # Right at READY, before any new evidence: what was in force is in force.
         assert hl.health("web") == {"b1": "down", "b2": "up", "b3": "up"}
-        hl.wait("b3 down after the restart (evidence, not lost)", lambda: hl.health("web")["b3"] == "down", 15)
+        # The probe tunnel is set up again first (a BCC compile: seconds, far more on a loaded machine).
+        hl.wait("b3 down after the restart (evidence, not lost)", lambda: hl.health("web")["b3"] == "down", 60)
         time.sleep(RISE * INTERVAL + 0.5)
         traffic.stop()
         after = hl.backends("web")
