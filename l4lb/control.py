@@ -17,7 +17,6 @@ issues; the API layer only renders them.
 
 from __future__ import annotations
 
-import gc
 import hashlib
 import ipaddress
 import logging
@@ -34,6 +33,7 @@ from l4lb.applymetrics import ApplyMetrics
 from l4lb.background import Background
 from l4lb.datapath.config import DatapathFull
 from l4lb.health.overlay import Effective, Health, Overlay
+from l4lb.memory import freeze
 from l4lb.models import Backend, BackendState, DesiredState, IPAddress, Service
 from l4lb.plan import Plan, diff
 from l4lb.stats import Counters, RateTracker, Sample, flatten_stats, stats_answer
@@ -597,7 +597,7 @@ class Control:
             # A big document leaves ~10^6 long-lived objects: without this, the next
             # requests each pay a full collection scanning all of them (~150 ms).
             # Frozen objects are still freed by reference counting.
-            gc.freeze()
+            freeze()  # l4lb/memory.py: the sampler sorts this request's garbage out once
         return Committed(revision, True, plan, new)
 
     def _restore(self, old: DesiredState) -> None:

@@ -9,7 +9,11 @@ that memory after the request:
   moment the request is still being answered: its cyclic garbage was frozen
   with them, for good, one request's worth per PUT. ``maybe_trim()``, run by
   the daemon's sampler after the answer, unfreezes, collects once and freezes
-  what is really alive;
+  what is really alive: once per ``freeze()`` (counted here), not whenever
+  gc.get_freeze_count() moved. That count drops every time a frozen object is
+  freed (a drain replaces a service of the frozen document), and a collection
+  of ~10^6 unfrozen objects holds the GIL for 0.3-0.7 s: run every sample
+  after any write, it was the tail of the drain latency;
 * glibc keeps freed heap: ``trim()`` asks for it back (malloc_trim(3)) when
   resident anonymous memory has grown by more than ``slack`` since last time.
 """
@@ -25,6 +29,16 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 SLACK = 32 << 20  # bytes of growth worth a trim
+
+_freezes = 0  # freeze() calls so far: a Trimmer refreezes once after each
+
+
+def freeze() -> None:
+    """gc.freeze() what is alive now (after a whole-document write), and note
+    it, so the next maybe_trim() sorts the request's garbage out of it."""
+    global _freezes
+    gc.freeze()
+    _freezes += 1
 
 
 def anon_bytes() -> int:
@@ -49,16 +63,16 @@ class Trimmer:
     def __init__(self, slack: int = SLACK) -> None:
         self.slack = slack
         self._after_last = anon_bytes()
-        self._frozen = gc.get_freeze_count()
+        self._frozen = _freezes
 
     def maybe_trim(self) -> int:
         """Refreeze after a new freeze, trim if anonymous memory grew by more than ``slack``;
         bytes given back."""
-        if gc.get_freeze_count() != self._frozen:
+        if _freezes != self._frozen:
+            self._frozen = _freezes
             gc.unfreeze()
             gc.collect()
             gc.freeze()
-            self._frozen = gc.get_freeze_count()
         before = anon_bytes()
         if before - self._after_last <= self.slack:
             return 0
