@@ -547,8 +547,18 @@ def test_apply_rebuilds_only_changed_tables(env, monkeypatch):
     b2 = svc("keep-b", VIP4, 81, [{"address": x, "state": "draining" if x == B4[0] else "active"} for x in B4[:4]])
     env.apply([a, b2])
     assert written == [ring_of(b2)] and ring_of(b2) != before  # one table written, in a spare buffer
+    from l4lb.datapath import maglevbuild
+
+    built: list[int] = []
+    real_build = maglevbuild.maglev.build
+    monkeypatch.setattr(maglevbuild.maglev, "build", lambda w, m, seed: (built.append(len(w)), real_build(w, m, seed))[1])
+    env.dp._builder._built.clear()  # as at 1,000 services: b's table is long out of the small cache
     env.apply([a, b])  # the undo: the old buffer still holds b's table, only the entry points back
     assert len(written) == 1 and ring_of(b) == before
+    assert built == [] and env.dp.last_timings.tables == 0, "the undo's table is in a buffer: nothing to build"
+    for sport in range(4000, 4020):
+        v, out, _ = env.run(frame(CLIENT4, VIP4, TCP(sport=sport, dport=81, flags="S")))
+        assert Ether(out)[IP].dst == expected_backend(b, CLIENT4, sport)
 
 
 def test_a_drain_writes_no_outer_slot_and_waits_for_no_grace_period(env):

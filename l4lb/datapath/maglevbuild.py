@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections import OrderedDict
-from collections.abc import Generator, Sequence
+from collections import OrderedDict, deque
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from l4lb import maglev
@@ -80,31 +80,74 @@ class TableBuilder:
         hit = self.weights.get(id(svc))
         return hit[1] if hit is not None and hit[0] is svc else svc.maglev_weights()
 
-    def tables_for(self, weights: list[tuple[Any, ...]]) -> Generator[maglev.MaglevTable, None, None]:
-        """The Maglev table for each weights tuple, in order: prefetched ones,
-        recently built ones from a small cache, the others built (by worker
-        processes when there are many)."""
-        seed = self.ctx.cfg.maglev_seed
-        have = {k: self._built[(seed, k)] for k in weights if (seed, k) in self._built}
+    def tables_for(self, expect: Sequence[tuple[Any, ...]]) -> "TableSet":
+        """The Maglev tables of one reconcile step, by weights tuple (TableSet):
+        the ``expect``ed ones not prefetched or cached are built ahead by the
+        worker processes when there are many."""
         if self.prefetched is not None:
             pseed, thread, results = self.prefetched
             self.prefetched = None
             thread.join()
             # Kept for the rest of the reconcile (done()): near capacity, services
             # finish over several rounds, and each round must not build them again.
-            self._fetched = results if pseed == seed else {}
-        have.update((k, self._fetched[k]) for k in weights if k in self._fetched)
-        missing = list(dict.fromkeys(k for k in weights if k not in have))
-        fresh = maglev.build_many([dict(k) for k in missing], self.ctx.cfg.maglev_m, seed)
-        try:
-            for k in weights:
-                if k not in have:
-                    have[k] = next(fresh)
-                    self._built[(seed, k)] = have[k]
-                    while len(self._built) > BUILT_CACHE:
-                        self._built.popitem(last=False)
-                elif (seed, k) in self._built:
-                    self._built.move_to_end((seed, k))
-                yield have[k]
-        finally:
-            fresh.close()
+            self._fetched = results if pseed == self.ctx.cfg.maglev_seed else {}
+        return TableSet(self, expect)
+
+    def _known(self, k: tuple[Any, ...]) -> maglev.MaglevTable | None:
+        """A table built already: prefetched for this reconcile, or recently built."""
+        hit = self._fetched.get(k)
+        if hit is not None:
+            return hit
+        key = (self.ctx.cfg.maglev_seed, k)
+        hit = self._built.get(key)
+        if hit is not None:
+            self._built.move_to_end(key)
+        return hit
+
+    def _remember(self, k: tuple[Any, ...], table: maglev.MaglevTable) -> None:
+        self._built[(self.ctx.cfg.maglev_seed, k)] = table
+        while len(self._built) > BUILT_CACHE:
+            self._built.popitem(last=False)
+
+
+class TableSet:
+    """Tables asked for by weights tuple, in any order: prefetched or cached
+    ones as they are, the ones expected in bulk from the worker processes (in
+    the order expected), any other built here when it is asked for. A table
+    never asked for is never built here: a drain's undo, whose table a spare
+    buffer still holds (rings.py), costs no build."""
+
+    def __init__(self, builder: TableBuilder, expect: Sequence[tuple[Any, ...]]) -> None:
+        self._builder = builder
+        self._m, self._seed = builder.ctx.cfg.maglev_m, builder.ctx.cfg.maglev_seed
+        missing = [k for k in dict.fromkeys(expect) if builder._known(k) is None]
+        self._queue: deque[tuple[Any, ...]] = deque()
+        self._fresh: Iterator[maglev.MaglevTable] | None = None
+        if len(missing) >= maglev.PARALLEL_MIN:  # a few are built one by one, when asked for
+            self._queue.extend(missing)
+            self._fresh = maglev.build_many([dict(k) for k in missing], self._m, self._seed)
+        self._queued = set(self._queue)
+        self._ahead: dict[tuple[Any, ...], maglev.MaglevTable] = {}  # came from the workers before asked for
+
+    def get(self, k: tuple[Any, ...]) -> maglev.MaglevTable:
+        table = self._builder._known(k) or self._ahead.pop(k, None)
+        if table is not None:
+            return table
+        if k in self._queued:
+            assert self._fresh is not None
+            while True:
+                got = self._queue.popleft()
+                self._queued.discard(got)
+                table = next(self._fresh)
+                if got == k:
+                    break
+                self._ahead[got] = table
+        else:
+            table = maglev.build(dict(k), self._m, self._seed)
+        self._builder._remember(k, table)
+        return table
+
+    def close(self) -> None:
+        """Done asking (also after a failure: frees the workers for the rollback)."""
+        if self._fresh is not None:
+            self._fresh.close()  # type: ignore[attr-defined]  # a generator

@@ -20,17 +20,16 @@ from __future__ import annotations
 import ipaddress
 import logging
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from l4lb import maglev
 from l4lb.datapath.config import DatapathError, DatapathFull
 from l4lb.datapath.context import Context
 from l4lb.datapath.flags import affinity_prefix, bit, ranges_gen, service_flags
-from l4lb.datapath.maglevbuild import TableBuilder, table_inputs
+from l4lb.datapath.maglevbuild import TableBuilder, TableSet, table_inputs
 from l4lb.datapath.nexthop import IPAddress, ip_of
 from l4lb.datapath.rings import Rings
 from l4lb.datapath.slots import PROTO, BackendKey, BackendSlot, ServiceEntry, ServiceKey, Slots
@@ -294,7 +293,7 @@ class Reconciler:
         if not ready:
             return
         rebuild = [(sid, inputs) for _, sid, inputs in ready if self.inputs.get(sid) != inputs]
-        tables = self.builder.tables_for([inputs[0] for _, inputs in rebuild])
+        tables = self.builder.tables_for([inputs[0] for _, inputs in rebuild if not self.rings.has(inputs)])
         try:
             # In chunks: one outer batch swap each (few fds open), entries right after their tables.
             for i in range(0, len(ready), SWAP_CHUNK):
@@ -370,11 +369,11 @@ class Reconciler:
         return {"key": key, "flags": e.flags, "affinity_prefix": e.affinity_prefix, "backends": slots,
                 "source_ranges": self.ranges.networks(sid, ip_of(key[0]).version), "table": self.rings.read(e.ring)}
 
-    def _swap_tables(self, todo: list[tuple[int, tuple[Any, ...]]], tables: Iterator[maglev.MaglevTable]) -> None:
-        """Take the next built table for each (svc id, inputs), write it into a
-        spare buffer and point services that have an entry at it (new services
-        get theirs from _finish). A spare that already holds the table (an undo)
-        is only pointed at (rings.py)."""
+    def _swap_tables(self, todo: list[tuple[int, tuple[Any, ...]]], tables: TableSet) -> None:
+        """Write the table of each (svc id, inputs) into a spare buffer and point
+        services that have an entry at it (new services get theirs from
+        _finish). A spare that already holds the table (an undo) is only
+        pointed at (rings.py), and its table is not even built."""
         if not todo:
             return
         t = self.ctx.tables
@@ -386,20 +385,23 @@ class Reconciler:
         ok = self.ticks(len(todo))
         names = {sid: key for key, sid in self.slots.svc_ids.items()}
         for n, ((sid, inputs), (idx, must_write)) in enumerate(zip(todo, places)):
-            b0 = time.perf_counter()
-            table = next(tables).table
-            m0 = time.perf_counter()
-            self.timing.maglev += m0 - b0
             if n >= ok:
                 raise DatapathError("injected failure (test hook)")
             cur = self.slots.ring.get(sid)
-            # -1 (no backend) indexes the trailing 0: "none" in the datapath.
-            ids = np.array([*inputs[1], 0], dtype=np.uint32)[table]
-            if cur is not None and self.rings.holds(cur) is None and np.array_equal(self.rings.read(cur), ids):
+            unknown = cur is not None and self.rings.holds(cur) is None  # after a restart
+            ids = None
+            b0 = time.perf_counter()
+            if must_write or unknown:
+                # -1 (no backend) indexes the trailing 0: "none" in the datapath.
+                ids = np.array([*inputs[1], 0], dtype=np.uint32)[tables.get(inputs[0]).table]
+            m0 = time.perf_counter()
+            self.timing.maglev += m0 - b0
+            if unknown and np.array_equal(self.rings.read(cur), ids):
                 # After a restart the table in force is unknown: it is this one already, keep it.
                 self.rings.adopt(cur, inputs)
                 idx = cur
             elif must_write:
+                assert ids is not None
                 self.rings.write(idx, ids, inputs)
                 self.timing.tables += 1
             self.slots.ring[sid] = idx
@@ -503,7 +505,7 @@ class Reconciler:
             return
         log.info("maps nearly full: %d services run on the part of their backends that has slots (%d on one "
                  "backend they are leaving) while slots are moved over", len(todo), bridged)
-        tables = self.builder.tables_for([inputs[0] for _, inputs in todo])
+        tables = self.builder.tables_for([inputs[0] for _, inputs in todo if not self.rings.has(inputs)])
         try:
             for i in range(0, len(todo), SWAP_CHUNK):
                 self._swap_tables(todo[i:i + SWAP_CHUNK], tables)

@@ -251,6 +251,11 @@ class Rings:
         self._holds[idx] = inputs
         self._by_inputs[inputs] = idx
 
+    def has(self, inputs: Hashable) -> bool:
+        """A buffer out of force holds the table of ``inputs`` (reserve() takes it as it is)."""
+        idx = self._by_inputs.get(inputs)
+        return idx is not None and idx not in self.busy
+
     def mapped(self, idx: int) -> bool:
         """Buffer ``idx`` exists and is ours to read and write."""
         return idx in self._maps
