@@ -36,6 +36,7 @@ from l4lb.health.overlay import Effective, Health, Overlay
 from l4lb.memory import freeze
 from l4lb.models import Backend, BackendState, DesiredState, IPAddress, Service
 from l4lb.plan import Plan, diff
+from l4lb.stateindex import index_of
 from l4lb.stats import Counters, RateTracker, Sample, flatten_stats, stats_answer
 from l4lb.store import Record, Store
 from l4lb.view import View
@@ -76,8 +77,11 @@ class Precondition:
     if_match: tuple[str, ...] | None = None
     if_none_match: tuple[str, ...] | None = None
 
-    def check(self, current: str | None, what: str) -> None:
-        """``current`` is the target's tag, or None if it does not exist."""
+    def check(self, current: str | None | Callable[[], str | None], what: str) -> None:
+        """``current``: the target's tag (or a function giving it, called if a header was), None: absent."""
+        if self.if_match is None and self.if_none_match is None:
+            return
+        current = current() if callable(current) else current
         if self.if_match is not None:
             if current is None:
                 raise PreconditionFailed(f"If-Match given but {what} does not exist")
@@ -119,7 +123,7 @@ class Committed:
     dry_run: bool = False
 
     def service(self, name: str) -> Service:
-        return next(s for s in self.state.services if s.name == name)
+        return self.state.services[index_of(self.state).position[name]]
 
 
 @dataclass(frozen=True)
@@ -391,7 +395,7 @@ class Control:
 
     def put_service(self, service: Service, pre: Precondition = NO_PRECONDITION) -> tuple[Committed, bool]:
         with self._lock:
-            old = self._lookup(self._state, service.name)
+            old = index_of(self._state).find(service.name)
             pre.check(service_etag(old) if old else None, f"service {service.name!r}")
             for other in self._state.services:
                 if other.name != service.name and other.key == service.key:
@@ -403,7 +407,8 @@ class Control:
                     )
             others = [s for s in self._state.services if s.name != service.name]
             issues = _limit_issues([service], self.limits, list_loc=("path", "name"),
-                                   item_loc=lambda i: ("body", "backends"), others=others)
+                                   item_loc=lambda i: ("body", "backends"),
+                                   others=(len(others), sum(len(s.backends) for s in others)))
             if issues:
                 raise Invalid("; ".join(i.msg for i in issues), issues)
             # Validated parts, name and key unique (checked above): no second validation of every service.
@@ -424,7 +429,7 @@ class Control:
         Returns the result, whether it was created, and the backend as stored."""
         with self._lock:
             svc = self._find(self._state, name)
-            pre.check(service_etag(svc), f"service {name!r}")
+            pre.check(lambda: service_etag(svc), f"service {name!r}")
             if backend.address != ref.address:
                 raise Invalid(f"body address {backend.address} differs from the URL's {ref.address}",
                               [Issue(("body", "address"), "differs from the address in the URL")])
@@ -451,7 +456,7 @@ class Control:
     ) -> tuple[Committed, Backend]:
         with self._lock:
             svc = self._find(self._state, name)
-            pre.check(service_etag(svc), f"service {name!r}")
+            pre.check(lambda: service_etag(svc), f"service {name!r}")
             idx = self._backend_index(svc, ref)
             update: dict[str, Any] = {}
             if weight is not None:
@@ -469,7 +474,7 @@ class Control:
     def delete_backend(self, name: str, ref: BackendRef, pre: Precondition = NO_PRECONDITION) -> Committed:
         with self._lock:
             svc = self._find(self._state, name)
-            pre.check(service_etag(svc), f"service {name!r}")
+            pre.check(lambda: service_etag(svc), f"service {name!r}")
             idx = self._backend_index(svc, ref)
             backends = [b for i, b in enumerate(svc.backends) if i != idx]
             return self._commit(self._with_service(self._rebuild(svc, backends)))
@@ -607,24 +612,16 @@ class Control:
             self.degraded = f"datapath could not be restored to revision {self._revision}: {e}"
             log.critical("%s", self.degraded)
 
-    @staticmethod
-    def _lookup(state: DesiredState, name: str) -> Service | None:
-        return next((s for s in state.services if s.name == name), None)
-
     def _find(self, state: DesiredState, name: str) -> Service:
-        svc = self._lookup(state, name)
+        svc = index_of(state).find(name)
         if svc is None:
             raise NotFound(f"no service named {name!r}", [Issue(("path", "name"), "no such service", "not_found")])
         return svc
 
     def _with_service(self, svc: Service) -> DesiredState:
-        # One validated service replaces its namesake (same key): names and keys stay unique, so
-        # no DesiredState validation, which would run every Service's validator again.
-        # The committed list is sorted by name, so putting it in its namesake's place
-        # keeps it canonical without sorting 1,000 services again.
-        svc = canonical_service(svc)
-        return DesiredState.model_construct(
-            services=[svc if s.name == svc.name else s for s in self._state.services])
+        # One validated service replaces its namesake (same key): names and keys stay unique, so no
+        # DesiredState validation (every Service's validator again), and the list stays canonical.
+        return index_of(self._state).replaced(canonical_service(svc))
 
     def _backend_index(self, svc: Service, ref: BackendRef) -> int:
         if ref.port is not None:
@@ -660,31 +657,32 @@ class Control:
             )
 
     def _rebuild(self, svc: Service, backends: list[Backend]) -> Service:
+        index = index_of(self._state)
         issues = _limit_issues([svc.model_copy(update={"backends": backends})], self.limits,
                                list_loc=("path", "backend"), item_loc=lambda i: ("path", "backend"),
-                               others=[s for s in self._state.services if s.name != svc.name])
+                               others=(len(index.position) - 1, index.backends - len(svc.backends)))
         if issues:
             raise Invalid("; ".join(i.msg for i in issues), issues)
-        try:
-            return Service.model_validate({**svc.model_dump(), "backends": [b.model_dump() for b in backends]})
+        try:  # validated parts as they are (no dump and re-parse of 100 backends); the service's checks run
+            return Service.model_validate({**dict(svc), "backends": backends})
         except ValidationError as e:
             raise _invalid(e, ("body",)) from None
 
 
 def _limit_issues(
     services: Sequence[Service], limits: Limits, *, list_loc: Loc, item_loc: Callable[[int], Loc],
-    others: Sequence[Service] = (),
+    others: tuple[int, int] = (0, 0),
 ) -> list[Issue]:
-    """Limit violations of ``services`` (the part being written) plus ``others`` (the rest of the state)."""
+    """Limit violations of ``services`` (the part being written) plus ``others`` (the rest: services, backends)."""
     issues: list[Issue] = []
-    n = len(services) + len(others)
+    n = len(services) + others[0]
     if n > limits.max_services:
         issues.append(Issue(list_loc, f"{n} services exceed limits.max_services = {limits.max_services}", "limit"))
     for i, s in enumerate(services):
         if len(s.backends) > limits.max_backends_per_service:
             issues.append(Issue(item_loc(i), f"service {s.name!r} would have {len(s.backends)} backends; "
                                 f"limits.max_backends_per_service is {limits.max_backends_per_service}", "limit"))
-    total = sum(len(s.backends) for s in [*services, *others])
+    total = sum(len(s.backends) for s in services) + others[1]
     if total > limits.max_backends_total:
         issues.append(Issue(list_loc, f"{total} backends in all exceed the datapath's "
                             f"{limits.max_backends_total} backend slots (datapath.max_backends)", "limit"))

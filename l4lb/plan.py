@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from functools import lru_cache
+from operator import attrgetter
 from typing import Any, Literal
 
 from l4lb.models import Backend, DesiredState, Service
@@ -189,19 +190,23 @@ def diff(old: DesiredState, new: DesiredState) -> Plan:
     changes: list[ServiceChange] = []
     unchanged: list[str] = []
     olds, news = old.services, new.services
-    if len(olds) == len(news) and all(a is b or a.name == b.name for a, b in zip(olds, news)):
-        # Same names in the same order (a drain of one of 1,000): compare pairwise.
-        pairs = sorted(zip(olds, news), key=lambda p: p[0].name)
-        for a, b in pairs:
-            if a is b:
-                unchanged.append(a.name)
-                continue
-            fields, backends = _service_fields(a, b), _backend_changes(a, b)
-            if fields or backends:
-                changes.append(ServiceChange("update", a.name, fields, backends))
-            else:
-                unchanged.append(a.name)
-        return Plan(tuple(changes), tuple(unchanged))
+    if len(olds) == len(news):
+        # Same names in the same order (a drain of one of 1,000): only the pairs
+        # that are not the same object are looked into.
+        differ = [i for i, (a, b) in enumerate(zip(olds, news)) if a is not b]
+        if all(olds[i].name == news[i].name for i in differ):
+            for i in differ:
+                a, b = olds[i], news[i]
+                fields, backends = _service_fields(a, b), _backend_changes(a, b)
+                if fields or backends:
+                    changes.append(ServiceChange("update", a.name, fields, backends))
+            changed = {c.name for c in changes}
+            unchanged = list(map(_name, olds))
+            if changed:
+                unchanged = [n for n in unchanged if n not in changed]
+            changes.sort(key=_name)
+            unchanged.sort()  # in name order already (the stored form): one pass
+            return Plan(tuple(changes), tuple(unchanged))
     before = {s.name: s for s in olds}
     after = {s.name: s for s in news}
     for name in sorted(before.keys() | after.keys()):
@@ -225,6 +230,9 @@ def diff(old: DesiredState, new: DesiredState) -> Plan:
             else:
                 unchanged.append(name)
     return Plan(tuple(changes), tuple(unchanged))
+
+
+_name = attrgetter("name")
 
 
 def _service_fields_all(s: Service) -> tuple[FieldChange, ...]:

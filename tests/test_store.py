@@ -216,6 +216,30 @@ def test_one_of_n_change_writes_one_row(tmp_path: Path) -> None:
     assert stored(path) == of(services)
 
 
+def test_changes_in_place_write_their_rows_and_read_back(tmp_path: Path) -> None:
+    """Drains of a few services, each replaced in its place (the store looks only at those),
+    then a swap of two names' places (not in place: every position checked)."""
+    path = tmp_path / "s.db"
+    services = many(100)
+    with Store(path) as s:
+        with s.write(0, of(services)):
+            pass
+        for i in (3, 40, 99):
+            services[i] = drained(services[i])
+        with counted(s) as n, s.write(1, of(services)):
+            pass
+        assert n == [4]
+        services[40] = services[40].model_copy()  # a new object, the same content: nothing to write
+        with counted(s) as n, s.write(2, of(services)):
+            pass
+        assert n == [1]
+        services[10], services[11] = services[11], services[10]
+        with counted(s) as n, s.write(3, of(services)):
+            pass
+        assert n == [2]
+    assert stored(path) == of(services)
+
+
 def test_insert_and_delete_in_the_middle_write_one_row(tmp_path: Path) -> None:
     """The control core keeps services sorted by name: a new one usually lands between two others."""
     path = tmp_path / "s.db"
