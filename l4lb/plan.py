@@ -125,6 +125,25 @@ def _jsonable(v: Any) -> Any:
 
 
 def _backend_changes(svc_old: Service, svc_new: Service) -> tuple[BackendChange, ...]:
+    if len(svc_old.backends) == len(svc_new.backends) and svc_old.port == svc_new.port:
+        # The same backends in the same places, most the same objects (a drain): pairwise.
+        out: list[tuple[Any, BackendChange]] = []
+        for a, b in zip(svc_old.backends, svc_new.backends):
+            if a is b:
+                continue
+            if a.address != b.address or a.port != b.port:
+                break
+            ch = _fields(a, b)
+            if ch:
+                port = a.port or svc_old.port
+                out.append(((a.address.version, a.address.packed, port),
+                            BackendChange("update", _compressed(a.address), port, ch)))
+        else:
+            return tuple(c for _, c in sorted(out, key=lambda kc: kc[0]))
+    return _matched_changes(svc_old, svc_new)
+
+
+def _matched_changes(svc_old: Service, svc_new: Service) -> tuple[BackendChange, ...]:
     # Keyed by (parsed address, effective port): the identity, without formatting
     # the address (a 100,000-backend document is diffed in one go).
     old = {(b.address, b.port or svc_old.port): b for b in svc_old.backends}

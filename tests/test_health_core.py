@@ -126,6 +126,18 @@ def test_all_down_fail_open_keeps_all_and_says_so_fail_closed_takes_all_out() ->
     assert eff.services[1] is open_
     assert all(w == 0 for w in eff.services[0].maglev_weights().values())
     ov.accept(eff)
+    # Desired writes that replace a service in its place (a drain) look at that one only,
+    # and what fails open follows: here "open" gets a usable backend that is not down.
+    closed2 = closed.model_copy(update={"port": 81})
+    open2 = open_.model_copy(update={"backends": [*open_.backends[:2], open_.backends[2].model_copy(
+        update={"state": BackendState.active})]})
+    for services, touched, failing in (([closed2, open_], {"closed"}, {"open"}), ([closed2, open2], {"open"}, set())):
+        eff = ov.effective(services)
+        assert eff.touched == touched and eff.fail_open == failing
+        assert eff.services == Overlay(ov.facts).effective(services).services  # as computed from scratch
+        ov.accept(eff)
+        assert ov.fail_open == failing
+    ov.accept(ov.effective([closed, open_]))
     eff = ov.with_facts({key(open_, 0): Health.up})
     assert eff.fail_open == frozenset() and eff.changed == {"open"}
     assert eff.services[1].maglev_weights() == {("192.0.2.1", 80): 100, ("192.0.2.2", 80): 0, ("192.0.2.3", 80): 0}

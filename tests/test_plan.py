@@ -78,3 +78,21 @@ def test_to_json_is_exactly_the_dict_form() -> None:
                      (doc(WEB), doc(WEB)), (doc(WEB, DNS), doc(drained, DNS))]:
         p = diff(old, new)
         assert json.loads(p.to_json()) == p.to_dict()
+
+
+def test_changes_in_place_are_the_changes_matched_by_identity() -> None:
+    """A drain keeps its service's other backends (same objects, same places) and the
+    other services (same objects): the diff looks at those pairs only, with the same plan."""
+    from l4lb.models import BackendState
+    from l4lb.plan import _matched_changes
+
+    old = doc(WEB, DNS, {**WEB, "name": "www", "port": 81})
+    web = old.services[1]
+    for b0 in (web.backends[1].model_copy(update={"state": BackendState.draining, "weight": 7}),  # in place
+               web.backends[1].model_copy(update={"port": 8080})):  # another identity: matched instead
+        new_web = web.model_copy(update={"backends": [web.backends[0], b0]})
+        new = DesiredState.model_construct(services=[old.services[0], new_web, old.services[2]])
+        p = diff(old, new)
+        assert [s.name for s in p.services] == ["web"] and p.unchanged == ("dns", "www")
+        assert p.services[0].backends == _matched_changes(web, new_web) != ()
+    assert diff(old, DesiredState.model_construct(services=list(reversed(old.services)))).empty

@@ -71,9 +71,16 @@ class Effective:
     entries: dict[str, Entry]
     facts: dict[str, Health]
     changed: frozenset[str]            # services whose effective object differs from the one in force
+    desired: Sequence[Service] = ()    # the desired list it was computed from
+    # Names whose entry may differ from the one in force, the same services in the same order
+    # otherwise (None: look at all of them).
+    touched: frozenset[str] | None = None
+    failing_open: frozenset[str] | None = None  # fail_open, when known already
 
     @property
     def fail_open(self) -> frozenset[str]:
+        if self.failing_open is not None:
+            return self.failing_open
         return frozenset(n for n, e in self.entries.items() if e.fail_open)
 
 
@@ -82,12 +89,20 @@ class Overlay:
         self.facts: dict[str, Health] = {k: v for k, v in (facts or {}).items() if v is not Health.unknown}
         self._entries: dict[str, Entry] = {}
         self._order: list[str] = []
+        # What is in force, as lists in desired order: effective() of the same list
+        # with a few services replaced looks at those only (_in_place).
+        self._desired: Sequence[Service] = ()
+        self._effective: list[Service] = []
+        self._failing_open: frozenset[str] = frozenset()
         self._users: dict[str, set[str]] = {}   # probe key -> names of services using it
 
     # -- computing (no state changes) -------------------------------------------------
 
     def effective(self, services: Sequence[Service]) -> Effective:
         """The overlay of a desired service list under the current facts."""
+        eff = self._in_place(services)
+        if eff is not None:
+            return eff
         entries: dict[str, Entry] = {}
         changed = set()
         for svc in services:
@@ -99,7 +114,31 @@ class Overlay:
             if old is None or old.effective is not e.effective:
                 changed.add(svc.name)
         changed |= self._entries.keys() - entries.keys()
-        return Effective([e.effective for e in entries.values()], entries, self.facts, frozenset(changed))
+        return Effective([e.effective for e in entries.values()], entries, self.facts, frozenset(changed),
+                         services)
+
+    def _in_place(self, services: Sequence[Service]) -> Effective | None:
+        """effective() of the list in force with a few services replaced by their
+        namesakes in place (a drain): only those are computed, and nothing walks
+        the 1,000 others. None when the change is not of that kind."""
+        last = self._desired
+        if len(last) != len(services) or len(last) != len(self._effective):
+            return None
+        differ = [i for i, (a, b) in enumerate(zip(last, services)) if a is not b]
+        if len(differ) > 8 or any(last[i].name != services[i].name for i in differ):
+            return None
+        entries, effective = dict(self._entries), list(self._effective)
+        changed, failing = set(), set(self._failing_open)
+        for i in differ:
+            svc = services[i]
+            old = entries[svc.name]
+            entries[svc.name] = e = overlay_service(svc, probes_of(svc), self.facts)
+            effective[i] = e.effective
+            if old.effective is not e.effective:
+                changed.add(svc.name)
+            (failing.add if e.fail_open else failing.discard)(svc.name)
+        return Effective(effective, entries, self.facts, frozenset(changed), services,
+                         frozenset(services[i].name for i in differ), frozenset(failing))
 
     def with_facts(self, changes: Mapping[str, Health]) -> Effective:
         """The services in force under the facts with ``changes``; only services
@@ -113,16 +152,18 @@ class Overlay:
             entries[name] = e = overlay_service(old.desired, old.probes, facts)
             if e.effective is not old.effective or e.fail_open != old.fail_open:
                 changed.add(name)
-        return Effective([entries[n].effective for n in self._order], entries, facts, frozenset(changed))
+        return Effective([entries[n].effective for n in self._order], entries, facts, frozenset(changed),
+                         self._desired)
 
     # -- adopting ---------------------------------------------------------------------
 
     def accept(self, eff: Effective) -> None:
         """``eff`` is in force now."""
         old = self._entries
-        for name in old.keys() - eff.entries.keys():
+        for name in old.keys() - eff.entries.keys() if eff.touched is None else ():
             self._unuse(name, old[name])
-        for name, e in eff.entries.items():
+        for name in eff.entries if eff.touched is None else eff.touched:
+            e = eff.entries[name]
             prev = old.get(name)
             if prev is not None and prev.probes is e.probes:
                 continue
@@ -132,7 +173,9 @@ class Overlay:
                 if p is not None:
                     self._users.setdefault(p.key, set()).add(name)
         self._entries = eff.entries
-        self._order = list(eff.entries)
+        if eff.touched is None:
+            self._order = list(eff.entries)
+        self._desired, self._effective, self._failing_open = eff.desired, eff.services, eff.fail_open
         self.facts = eff.facts
 
     def _unuse(self, name: str, e: Entry) -> None:
@@ -162,4 +205,4 @@ class Overlay:
 
     @property
     def fail_open(self) -> frozenset[str]:
-        return frozenset(n for n, e in self._entries.items() if e.fail_open)
+        return self._failing_open
