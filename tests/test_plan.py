@@ -87,11 +87,11 @@ def test_changes_in_place_are_the_changes_matched_by_identity() -> None:
     from l4lb.plan import _matched_changes
 
     old = doc(WEB, DNS, {**WEB, "name": "www", "port": 81})
-    web = old.services[1]
+    web = old.services[0]
     for b0 in (web.backends[1].model_copy(update={"state": BackendState.draining, "weight": 7}),  # in place
                web.backends[1].model_copy(update={"port": 8080})):  # another identity: matched instead
         new_web = web.model_copy(update={"backends": [web.backends[0], b0]})
-        new = DesiredState.model_construct(services=[old.services[0], new_web, old.services[2]])
+        new = DesiredState.model_construct(services=[new_web, *old.services[1:]])
         p = diff(old, new)
         assert [s.name for s in p.services] == ["web"] and p.unchanged == ("dns", "www")
         assert p.services[0].backends == _matched_changes(web, new_web) != ()
