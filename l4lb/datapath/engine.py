@@ -197,13 +197,14 @@ class Datapath:
         backends to a later settle() (see there)."""
         t0 = time.perf_counter()
         rec = self._rec
+        services = list(services)  # ours: kept as the list in force (never changed in place)
         with self._lock:
-            previous = list(self._applied)
+            previous = self._applied
             rec.timing = timing = ApplyTimings()
             rec.new_addrs = set()
             try:
                 rec.check_capacity(services)
-                rec.reconcile(list(services))
+                rec.reconcile(services)
                 self._vips.sync(self.tables.vips, services)
             except Exception as e:
                 rec.fail_after_writes = None
@@ -215,8 +216,8 @@ class Datapath:
                 if isinstance(e, DatapathError):
                     raise
                 raise DatapathError(f"datapath update failed: {e}") from e
-            self._applied = list(services)  # also keeps the objects, so their ids stay theirs
-            rec.clean = {id(s) for s in self._applied}
+            self._applied = services  # also keeps the objects, so their ids stay theirs
+            rec.clean = services
             self._upkeep.unsettled |= rec.new_addrs
             rec.new_addrs = set()
         self._rings.grace_soon()  # so the buffers retired now are writable by the next change

@@ -34,6 +34,7 @@ from l4lb.datapath.nexthop import IPAddress, ip_of
 from l4lb.datapath.rings import Rings
 from l4lb.datapath.slots import PROTO, BackendKey, BackendSlot, ServiceEntry, ServiceKey, Slots
 from l4lb.datapath.srcranges import SourceRanges, range_of
+from l4lb.inplace import replaced_at
 from l4lb.models import MAX_SOURCE_RANGES_PER_SERVICE, BackendState, Service
 
 log = logging.getLogger(__name__)
@@ -89,9 +90,11 @@ class Reconciler:
         self.inputs: dict[int, tuple[Any, ...]] = {}
         # The services finished with exactly this content: a reconcile skips them cheaply.
         self.done: dict[ServiceKey, Service] = {}
-        self.clean: set[int] = set()  # ids of the services of the last successful apply
+        self.clean: Sequence[Service] = ()  # the list of the last successful apply (the one reconciled)
         self._keys: dict[int, ServiceKey] = {}
         self._held: list[Service] = []
+        self._want: dict[ServiceKey, Service] = {}  # the last reconcile's services by key
+        self._counted: tuple[Sequence[Service], tuple[int, int]] = ((), (0, 0))  # check_capacity's last list, totals
         self.new_addrs: set[str] = set()   # backends' addresses (exploded) the last reconcile added
         self.fail_after_writes: int | None = None  # test hook: fail mid-reconcile
         self.before_write: Callable[[], None] | None = None  # called once before a reconcile's first write
@@ -100,16 +103,24 @@ class Reconciler:
         """Tables in force are unknown again (a restart, a seed change)."""
         self.inputs.clear()
         self.done.clear()
-        self.clean = set()
+        self.clean = ()
         self.ranges.forget()
 
     def check_capacity(self, services: Sequence[Service]) -> None:
         if len(services) > self.ctx.cfg.max_services:
             raise DatapathError(f"{len(services)} services exceed the datapath limit of {self.ctx.cfg.max_services}")
-        n = sum(len(s.backends) for s in services)
+        counted, (n_backends, n_ranges) = self._counted
+        at = replaced_at(counted, services)
+        if at is None:
+            n_backends, n_ranges = sum(len(s.backends) for s in services), sum(len(s.source_ranges) for s in services)
+        for i in at or ():  # a few replaced: counted from those
+            n_backends += len(services[i].backends) - len(counted[i].backends)
+            n_ranges += len(services[i].source_ranges) - len(counted[i].source_ranges)
+        self._counted = (services, (n_backends, n_ranges))
+        n = n_backends
         if n > self.ctx.cfg.max_backends - 1:
             raise DatapathError(f"{n} backends exceed the datapath limit of {self.ctx.cfg.max_backends - 1}")
-        n = sum(len(s.source_ranges) for s in services)
+        n = n_ranges
         room = self.ctx.tables.src_ranges.max_entries - MAX_SOURCE_RANGES_PER_SERVICE  # one service's old and new
         if n > room:
             raise DatapathError(f"{n} source ranges exceed the datapath limit of {room}")
@@ -144,21 +155,28 @@ class Reconciler:
         their removed ones. A slot is reused only once no table points at it
         and packets in flight have finished (an RCU grace period)."""
         t0 = time.perf_counter()
-        # Keys of the services of the last reconcile by object: a drain passes the
-        # same 1,000 objects but one again, and formatting their VIPs was most of its cost.
-        keys = self._keys
-        want = {keys.get(id(s)) or s.key: s for s in services}
-        self._keys = {id(s): k for k, s in want.items()}
-        self._held = services  # keeps the objects alive, so their ids stay theirs
-        # Services of the last successful apply, as objects, are unchanged; others
-        # are checked. Sorted after filtering: a drain sorts one key, not 1,000.
-        clean, self.clean = self.clean, set()
-        todo = sorted(k for k, s in want.items() if id(s) not in clean and not self._unchanged(k, s))
-        gone = sorted(k for k in self.slots.svc_ids if k not in want)
+        clean, self.clean = self.clean, ()
+        fast = self._in_place(clean, services)
+        if fast is not None:  # a few services replaced by namesakes of the same key: nothing goes
+            want, todo = fast
+            gone: list[ServiceKey] = []
+            orphans: set[int] = set()
+        else:
+            # Keys of the services of the last reconcile by object: formatting their VIPs
+            # was most of the cost of looking at 1,000 services.
+            keys = self._keys
+            want = {keys.get(id(s)) or s.key: s for s in services}
+            self._keys = {id(s): k for k, s in want.items()}
+            # Services of the last successful apply, as objects, are unchanged; others
+            # are checked. Sorted after filtering: a few keys are sorted, not 1,000.
+            clean_ids = {id(s) for s in clean}
+            todo = sorted(k for k, s in want.items() if id(s) not in clean_ids and not self._unchanged(k, s))
+            gone = sorted(k for k in self.slots.svc_ids if k not in want)
+            live = set(self.slots.svc_ids.values())
+            orphans = set(self.slots.by_svc) - live  # backends whose service never made it (a crash mid-apply)
+        self._held, self._want = services, want  # _held keeps the objects alive, so their ids stay theirs
         for key in (*todo, *gone):
             self.done.pop(key, None)
-        live = set(self.slots.svc_ids.values())
-        orphans = set(self.slots.by_svc) - live  # backends whose service never made it (a crash mid-apply)
         if (todo or gone or orphans) and self.before_write is not None:
             self.before_write()
         w = _Work(want, list(todo), gone, {self.slots.svc_ids[k] for k in gone} | orphans)
@@ -194,7 +212,8 @@ class Reconciler:
             self.rings.grace(always=True)
             self.timing.grace += time.perf_counter() - g0
             stage += 1
-        self.ranges.prune(set(self.slots.svc_ids.values()))
+        if fast is None:
+            self.ranges.prune(set(self.slots.svc_ids.values()))
         if w.allocated:
             # Forget freed slots that have been handed to someone else since.
             self.slots.freed_be = {k: v for k, v in self.slots.freed_be.items() if v[0] not in self.slots.backends}
@@ -206,6 +225,27 @@ class Reconciler:
             self.new_addrs.update(ident[0] for b, ident in zip(svc.backends, w.weights[key])
                                   if b.state is not BackendState.maintenance)
         self.timing.reconcile += time.perf_counter() - t0
+
+    def _in_place(self, clean: Sequence[Service], services: list[Service]
+                  ) -> tuple[dict[ServiceKey, Service], list[ServiceKey]] | None:
+        """The services of the last successful apply (``clean``, the very list it
+        reconciled) with a few replaced by namesakes of the same key (a drain):
+        (want, todo) worked out from those alone (l4lb/inplace.py). None otherwise."""
+        if clean is not self._held or not clean:
+            return None
+        at = replaced_at(clean, services)
+        if at is None:
+            return None
+        want, keys, todo = dict(self._want), dict(self._keys), []
+        for i in at:
+            key = keys.pop(id(clean[i]))
+            if services[i].key != key:
+                return None
+            want[key], keys[id(services[i])] = services[i], key
+            if not self._unchanged(key, services[i]):
+                todo.append(key)
+        self._keys = keys
+        return want, sorted(todo)
 
     def _unchanged(self, key: ServiceKey, svc: Service) -> bool:
         prev = self.done.get(key)
@@ -383,7 +423,6 @@ class Reconciler:
         self.timing.grace += self.rings.waited - g0
         self.timing.maps += time.perf_counter() - m0 - (self.rings.waited - g0)
         ok = self.ticks(len(todo))
-        names = {sid: key for key, sid in self.slots.svc_ids.items()}
         for n, ((sid, inputs), (idx, must_write)) in enumerate(zip(todo, places)):
             if n >= ok:
                 raise DatapathError("injected failure (test hook)")
@@ -406,7 +445,7 @@ class Reconciler:
                 self.timing.tables += 1
             self.slots.ring[sid] = idx
             self.inputs[sid] = inputs
-            key = names.get(sid)
+            key = self.slots.key_of(sid)
             if key is not None and key in self.slots.svc_entry:
                 self._write_entry(key, sid, self.slots.svc_entry[key])
             self.timing.writes += 1
@@ -442,6 +481,8 @@ class Reconciler:
 
     def _clear_unreferenced(self, w: _Work) -> None:
         """Clear the removed slots that no table points at any more, in one batch."""
+        if not w.removing:
+            return
         live = {sid: key for key, sid in self.slots.svc_ids.items()}
         refs: dict[int, set[int] | None] = {}
 

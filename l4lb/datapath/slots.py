@@ -44,6 +44,7 @@ class ServiceEntry(NamedTuple):
 class Slots:
     def __init__(self) -> None:
         self.svc_ids: dict[ServiceKey, int] = {}
+        self._svc_keys: dict[int, ServiceKey] = {}  # svc_ids the other way round
         # What each service entry in the map holds, and the buffer each
         # service id's table is in force in (the entry's ring).
         self.svc_entry: dict[ServiceKey, ServiceEntry] = {}
@@ -89,13 +90,23 @@ class Slots:
         return slot
 
     def set_service(self, key: ServiceKey, sid: int) -> None:
+        old = self.svc_ids.get(key)
+        if old is not None and self._svc_keys.get(old) == key:
+            del self._svc_keys[old]
         self.svc_ids[key] = sid
+        self._svc_keys[sid] = key
         self._labels = None
 
     def drop_service(self, key: ServiceKey) -> int:
         sid = self.svc_ids.pop(key)
+        if self._svc_keys.get(sid) == key:
+            del self._svc_keys[sid]
         self._labels = None
         return sid
+
+    def key_of(self, sid: int) -> ServiceKey | None:
+        """The key of the service that holds id ``sid`` (None: none does)."""
+        return self._svc_keys.get(sid)
 
     def reindex(self) -> None:
         self.by_svc = {}
@@ -129,12 +140,14 @@ class Slots:
     def recover(self, t: Tables) -> None:
         """Rebuild id allocation from pinned maps (a restart keeps flows valid)."""
         self.svc_ids.clear()
+        self._svc_keys.clear()
         self._labels = None
         self.svc_entry.clear()
         self.ring.clear()
         for (vip, port, proto), (sid, flags, ring, gen, affinity) in t.read_services().items():
             key = (vip, port, PROTO_NAME.get(proto, str(proto)))
             self.svc_ids[key] = sid
+            self._svc_keys[sid] = key
             self.svc_entry[key] = ServiceEntry(flags, ring, gen, affinity)
             self.ring[sid] = ring
         self.backends.clear()
