@@ -33,6 +33,7 @@ from l4lb.health.scheduler import LoopStats, ProbeConfig
 from l4lb.health.store import HealthStore
 from l4lb.health.targets import Probe, ProbeSpec, probes_of
 from l4lb.health.worker import Latency, ProbeWorker
+from l4lb.inplace import replaced_at
 from l4lb.models import Service
 from l4lb.view import View
 
@@ -69,6 +70,7 @@ class HealthManager:
         self._control: ControlLike | None = None
         self._view: View | None = None
         self._seen: dict[str, tuple[Service, tuple[Probe | None, ...]]] = {}  # service -> object, probes
+        self._followed: list[Service] = []  # the desired list last followed
         self._users: dict[str, dict[str, Probe]] = {}      # probe key -> service name -> its probe
         self._tunnel_refs: dict[str, int] = {}             # backend address -> tunnel probes naming it
         self._routes: dict[str, tuple[int, str | None]] = {}
@@ -161,9 +163,14 @@ class HealthManager:
     def _follow(self, services: list[Service]) -> None:
         """Start, change and stop probes for the services that changed."""
         touched: set[str] = set()
-        names = set()
+        last, self._followed = self._followed, services
+        at = replaced_at(last, services)
+        names: set[str] | None = None
+        if at is not None and all(last[i].name == services[i].name for i in at):
+            services = [services[i] for i in at]  # a few replaced in place (a drain): those alone
+        else:
+            names = {svc.name for svc in services}
         for svc in services:
-            names.add(svc.name)
             old = self._seen.get(svc.name)
             if old is not None and old[0] is svc:
                 continue
@@ -175,7 +182,7 @@ class HealthManager:
                     self._users.setdefault(p.key, {})[svc.name] = p
                     touched.add(p.key)
             self._seen[svc.name] = (svc, probes)
-        for name in [n for n in self._seen if n not in names]:
+        for name in [n for n in self._seen if n not in names] if names is not None else ():
             touched |= self._unuse(name, self._seen.pop(name)[1])
         if touched:
             self._reprobe(touched)
