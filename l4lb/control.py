@@ -36,6 +36,7 @@ from l4lb.health.overlay import Effective, Health, Overlay
 from l4lb.memory import freeze
 from l4lb.models import Backend, BackendState, DesiredState, IPAddress, Service
 from l4lb.plan import Plan, diff
+from l4lb.servicejson import service_json
 from l4lb.stateindex import index_of
 from l4lb.stats import Counters, RateTracker, Sample, flatten_stats, stats_answer
 from l4lb.store import Record, Store
@@ -67,7 +68,7 @@ def state_etag(revision: int) -> str:
 
 def service_etag(service: Service) -> str:
     """Tag of one service: a hash of its content, so writers of different services do not collide."""
-    return "s" + hashlib.sha256(service.model_dump_json().encode()).hexdigest()[:20]
+    return "s" + hashlib.sha256(service_json(service).encode()).hexdigest()[:20]  # the stored JSON
 
 
 @dataclass(frozen=True)

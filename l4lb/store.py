@@ -27,7 +27,6 @@ a start with another box's store, or a new empty one, is noticed
 from __future__ import annotations
 
 import bisect
-import json
 import logging
 import sqlite3
 import time
@@ -41,6 +40,7 @@ from typing import NamedTuple
 from pydantic import ValidationError
 
 from l4lb.models import STORED, DesiredState, Service
+from l4lb.servicejson import service_json
 
 SCHEMA_VERSION = 2
 # Positions of a freshly numbered state are i * GAP: a service inserted between
@@ -84,8 +84,7 @@ class _Row(NamedTuple):
     position: int
 
 
-def _service_json(svc: Service) -> str:
-    return json.dumps(svc.model_dump(mode="json"), separators=(",", ":"))
+_service_json = service_json  # the row of a service (l4lb/servicejson.py: shared with its ETag)
 
 
 def positions(old: Sequence[int | None]) -> list[int]:
