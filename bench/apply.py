@@ -250,6 +250,10 @@ def print_drains(title: str, d: dict[str, Any], judge: bool) -> None:
     row("p50", f"{pct(lat, 50):.1f} ms")
     row("p99", f"{p99:.1f} ms", f"<= {TARGET_DRAIN_P99_MS:.0f} ms", verdict(p99 <= TARGET_DRAIN_P99_MS, judge))
     row("max", f"{max(lat):.1f} ms")
+    # A drain builds its service's new Maglev table; its undo points back at the
+    # buffer that still holds the old one (no build).
+    for what, half in (("drains", lat[0::2]), ("undos", lat[1::2])):
+        row(f"  {what} alone: p50 / p99 / max", f"{pct(half, 50):.1f}/{pct(half, 99):.1f}/{max(half):.1f} ms")
     if d["phases"]:
         print("  median per request:")
         print_phases(d["phases"])
