@@ -309,6 +309,9 @@ class Daemon:
         except Exception as e:
             raise StartupError(f"could not apply the stored state (revision {revision}) to the datapath: {e}") from e
         log.info("datapath converged to revision %d (%d services)", revision, len(state.services))
+        from l4lb.memory import settle_heap
+
+        settle_heap()  # the state just read: ~10^6 objects that later collections need not scan
         if cfg.datapath.interfaces:
             try:
                 used = self.control.attach(cfg.datapath.interfaces, cfg.datapath.xdp_mode)
