@@ -333,7 +333,9 @@ class Reconciler:
         if not ready:
             return
         rebuild = [(sid, inputs) for _, sid, inputs in ready if self.inputs.get(sid) != inputs]
+        b0 = time.perf_counter()  # a bulk change waits here for its prefetched tables
         tables = self.builder.tables_for([inputs[0] for _, inputs in rebuild if not self.rings.has(inputs)])
+        self.timing.maglev += time.perf_counter() - b0
         try:
             # In chunks: one outer batch swap each (few fds open), entries right after their tables.
             for i in range(0, len(ready), SWAP_CHUNK):
@@ -546,7 +548,9 @@ class Reconciler:
             return
         log.info("maps nearly full: %d services run on the part of their backends that has slots (%d on one "
                  "backend they are leaving) while slots are moved over", len(todo), bridged)
+        b0 = time.perf_counter()
         tables = self.builder.tables_for([inputs[0] for _, inputs in todo if not self.rings.has(inputs)])
+        self.timing.maglev += time.perf_counter() - b0
         try:
             for i in range(0, len(todo), SWAP_CHUNK):
                 self._swap_tables(todo[i:i + SWAP_CHUNK], tables)
