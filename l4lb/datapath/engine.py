@@ -195,8 +195,7 @@ class Datapath:
         the previous set is written back before the error is raised.
         ``settle=False`` leaves the neighbour entries and next-hop cache of new
         backends to a later settle() (see there)."""
-        t0 = time.perf_counter()
-        rec = self._rec
+        t0, rec = time.perf_counter(), self._rec
         services = list(services)  # ours: kept as the list in force (never changed in place)
         with self._lock:
             previous = self._applied
