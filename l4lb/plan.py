@@ -13,6 +13,7 @@ from functools import lru_cache
 from operator import attrgetter
 from typing import Any, Literal
 
+from l4lb.inplace import replaced_at
 from l4lb.models import Backend, DesiredState, Service
 
 Action = Literal["create", "update", "delete"]
@@ -209,10 +210,10 @@ def diff(old: DesiredState, new: DesiredState) -> Plan:
     changes: list[ServiceChange] = []
     unchanged: list[str] = []
     olds, news = old.services, new.services
-    if len(olds) == len(news):
+    differ = replaced_at(olds, news, most=len(olds))
+    if differ is not None:
         # Same names in the same order (a drain of one of 1,000): only the pairs
         # that are not the same object are looked into.
-        differ = [i for i, (a, b) in enumerate(zip(olds, news)) if a is not b]
         if all(olds[i].name == news[i].name for i in differ):
             for i in differ:
                 a, b = olds[i], news[i]

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from enum import Enum
 
 from l4lb.health.targets import Probe, fail_open, probes_of
+from l4lb.inplace import replaced_at
 from l4lb.models import BackendState, Service
 
 
@@ -122,10 +123,8 @@ class Overlay:
         namesakes in place (a drain): only those are computed, and nothing walks
         the 1,000 others. None when the change is not of that kind."""
         last = self._desired
-        if len(last) != len(services) or len(last) != len(self._effective):
-            return None
-        differ = [i for i, (a, b) in enumerate(zip(last, services)) if a is not b]
-        if len(differ) > 8 or any(last[i].name != services[i].name for i in differ):
+        differ = replaced_at(last, services) if len(last) == len(self._effective) else None
+        if differ is None or any(last[i].name != services[i].name for i in differ):
             return None
         entries, effective = dict(self._entries), list(self._effective)
         changed, failing = set(), set(self._failing_open)
