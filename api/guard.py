@@ -106,22 +106,24 @@ def guarded_protocol(bounds: Callable[[], Bounds], watch: Watch) -> type[asyncio
             self._bounds = bounds()
             cap, per_client = self._bounds.max_connections, self._bounds.max_per_client
             if cap is not None and len(self.connections) > cap:
-                self._refuse(transport, "connection refused at the limit", _BUSY)
+                self._refuse("connection refused at the limit", _BUSY)
                 return
             peer = transport.get_extra_info("peername")
             if per_client is not None and isinstance(peer, tuple) and peer:
                 if by_client[peer[0]] >= per_client:
-                    self._refuse(transport, "connection refused at the per-client limit", _BUSY_CLIENT)
+                    self._refuse("connection refused at the per-client limit", _BUSY_CLIENT)
                     return
                 self._client = peer[0]
                 by_client[self._client] += 1
             self._arm("headers")
 
-        @staticmethod
-        def _refuse(transport: Any, event: str, answer: bytes) -> None:
+        def _refuse(self, event: str, answer: bytes) -> None:
             watch.note(event)
-            transport.write(answer)
-            transport.close()
+            # Out of the count now, not when the loop gets to connection_lost: a burst of
+            # refused connections must not refuse the next client at the listener's cap.
+            self.connections.discard(self)
+            self.transport.write(answer)
+            self.transport.close()
 
         def data_received(self, data: bytes) -> None:
             super().data_received(data)

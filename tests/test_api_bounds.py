@@ -145,6 +145,7 @@ def test_slowloris_leaves_the_unix_socket_answering_and_fds_bounded(lab: DaemonL
         out = []
         for i in range(n):
             s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.bind((f"127.0.1.{1 + i % 100}", 0))   # 20 per address: the listener's cap acts, not the per-client one
             s.setblocking(False)
             s.connect_ex(("127.0.0.1", PORT))
             out.append(s)
@@ -253,7 +254,9 @@ def test_one_client_address_cannot_hold_every_connection(lab: DaemonLab) -> None
     try:
         for s in held:
             s.sendall(b"GET /v1/status HTTP/1.1\r\nHost: l4lbd\r\n")  # headers never finish
-        assert status_from("127.0.0.4") == 200
+        # Another address is served meanwhile (a few tries: the burst's refusals are being closed).
+        got = [status_from("127.0.0.4") for _ in range(3)]
+        assert 200 in got, got
         answers = []
         for s in held:
             s.settimeout(HEADER_TIMEOUT + 5)
