@@ -30,6 +30,8 @@ REST API of **l4lbd**, the XDP layer-4 load balancer.
   (412 if somebody changed it meanwhile). The desired-state document's tag is its
   revision; a service's tag covers that service (and its backends) only.
 * Errors are `application/problem+json` with an `errors` list of located problems.
+* JSON bodies are read strictly: a key given twice in one object, `NaN`/`Infinity`
+  or text that is not UTF-8 is a 422, never resolved silently.
 * Bodies are limited: PUT /v1/state to `api.max_body_bytes` (16 MiB by default),
   every other request to 1 MiB; over the limit is 413, decided before the body is
   read when `Content-Length` says so.

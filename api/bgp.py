@@ -12,8 +12,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from l4lb.control import ControlError, Issue, NotFound
 
 from . import errors
+from .jsonroute import StrictJSONRoute
 
-router = APIRouter()
+router = APIRouter(route_class=StrictJSONRoute)
 
 
 class BgpNotConfigured(ControlError):

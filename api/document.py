@@ -18,6 +18,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from l4lb.control import Invalid, Issue, issues_from_validation
+from l4lb.docparse import DocumentError, loads_json
 from l4lb.models import DesiredState, Service
 
 MAX_ISSUES = 100
@@ -39,7 +40,9 @@ def _json_body(raw: bytes, content_type: str | None) -> Any:
     if not raw:
         raise _refuse([Issue(("body",), "a JSON body is required", "missing")])
     try:
-        return json.loads(raw)
+        return loads_json(raw)    # no duplicate keys, NaN or runaway nesting
+    except DocumentError as e:
+        raise _refuse([Issue(("body",), f"body is not valid JSON ({e.msg})", "json_invalid")]) from None
     except json.JSONDecodeError as e:
         raise _refuse([Issue(("body", e.pos), f"body is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})",
                              "json_invalid")]) from None

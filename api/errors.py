@@ -93,9 +93,12 @@ def install(app: FastAPI) -> None:
 def _issues_from_request(exc: RequestValidationError) -> list[Issue]:
     """FastAPI's request errors (already located: body/path/query/header) → issues."""
     out = []
+    # FastAPI's message for any JSON error is "JSON decode error": the parser's (or
+    # l4lb.docparse's refusal, api/jsonroute.py) is in the context.
+    why = {tuple(e["loc"]): (e.get("ctx") or {}).get("error") for e in exc.errors() if e.get("type") == "json_invalid"}
     for i in issues_from_errors(exc.errors()):
         if i.type == "json_invalid":
-            i = Issue(i.loc, f"body is not valid JSON ({i.msg})", i.type)
+            i = Issue(i.loc, f"body is not valid JSON ({why.get(i.loc) or i.msg})", i.type)
         elif i.type == "missing" and i.loc == ("body",):
             i = Issue(i.loc, "a JSON body is required", i.type)
         out.append(i)

@@ -15,8 +15,9 @@ from l4lb.health.report import report, service_report
 from l4lb.names import NAME_REGEX
 
 from . import errors
+from .jsonroute import StrictJSONRoute
 
-router = APIRouter()
+router = APIRouter(route_class=StrictJSONRoute)
 
 
 class BackendHealth(BaseModel):

@@ -29,8 +29,9 @@ from l4lb.recorder.limits import RotationPolicy, StopConditions
 from l4lb.recorder.recording import MAX_CAPTURE_LENGTH, RecordingSpec
 
 from .errors import responses
+from .jsonroute import StrictJSONRoute
 
-router = APIRouter(tags=["recordings"])
+router = APIRouter(tags=["recordings"], route_class=StrictJSONRoute)
 
 MEDIA = {"pcapng": "application/x-pcapng", "pcap": "application/vnd.tcpdump.pcap"}
 RecId = Annotated[str, PathParam(pattern=r"^[A-Za-z0-9_.-]{1,64}$", description="Recording id")]

@@ -19,6 +19,7 @@ from . import errors
 from .bgp import status_extras
 from .document import parse_state
 from .etags import precondition, quote
+from .jsonroute import StrictJSONRoute
 from .stats import flow_scan
 from .schemas import (
     BackendBody,
@@ -34,7 +35,7 @@ from l4lb.control import BackendRef, Committed, Control, Invalid, Issue, Precond
 from l4lb.models import Backend, DesiredState, Service
 from l4lb.names import NAME_REGEX
 
-router = APIRouter()
+router = APIRouter(route_class=StrictJSONRoute)
 
 Name = Annotated[str, PathParam(pattern=NAME_REGEX, description="Service name", examples=["web"])]
 BackendPath = Annotated[

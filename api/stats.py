@@ -17,9 +17,10 @@ from l4lb.stats import with_flows
 from l4lb.zeroing import Baseline
 
 from . import errors
+from .jsonroute import StrictJSONRoute
 from .schemas import Stats, ZeroBody
 
-router = APIRouter()
+router = APIRouter(route_class=StrictJSONRoute)
 
 
 def flow_scan(request: Request) -> Any | None:

@@ -27,6 +27,7 @@ from test_daemon_harness import PY, DaemonLab
 pytestmark = [pytest.mark.bpf, pytest.mark.netns]
 
 PROBLEM = "application/problem+json"
+JSON = {"content-type": "application/json"}
 VIP4, VIP6 = "198.51.100.1", "2001:db8:100::1"
 
 
@@ -280,6 +281,19 @@ def test_service_validation_errors(lab: DaemonLab, client: httpx.Client, body: d
     ("patch", "/v1/services/web/backends/192.0.2.1", {"json": {"weight": False}}, ["body", "weight"], "not false"),
     ("put", "/v1/services/web/backends/" + VIP4, {"json": {}}, ["body", "backends", 2, "address"], "own VIP"),
     ("put", "/v1/state?dry_run=maybe", {"json": {"services": []}}, ["query", "dry_run"], "boolean"),
+    # Strict JSON (l4lb/docparse.py): json.loads would take the last of two keys, NaN, or
+    # end in RecursionError (a 500) on a body nested deeper than the interpreter's stack.
+    ("put", "/v1/services/web", {"content": b'{"vip": "198.51.100.1", "port": 80, "port": 81}', "headers": JSON},
+     ["body", 0], "the key 'port' is given twice in one object"),
+    ("patch", "/v1/services/web/backends/192.0.2.1", {"content": b'{"weight": NaN}', "headers": JSON},
+     ["body", 0], "NaN is not a JSON number"),
+    ("put", "/v1/services/web", {"content": b"[" * 100_000 + b"]" * 100_000, "headers": JSON},
+     ["body", 0], "nested too deeply"),
+    ("put", "/v1/state", {"content": b"[" * 100_000 + b"]" * 100_000, "headers": JSON}, ["body"], "nested too deeply"),
+    ("put", "/v1/state", {"content": b'{"services": [], "services": []}', "headers": JSON},
+     ["body"], "the key 'services' is given twice in one object"),
+    ("put", "/v1/services/web", {"content": '{"vip": "198.51.100.1", "port": 80}'.encode("utf-16"), "headers": JSON},
+     ["body", 0], "not UTF-8 text"),
 ])
 def test_request_validation_errors(lab: DaemonLab, client: httpx.Client, method: str, path: str,
                                    kwargs: dict, loc: list, msg: str) -> None:

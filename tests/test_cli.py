@@ -586,6 +586,13 @@ def test_apply_stale_file_is_refused_until_forced(lab: DaemonLab, api: httpx.Cli
      " (HTTP 422 Invalid request)"),
     ("dup.yaml", f"services:\n- {{name: a, vip: {VIP4}, port: 80}}\n- {{name: b, vip: {VIP4}, port: 80}}\n", 1,
      f"services 'a' and 'b' both use {VIP4} port 80/tcp"),
+    # A key given twice: PyYAML and json would keep the last one without a word (l4lb/docparse.py).
+    ("twice.yaml", f"services:\n- name: a\n  vip: {VIP4}\n  port: 80\n  port: 81\n", 2,
+     "twice.yaml: invalid YAML at line 5, column 3: the key 'port' is given twice in one mapping"),
+    ("twice.json", '{"services": [], "services": [{"name": "x"}]}', 2,
+     "twice.json: refused: the key 'services' is given twice in one object"),
+    ("nan.json", f'{{"services": [{{"name": "a", "vip": "{VIP4}", "port": 80, "backends": [{{"address": "192.0.2.1", '
+     '"weight": NaN}]}]}', 2, "nan.json: refused: NaN is not a JSON number"),
 ])
 def test_apply_bad_documents_change_nothing(lab: DaemonLab, api: httpx.Client, tmp_path: Path, name: str,
                                             content: str | bytes, code: int, message: str) -> None:

@@ -63,11 +63,13 @@ def fleet_endpoints(path: str, timeout: float) -> list[Endpoint]:
     """A fleet file: ``boxes:`` mapping a name to ``url`` (+ ``token_file``) or ``socket``."""
     import yaml
 
+    from l4lb.docparse import DocumentError, loads_yaml
+
     try:
-        doc = yaml.safe_load(Path(path).read_text())
+        doc = loads_yaml(Path(path).read_text())
     except OSError as e:
         raise InputError(f"fleet file {path}: {e.strerror}") from None
-    except yaml.YAMLError as e:
+    except (yaml.YAMLError, DocumentError) as e:
         raise InputError(f"fleet file {path}: invalid YAML: {str(e).splitlines()[0]}") from None
     boxes = doc.get("boxes") if isinstance(doc, dict) else None
     if not isinstance(boxes, dict) or not boxes:

@@ -17,6 +17,8 @@ from typing import Any
 import click
 import yaml
 
+from l4lb.docparse import DocumentError, loads_json, loads_yaml
+
 from .client import revision_of
 from .context import App, output_option, pass_app
 from .errors import ApiError, CliError, InputError
@@ -44,11 +46,15 @@ def _read(path: str) -> tuple[str, str]:
 def _parse(name: str, text: str) -> Any:
     if name.endswith(".json"):
         try:
-            return json.loads(text)
+            return loads_json(text)
         except json.JSONDecodeError as e:
             raise InputError(f"{name}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
+        except DocumentError as e:
+            raise InputError(f"{name}: refused: {e}") from None
     try:
-        return yaml.safe_load(text)  # JSON is YAML too
+        return loads_yaml(text)  # JSON is YAML too; a key given twice is refused
+    except DocumentError as e:
+        raise InputError(f"{name}: refused: {e}") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
