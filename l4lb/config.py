@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, f
 
 from l4lb.bgp.config import BgpSection
 from l4lb.models import DEFAULT_MAGLEV_M, MAGLEV_SIZES, MAX_BACKENDS_PER_SERVICE
+from l4lb.scalars import Bool, Int, Num
 
 if TYPE_CHECKING:
     from l4lb.datapath.config import DatapathConfig
@@ -69,18 +70,18 @@ class DatapathSection(_Section):
     interfaces: list[str] = Field(description="Interfaces the XDP program is attached to")
     xdp_mode: Literal["native", "generic", "auto"] = "auto"
     bpffs: Path = Path("/sys/fs/bpf/l4lb")
-    maglev_m: int = DEFAULT_MAGLEV_M
+    maglev_m: Int = DEFAULT_MAGLEV_M
     maglev_seed: str = Field(default=DEFAULT_SEED, description="12 bytes, base64 (as Cilium's hash seed)")
     outer_src_v4: ipaddress.IPv4Network | None = None
     outer_src_v6: ipaddress.IPv6Network | None = None
     # Map capacities are compile-time sizes: they change only with a restart.
-    max_services: int = Field(default=1024, ge=1, le=65536)
-    max_backends: int = Field(default=65536, ge=1, le=1 << 22)
-    flow_table_size: int = Field(default=1 << 20, ge=1024, le=1 << 26)  # a power of two
-    icmp_rate: int = Field(default=1000, ge=0, le=1_000_000)
+    max_services: Int = Field(default=1024, ge=1, le=65536)
+    max_backends: Int = Field(default=65536, ge=1, le=1 << 22)
+    flow_table_size: Int = Field(default=1 << 20, ge=1024, le=1 << 26)  # a power of two
+    icmp_rate: Int = Field(default=1000, ge=0, le=1_000_000)
     # ICMP errors about VIP flows (a router's frag-needed for a backend's reply)
     # go to the flow's backend; false leaves them to this box's kernel.
-    forward_icmp_errors: bool = True
+    forward_icmp_errors: Bool = True
     # "cache": next hops from a map the daemon keeps from routes and neighbours
     # (saves a FIB lookup per packet; the FIB is still asked when the cache has
     # no entry); "fib": bpf_fib_lookup for every packet.
@@ -148,13 +149,13 @@ class DatapathSection(_Section):
 class TcpListener(_Section):
     listen: str = Field(description="host:port, e.g. 127.0.0.1:9180 or [2001:db8::1]:9180")
     token_file: Path | None = None
-    localhost_only_insecure: bool = Field(
+    localhost_only_insecure: Bool = Field(
         default=False, description="Allow no token, only when the host is a loopback address"
     )
-    max_connections: int = Field(
+    max_connections: Int = Field(
         default=256, ge=1, le=65536, description="Open connections at most; one more is answered 503 and closed"
     )
-    max_connections_per_client: int = Field(
+    max_connections_per_client: Int = Field(
         default=64, ge=1, le=65536,
         description="Open connections from one client address at most (so one peer cannot hold them all)",
     )
@@ -238,12 +239,12 @@ def read_secret(path: Path, key: str = "token_file", min_len: int = MIN_TOKEN_LE
 
 class ApiSection(_Section):
     socket: Path = DEFAULT_SOCKET
-    socket_mode: int | str = Field(default=0o600, description="octal, e.g. 0o600 or \"0660\"")
+    socket_mode: Int | str = Field(default=0o600, description="octal, e.g. 0o600 or \"0660\"")
     tcp: TcpListener | None = None
     # Both listeners. PUT /v1/state bodies up to max_body_bytes, other requests 1 MiB.
-    max_body_bytes: int = Field(default=DEFAULT_MAX_BODY_BYTES, ge=1 << 20, le=1 << 30)
-    header_timeout: float = Field(default=10.0, gt=0, le=600, description="seconds for a request's headers")
-    body_timeout: float = Field(default=60.0, gt=0, le=3600, description="seconds for a request's body")
+    max_body_bytes: Int = Field(default=DEFAULT_MAX_BODY_BYTES, ge=1 << 20, le=1 << 30)
+    header_timeout: Num = Field(default=10.0, gt=0, le=600, description="seconds for a request's headers")
+    body_timeout: Num = Field(default=60.0, gt=0, le=3600, description="seconds for a request's body")
 
     @field_validator("socket")
     @classmethod
@@ -276,9 +277,9 @@ class ApiSection(_Section):
 class RecorderSection(_Section):
     """Disk bounds of the packet recorder (see recorder/budget.py); a SIGHUP applies them."""
 
-    max_total_bytes: int = Field(default=4 << 30, ge=1 << 20, description="all recordings' files together")
-    max_recording_bytes: int = Field(default=1 << 30, ge=1 << 16, description="one recording's files")
-    min_free_bytes: int = Field(default=1 << 30, ge=0, description="free space left on recorder_dir's file system")
+    max_total_bytes: Int = Field(default=4 << 30, ge=1 << 20, description="all recordings' files together")
+    max_recording_bytes: Int = Field(default=1 << 30, ge=1 << 16, description="one recording's files")
+    min_free_bytes: Int = Field(default=1 << 30, ge=0, description="free space left on recorder_dir's file system")
 
     def limits(self) -> "DiskLimits":
         from l4lb.recorder.budget import DiskLimits
@@ -288,24 +289,24 @@ class RecorderSection(_Section):
 
 
 class LimitsSection(_Section):
-    max_services: int = Field(default=1024, ge=1)
-    max_backends_per_service: int = Field(default=MAX_BACKENDS_PER_SERVICE, ge=1, le=MAX_BACKENDS_PER_SERVICE)
+    max_services: Int = Field(default=1024, ge=1)
+    max_backends_per_service: Int = Field(default=MAX_BACKENDS_PER_SERVICE, ge=1, le=MAX_BACKENDS_PER_SERVICE)
 
 
 class HealthSection(_Section):
     """Backend health checks (the checks themselves are in the desired state)."""
 
-    enabled: bool = True
-    tunnel: bool = Field(default=True, description="set up probes through the tunnel (device, rule, tc program)")
+    enabled: Bool = True
+    tunnel: Bool = Field(default=True, description="set up probes through the tunnel (device, rule, tc program)")
     tunnel_device: str = "l4lbhc"
-    tunnel_mtu: int = Field(default=1400, ge=1280, le=9000)
-    mark: int = Field(default=0x4C480000, ge=1 << 16, lt=1 << 32, description="fwmark base (low 16 bits: the backend)")
-    route_table: int = Field(default=19528, ge=1, lt=1 << 31)
-    rule_priority: int = Field(default=1000, ge=1, le=32765)
-    max_in_flight: int = Field(default=4096, ge=16, le=1 << 20)
-    flap_window: float = Field(default=60.0, gt=0, le=86400)
-    flap_max_changes: int = Field(default=4, ge=1, le=1000)
-    flap_hold: float = Field(default=120.0, ge=0, le=86400)
+    tunnel_mtu: Int = Field(default=1400, ge=1280, le=9000)
+    mark: Int = Field(default=0x4C480000, ge=1 << 16, lt=1 << 32, description="fwmark base (low 16 bits: the backend)")
+    route_table: Int = Field(default=19528, ge=1, lt=1 << 31)
+    rule_priority: Int = Field(default=1000, ge=1, le=32765)
+    max_in_flight: Int = Field(default=4096, ge=16, le=1 << 20)
+    flap_window: Num = Field(default=60.0, gt=0, le=86400)
+    flap_max_changes: Int = Field(default=4, ge=1, le=1000)
+    flap_hold: Num = Field(default=120.0, ge=0, le=86400)
 
     @field_validator("tunnel_device")
     @classmethod
@@ -328,7 +329,7 @@ class Config(_Section):
     # mixed with the store (and recorder.min_free_bytes keeps room for it).
     state_dir: Path = DEFAULT_STATE_DIR
     recorder_dir: Path = Path("/var/lib/l4lbd/recordings")
-    stats_interval: float = Field(default=5.0, gt=0, le=3600, description="seconds between rate samples")
+    stats_interval: Num = Field(default=5.0, gt=0, le=3600, description="seconds between rate samples")
     datapath: DatapathSection
     api: ApiSection = ApiSection()
     limits: LimitsSection = LimitsSection()

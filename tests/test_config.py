@@ -269,3 +269,28 @@ def test_cli_modes_are_exclusive() -> None:
         main(["--check-config", "--detach"])
     assert e.value.code == 2
 
+
+
+# Numbers and switches are taken as written (l4lb/scalars.py): pydantic's lax mode read
+# `stats_interval = true` as one second and `forward_icmp_errors = 0` as false, silently.
+BGP = '\n[bgp]\nlocal_as = 65010\nrouter_id = "192.0.2.1"\n{}\n[[bgp.peers]]\naddress = "192.0.2.254"\nremote_as = 65000\n{}'
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("stats_interval = true\n" + MINIMAL, "stats_interval: Input should be a valid number"),
+    (MINIMAL + "maglev_m = true\n", "datapath.maglev_m: Input should be a valid integer"),
+    (MINIMAL + "flow_table_size = 65536.0\n", "datapath.flow_table_size: Input should be a valid integer"),
+    (MINIMAL + "forward_icmp_errors = 0\n", "datapath.forward_icmp_errors: Input should be a valid boolean"),
+    (MINIMAL + "forward_icmp_errors = \"no\"\n", "datapath.forward_icmp_errors: Input should be a valid boolean"),
+    (MINIMAL + "[health]\nenabled = 1\n", "health.enabled: Input should be a valid boolean"),
+    (MINIMAL + "[api]\nmax_body_bytes = \"16777216\"\n", "api.max_body_bytes: Input should be a valid integer"),
+    (MINIMAL + BGP.format("hold_time = false", ""), "bgp.hold_time: Input should be a valid integer"),
+    (MINIMAL + BGP.format("", "bfd = 1"), "bgp.peers[0].bfd: Input should be a valid boolean"),
+])
+def test_numbers_and_switches_are_taken_as_written(text: str, expected: str) -> None:
+    assert expected in refused(text)
+
+
+def test_an_integer_is_a_valid_number_of_seconds() -> None:
+    cfg = parse("stats_interval = 2\n" + MINIMAL + "[api]\nheader_timeout = 10\n", "test.toml")
+    assert (cfg.stats_interval, cfg.api.header_timeout) == (2.0, 10.0)

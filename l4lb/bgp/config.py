@@ -25,6 +25,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 from l4lb.names import valid_name
+from l4lb.scalars import Bool, Int, Num
 
 ASN = Field(ge=1, le=4294967295)
 # RFC 1997 standard communities "a:b" (16-bit halves) and RFC 8092 large ones "a:b:c" (32-bit parts).
@@ -51,7 +52,7 @@ class Attributes(_Section):
     """Attributes added to announced prefixes (every prefix, or one service's)."""
 
     communities: tuple[str, ...] = ()
-    med: int | None = Field(default=None, ge=0, le=4294967295)
+    med: Int | None = Field(default=None, ge=0, le=4294967295)
 
     @field_validator("communities")
     @classmethod
@@ -61,8 +62,8 @@ class Attributes(_Section):
 
 class Peer(_Section):
     address: ipaddress.IPv4Address | ipaddress.IPv6Address
-    remote_as: int = ASN
-    bfd: bool = False
+    remote_as: Int = ASN
+    bfd: Bool = False
     password_file: Path | None = None
     local_address: ipaddress.IPv4Address | ipaddress.IPv6Address | None = None
     password: SecretStr | None = Field(default=None, exclude=True, repr=False)  # read from password_file
@@ -89,35 +90,35 @@ class Peer(_Section):
 
 
 class Bfd(_Section):
-    interval_ms: int = Field(default=100, ge=10, le=10000, description="BFD tx/rx interval")
-    multiplier: int = Field(default=3, ge=1, le=255)
+    interval_ms: Int = Field(default=100, ge=10, le=10000, description="BFD tx/rx interval")
+    multiplier: Int = Field(default=3, ge=1, le=255)
 
 
 class BgpSection(_Section):
-    local_as: int = ASN
+    local_as: Int = ASN
     router_id: ipaddress.IPv4Address
     peers: list[Peer] = Field(min_length=1)
     next_hop_v4: ipaddress.IPv4Address | None = Field(default=None, description="default: the session's address")
     next_hop_v6: ipaddress.IPv6Address | None = None
-    hold_time: int = Field(default=90, ge=3, le=65535)
-    connect_retry: int = Field(default=5, ge=1, le=3600, description="seconds between connection attempts")
+    hold_time: Int = Field(default=90, ge=3, le=65535)
+    connect_retry: Int = Field(default=5, ge=1, le=3600, description="seconds between connection attempts")
     # BIRD's "error wait time": after a session fails (BFD down, an error from the peer) BIRD
     # waits this long before trying again, doubling from the first to the second figure.
-    error_wait: tuple[int, int] = Field(default=(60, 300), description="seconds: first and longest wait")
+    error_wait: tuple[Int, Int] = Field(default=(60, 300), description="seconds: first and longest wait")
     bfd: Bfd = Bfd()
     communities: tuple[str, ...] = ()            # on every prefix
-    med: int | None = Field(default=None, ge=0, le=4294967295)
+    med: Int | None = Field(default=None, ge=0, le=4294967295)
     services: dict[str, Attributes] = Field(default_factory=dict)
     # Box drain: first make the prefixes unattractive, then withdraw them.
-    drain_delay: float = Field(default=30.0, ge=0, le=86400, description="seconds from drain to withdraw")
-    drain_med: int | None = Field(default=4294967295, ge=0, le=4294967295)
-    drain_prepend: int = Field(default=3, ge=0, le=16, description="extra copies of local_as while draining")
-    drain_graceful_shutdown: bool = Field(default=True, description="add the RFC 8326 community while draining")
+    drain_delay: Num = Field(default=30.0, ge=0, le=86400, description="seconds from drain to withdraw")
+    drain_med: Int | None = Field(default=4294967295, ge=0, le=4294967295)
+    drain_prepend: Int = Field(default=3, ge=0, le=16, description="extra copies of local_as while draining")
+    drain_graceful_shutdown: Bool = Field(default=True, description="add the RFC 8326 community while draining")
     speaker: str = Field(default="bird", pattern="^bird$", description="the BGP speaker l4lbd drives")
     bird_socket: Path = Path("/run/bird/bird.ctl")
     bird_include: Path = Path("/run/l4lbd/bird/l4lbd.conf")
     birdc: str = "birdc"
-    poll_interval: float = Field(default=2.0, gt=0, le=60, description="seconds between session-state reads")
+    poll_interval: Num = Field(default=2.0, gt=0, le=60, description="seconds between session-state reads")
 
     @field_validator("communities")
     @classmethod
