@@ -161,9 +161,9 @@ fi
 
 # --- the venv ---------------------------------------------------------------------------------
 # The project's files, hashed: the venv is rebuilt only when they change.
-SRC_PARTS=(pyproject.toml README.md l4lb api recorder bpf_src)
+SRC_PARTS=(pyproject.toml setup.py README.md l4lb api recorder bpf_src)
 src_hash() {
-  (cd "$ROOT" && find "${SRC_PARTS[@]}" -type f ! -path '*/__pycache__/*' ! -name '*.pyc' -print0 \
+  (cd "$ROOT" && find "${SRC_PARTS[@]}" -type f ! -path '*/__pycache__/*' ! -name '*.pyc' ! -name '*.so' -print0 \
      | LC_ALL=C sort -z | xargs -0 sha256sum; /usr/bin/python3 --version) | sha256sum | cut -d' ' -f1
 }
 
@@ -186,11 +186,13 @@ else
     # Build from a snapshot: pip builds in the source tree otherwise, and the
     # checkout is shared with whoever is editing it.
     mkdir "$TMP/src"
-    (cd "$ROOT" && tar --exclude=__pycache__ --exclude='*.pyc' -cf - "${SRC_PARTS[@]}") | tar -C "$TMP/src" -xf -
+    (cd "$ROOT" && tar --exclude=__pycache__ --exclude='*.pyc' --exclude='*.so' -cf - "${SRC_PARTS[@]}") | tar -C "$TMP/src" -xf -
     # pip always reinstalls a local directory, so new code with an unchanged
     # version number still lands. (grep drops some pip configs' harmless noise.)
     "$V/bin/pip" install -q --disable-pip-version-check "$TMP/src" 2> >(grep -v "is ignored: it is neither" >&2)
     "$V/bin/python" -c "import bcc, l4lb" || die "the venv cannot import bcc and l4lb"
+    "$V/bin/python" -c "from l4lb import maglevc; assert maglevc.library()" \
+      || die "pip did not build l4lb/maglev_assign.c (gcc missing? run \`make setup\`)"
     echo "$WANT" > "$STAMP"
     say "venv       installed l4lb $("$V/bin/l4lbd" --version | cut -d' ' -f2) into $VENV (pip, not editable)"
   fi

@@ -23,7 +23,7 @@ PKGS=(python3-bpfcc bpfcc-tools python3-venv python3-pip python3-yaml libbpf1
       frr                   # the lab's second router: the README's FRR example, run
       dnsmasq-base openssl  # the health-check tests' DNS server and self-signed certificate
       man-db groff-base     # the man pages make install writes (tests render them with man -l)
-      gcc libc6-dev linux-libc-dev)   # the benches' C helpers (bench/c/)
+      gcc libc6-dev linux-libc-dev)   # the benches' C helpers (bench/c/), l4lb/maglev_assign.c
 KVER="$(uname -r)"
 # Prefer the running kernel's own headers (a real Debian edge box); fall back
 # to the distribution's generic headers when the kernel has no package.
@@ -86,7 +86,8 @@ fi
 
 # --- 4. the project ----------------------------------------------------------------
 STAMP="$VENV/.l4lb-setup-stamp"
-WANT="$(sha256sum "$ROOT/pyproject.toml" | cut -d' ' -f1)"
+# setup.py and the C it builds (l4lb/maglev_assign.c) count too: pip compiles it.
+WANT="$(cat "$ROOT/pyproject.toml" "$ROOT/setup.py" "$ROOT/l4lb/maglev_assign.c" | sha256sum | cut -d' ' -f1)"
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$WANT" ] && "$VENV/bin/python" -c "import l4lb" 2>/dev/null; then
   say "python packages: up to date"
 else

@@ -418,3 +418,29 @@ def test_tables_match_pinned_digests() -> None:
 
 # Build speed is measured in bench/maglev_build.py (printed by bench/datapath.py),
 # never asserted in a unit test.
+
+
+# ---------------------------------------------------------------- compiled rounds
+
+
+def test_compiled_rounds_are_built_and_used() -> None:
+    # pip (make setup / make install) builds l4lb/maglev_assign.c; without it every
+    # table would quietly take the ~3x slower numpy path.
+    from l4lb import maglevc
+    assert maglevc.library() is not None, "l4lb/_maglev_assign*.so missing: run make setup"
+
+
+@SLOW
+@given(idents=identities(1, 400), m=st.sampled_from([251, 509, 2039, 16381]), seed=seeds, data=st.data())
+def test_compiled_rounds_give_the_numpy_table(idents, m, seed, data) -> None:
+    # The C file is the numpy rounds operation by operation: every table is bit-identical,
+    # weights of every size (ties, zeros, huge ratios, more backends than m can serve) included.
+    weights = {i: data.draw(st.one_of(st.sampled_from([0, 1, 2, 100, 65535]), st.integers(0, 65535))) for i in idents}
+    assert build(weights, m, seed) == build(weights, m, seed, compiled=False)
+
+
+def test_compiled_rounds_equal_numpy_at_the_daemons_sizes() -> None:
+    # The documented shape (100 backends, M = 16381) and a big one (1,000, M = 65521).
+    for n, m in ((100, 16381), (1000, 65521)):
+        weights = {(f"192.0.2.{1 + j % 250}", 1000 + j): 100 + j % 7 for j in range(n)}
+        assert build(weights, m, SEED) == build(weights, m, SEED, compiled=False)
