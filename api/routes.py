@@ -32,6 +32,7 @@ from .schemas import (
     Status,
 )
 from l4lb.control import BackendRef, Committed, Control, Invalid, Issue, Precondition, service_etag, state_etag
+from l4lb.memory import collections_paused
 from l4lb.models import Backend, DesiredState, Service
 from l4lb.names import NAME_REGEX
 
@@ -106,11 +107,14 @@ async def put_state(
 
 
 def _put_state(control: Control, raw: bytes, content_type: str | None, pre: Precondition, dry_run: bool) -> Response:
-    c: Committed = control.replace_state(parse_state(raw, content_type), pre, dry_run=dry_run)
-    # Serialised here, not through response_model (which documents it): the plan of a
-    # 100,000-backend document is ~20 MB and FastAPI's validate-then-encode took seconds.
-    answer = Response(f'{{"revision":{c.revision},"changed":{json.dumps(c.changed)},'
-                      f'"dry_run":{json.dumps(c.dry_run)},"plan":{c.plan.to_json()}}}', media_type="application/json")
+    # A whole document makes ~10^6 objects: no collector passes over them meanwhile (l4lb/memory.py).
+    with collections_paused():
+        c: Committed = control.replace_state(parse_state(raw, content_type), pre, dry_run=dry_run)
+        # Serialised here, not through response_model (which documents it): the plan of a
+        # 100,000-backend document is ~20 MB and FastAPI's validate-then-encode took seconds.
+        answer = Response(f'{{"revision":{c.revision},"changed":{json.dumps(c.changed)},'
+                          f'"dry_run":{json.dumps(c.dry_run)},"plan":{c.plan.to_json()}}}',
+                          media_type="application/json")
     _headers(answer, c.revision, state_etag(c.revision))
     return answer
 
