@@ -302,8 +302,8 @@ def main() -> None:
     for name, c in builds.items():
         verified = "n/a" if c.verified is None else f"{c.verified:,}"
         print(f"{names[name]:<{w}}{c.xlated:>14,}{verified:>16}")
-    print("\nMaglev table build (pure Python + numpy)")
-    maglev_build.print_table(maglev_build.measure(**(maglev_build.QUICK if quick else {})))
+    print(f"\nMaglev table build: {maglev_build.title()}")
+    maglev_build.report(quick)
 
 
 if __name__ == "__main__":

@@ -268,7 +268,8 @@ def build(weights: Mapping[Identity, int], m: int, seed: bytes, *, compiled: boo
     """Build the Maglev table for ``weights`` (identity -> weight) of size ``m``.
 
     The rounds run in l4lb/maglev_assign.c when it is built (``compiled``, the
-    default; ~10x faster), in numpy otherwise: the same table either way."""
+    default; the whole build ~2x faster), in numpy otherwise: the same table
+    either way."""
     _validate(weights, m, seed)
     identities = tuple(sorted(weights))
     n = len(identities)

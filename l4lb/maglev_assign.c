@@ -4,7 +4,8 @@
  * operation by operation (same bands, same candidate order, same IEEE double
  * divisions and comparisons, compiled without contraction or fast-math), so the
  * tables are bit-identical; tests/test_maglev.py builds both on many inputs and
- * compares them. It exists for speed: a 100-backend table at M = 16381 took
+ * compares them. Only integer work is done differently (a remainder without a
+ * division, candidates kept without a branch), never a double. It exists for speed: a 100-backend table at M = 16381 took
  * ~3 ms through numpy (~25 rounds of array passes and temporaries), and a whole
  * document builds a thousand of them. Everything that is not the loop (hashes,
  * quotas, the clock, the scramble) stays in Python and comes in as arrays.
@@ -25,10 +26,13 @@ struct cands {
 	size_t n, cap;
 };
 
-static int cands_push(struct cands *c, int64_t b, int64_t j, int64_t s)
+/* Room for `more` candidates after the c->n there are. */
+static int cands_reserve(struct cands *c, size_t more)
 {
-	if (c->n == c->cap) {
+	if (c->n + more > c->cap) {
 		size_t cap = c->cap ? 2 * c->cap : 4096;
+		while (cap < c->n + more)
+			cap *= 2;
 		int64_t *nb = realloc(c->b, cap * sizeof *nb);
 		if (!nb)
 			return -1;
@@ -51,6 +55,13 @@ static int cands_push(struct cands *c, int64_t b, int64_t j, int64_t s)
 		c->won = nw;
 		c->cap = cap;
 	}
+	return 0;
+}
+
+static int cands_push(struct cands *c, int64_t b, int64_t j, int64_t s)
+{
+	if (cands_reserve(c, 1))
+		return -1;
 	c->b[c->n] = b;
 	c->j[c->n] = j;
 	c->s[c->n] = s;
@@ -73,6 +84,18 @@ static int64_t mod(int64_t x, int64_t m)
 {
 	int64_t r = x % m;
 	return r < 0 ? r + m : r;
+}
+
+/* x mod m for 0 <= x < 2^52, without a 64-bit division (the proposal loop's
+ * cost): the quotient from one double multiplication is off by at most one. */
+static inline int64_t mod_small(int64_t x, int64_t m, double inv_m)
+{
+	int64_t r = x - (int64_t)((double)x * inv_m) * m;
+	if (r < 0)
+		r += m;
+	else if (r >= m)
+		r -= m;
+	return r;
 }
 
 /* x^-1 mod m (m prime, 0 < x < m), by extended Euclid: the pow(x, m - 2, m) of maglev.py. */
@@ -115,7 +138,7 @@ int l4lb_maglev_assign(int64_t m, int64_t n, const double *wf, int64_t *need, co
 		best_key[s] = INFINITY;
 		best_b[s] = n;
 	}
-	double k0 = 0.0;
+	double k0 = 0.0, inv_m = 1.0 / (double)m;
 	int64_t nfree = m;
 	while (nfree) {
 		int64_t na = 0;
@@ -173,13 +196,15 @@ int l4lb_maglev_assign(int64_t m, int64_t n, const double *wf, int64_t *need, co
 					inv_skip[i] = inverse(skip[i], m);
 			}
 			int64_t nf = 0;
-			for (int64_t s = 0; s < m; s++)
-				if (is_free[s])
-					free_s[nf++] = s;
+			for (int64_t s = 0; s < m; s++) { /* branch-free: free slots are scattered */
+				free_s[nf] = s;
+				nf += is_free[s];
+			}
 			for (int64_t a = 0; a < na; a++) {
 				int64_t i = active[a], nr = 0;
 				for (int64_t f = 0; f < nf; f++) {
-					int64_t p = pi_inv[mod(mod(free_s[f] - offset[i], m) * inv_skip[i], m)];
+					int64_t d = free_s[f] - offset[i];
+					int64_t p = pi_inv[mod_small((d < 0 ? d + m : d) * inv_skip[i], m, inv_m)];
 					if (p >= start[a] && p < end[a]) {
 						row[nr].p = p;
 						row[nr].s = free_s[f];
@@ -192,13 +217,21 @@ int l4lb_maglev_assign(int64_t m, int64_t n, const double *wf, int64_t *need, co
 						goto out;
 			}
 		} else {
+			if (cands_reserve(&c, (size_t)total))
+				goto out;
 			for (int64_t a = 0; a < na; a++) {
-				int64_t i = active[a];
+				int64_t i = active[a], sk = skip[i], off = offset[i];
+				size_t k = c.n;
+				/* Every candidate written, kept (k advances) only if its slot is
+				 * free: no branch to mispredict on a random slot. */
 				for (int64_t j = start[a]; j < end[a]; j++) {
-					int64_t s = (pi[j] * skip[i] + offset[i]) % m;
-					if (is_free[s] && cands_push(&c, i, j, s))
-						goto out;
+					int64_t s = mod_small(pi[j] * sk + off, m, inv_m);
+					c.b[k] = i;
+					c.j[k] = j;
+					c.s[k] = s;
+					k += is_free[s];
 				}
+				c.n = k;
 			}
 		}
 		for (int64_t a = 0; a < na; a++)

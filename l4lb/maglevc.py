@@ -4,8 +4,8 @@ setuptools builds the C file as an extension module (``l4lb._maglev_assign``, se
 setup.py), so pip puts the shared object next to this file, editable or not. It
 uses no Python API: ctypes calls its one function on numpy arrays' buffers. When
 it is absent (a checkout nobody pip-installed, no compiler), :func:`assign`
-answers False and maglev.py runs the same rounds in numpy, ~10x slower; the
-daemon says so once in its log.
+answers False and maglev.py runs the same rounds in numpy, about twice the time
+per table (bench/maglev_build.py); the daemon says so once in its log.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ def library() -> ct.CDLL | None:
     found = sorted(Path(__file__).resolve().parent.glob("_maglev_assign*.so"))
     if not found:
         log.warning("l4lb/_maglev_assign*.so is not built (pip install the project): "
-                    "Maglev tables are built in numpy, ~10x slower")
+                    "Maglev tables are built in numpy, about twice as slow")
         return None
     lib = ct.CDLL(str(found[0]))
     fn = lib.l4lb_maglev_assign
