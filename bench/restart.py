@@ -19,6 +19,12 @@ the program). One more row: an upgrade whose program differs (a feature flag)
 at the big document, which compiles against the pinned maps and replaces the
 program atomically.
 
+The project's modules are byte-compiled first, as ``pip install`` does on a
+real box (this VM's sessions set PYTHONDONTWRITEBYTECODE, and an editable
+install would otherwise compile ~100 modules from source at every start).
+Per document, the median of each phase of the daemon's own start timeline
+(l4lb/lifecycle/timeline.py, logged at READY) says where the time went.
+
 Run as root: ``.venv/bin/python bench/restart.py`` (``--quick``: small
 documents, two restarts, no target judged).
 """
@@ -41,6 +47,7 @@ import test_daemon_harness as harness  # noqa: E402
 from apply import document as apply_document  # noqa: E402 (bench/apply.py: the same 1,000 x 100 document)
 
 from l4lb.lab.bpffs import private_bpffs  # noqa: E402
+from l4lb.lifecycle import timeline  # noqa: E402
 
 harness.NS_PREFIX = "rsb"  # this bench's namespaces: rsb-<pid>-<tag>
 
@@ -90,7 +97,14 @@ class Bench:
         self.lab.wait_ready()
         return took
 
-    def restarts(self, runs: int) -> list[float]:
+    def phases(self) -> dict[str, tuple[float, float]]:
+        """The daemon's start timeline of its last start."""
+        lines = [ln for ln in self.lab.log_text().splitlines() if timeline.PREFIX + ": " in ln]
+        if not lines:
+            raise RuntimeError("l4lbd logged no start timeline")
+        return timeline.parse(lines[-1])
+
+    def restarts(self, runs: int, phases: list[dict[str, tuple[float, float]]]) -> list[float]:
         lab = self.lab
         with lab.client(timeout=600) as c:
             before = c.get("/v1/services").json()
@@ -99,6 +113,7 @@ class Bench:
         for _ in range(runs):
             lab.kill9()
             out.append(self.start())
+            phases.append(self.phases())
             if lab.xdp_prog_id("lbt0a") != prog:
                 raise RuntimeError("the restart replaced the program (it should have adopted the pinned one)")
             with lab.client(timeout=600) as c:
@@ -111,6 +126,12 @@ class Bench:
     def close(self) -> None:
         self.notify.close()
         self.lab.close()
+
+
+def compile_bytecode() -> None:
+    """What pip does at install time: .pyc files for the project's own modules."""
+    subprocess.run([sys.executable, "-m", "compileall", "-q", "-j", "0", "l4lb", "api", "recorder"],
+                   check=True, cwd=_ROOT, stdout=subprocess.DEVNULL)
 
 
 def import_floor(runs: int) -> list[float]:
@@ -140,6 +161,8 @@ def main(n_services: int, n_backends: int, runs: int, quick: bool) -> None:
     if quick:
         n_services, n_backends, runs = 20, 10, 2
     results: dict[str, list[float]] = {}
+    phases: dict[str, list[dict[str, tuple[float, float]]]] = {}
+    compile_bytecode()
     with private_bpffs() as bpffs:
         results["imports"] = import_floor(runs)
         # One daemon, its maps sized for the big document, for both: two compiles in all.
@@ -151,7 +174,7 @@ def main(n_services: int, n_backends: int, runs: int, quick: bool) -> None:
                 with bench.lab.client(timeout=600) as c:
                     c.put("/v1/state", json=doc).raise_for_status()
                 time.sleep(1.0)  # let the settle worker finish: a restart meets a settled box
-                results[size] = bench.restarts(runs)
+                results[size] = bench.restarts(runs, phases.setdefault(size, []))
             bench.lab.kill9()
             bench.lab.config["datapath"]["nexthop"] = "fib"  # the program differs: compile, replace
             prog = bench.lab.xdp_prog_id("lbt0a")
@@ -178,6 +201,17 @@ def main(n_services: int, n_backends: int, runs: int, quick: bool) -> None:
     row("python importing the daemon's modules", results["imports"])
     row("first start, no services (BCC compiles the program)", results["first"])
     row(f"upgrade at {n_services:,} x {n_backends}: program differs, compiled", results["upgrade"])
+    names = [*(p for p in phases["small"][0] if p != "total"), "total"]
+    print("\n  where a restart's time goes: l4lbd's start timeline (since its exec), median seconds per phase,"
+          " wall / CPU of the daemon")
+    print(f"  {'document':<10}" + "".join(f"  {n:>16}" for n in names))
+    for size in ("small", "big4", "big6"):
+        cells = []
+        for n in names:
+            wall = statistics.median(p.get(n, (0.0, 0.0))[0] for p in phases[size])
+            cpu = statistics.median(p.get(n, (0.0, 0.0))[1] for p in phases[size])
+            cells.append(f"{wall:.2f} / {cpu:.2f}")
+        print(f"  {size:<10}" + "".join(f"  {c:>16}" for c in cells))
 
 
 if __name__ == "__main__":

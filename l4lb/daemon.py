@@ -45,6 +45,7 @@ from l4lb.config import Config, ConfigError
 from l4lb.control import Control, ControlError, Invalid, Limits
 from l4lb.lifecycle.guard import Action, Mode
 from l4lb.lifecycle.lock import InstanceLock, LockHeld
+from l4lb.lifecycle.timeline import Timeline
 
 log = logging.getLogger("l4lbd")
 
@@ -212,8 +213,10 @@ def bind_tcp(host: str, port: int) -> socket.socket:
 
 
 class Daemon:
-    def __init__(self, config_path: Path, cfg: Config, mode: Mode = Mode.normal) -> None:
+    def __init__(self, config_path: Path, cfg: Config, mode: Mode = Mode.normal,
+                 timeline: Timeline | None = None) -> None:
         self.config_path = config_path
+        self.timeline = timeline or Timeline()  # logged at READY (l4lb/lifecycle/timeline.py)
         self.cfg = cfg                  # the file as last loaded (run-time keys in force)
         self.running = cfg              # the settings in force: restart-only keys as started
         self.mode = mode
@@ -242,6 +245,7 @@ class Daemon:
         from l4lb.lifecycle.startup import open_store, pinned_maps
         from l4lb.store import Store, StoreError
 
+        self.timeline.mark("datapath imports")
         cfg = self.cfg
         problems = preflight(cfg)
         if problems:
@@ -269,9 +273,13 @@ class Daemon:
             raise StartupError(f"state_dir/bpffs: {e}") from None
         if decision.refused:
             raise StartupError(decision.refusal or "")
+        self.timeline.mark("lock+store")
         if decision.note:
             log.warning("%s", decision.note)
-        maglev.start_workers()  # they start up while the program loads
+        if not decision.trusted:
+            maglev.start_workers()  # tables to build: the workers start up while the program loads
+        # else nothing is built before READY: the workers start after it (serve()), instead of
+        # taking CPU (an interpreter and numpy each) from a restart on a box with few cores.
         try:
             self._store = self._store or Store(cfg.db_path)
             log.info("desired state in %s; recordings in %s", cfg.db_path, cfg.recorder_dir)
@@ -282,6 +290,7 @@ class Daemon:
         except DatapathError as e:
             raise StartupError(f"datapath: {e}") from None
         assert self._dp.prog is not None
+        self.timeline.mark("load")
         log.info("datapath loaded in %.1fs (%s; the store read in %.1fs)", time.monotonic() - t0,
                  "pinned program adopted, not compiled" if self._dp.prog.adopted else "compiled", t_store)
         from l4lb.health.manager import from_config
@@ -309,6 +318,7 @@ class Daemon:
         except Exception as e:
             raise StartupError(f"could not apply the stored state (revision {revision}) to the datapath: {e}") from e
         log.info("datapath converged to revision %d (%d services)", revision, len(state.services))
+        self.timeline.mark("converge")
         from l4lb.memory import settle_heap
 
         settle_heap()  # the state just read: ~10^6 objects that later collections need not scan
@@ -325,6 +335,7 @@ class Daemon:
         from l4lb.recorder.manager import RecorderManager
 
         self._recorder = RecorderManager(cfg.recorder_dir, self._dp, limits=cfg.recorder.limits())
+        self.timeline.mark("attach")
 
     def _start_rooms(self) -> None:
         """Subscribers of the control core. Only now, once attached: the first view they get
@@ -485,8 +496,11 @@ class Daemon:
         loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(self.reload()))
         self._listeners = await self._open_listeners(self.cfg)
         self._update_status(force=True)
+        self.timeline.mark("API")
         sd_notify("READY=1\nSTATUS=" + self._status_line())
         log.info("ready: %s", self._status_line())
+        log.info("%s", self.timeline.summary())
+        maglev.start_workers()  # for the first big change (a no-op if they run already)
         tasks = [asyncio.create_task(self._sampler(), name="sampler")]
         interval = watchdog_interval()
         if interval is not None:
@@ -768,6 +782,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    timeline = Timeline()
+    timeline.mark("imports")  # the interpreter and this module's imports, since the exec
     args = build_parser().parse_args(argv)
 
     try:
@@ -791,7 +807,8 @@ def main(argv: list[str] | None = None) -> int:
         return detach(cfg)
     start_mode = (Mode.adopt if args.adopt_datapath else Mode.reset if args.reset
                   else Mode.trust if args.trust_store else Mode.normal)
-    return Daemon(args.config, cfg, start_mode).run()
+    timeline.mark("config")
+    return Daemon(args.config, cfg, start_mode, timeline).run()
 
 
 if __name__ == "__main__":
