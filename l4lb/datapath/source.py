@@ -39,6 +39,22 @@ def assemble(entry: str, root: Path | None = None, *, text: str | None = None) -
     bpf_src/ all the same) and `entry` only names it in #line markers.
     """
     root = (root or bpf_src_dir()).resolve()
+    if text is not None:
+        return _assemble(entry, root, text)
+    # A start assembles the entry several times (the pin directory's digest, the
+    # program's): once per version of the files is enough.
+    stamp = tuple((str(p), st.st_mtime_ns, st.st_size) for p in sorted(root.rglob("*"))
+                  if p.suffix in (".c", ".h") and (st := p.stat()))
+    key = (entry, root, stamp)
+    if _ASSEMBLED.get("key") != key:
+        _ASSEMBLED.update(key=key, text=_assemble(entry, root, None))
+    return _ASSEMBLED["text"]
+
+
+_ASSEMBLED: dict[str, Any] = {}  # the last assembled entry: its key (name, root, files' stamps) and text
+
+
+def _assemble(entry: str, root: Path, text: str | None) -> str:
     seen: set[Path] = set()
     out: list[str] = []
 
