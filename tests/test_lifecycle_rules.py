@@ -21,7 +21,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from l4lb import maglev
-from l4lb.addrtext import exploded, exploded_packed, from_exploded
+from l4lb.addrtext import exploded, exploded_packed, exploded_rows, from_exploded
 from l4lb.lifecycle.adopt import desired_from_maps
 from l4lb.lifecycle.guard import Action, MapFacts, Mode, StoreFacts, decide
 from l4lb.lifecycle.lock import InstanceLock, LockHeld
@@ -212,6 +212,14 @@ def test_address_texts_agree_with_ipaddress(addr) -> None:
     assert exploded(addr) == addr.exploded
     assert exploded_packed(addr.packed) == addr.exploded
     assert from_exploded(addr.exploded) == addr
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.one_of(st.ip_addresses(v=4), st.ip_addresses(v=6)), max_size=40))
+def test_address_rows_agree_with_ipaddress(addrs) -> None:
+    """exploded_rows (a restart's 100,000 backend slots at once) as ipaddress spells each."""
+    raw = np.frombuffer(b"".join(a.packed.ljust(16, b"\0") for a in addrs), dtype=np.uint8).reshape(len(addrs), 16)
+    assert exploded_rows(raw, np.array([a.version == 4 for a in addrs], dtype=bool)) == [a.exploded for a in addrs]
 
 
 # --- the instance lock ---------------------------------------------------------------------------------------------

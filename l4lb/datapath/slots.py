@@ -12,7 +12,9 @@ import dataclasses
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from l4lb.addrtext import exploded_packed
+import numpy as np
+
+from l4lb.addrtext import exploded_rows
 from l4lb.datapath.tables import Tables
 
 log = logging.getLogger(__name__)
@@ -152,16 +154,14 @@ class Slots:
             self.ring[sid] = ring
         self.backends.clear()
         bids, rows = t.backend_rows()
-        raw = rows["addr"].tobytes()  # 16 bytes a slot (IPv4 in the first 4)
-        for i, (bid, family, port, svc_id, gen, flags) in enumerate(zip(
-                bids.tolist(), rows["family"].tolist(), rows["port"].tolist(), rows["svc_id"].tolist(),
-                rows["gen"].tolist(), rows["flags"].tolist())):
-            addr = exploded_packed(raw[16 * i:16 * i + (4 if family == 4 else 16)])
-            self.backends[bid] = BackendSlot(svc_id, (addr, _ntohs(port)), gen, flags)
+        # Column by column (100,000 slots at 1,000 x 100): address texts formatted by
+        # numpy, ports swapped from network order, then one pass that builds the slots.
+        addrs = exploded_rows(rows["addr"].view(np.uint8).reshape(len(bids), 16), rows["family"] == 4)
+        ports = rows["port"].byteswap().tolist()
+        backends = self.backends
+        for bid, addr, port, svc_id, gen, flags in zip(bids.tolist(), addrs, ports, rows["svc_id"].tolist(),
+                                                       rows["gen"].tolist(), rows["flags"].tolist()):
+            backends[bid] = BackendSlot(svc_id, (addr, port), gen, flags)
         if len(bids):
             self.next_gen = max(self.next_gen, int(rows["gen"].max()) + 1)
         self.reindex()
-
-
-def _ntohs(v: int) -> int:
-    return ((v & 0xFF) << 8) | (v >> 8)
