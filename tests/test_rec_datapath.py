@@ -277,21 +277,42 @@ def test_incremental_writes_leave_exactly_what_a_fresh_write_would(env, rec):
     _check_maps(env, rec, [])
 
 
+def test_opening_the_maps_clears_what_a_dead_daemon_armed(env, rec):
+    """A restarted daemon opens the pinned maps with recordings of the dead one still armed
+    (v4 and v6 masks, wildcards): everything is cleared, and with every mask slot free the
+    3 MB of bitmaps are not even read (no bit can be set then)."""
+    from l4lb.datapath.recorder import RecorderMaps
+
+    entries = [FilterEntry(parse_filter("203.0.113.0/24 0 any 80 tcp"), 0),
+               FilterEntry(parse_filter("2001:db8:77::/48 0 any 0 any"), 1, 64)]
+    rec.set(entries)
+    _check_maps(env, rec, entries)
+    env.call(RecorderMaps, rec.rd.maps.bpf)   # what the next daemon does at its start
+    _check_map_contents(env, rec.rd.maps, {}, [])
+    env.call(RecorderMaps, rec.rd.maps.bpf)   # all free already: opened again, still empty
+    _check_map_contents(env, rec.rd.maps, {}, [])
+    rec.set([])                                # this module's recorder forgets them too
+    _check_maps(env, rec, [])
+
+
 def _check_maps(env, rec, entries) -> None:
+    _check_map_contents(env, rec.rd.maps, rec.rd.slots, entries)
+
+
+def _check_map_contents(env, maps, slots, entries) -> None:
     import numpy as np
 
     from l4lb.datapath import libbpf
     from l4lb.datapath.recorder import BM_SIZE, build_bits, build_filters
 
-    maps = rec.rd.maps
     got_bits = env.call(libbpf.array_lookup_all, maps.bits.map_fd, BM_SIZE, 8).view(np.uint64).reshape(-1)
     got_wild = np.frombuffer(bytes(maps.wild[0]), dtype=np.uint64)
-    want = build_bits(entries, rec.rd.slots)
+    want = build_bits(entries, slots)
     assert np.array_equal(got_bits, want[:BM_SIZE]) and np.array_equal(got_wild, want[BM_SIZE:])
     got = {bytes(k): (v.recordings, v.caplen) for k, v in maps.filters.items()}
     assert got == build_filters(entries)
     templates = {s: bytes(maps.masks[s]) for s in range(64)}
-    assert {s: t for s, t in templates.items() if any(t)} == {s: m.template().pack() for m, s in rec.rd.slots.items()}
+    assert {s: t for s, t in templates.items() if any(t)} == {s: m.template().pack() for m, s in slots.items()}
 
 
 def test_no_filters_no_samples_and_same_verdicts(env, rec):
