@@ -11,6 +11,7 @@ from decimal import Decimal
 
 import dpkt
 import pytest
+from conftest import UNICODE
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from scapy.layers.inet import ICMP, IP, TCP, UDP
@@ -451,7 +452,7 @@ def test_safe_name_examples():
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.text(max_size=80), st.text(max_size=80), st.integers(0, 10**7), st.sampled_from(["pcapng", "pcap"]))
+@given(st.text(UNICODE, max_size=80), st.text(UNICODE, max_size=80), st.integers(0, 10**7), st.sampled_from(["pcapng", "pcap"]))
 def test_prop_safe_name(a, b, index, fmt):
     name = safe_name(a, index, fmt)
     assert set(name) <= _SAFE and name[0] not in ".-" and name not in (".", "..")

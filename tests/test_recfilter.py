@@ -6,6 +6,7 @@ import ipaddress
 import json
 
 import pytest
+from conftest import UNICODE
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -461,7 +462,7 @@ _TOKENS = st.sampled_from(
 
 
 @PROPS
-@given(st.one_of(st.lists(_TOKENS, max_size=7).map(" ".join), st.text(max_size=40)))
+@given(st.one_of(st.lists(_TOKENS, max_size=7).map(" ".join), st.text(UNICODE, max_size=40)))
 def test_prop_parser_only_raises_value_error(text):
     try:
         f = parse_filter(text)

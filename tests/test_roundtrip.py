@@ -24,6 +24,7 @@ from typing import Any
 
 import httpx
 import pytest
+from conftest import UNICODE
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -84,8 +85,8 @@ def _service(draw: Any, family: int, odd: st.SearchStrategy[bool]) -> dict[str, 
     port = _maybe_odd(odd, st.integers(1, 65535), st.sampled_from(_ODD_PORTS))
     flag = _maybe_odd(odd, st.booleans(), st.just("yes"))
     svc: dict[str, Any] = {
-        "name": draw(_maybe_odd(odd, st.from_regex(NAME_PATTERN, fullmatch=True),
-                                st.one_of(st.text(max_size=8), st.sampled_from(_ODD_NAMES)))),
+        "name": draw(_maybe_odd(odd, st.from_regex(NAME_PATTERN, fullmatch=True, alphabet=UNICODE),
+                                st.one_of(st.text(UNICODE, max_size=8), st.sampled_from(_ODD_NAMES)))),
         "vip": draw(odd.flatmap(lambda o: _address(family, o, vip=True))),
         "port": draw(port),
         **draw(st.fixed_dictionaries({}, optional={
