@@ -26,7 +26,7 @@ Per document, the median of each phase of the daemon's own start timeline
 (l4lb/lifecycle/timeline.py, logged at READY) says where the time went.
 
 Run as root: ``.venv/bin/python bench/restart.py`` (``--quick``: small
-documents, two restarts, no target judged).
+documents, one restart each, no target judged).
 """
 
 from __future__ import annotations
@@ -156,10 +156,10 @@ def row(label: str, xs: list[float], target: float | None = None, quick: bool = 
 @click.option("--services", "n_services", default=1000, show_default=True, help="services in the big document")
 @click.option("--backends", "n_backends", default=100, show_default=True, help="backends per service (big)")
 @click.option("--runs", default=5, show_default=True, help="restarts per document")
-@click.option("--quick", is_flag=True, help="small documents, two restarts, no target judged")
+@click.option("--quick", is_flag=True, help="small documents, one restart each, no target judged")
 def main(n_services: int, n_backends: int, runs: int, quick: bool) -> None:
     if quick:
-        n_services, n_backends, runs = 20, 10, 2
+        n_services, n_backends, runs = 20, 10, 1
     results: dict[str, list[float]] = {}
     phases: dict[str, list[dict[str, tuple[float, float]]]] = {}
     compile_bytecode()
