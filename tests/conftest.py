@@ -90,34 +90,3 @@ def lab_factory(lab_decap):
     for one in reversed(made):
         one.teardown()
 
-
-# --- scheduling over the workers (Makefile: -n 2 --dist loadgroup --no-loadscope-reorder) ----
-# A work unit is a test module (its module fixtures, e.g. one lab or one daemon, stay on
-# one worker), except test_bench.py's smoke runs: each bench is a subprocess of its own
-# and a unit by itself. The units go out in the order of the items, and xdist's own
-# order (most tests first) put the long modules of one or two tests (the demo, the
-# hitless restart) last, where one worker ran them while the other had nothing left.
-# So: longest first (LPT), by UNIT_SECONDS, the seconds each took in a `make test` on
-# the quiet 2-core VM. A stale figure only costs some balance, never a test; a module
-# not listed is short and goes after the listed ones, in collection order.
-UNIT_SECONDS: dict[str, float] = {}
-
-
-def unit_of(item: pytest.Item) -> str:
-    """`test_x.py`, or `test_bench.py:<bench>.py` for a bench's smoke run (no `@`, `[`, `]`:
-    xdist splits the group off the node id at the last `@` after the last `]`)."""
-    module = item.nodeid.split("::", 1)[0].rsplit("/", 1)[-1]
-    if module == "test_bench.py" and "[" in item.nodeid:
-        return f"{module}:{item.nodeid.split('[', 1)[1].split()[0]}"
-    return module
-
-
-@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the xdist_group marks
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    units: dict[str, list[pytest.Item]] = {}
-    for item in items:
-        unit = unit_of(item)
-        item.add_marker(pytest.mark.xdist_group(unit))
-        units.setdefault(unit, []).append(item)
-    order = sorted(units, key=lambda u: -UNIT_SECONDS.get(u, 0.0))  # stable: unlisted keep their order
-    items[:] = [item for unit in order for item in units[unit]]
