@@ -27,7 +27,7 @@ class StrictJSONRequest(Request):
             try:
                 self._json = loads_json(body)
             except DocumentError as e:
-                raise json.JSONDecodeError(e.msg, body.decode("utf-8", "replace"), 0) from None
+                raise json.JSONDecodeError(e.msg, "", 0) from None
             except UnicodeDecodeError as e:
                 raise json.JSONDecodeError(f"not UTF-8 text at byte {e.start}", "", e.start) from None
         return self._json

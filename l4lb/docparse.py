@@ -32,10 +32,12 @@ class DocumentError(ValueError):
 
 def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     out = dict(pairs)
-    if len(out) != len(pairs):
+    if len(out) != len(pairs):  # rare: only then look for which key
         seen: set[str] = set()
-        twice = next(k for k, _ in pairs if k in seen or seen.add(k))  # type: ignore[func-returns-value]
-        raise DocumentError(f"the key {twice!r} is given twice in one object")
+        for key, _ in pairs:
+            if key in seen:
+                raise DocumentError(f"the key {key!r} is given twice in one object")
+            seen.add(key)
     return out
 
 

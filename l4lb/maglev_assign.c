@@ -26,6 +26,16 @@ struct cands {
 	size_t n, cap;
 };
 
+/* realloc `p` to `count` elements, or leave the function with -1 (the old block
+ * stays in `p`, freed by the caller's cleanup). */
+#define GROW_OR_FAIL(p, count)                                      \
+	do {                                                        \
+		void *grown_ = realloc((p), (count) * sizeof *(p)); \
+		if (!grown_)                                        \
+			return -1;                                  \
+		(p) = grown_;                                       \
+	} while (0)
+
 /* Room for `more` candidates after the c->n there are. */
 static int cands_reserve(struct cands *c, size_t more)
 {
@@ -33,26 +43,11 @@ static int cands_reserve(struct cands *c, size_t more)
 		size_t cap = c->cap ? 2 * c->cap : 4096;
 		while (cap < c->n + more)
 			cap *= 2;
-		int64_t *nb = realloc(c->b, cap * sizeof *nb);
-		if (!nb)
-			return -1;
-		c->b = nb;
-		int64_t *nj = realloc(c->j, cap * sizeof *nj);
-		if (!nj)
-			return -1;
-		c->j = nj;
-		int64_t *ns = realloc(c->s, cap * sizeof *ns);
-		if (!ns)
-			return -1;
-		c->s = ns;
-		double *nk = realloc(c->key, cap * sizeof *nk);
-		if (!nk)
-			return -1;
-		c->key = nk;
-		unsigned char *nw = realloc(c->won, cap);
-		if (!nw)
-			return -1;
-		c->won = nw;
+		GROW_OR_FAIL(c->b, cap);
+		GROW_OR_FAIL(c->j, cap);
+		GROW_OR_FAIL(c->s, cap);
+		GROW_OR_FAIL(c->key, cap);
+		GROW_OR_FAIL(c->won, cap);
 		c->cap = cap;
 	}
 	return 0;
