@@ -9,7 +9,7 @@ from fastapi import APIRouter, Request
 from prometheus_client.core import GaugeMetricFamily, Metric
 from pydantic import BaseModel, ConfigDict, Field
 
-from l4lb.control import ControlError, Issue, NotFound
+from l4lb.issues import ControlError, Issue, NotFound
 
 from . import errors
 from .jsonroute import StrictJSONRoute

@@ -17,7 +17,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from l4lb.control import Invalid, Issue, issues_from_validation
+from l4lb.issues import Invalid, Issue, issues_from_validation
 from l4lb.docparse import DocumentError, loads_json
 from l4lb.models import DesiredState, Service
 

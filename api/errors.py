@@ -19,7 +19,7 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from l4lb.control import ControlError, Issue, issues_from_errors, issues_from_validation
+from l4lb.issues import ControlError, Issue, issues_from_errors, issues_from_validation
 
 PROBLEM_TYPE = "application/problem+json"
 log = logging.getLogger("l4lbd.api")

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import re
 
-from l4lb.control import Issue, Invalid, Precondition
+from l4lb.issues import Invalid, Issue
+from l4lb.preconditions import Precondition
 
 _TAG = re.compile(r'\s*(W/)?"([^"]*)"\s*(?:,|$)')
 

@@ -23,7 +23,7 @@ from fastapi import Path as PathParam
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from l4lb.control import Conflict, ControlError, Invalid, Issue, NotFound
+from l4lb.issues import Conflict, ControlError, Invalid, Issue, NotFound
 from l4lb.recfilter import Filter, expand_filter
 from l4lb.recorder.limits import RotationPolicy, StopConditions
 from l4lb.recorder.recording import MAX_CAPTURE_LENGTH, RecordingSpec

@@ -31,7 +31,10 @@ from .schemas import (
     StateWriteResult,
     Status,
 )
-from l4lb.control import BackendRef, Committed, Control, Invalid, Issue, Precondition, service_etag, state_etag
+from l4lb.backendref import BackendRef
+from l4lb.control import Committed, Control
+from l4lb.issues import Invalid, Issue
+from l4lb.preconditions import Precondition, service_etag, state_etag
 from l4lb.memory import collections_paused
 from l4lb.models import Backend, DesiredState, Service
 from l4lb.names import NAME_REGEX

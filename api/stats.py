@@ -12,7 +12,8 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 
-from l4lb.control import Control, Issue, NotFound
+from l4lb.control import Control
+from l4lb.issues import Issue, NotFound
 from l4lb.stats import with_flows
 from l4lb.zeroing import Baseline
 

@@ -17,8 +17,6 @@ issues; the API layer only renders them.
 
 from __future__ import annotations
 
-import hashlib
-import ipaddress
 import logging
 import threading
 import time
@@ -31,20 +29,20 @@ from pydantic import ValidationError
 
 from l4lb.applymetrics import ApplyMetrics
 from l4lb.background import Background
+from l4lb.backendref import BackendRef, check_backend_fits
+from l4lb.canonical import canonical, canonical_service
 from l4lb.datapath.config import DatapathFull
 from l4lb.health.overlay import Effective, Health, Overlay
+from l4lb.issues import ApplyFailed, Conflict, Invalid, Issue, NotFound, _invalid
+from l4lb.limits import Limits, limit_issues
 from l4lb.memory import freeze
-from l4lb.models import Backend, BackendState, DesiredState, IPAddress, Service
+from l4lb.models import Backend, BackendState, DesiredState, Service
 from l4lb.plan import Plan, diff
-from l4lb.servicejson import service_json
+from l4lb.preconditions import NO_PRECONDITION, Precondition, service_etag, state_etag
 from l4lb.stateindex import index_of
 from l4lb.stats import Counters, RateTracker, Sample, flatten_stats, stats_answer
 from l4lb.store import Record, Store
 from l4lb.view import View
-from l4lb.issues import (  # noqa: F401 (the API and the CLI import these from here)
-    ApplyFailed, Conflict, ControlError, Invalid, Issue, Loc, NotFound, PreconditionFailed, _dotted, _invalid,
-    issues_from_errors, issues_from_validation,
-)
 
 log = logging.getLogger("l4lbd.control")
 
@@ -58,61 +56,7 @@ class DatapathLike(Protocol):
     def status(self) -> dict: ...
 
 
-# --- preconditions (ETags) ------------------------------------------------------------------
-
-
-def state_etag(revision: int) -> str:
-    """Opaque tag of the whole document (the API quotes it)."""
-    return f"r{revision}"
-
-
-def service_etag(service: Service) -> str:
-    """Tag of one service: a hash of its content, so writers of different services do not collide."""
-    return "s" + hashlib.sha256(service_json(service).encode()).hexdigest()[:20]  # the stored JSON
-
-
-@dataclass(frozen=True)
-class Precondition:
-    """Parsed If-Match / If-None-Match: opaque tags, or ("*",). None = header absent."""
-
-    if_match: tuple[str, ...] | None = None
-    if_none_match: tuple[str, ...] | None = None
-
-    def check(self, current: str | None | Callable[[], str | None], what: str) -> None:
-        """``current``: the target's tag (or a function giving it, called if a header was), None: absent."""
-        if self.if_match is None and self.if_none_match is None:
-            return
-        current = current() if callable(current) else current
-        if self.if_match is not None:
-            if current is None:
-                raise PreconditionFailed(f"If-Match given but {what} does not exist")
-            if "*" not in self.if_match and current not in self.if_match:
-                raise PreconditionFailed(
-                    f"If-Match {', '.join(_q(t) for t in self.if_match)} does not match the current ETag "
-                    f"{_q(current)} of {what}: it changed since you read it; read it again and retry"
-                )
-        if self.if_none_match is not None and current is not None:
-            if "*" in self.if_none_match:
-                raise PreconditionFailed(f"If-None-Match: * but {what} already exists")
-            if current in self.if_none_match:
-                raise PreconditionFailed(f"If-None-Match matches the current ETag {_q(current)} of {what}")
-
-
-def _q(tag: str) -> str:
-    return f'"{tag}"' if tag != "*" else "*"
-
-
-NO_PRECONDITION = Precondition()
-
-
-# --- limits and results ------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Limits:
-    max_services: int = 1024
-    max_backends_per_service: int = 1024
-    max_backends_total: int = 65536  # (service, backend) pairs the datapath's maps hold
+# --- results ---------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -125,57 +69,6 @@ class Committed:
 
     def service(self, name: str) -> Service:
         return self.state.services[index_of(self.state).position[name]]
-
-
-@dataclass(frozen=True)
-class BackendRef:
-    """A backend named in a URL: address and, optionally, port."""
-
-    address: IPAddress
-    port: int | None = None
-
-    @classmethod
-    def parse(cls, text: str) -> "BackendRef":
-        """``192.0.2.1``, ``192.0.2.1:8080``, ``2001:db8::1``, ``[2001:db8::1]:8080``."""
-        host, port = text, None
-        if text.startswith("["):
-            host, sep, rest = text[1:].partition("]")
-            if not sep or (rest and not rest.startswith(":")):
-                raise ValueError(f"{text!r} is not [IPv6]:port")
-            port = rest[1:] if rest else None
-        elif text.count(":") == 1:
-            host, _, port = text.partition(":")
-        try:
-            addr = ipaddress.ip_address(host)
-        except ValueError:
-            raise ValueError(f"{host!r} is not a valid IPv4 or IPv6 address") from None
-        if isinstance(addr, ipaddress.IPv6Address) and addr.scope_id:
-            raise ValueError(f"{host!r} has a zone index; backends are named by their global address")
-        if port is not None:
-            if not (port.isascii() and port.isdigit()) or not 1 <= int(port) <= 65535:
-                raise ValueError(f"port {port!r} must be 1-65535")
-            return cls(addr, int(port))
-        return cls(addr, None)
-
-    def __str__(self) -> str:
-        if self.port is None:
-            return str(self.address)
-        return f"[{self.address}]:{self.port}" if self.address.version == 6 else f"{self.address}:{self.port}"
-
-
-def canonical_service(s: Service) -> Service:
-    """Backends in identity order (address family, bytes, effective port)."""
-    order = sorted(s.backends, key=lambda b: (b.address.version, b.address.packed, b.port or s.port))
-    return s if order == s.backends else s.model_copy(update={"backends": order})
-
-
-def canonical(state: DesiredState, trusted: Sequence[Service] = ()) -> DesiredState:
-    """Services by name, backends by identity: the stored form, so list order is never a change.
-    ``trusted`` services (those of the committed state) are canonical already and not sorted again."""
-    known = {id(s) for s in trusted}
-    services = sorted((s if id(s) in known else canonical_service(s) for s in state.services), key=lambda s: s.name)
-    # A reordering of a valid state is valid: no second validation of every service.
-    return state if services == state.services else DesiredState.model_construct(services=services)
 
 
 # --- the core ----------------------------------------------------------------------------------
@@ -312,7 +205,7 @@ class Control:
     def set_limits(self, limits: Limits) -> None:
         """New limits (SIGHUP); refused if the current state already exceeds them."""
         with self._lock:
-            issues = _limit_issues(self._state.services, limits, list_loc=("services",),
+            issues = limit_issues(self._state.services, limits, list_loc=("services",),
                                    item_loc=lambda i: ("services", i, "backends"))
             if issues:
                 raise Invalid("the current desired state exceeds the new limits: " + "; ".join(i.msg for i in issues), issues)
@@ -378,7 +271,7 @@ class Control:
     def read_backend(self, name: str, ref: BackendRef) -> tuple[int, Service, Backend]:
         snap = self._snap
         svc = self._find(snap.state, name)
-        return snap.revision, svc, svc.backends[self._backend_index(svc, ref)]
+        return snap.revision, svc, svc.backends[ref.index_in(svc)]
 
     def get_service(self, name: str) -> Service:
         return self.read_service(name)[1]
@@ -388,7 +281,7 @@ class Control:
     def replace_state(self, new: DesiredState, pre: Precondition = NO_PRECONDITION, dry_run: bool = False) -> Committed:
         with self._lock:
             pre.check(state_etag(self._revision), "the desired state")
-            issues = _limit_issues(new.services, self.limits, list_loc=("body", "services"),
+            issues = limit_issues(new.services, self.limits, list_loc=("body", "services"),
                                    item_loc=lambda i: ("body", "services", i, "backends"))
             if issues:
                 raise Invalid("; ".join(i.msg for i in issues), issues)
@@ -407,7 +300,7 @@ class Control:
                                f"service {other.name!r}", "conflict")],
                     )
             others = [s for s in self._state.services if s.name != service.name]
-            issues = _limit_issues([service], self.limits, list_loc=("path", "name"),
+            issues = limit_issues([service], self.limits, list_loc=("path", "name"),
                                    item_loc=lambda i: ("body", "backends"),
                                    others=(len(others), sum(len(s.backends) for s in others)))
             if issues:
@@ -439,7 +332,7 @@ class Control:
                               [Issue(("body", "port"), "differs from the port in the URL")])
             if ref.port is not None and backend.port is None and ref.port != svc.port:
                 backend = backend.model_copy(update={"port": ref.port})
-            self._check_backend_fits(svc, backend)
+            check_backend_fits(svc, backend)
             ident = backend.identity(svc.port)
             idx = next((i for i, b in enumerate(svc.backends) if b.identity(svc.port) == ident), None)
             backends = list(svc.backends)
@@ -458,7 +351,7 @@ class Control:
         with self._lock:
             svc = self._find(self._state, name)
             pre.check(lambda: service_etag(svc), f"service {name!r}")
-            idx = self._backend_index(svc, ref)
+            idx = ref.index_in(svc)
             update: dict[str, Any] = {}
             if weight is not None:
                 update["weight"] = weight
@@ -476,7 +369,7 @@ class Control:
         with self._lock:
             svc = self._find(self._state, name)
             pre.check(lambda: service_etag(svc), f"service {name!r}")
-            idx = self._backend_index(svc, ref)
+            idx = ref.index_in(svc)
             backends = [b for i, b in enumerate(svc.backends) if i != idx]
             return self._commit(self._with_service(self._rebuild(svc, backends)))
 
@@ -521,9 +414,7 @@ class Control:
                 "backends": sum(by_state.values()),
                 "backends_by_state": {k.value: by_state.get(k.value, 0) for k in BackendState},
                 "interfaces": dict(self.interfaces),
-                "limits": {"max_services": self.limits.max_services,
-                           "max_backends_per_service": self.limits.max_backends_per_service,
-                           "max_backends_total": self.limits.max_backends_total},
+                "limits": self.limits.as_dict(),
                 "datapath": dp_status,
             }
 
@@ -624,42 +515,9 @@ class Control:
         # DesiredState validation (every Service's validator again), and the list stays canonical.
         return index_of(self._state).replaced(canonical_service(svc))
 
-    def _backend_index(self, svc: Service, ref: BackendRef) -> int:
-        if ref.port is not None:
-            want = (ref.address.exploded, ref.port)
-            for i, b in enumerate(svc.backends):
-                if b.identity(svc.port) == want:
-                    return i
-        else:
-            hits = [i for i, b in enumerate(svc.backends) if b.address == ref.address]
-            if len(hits) == 1:
-                return hits[0]
-            if len(hits) > 1:
-                ports = ", ".join(str(svc.backends[i].identity(svc.port)[1]) for i in hits)
-                raise Invalid(
-                    f"service {svc.name!r} has backend {ref.address} on ports {ports}; name one as address:port",
-                    [Issue(("path", "backend"), "ambiguous: add the port", "ambiguous")],
-                )
-        raise NotFound(f"service {svc.name!r} has no backend {ref}",
-                       [Issue(("path", "backend"), "no such backend", "not_found")])
-
-    def _check_backend_fits(self, svc: Service, b: Backend) -> None:
-        if b.address.version != svc.vip.version and svc.vip.version == 6:  # a v4 VIP may have v6 backends: 4in6
-            raise Invalid(
-                f"backend {b.address} is IPv4 but VIP {svc.vip} is IPv6 (an IPv4 VIP may have IPv6 backends, not the reverse)",
-                [Issue(("path", "backend"), f"IPv{b.address.version} backend for an IPv{svc.vip.version} VIP",
-                       "family_mismatch")],
-            )
-        if b.port is not None and b.port != svc.port and not svc.options.l4_dnat:
-            raise Invalid(
-                f"backend {b.address} has port {b.port} but the service port is {svc.port}; "
-                "set options.l4_dnat on the service to translate ports",
-                [Issue(("body", "port"), "differs from the service port and l4_dnat is off", "port_mismatch")],
-            )
-
     def _rebuild(self, svc: Service, backends: list[Backend]) -> Service:
         index = index_of(self._state)
-        issues = _limit_issues([svc.model_copy(update={"backends": backends})], self.limits,
+        issues = limit_issues([svc.model_copy(update={"backends": backends})], self.limits,
                                list_loc=("path", "backend"), item_loc=lambda i: ("path", "backend"),
                                others=(len(index.position) - 1, index.backends - len(svc.backends)))
         if issues:
@@ -669,22 +527,3 @@ class Control:
         except ValidationError as e:
             raise _invalid(e, ("body",)) from None
 
-
-def _limit_issues(
-    services: Sequence[Service], limits: Limits, *, list_loc: Loc, item_loc: Callable[[int], Loc],
-    others: tuple[int, int] = (0, 0),
-) -> list[Issue]:
-    """Limit violations of ``services`` (the part being written) plus ``others`` (the rest: services, backends)."""
-    issues: list[Issue] = []
-    n = len(services) + others[0]
-    if n > limits.max_services:
-        issues.append(Issue(list_loc, f"{n} services exceed limits.max_services = {limits.max_services}", "limit"))
-    for i, s in enumerate(services):
-        if len(s.backends) > limits.max_backends_per_service:
-            issues.append(Issue(item_loc(i), f"service {s.name!r} would have {len(s.backends)} backends; "
-                                f"limits.max_backends_per_service is {limits.max_backends_per_service}", "limit"))
-    total = sum(len(s.backends) for s in services) + others[1]
-    if total > limits.max_backends_total:
-        issues.append(Issue(list_loc, f"{total} backends in all exceed the datapath's "
-                            f"{limits.max_backends_total} backend slots (datapath.max_backends)", "limit"))
-    return issues

@@ -42,7 +42,9 @@ from l4lb import __version__
 from l4lb import config as config_mod
 from l4lb import maglev
 from l4lb.config import Config, ConfigError
-from l4lb.control import Control, ControlError, Invalid, Limits
+from l4lb.control import Control
+from l4lb.issues import ControlError, Invalid
+from l4lb.limits import Limits
 from l4lb.lifecycle.guard import Action, Mode
 from l4lb.lifecycle.lock import InstanceLock, LockHeld
 from l4lb.lifecycle.timeline import Timeline

@@ -15,21 +15,13 @@ from typing import Any
 
 import pytest
 
-from l4lb.control import (
-    ApplyFailed,
-    BackendRef,
-    Conflict,
-    Control,
-    Invalid,
-    Limits,
-    NotFound,
-    Precondition,
-    PreconditionFailed,
-    RateTracker,
-    canonical,
-    service_etag,
-    state_etag,
-)
+from l4lb.backendref import BackendRef
+from l4lb.canonical import canonical
+from l4lb.control import Control
+from l4lb.issues import ApplyFailed, Conflict, Invalid, NotFound, PreconditionFailed
+from l4lb.limits import Limits
+from l4lb.preconditions import Precondition, service_etag, state_etag
+from l4lb.stats import RateTracker
 from l4lb.models import Backend, BackendState, DesiredState, Service
 from l4lb.store import Store
 

@@ -13,7 +13,10 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from l4lb.control import ApplyFailed, BackendRef, Control, Limits
+from l4lb.backendref import BackendRef
+from l4lb.control import Control
+from l4lb.issues import ApplyFailed
+from l4lb.limits import Limits
 from l4lb.health.machine import Damping, ProbeState
 from l4lb.health.overlay import Health, Overlay
 from l4lb.health.targets import Timing, probes_of

@@ -34,7 +34,8 @@ from l4lb.api.app import create_app
 from l4lb.cli.output import dump
 from l4lb.cli.specs import hostport
 from l4lb.cli.state import export_document, load_document
-from l4lb.control import Control, Limits
+from l4lb.control import Control
+from l4lb.limits import Limits
 from l4lb.names import NAME_PATTERN
 from l4lb.store import Store
 
