@@ -196,6 +196,19 @@ def test_route_lookups_on_one_dump_agree_with_the_kernel(tmp_path: Path) -> None
         assert by["198.51.100.150"][5]  # ECMP: marked, left to the FIB
         assert by["203.0.113.200"][2][2] == "198.51.100.7"  # lowest metric wins
         assert by["203.0.113.20"][2][2] == "192.0.2.8"  # thrown from main to the default table
+        # The health probes' rule (fwmark/mask -> own table, as probes.py sets it): mark-0 lookups never match
+        # it, so answers stay on the dump; a mark the mask clears, or `not fwmark`, does match: the kernel's.
+        probe_rule = ["rule add fwmark 0x10000/0xffff0000 table 200 priority 1000",
+                      "route add default dev r1 table 200", "route add ::/0 dev r1 table 200"]
+        netns.ip_batch(ns, probe_rule)
+        netns.run(ns, "ip", "-6", "rule", "add", "fwmark", "0x10000/0xffff0000", "table", "200", "priority", "1000")
+        results, asked = netns.call_in_netns(ns, _lookups, False)
+        assert not any(r[1] for r in results) and [r[2] for r in results] == [r[2] for r in by.values()]
+        for matching in ("fwmark 0x10000/0xffff", "not fwmark 0x10000/0xffff0000"):
+            netns.ip_batch(ns, [f"rule add {matching} table 200 priority 900"])
+            results, asked = netns.call_in_netns(ns, _lookups, True)
+            assert all(r[1] for r in results if ":" not in r[0]), matching  # IPv4: every lookup unsure
+            netns.ip_batch(ns, ["rule del priority 900"])
         netns.ip_batch(ns, ["rule add from 192.0.2.0/24 table 100 priority 100"])
         results, asked = netns.call_in_netns(ns, _lookups, True)
         assert all(r[1] for r in results if ":" not in r[0]) and asked == 0  # IPv4: every lookup unsure now

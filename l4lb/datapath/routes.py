@@ -30,6 +30,7 @@ RTN_THROW = 9
 RTM_F_CLONED = 0x200
 RTNH_F_DEAD, RTNH_F_LINKDOWN = 0x1, 0x10
 FR_ACT_TO_TBL = 1
+FIB_RULE_INVERT = 0x2
 # (table, priority) of the rules a fresh network namespace has; only with these
 # (or a subset: IPv6 has no "default" rule) is the lookup order known.
 DEFAULT_RULES = {(255, 0), (254, 32766), (253, 32767)}
@@ -49,6 +50,21 @@ class Route:
 
 
 UNSURE = object()  # the dump cannot say: ask the kernel
+
+
+def _marked_only(rule: dict) -> bool:
+    """A rule only packets with a fwmark can match: never our lookups, which
+    carry mark 0 (``route get`` without ``mark``; bpf_fib_lookup without
+    BPF_FIB_LOOKUP_MARK). The health probes' own rule (l4lb/datapath/probes.py)
+    is one, and every box has it: counted as a policy rule it sent each of
+    100,000 backends' next hops to ``route get`` at every refresh. The kernel
+    matches when (mark ^ rule mark) & mask == 0, so mark 0 misses iff rule
+    mark & mask != 0 (the mask defaults to all ones); ``not fwmark`` inverts."""
+    mark = rule.get_attr("FRA_FWMARK")  # type: ignore[attr-defined]
+    if not mark or rule["flags"] & FIB_RULE_INVERT:
+        return False
+    mask = rule.get_attr("FRA_FWMASK")  # type: ignore[attr-defined]
+    return mark & (0xFFFFFFFF if mask is None else mask) != 0
 
 
 def _route(r: dict) -> Route:
@@ -73,7 +89,7 @@ class RouteTable:
         rules = {(r.get_attr("FRA_TABLE") or r["table"], r.get_attr("FRA_PRIORITY") or 0, r["action"],
                   tuple(sorted(k for k, _ in r["attrs"] if k not in ("FRA_TABLE", "FRA_PRIORITY", "FRA_PROTOCOL",
                                                                      "FRA_SUPPRESS_PREFIXLEN"))))
-                 for r in self._ipr.get_rules(family=AF[fam])}
+                 for r in self._ipr.get_rules(family=AF[fam]) if not _marked_only(r)}
         self.exact[fam] = all(a == FR_ACT_TO_TBL and not extra and (t, p) in DEFAULT_RULES for t, p, a, extra in rules)
         if not self.exact[fam]:
             log.info("IPv%d policy routing rules present: next hops are looked up one address at a time", fam)
