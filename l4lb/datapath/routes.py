@@ -50,6 +50,7 @@ class Route:
 
 
 UNSURE = object()  # the dump cannot say: ask the kernel
+_said: dict[int, bool] = {}  # family -> the last "exact" logged
 
 
 def _marked_only(rule: dict) -> bool:
@@ -91,8 +92,10 @@ class RouteTable:
                                                                      "FRA_SUPPRESS_PREFIXLEN"))))
                  for r in self._ipr.get_rules(family=AF[fam]) if not _marked_only(r)}
         self.exact[fam] = all(a == FR_ACT_TO_TBL and not extra and (t, p) in DEFAULT_RULES for t, p, a, extra in rules)
-        if not self.exact[fam]:
-            log.info("IPv%d policy routing rules present: next hops are looked up one address at a time", fam)
+        if self.exact[fam] != _said.get(fam, True):  # said when it changes, not at every refresh
+            _said[fam] = self.exact[fam]
+            log.info("IPv%d policy routing rules %s", fam, "gone: next hops come from one dump again" if self.exact[fam]
+                     else "present: next hops are looked up one address at a time")
         by_table: dict[int, dict[int, dict[int, list]]] = {}
         self._multipath[fam] = []
         for r in self._ipr.get_routes(family=AF[fam]):
