@@ -137,3 +137,24 @@ def test_refresh_follows_neighbour_changes_and_unresolved_backends_use_the_fib(e
     env.call(env.dp.refresh_nexthops)
     assert entry(env, bid).gen == 0
     assert ipaddress.ip_address(OUT_V4)  # the redirect NIC stays configured
+
+
+def test_a_refresh_with_nothing_changed_resolves_nothing_and_a_route_change_is_followed(env) -> None:
+    b4 = edge_backends_v4(8)[1]
+    s = one("same", VIP4, b4)
+    env.apply([s])
+    env.call(env.dp.refresh_nexthops)
+    upkeep = env.dp._upkeep
+    skipped, resolved_from = upkeep.skipped, upkeep._resolved_from
+    assert resolved_from is not None  # plain routes: the dumps say it all
+    assert env.call(env.dp.refresh_nexthops) == 0 and upkeep.skipped == skipped + 1, "an unchanged box was resolved again"
+    bid = bid_of(env, s)
+    mtu = entry(env, bid).mtu
+    netns.ip(env.ns, "route", "add", f"{b4}/32", "dev", EDGE_IF, "mtu", "1400")
+    try:
+        env.call(env.dp.refresh_nexthops)
+        assert upkeep.skipped == skipped + 1 and entry(env, bid).mtu == 1400, "a route change was not followed"
+    finally:
+        netns.ip(env.ns, "route", "del", f"{b4}/32", "dev", EDGE_IF)
+    env.call(env.dp.refresh_nexthops)
+    assert entry(env, bid).mtu == mtu

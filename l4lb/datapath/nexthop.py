@@ -71,6 +71,12 @@ class Resolver:
                     self.neigh[(n["ifindex"], dst.version, int(dst))] = mac
         self._gateways: dict[str, tuple[int, int]] = {}
 
+    def snapshot(self) -> object | None:
+        """What resolve()'s answers follow from: equal snapshots give equal answers
+        (None: they depend on more than the dumps)."""
+        routes = self.routes.snapshot()
+        return None if routes is None else (routes, self.links, self.neigh)
+
     def resolve(self, texts: Iterable[str]) -> dict[str, NextHop | None]:
         """Next hop of each address (exploded text), or None where the FIB must decide."""
         return {text: self._one(text) for text in texts}

@@ -114,6 +114,13 @@ class RouteTable:
             by_table.setdefault(table, {}).setdefault(plen, {}).setdefault(net, []).append(entry)
         self._tables[fam] = [(t, by_table[t], sorted(by_table[t], reverse=True)) for t in ORDER if t in by_table]
 
+    def snapshot(self) -> object | None:
+        """What every answer of lookup() and get() follows from, to compare with a later
+        dump's; None where the kernel's answers depend on more (policy rules)."""
+        if not all(self.exact.values()):
+            return None
+        return self._tables, self._multipath
+
     def lookup(self, addr: IPAddress) -> Route | None | object:
         """The route the kernel would use, None for no route, or UNSURE."""
         fam = addr.version
