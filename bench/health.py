@@ -258,12 +258,45 @@ def services(n_direct: int, per_direct: int, n_tunnel: int, per_tunnel: int, *, 
     return out
 
 
+def kcounters(ns: str) -> dict[str, int]:
+    out = {}
+    for line in netns.run(ns, "nstat", "-asz").stdout.splitlines():
+        f = line.split()
+        if len(f) >= 2 and f[1].isdigit():
+            out[f[0]] = int(f[1])
+    for line in netns.run(ns, "ethtool", "-S", "eth0").stdout.splitlines()[1:]:
+        k, _, v = line.strip().partition(":")
+        if v.strip().isdigit():
+            out["eth0." + k.strip()] = int(v)
+    return out
+
+
+def kdiff(a: dict[str, int], b: dict[str, int]) -> dict[str, int]:
+    return {k: b[k] - a.get(k, 0) for k in b if b[k] != a.get(k, 0)}
+
+
+DEBUG: list[str] = []
+
+
 def measure(b: Bench, seconds: float, napi: set[int]) -> tuple[float, float, int, int, float]:
     """Checks/s and daemon CPU % over ``seconds``; failed and late checks in that
     time; CPU % of the farm's NAPI thread(s)."""
-    h0, c0, n0, t0 = b.health(False)["checks"], b.cpu_seconds(), threads_cpu_seconds(napi), time.monotonic()
+    k0 = {ns: kcounters(ns) for ns in (b.lb, b.farm)}
+    w0 = time.time()
+    r0 = b.health(False)
+    h0, c0, n0, t0 = r0["checks"], b.cpu_seconds(), threads_cpu_seconds(napi), time.monotonic()
     time.sleep(seconds)
-    h1, c1, n1, t1 = b.health(False)["checks"], b.cpu_seconds(), threads_cpu_seconds(napi), time.monotonic()
+    r1 = b.health(False)
+    h1, c1, n1, t1 = r1["checks"], b.cpu_seconds(), threads_cpu_seconds(napi), time.monotonic()
+    w1 = time.time()
+    k1 = {ns: kcounters(ns) for ns in (b.lb, b.farm)}
+    DEBUG.append(f"window {w0:.3f}: failed {h1['failed'] - h0['failed']} {kdiff(h0['failed_by'], h1['failed_by'])}")
+    for ns in (b.lb, b.farm):
+        DEBUG.append(f"  {ns}: {kdiff(k0[ns], k1[ns])}")
+    for f in r1["recent_failures"]:
+        if f["at"] >= w0 - 1:
+            DEBUG.append(f"  FAIL {f['at'] - w0:.3f} {f['key']} {f['error']} lat={f['latency_seconds']} "
+                         f"port={f['source_port']}")
     done = (h1["ok"] + h1["failed"]) - (h0["ok"] + h0["failed"])
     return (done / (t1 - t0), 100 * (c1 - c0) / (t1 - t0), h1["failed"] - h0["failed"], h1["late"] - h0["late"],
             100 * (n1 - n0) / (t1 - t0))
@@ -376,6 +409,7 @@ def main(quick: bool, targets: int, runs: int, seconds: float, n_drains: int) ->
         finally:
             b.close()
 
+    print("\n".join(DEBUG))
     if quick:
         print("quick run: a smoke run at a small scale; its figures are not measurements and judge no target")
     rows: list[tuple[str, list[str], str, bool | None]] = [

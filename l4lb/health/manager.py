@@ -29,7 +29,7 @@ from typing import Any, Protocol
 from l4lb.health.machine import Damping, Transition
 from l4lb.health.overlay import Health
 from l4lb.health.probe import Route
-from l4lb.health.scheduler import LoopStats, ProbeConfig
+from l4lb.health.scheduler import Failure, LoopStats, ProbeConfig
 from l4lb.health.store import HealthStore
 from l4lb.health.targets import Probe, ProbeSpec, probes_of
 from l4lb.health.worker import Latency, ProbeWorker
@@ -333,6 +333,11 @@ class HealthManager:
     @property
     def latency(self) -> dict[tuple[str, str], Latency]:
         return self.worker.latency
+
+    @property
+    def failures(self) -> list[Failure]:
+        """The newest failed checks, oldest first."""
+        return list(self.worker.failures)
 
     def service_probes(self, svc: Service) -> tuple[Probe | None, ...]:
         """``probes_of(svc)``, from what the manager worked out already when it can."""

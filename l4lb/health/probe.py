@@ -42,6 +42,28 @@ BODY_LIMIT = 64 * 1024
 _FAMILY = {4: socket.AF_INET, 6: socket.AF_INET6}
 
 
+def failure_kind(error: str) -> str:
+    """The class of a failed check's error text, for counters (a bounded set of
+    label values; the text itself is kept per probe and in the recent failures):
+    timeout, refused, reset, unreachable, tls, http, dns or error."""
+    e = error.lower()
+    if e.startswith("timeout"):
+        return "timeout"
+    if "refused" in e:
+        return "refused"
+    if "reset" in e:
+        return "reset"
+    if "unreachable" in e or "no route" in e:
+        return "unreachable"
+    if e.startswith("tls"):
+        return "tls"
+    if e.startswith(("http", "body ", "the first", "connection closed before")):
+        return "http"
+    if e.startswith("dns"):
+        return "dns"
+    return "error"
+
+
 class LocalError(Exception):
     """The LB could not start a probe (no socket, no tunnel): not the backend's fault."""
 
@@ -132,6 +154,13 @@ class Attempt:
     def fileno(self) -> int:
         assert self.sock is not None
         return self.sock.fileno()
+
+    def source_port(self) -> int | None:
+        """The probe's local port (to find it in a packet capture); only asked for failures."""
+        try:
+            return self.sock.getsockname()[1] if self.sock is not None else None
+        except OSError:
+            return None
 
 
 class TcpAttempt(Attempt):

@@ -68,7 +68,7 @@ def report(view: View, health_of: HealthOf, manager: HealthManager | None, *, se
     }
     if manager is not None:
         st = manager.stats
-        out["checks"] = {**st.results, "not_run": st.not_run, "late": st.late}
+        out["checks"] = {**st.results, "not_run": st.not_run, "late": st.late, "failed_by": dict(st.failed_by)}
         out["tunnel"] = {"ready": manager.tunnel is not None and manager.tunnel_error is None,
                          "error": manager.tunnel_error,
                          "packets": manager.tunnel.counters() if manager.tunnel is not None else {}}
@@ -76,6 +76,11 @@ def report(view: View, health_of: HealthOf, manager: HealthManager | None, *, se
         out["recent_transitions"] = [
             {"key": t.key, "from": t.old.value, "to": t.new.value, "reason": t.reason, "at": t.at,
              "seconds_ago": round(now - t.at, 3)} for t in list(manager.transitions)[-50:]]
+        # Single failed checks, most of which change nothing (fall not reached): why a
+        # probe failed, when, and its source port to find it in a packet capture.
+        out["recent_failures"] = [
+            {"key": f.key, "error": f.error, "at": f.at, "seconds_ago": round(now - f.at, 3),
+             "latency_seconds": round(f.latency, 6), "source_port": f.source_port} for f in manager.failures]
     return out
 
 
@@ -115,6 +120,11 @@ def metrics(view: View, health_of: HealthOf, manager: HealthManager | None) -> I
     for k, v in (*st.results.items(), ("not_run", st.not_run)):
         checks.add_metric([k], v)
     yield checks
+    failed = CounterMetricFamily("l4lb_health_check_failures", "Failed health checks by kind of failure",
+                                 labels=["kind"])
+    for k, v in sorted(st.failed_by.items()):
+        failed.add_metric([k], v)
+    yield failed
     probes = GaugeMetricFamily("l4lb_health_probes", "Distinct probes by state", labels=["state"])
     counts = {h.value: 0 for h in Health}
     counts.update(st.states)

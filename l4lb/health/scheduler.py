@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 
 from l4lb.health.machine import Damping, ProbeState, Transition
 from l4lb.health.overlay import Health
-from l4lb.health.probe import ATTEMPTS, Attempt, LocalError, Route
+from l4lb.health.probe import ATTEMPTS, Attempt, LocalError, Route, failure_kind
 from l4lb.health.targets import ProbeSpec, Timing
 
 log = logging.getLogger("l4lbd.health")
@@ -59,6 +59,18 @@ class Job:
     running: Attempt | None = None
 
 
+@dataclass(frozen=True)
+class Failure:
+    """One failed check, for the API's recent failures: which probe, why, when
+    (wall clock), how long it took and from which local port (to find it in a capture)."""
+
+    key: str
+    error: str
+    at: float
+    latency: float
+    source_port: int | None
+
+
 @dataclass
 class LoopStats:
     started: int = 0
@@ -66,16 +78,19 @@ class LoopStats:
     late: int = 0
     not_run: int = 0
     results: dict[str, int] = field(default_factory=lambda: {"ok": 0, "failed": 0})
+    failed_by: dict[str, int] = field(default_factory=dict)   # failure_kind -> count
     states: dict[str, int] = field(default_factory=dict)   # probes by state (filled when sent)
 
 
 class Scheduler:
     def __init__(self, on_transition: Callable[[Transition], None],
                  on_result: Callable[[ProbeConfig, bool, float], None] | None = None, *,
+                 on_failure: Callable[[Failure], None] | None = None,
                  damping: Damping = Damping(), max_in_flight: int = 4096,
                  restored: Mapping[str, tuple[Health, float]] | None = None) -> None:
         self._on_transition = on_transition
         self._on_result = on_result
+        self._on_failure = on_failure
         self.damping = damping
         self.max_in_flight = _fd_room(max_in_flight)
         self.restored = dict(restored or {})   # key -> (state, since) from the last run
@@ -264,15 +279,20 @@ class Scheduler:
     def _finish(self, job: Job, ok: bool, error: str) -> None:
         attempt = job.running
         assert attempt is not None
-        now = time.monotonic()
+        now, wall = time.monotonic(), time.time()
         latency = now - attempt.started
-        self._drop(job)
         stats = self.stats
+        if not ok:
+            kind = failure_kind(error)
+            stats.failed_by[kind] = stats.failed_by.get(kind, 0) + 1
+            if self._on_failure is not None:
+                self._on_failure(Failure(job.key, error, wall, latency, attempt.source_port()))
+        self._drop(job)
         stats.finished += 1
         stats.results["ok" if ok else "failed"] += 1
         if self._on_result is not None:
             self._on_result(job.config, ok, latency)
-        t = job.state.observe(ok, error or None, latency, now, time.time())
+        t = job.state.observe(ok, error or None, latency, now, wall)
         if t is not None:
             self.version += 1
             self._on_transition(t)

@@ -9,9 +9,11 @@ the daemon's network namespace and with its capabilities. They talk over a
 pipe:
 
     daemon -> worker   ("update", {key: ProbeConfig | None}), ("details", id), ("stop",)
-    worker -> daemon   ("batch", [Transition], LoopStats, {(kind, via): Latency}), ("reply", id, data)
+    worker -> daemon   ("batch", [Transition], LoopStats, {(kind, via): Latency}, [Failure]),
+                       ("reply", id, data)
 
-Transitions are sent as soon as they happen; counters ride along at most
+Transitions are sent as soon as they happen; counters and the failed checks
+since the last batch (at most RECENT_FAILURES of them) ride along at most
 every 0.2 s. If the worker dies, the daemon starts another with the same
 probes and their last known states: nothing is lost, nothing flaps.
 """
@@ -25,18 +27,20 @@ import multiprocessing
 import os
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from typing import Any
 
 from l4lb.health.machine import Damping, Transition
 from l4lb.health.overlay import Health
-from l4lb.health.scheduler import LoopStats, ProbeConfig, Scheduler
+from l4lb.health.scheduler import Failure, LoopStats, ProbeConfig, Scheduler
 
 log = logging.getLogger("l4lbd.health")
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 FLUSH_EVERY = 0.2
+RECENT_FAILURES = 256   # failed checks kept for the API (the newest; counters count all of them)
 NICE = 10
 
 
@@ -66,6 +70,7 @@ def serve(conn: Any, damping: Damping, max_in_flight: int, restored: Mapping[str
     lock = threading.Lock()
     pending: list[Transition] = []
     latency: dict[tuple[str, str], Latency] = {}
+    failures: deque[Failure] = deque(maxlen=RECENT_FAILURES)   # since the last batch
     wake = threading.Event()
 
     def send(msg: tuple) -> None:
@@ -83,7 +88,8 @@ def serve(conn: Any, damping: Damping, max_in_flight: int, restored: Mapping[str
             h = latency[k] = Latency()
         h.observe(seconds)
 
-    sched = Scheduler(on_transition, on_result, damping=damping, max_in_flight=max_in_flight, restored=restored)
+    sched = Scheduler(on_transition, on_result, on_failure=failures.append, damping=damping,
+                      max_in_flight=max_in_flight, restored=restored)
 
     def flusher() -> None:
         counted = -1
@@ -94,6 +100,7 @@ def serve(conn: Any, damping: Damping, max_in_flight: int, restored: Mapping[str
             # that was quadratic when every probe changed state at once (10,000 at a start).
             batch = pending.copy()
             del pending[:len(batch)]  # what was appended meanwhile stays for the next batch
+            failed = [failures.popleft() for _ in range(len(failures))]
             if counted != sched.version:   # probes by state: counted again only after a change
                 counted = sched.version
                 states = {h.value: 0 for h in Health}
@@ -101,7 +108,7 @@ def serve(conn: Any, damping: Damping, max_in_flight: int, restored: Mapping[str
                     states[job.state.state.value] += 1
                 sched.stats.states = states
             try:
-                send(("batch", batch, sched.stats, latency))
+                send(("batch", batch, sched.stats, latency, failed))
             except (OSError, ValueError):
                 return
 
@@ -147,6 +154,7 @@ class ProbeWorker:
         self._stopping = False
         self.stats = LoopStats()
         self.latency: dict[tuple[str, str], Latency] = {}
+        self.failures: deque[Failure] = deque(maxlen=RECENT_FAILURES)   # the newest failed checks
 
     def update(self, changes: Mapping[str, ProbeConfig | None]) -> None:
         with self._lock:
@@ -220,8 +228,9 @@ class ProbeWorker:
             except (EOFError, OSError):
                 break
             if msg[0] == "batch":
-                _, transitions, stats, latency = msg
+                _, transitions, stats, latency, failed = msg
                 self.stats, self.latency = stats, latency
+                self.failures.extend(failed)
                 for t in transitions:
                     if t.old is not t.new:
                         self._states[t.key] = (t.new, t.at)
