@@ -264,6 +264,11 @@ def kcounters(ns: str) -> dict[str, int]:
         f = line.split()
         if len(f) >= 2 and f[1].isdigit():
             out[f[0]] = int(f[1])
+    import json as _json
+    st = _json.loads(netns.run(ns, "ip", "-s", "-s", "-j", "link", "show", "eth0").stdout)[0]["stats64"]
+    for d in ("rx", "tx"):
+        for k, v in st[d].items():
+            out[f"link.{d}.{k}"] = v
     for line in netns.run(ns, "ethtool", "-S", "eth0").stdout.splitlines()[1:]:
         k, _, v = line.strip().partition(":")
         if v.strip().isdigit():
@@ -381,6 +386,7 @@ def main(quick: bool, targets: int, runs: int, seconds: float, n_drains: int) ->
             b.decapsulate(per_tunnel)
             napi = b.farm_napi_threads()
             # Floors: every service of the run, no checks, the daemon settled.
+            K0 = {ns: kcounters(ns) for ns in (b.lb, b.farm)}
             b.put(services(*layout))
             if not quick:
                 quiet(b)
@@ -392,6 +398,13 @@ def main(quick: bool, targets: int, runs: int, seconds: float, n_drains: int) ->
                 results[mode] = [measure(b, seconds, napi) for _ in range(runs)]
                 results[f"drain_{mode}"] = drains(b, n_drains)
             results["tunnel_packets"] = b.health(False)["tunnel"]["packets"]
+            K1 = {ns: kcounters(ns) for ns in (b.lb, b.farm)}
+            for ns in (b.lb, b.farm):
+                DEBUG.append(f"WHOLE {ns}: {kdiff(K0[ns], K1[ns])}")
+            fin = b.health(False)
+            DEBUG.append(f"WHOLE checks {fin['checks']}")
+            for f in fin["recent_failures"]:
+                DEBUG.append(f"  FAIL {f['at']:.3f} {f['key']} {f['error']} lat={f['latency_seconds']} port={f['source_port']}")
             # Detection: interval 1 s, fall 3 on one service, then the listener goes away.
             fast = {"type": "tcp", "interval": detect_every, "timeout": detect_every / 2, "rise": 2, "fall": 3,
                     "via": "direct"}

@@ -149,3 +149,35 @@ def test_a_loop_that_falls_a_whole_interval_behind_counts_it_late(clock: Clock,
         assert (s.stats.started, s.stats.late) == (3, 1) and clock.t == pytest.approx(1004.0)
     finally:
         s.stop()
+
+
+def test_each_attempt_gets_its_whole_timeout_when_a_turn_launches_a_burst(clock: Clock,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Five probes come due in the same turn and each start (connect) takes 0.3 s
+    of a busy machine: the last one starts 1.2 s after the turn began. Its
+    timeout runs from its own start. (Measured from the turn's clock it had
+    0.4 s of its 1.6 s: bench/health.py showed bursts of "timeout after 1 s"
+    checks that had lasted 0.7 s.)"""
+
+    began: dict[str, float] = {}
+
+    class SlowStart(Silent):
+        def start(self) -> int | tuple[bool, str]:
+            began[self.key] = clock.t
+            clock.t += 0.3
+            return super().start()
+
+    failures: list[sched.Failure] = []
+    monkeypatch.setitem(sched.ATTEMPTS, CheckType.tcp, SlowStart)
+    s = sched.Scheduler(lambda t: None, on_failure=failures.append)
+    s._ep = FakeEpoll(s._ep, clock, iter([]))
+    try:
+        s.update({spec(i).key: sched.ProbeConfig(spec(i), Timing(10.0, 1.6, 1, 3), Route()) for i in range(5)})
+        while len(failures) < 5:
+            s._turn()
+        assert [round(f.at - 1.7e9 - began[f.key], 6) for f in failures] == [1.6] * 5   # failed at start + timeout
+        assert [round(f.latency, 6) for f in failures] == [1.6] * 5, failures
+        assert s.stats.failed_by == {"timeout": 5}
+        assert all(f.error == "timeout after 1.6 s (connecting)" for f in failures)
+    finally:
+        s.stop()

@@ -29,7 +29,6 @@ import os
 import socket
 import ssl
 import struct
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -90,10 +89,13 @@ class Attempt:
     # does): its constructor and close() are C calls, a few µs less per check.
     socket_type: Any = socket.socket
 
-    def __init__(self, spec: ProbeSpec, route: Route, deadline: float, key: Any) -> None:
-        self.spec, self.route, self.deadline, self.key = spec, route, deadline, key
+    def __init__(self, spec: ProbeSpec, route: Route, started: float, timeout: float, key: Any) -> None:
+        # The timeout runs from this attempt's own start (monotonic, the scheduler's
+        # clock), not from the loop turn that launched it: a turn that launches a
+        # burst (thousands come due after a stall) takes a while, and the last of
+        # them would otherwise get that much less than their timeout.
+        self.spec, self.route, self.started, self.deadline, self.key = spec, route, started, started + timeout, key
         self.sock: Any = None
-        self.started = time.monotonic()
         self.stage = "connecting"
 
     def _socket(self, kind: int) -> Any:
@@ -158,9 +160,10 @@ class Attempt:
     def source_port(self) -> int | None:
         """The probe's local port (to find it in a packet capture); only asked for failures."""
         try:
-            return self.sock.getsockname()[1] if self.sock is not None else None
+            name = self.sock.getsockname() if self.sock is not None else None
         except OSError:
             return None
+        return name[1] if isinstance(name, tuple) else None
 
 
 class TcpAttempt(Attempt):

@@ -249,7 +249,8 @@ class Scheduler:
             job.due = now + 0.01
             self._schedule(job)
             return
-        attempt = ATTEMPTS[job.config.spec.kind](job.config.spec, route, now + job.config.timing.timeout, job.key)
+        attempt = ATTEMPTS[job.config.spec.kind](job.config.spec, route, time.monotonic(), job.config.timing.timeout,
+                                                 job.key)
         self.stats.started += 1
         job.running = attempt
         try:
