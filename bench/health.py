@@ -35,6 +35,7 @@ Run as root: ``.venv/bin/python bench/health.py [--quick]``.
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 import random
 import shutil
@@ -61,6 +62,14 @@ VIPS = ipaddress.ip_network("2001:db8:ff02::/112")
 TARGET_CHECKS = 5000.0          # checks/s
 TARGET_CPU = 50.0               # % of one core
 TARGET_DRAIN_P99_MS = 20.0
+QDISC = os.environ.get("HCB_NO_QDISC") is None   # HCB_NO_QDISC=1: the veths as they were (drops in bursts)
+# Kernel counters shown per mode: where a lost or refused handshake would show.
+KERNEL = (("lb", "link.tx.dropped", "LB veth: frames dropped (peer's ring full)"),
+          ("farm", "link.tx.dropped", "farm veth: frames dropped (peer's ring full)"),
+          ("lb", "TcpExtTCPSynRetrans", "LB: SYNs retransmitted"),
+          ("farm", "TcpExtTCPSynRetrans", "farm: SYN-ACKs retransmitted"),
+          ("farm", "TcpExtListenDrops", "farm: SYNs dropped at the listener"),
+          ("lb", "TcpExtTCPSYNChallenge", "LB: SYNs (SYN-ACKs) met an established socket"))
 SERVER = r'''
 import os, socket, sys
 for _ in range(int(sys.argv[1]) - 1):
@@ -142,6 +151,15 @@ class Bench:
                                  f"route add {BACKENDS} via {FARM_ADDR}"])
         netns.ip_batch(self.farm, ["link set lo up", f"addr add {FARM_ADDR}/64 dev eth0 nodad", "link set eth0 up",
                                    f"route add local {BACKENDS} dev lo", f"route add local {VIPS} dev lo"])
+        if QDISC:
+            # A veth has no qdisc (noqueue): once its peer has an XDP program, a frame
+            # that finds the peer's 256-slot ring full is dropped at once. A burst of
+            # SYNs (thousands of checks that came due together) lost that way is
+            # retransmitted after 1 s, a timeout no backend caused. A real NIC queues
+            # (its qdisc, its ring): so does the lab's veth with a qdisc, which veth
+            # stops and wakes when the ring is full (backpressure, no drop).
+            for ns in (self.lb, self.farm):
+                netns.run(ns, "tc", "qdisc", "replace", "dev", "eth0", "root", "pfifo", "limit", "10000")
         pins = bpffs / f"hcb-{tag}"
         pins.mkdir()
         cfg = default_config(self.work, pins, ["eth0"])
@@ -258,53 +276,31 @@ def services(n_direct: int, per_direct: int, n_tunnel: int, per_tunnel: int, *, 
     return out
 
 
-def kcounters(ns: str) -> dict[str, int]:
+def kernel_counters(b: Bench) -> dict[tuple[str, str], int]:
+    """(lb|farm, name) -> value: nstat's counters and eth0's link statistics."""
     out = {}
-    for line in netns.run(ns, "nstat", "-asz").stdout.splitlines():
-        f = line.split()
-        if len(f) >= 2 and f[1].isdigit():
-            out[f[0]] = int(f[1])
-    import json as _json
-    st = _json.loads(netns.run(ns, "ip", "-s", "-s", "-j", "link", "show", "eth0").stdout)[0]["stats64"]
-    for d in ("rx", "tx"):
-        for k, v in st[d].items():
-            out[f"link.{d}.{k}"] = v
-    for line in netns.run(ns, "ethtool", "-S", "eth0").stdout.splitlines()[1:]:
-        k, _, v = line.strip().partition(":")
-        if v.strip().isdigit():
-            out["eth0." + k.strip()] = int(v)
+    for side, ns in (("lb", b.lb), ("farm", b.farm)):
+        for line in netns.run(ns, "nstat", "-asz").stdout.splitlines():
+            f = line.split()
+            if len(f) >= 2 and f[1].isdigit():
+                out[(side, f[0])] = int(f[1])
+        link = json.loads(netns.run(ns, "ip", "-s", "-j", "link", "show", "eth0").stdout)[0]["stats64"]
+        for d in ("rx", "tx"):
+            for k, v in link[d].items():
+                out[(side, f"link.{d}.{k}")] = v
     return out
 
 
-def kdiff(a: dict[str, int], b: dict[str, int]) -> dict[str, int]:
-    return {k: b[k] - a.get(k, 0) for k in b if b[k] != a.get(k, 0)}
-
-
-DEBUG: list[str] = []
-
-
-def measure(b: Bench, seconds: float, napi: set[int]) -> tuple[float, float, int, int, float]:
+def measure(b: Bench, seconds: float, napi: set[int]) -> tuple[float, float, int, int, float, dict[str, int]]:
     """Checks/s and daemon CPU % over ``seconds``; failed and late checks in that
-    time; CPU % of the farm's NAPI thread(s)."""
-    k0 = {ns: kcounters(ns) for ns in (b.lb, b.farm)}
-    w0 = time.time()
-    r0 = b.health(False)
-    h0, c0, n0, t0 = r0["checks"], b.cpu_seconds(), threads_cpu_seconds(napi), time.monotonic()
+    time; CPU % of the farm's NAPI thread(s); failed checks by kind."""
+    h0, c0, n0, t0 = b.health(False)["checks"], b.cpu_seconds(), threads_cpu_seconds(napi), time.monotonic()
     time.sleep(seconds)
-    r1 = b.health(False)
-    h1, c1, n1, t1 = r1["checks"], b.cpu_seconds(), threads_cpu_seconds(napi), time.monotonic()
-    w1 = time.time()
-    k1 = {ns: kcounters(ns) for ns in (b.lb, b.farm)}
-    DEBUG.append(f"window {w0:.3f}: failed {h1['failed'] - h0['failed']} {kdiff(h0['failed_by'], h1['failed_by'])}")
-    for ns in (b.lb, b.farm):
-        DEBUG.append(f"  {ns}: {kdiff(k0[ns], k1[ns])}")
-    for f in r1["recent_failures"]:
-        if f["at"] >= w0 - 1:
-            DEBUG.append(f"  FAIL {f['at'] - w0:.3f} {f['key']} {f['error']} lat={f['latency_seconds']} "
-                         f"port={f['source_port']}")
+    h1, c1, n1, t1 = b.health(False)["checks"], b.cpu_seconds(), threads_cpu_seconds(napi), time.monotonic()
     done = (h1["ok"] + h1["failed"]) - (h0["ok"] + h0["failed"])
+    kinds = {k: n - h0["failed_by"].get(k, 0) for k, n in h1["failed_by"].items() if n != h0["failed_by"].get(k, 0)}
     return (done / (t1 - t0), 100 * (c1 - c0) / (t1 - t0), h1["failed"] - h0["failed"], h1["late"] - h0["late"],
-            100 * (n1 - n0) / (t1 - t0))
+            100 * (n1 - n0) / (t1 - t0), kinds)
 
 
 def idle_cpu(b: Bench, seconds: float) -> float:
@@ -361,6 +357,26 @@ def mmm(xs: list[float], fmt: str) -> list[str]:
     return [fmt.format(x) for x in (min(xs), statistics.median(xs), max(xs))]
 
 
+def failed_checks(results: dict[str, Any], runs: int, quick: bool) -> None:
+    """Why checks failed: by kind per window, and each failed check of the whole
+    mode (settling, windows, drains) with its time, backend, error, duration and
+    source port; the kernel counters where a lost handshake shows."""
+    print(f"\nFailed checks (every mode from its PUT to the end of its drains; veth qdisc: "
+          f"{'pfifo' if QDISC else 'none (HCB_NO_QDISC)'})")
+    for mode in ("direct", "tunnel"):
+        total, failures = results[f"failed_{mode}"]
+        kinds = [", ".join(f"{n} {k}" for k, n in sorted(r[5].items())) or "0" for r in results[mode]]
+        kernel = results[f"kernel_{mode}"]
+        print(f"  {mode}: {total} failed in the whole mode; per window: {' | '.join(kinds)}")
+        print("    kernel: " + "; ".join(f"{label} {kernel.get((side, name), 0)}" for side, name, label in KERNEL))
+        first = failures[0]["at"] if failures else 0.0
+        for f in failures[:12]:
+            print(f"    +{f['at'] - first:7.3f} s  {f['key']}: {f['error']} (after {f['latency_seconds']:.3f} s, "
+                  f"source port {f['source_port']})")
+        if len(failures) > 12:
+            print(f"    ... and {len(failures) - 12} more (GET /v1/health keeps the newest 256)")
+
+
 @click.command()
 @click.option("--quick", is_flag=True, help="small scale, one run: a smoke run of every code path")
 @click.option("--targets", default=10000, show_default=True, help="TCP check targets (every 2 s)")
@@ -386,25 +402,23 @@ def main(quick: bool, targets: int, runs: int, seconds: float, n_drains: int) ->
             b.decapsulate(per_tunnel)
             napi = b.farm_napi_threads()
             # Floors: every service of the run, no checks, the daemon settled.
-            K0 = {ns: kcounters(ns) for ns in (b.lb, b.farm)}
             b.put(services(*layout))
             if not quick:
                 quiet(b)
             results["idle"] = [idle_cpu(b, seconds) for _ in range(runs)]
             results["drain_floor"] = drains(b, n_drains)
             for mode, checks in (("direct", {"direct": {**tcp, "via": "direct"}}), ("tunnel", {"tunnel": tcp})):
+                k0, f0, w0 = kernel_counters(b), b.health(False)["checks"]["failed"], time.time()
                 b.put(services(*layout, **checks))
                 settle(b, "up", 60)
                 results[mode] = [measure(b, seconds, napi) for _ in range(runs)]
                 results[f"drain_{mode}"] = drains(b, n_drains)
+                # The whole mode (settling, windows, drains): every failed check, with its reason.
+                k1, end = kernel_counters(b), b.health(False)
+                results[f"kernel_{mode}"] = {k: k1.get(k, 0) - k0.get(k, 0) for k in k1}
+                results[f"failed_{mode}"] = (end["checks"]["failed"] - f0,
+                                             [f for f in end["recent_failures"] if f["at"] >= w0])
             results["tunnel_packets"] = b.health(False)["tunnel"]["packets"]
-            K1 = {ns: kcounters(ns) for ns in (b.lb, b.farm)}
-            for ns in (b.lb, b.farm):
-                DEBUG.append(f"WHOLE {ns}: {kdiff(K0[ns], K1[ns])}")
-            fin = b.health(False)
-            DEBUG.append(f"WHOLE checks {fin['checks']}")
-            for f in fin["recent_failures"]:
-                DEBUG.append(f"  FAIL {f['at']:.3f} {f['key']} {f['error']} lat={f['latency_seconds']} port={f['source_port']}")
             # Detection: interval 1 s, fall 3 on one service, then the listener goes away.
             fast = {"type": "tcp", "interval": detect_every, "timeout": detect_every / 2, "rise": 2, "fall": 3,
                     "via": "direct"}
@@ -422,7 +436,6 @@ def main(quick: bool, targets: int, runs: int, seconds: float, n_drains: int) ->
         finally:
             b.close()
 
-    print("\n".join(DEBUG))
     if quick:
         print("quick run: a smoke run at a small scale; its figures are not measurements and judge no target")
     rows: list[tuple[str, list[str], str, bool | None]] = [
@@ -447,6 +460,7 @@ def main(quick: bool, targets: int, runs: int, seconds: float, n_drains: int) ->
     table(f"TCP checks every {every:g} s, {runs} window(s) of {seconds:g} s (daemon CPU: user+system of l4lbd "
           "and its probe worker, from /proc, % of one core)", ("min", "median", "max"), rows, quick)
     print(f"  tunnel encapsulator counters: {results['tunnel_packets']}")
+    failed_checks(results, runs, quick)
     rows = []
     for key, label in (("drain_floor", "floor: no checks"), ("drain_direct", f"{n_direct * per_direct} direct "
                        "checks running"), ("drain_tunnel", f"{n_tunnel * per_tunnel} tunnel checks running")):
