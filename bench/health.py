@@ -24,7 +24,15 @@ the inner packet reaches VIP:80 (another AnyIP prefix). Measured:
   without checks;
 * detection latency at interval 1 s, fall 3: the farm's listener is stopped
   (connections are refused) and each backend's transition time (the API's
-  ``since``) is compared with that moment.
+  ``since``) is compared with that moment;
+* every failed check of each mode, from the API's ``recent_failures`` (time,
+  backend, error, duration, source port) and ``failed_by`` (kind per window),
+  beside the kernel counters where a lost handshake shows (veth drops, SYN and
+  SYN-ACK retransmits, listen drops). Both veth ends have a pfifo qdisc: without
+  one (``HCB_NO_QDISC=1``, as before) a veth whose peer runs XDP drops what
+  finds the peer's 256-slot ring full, and a burst of checks (all that came due
+  during a stall of the loop) lost SYNs there: each one a 1 s SYN retransmit,
+  a "timeout after 1 s" that no backend caused. A real NIC queues.
 
 The machine is shared: print the load, repeat (``--runs``), and read the
 min/median/max. ``--quick`` runs everything at a small scale, with 0.5 s and

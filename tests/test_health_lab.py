@@ -194,6 +194,12 @@ def test_every_check_kind_against_real_servers_and_both_policies(hl: HealthLab) 
     om_types = {f.name: f.type for f in parse_openmetrics(om)}
     assert om_types["l4lb_backend_health"] == "stateset" and om_types["l4lb_health_check_duration_seconds"] == "histogram"
     assert h["fail_open"] == ["open"] and h["tunnel"]["ready"] and h["tunnel"]["packets"]["tx"] > 0
+    # Each failed check is counted by kind and listed with its reason and source port.
+    assert h["checks"]["failed_by"]["refused"] > 0 and set(h["checks"]["failed_by"]) <= {"refused", "timeout"}, h
+    mine = [f for f in h["recent_failures"] if f["key"] == open_["b1"]["key"]]
+    assert mine and all(f["error"] == "connect: connection refused" and 1024 <= f["source_port"] <= 65535
+                        and 0 <= f["latency_seconds"] < TIMEOUT for f in mine), mine
+    assert re.search(r'l4lb_health_check_failures_total\{kind="refused"\} [1-9]', metrics)
     assert lab.curl("c1", lab.url(lab.vip6)).ok, "fail_open keeps every backend"
     assert not lab.curl("c1", lab.url(VIP6B), timeout=1).ok, "fail_closed takes every backend out"
     assert 'l4lb_service_fail_open{service="open"} 1.0' in metrics
