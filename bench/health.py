@@ -299,6 +299,20 @@ def kernel_counters(b: Bench) -> dict[tuple[str, str], int]:
     return out
 
 
+def slow_checks(b: Bench, over: float) -> int:
+    """TCP checks (ok or failed) that took longer than ``over`` seconds, from the
+    daemon's duration histogram (``over`` must be one of its bucket bounds)."""
+    with b.daemon.client(timeout=60) as c:
+        text = c.get("/metrics").text
+    total = 0
+    for line in text.splitlines():
+        if line.startswith("l4lb_health_check_duration_seconds_count{"):
+            total += int(float(line.rsplit(" ", 1)[1]))
+        elif line.startswith("l4lb_health_check_duration_seconds_bucket{") and f'le="{over}"' in line:
+            total -= int(float(line.rsplit(" ", 1)[1]))
+    return total
+
+
 def measure(b: Bench, seconds: float, napi: set[int]) -> tuple[float, float, int, int, float, dict[str, int]]:
     """Checks/s and daemon CPU % over ``seconds``; failed and late checks in that
     time; CPU % of the farm's NAPI thread(s); failed checks by kind."""
@@ -375,7 +389,8 @@ def failed_checks(results: dict[str, Any], runs: int, quick: bool) -> None:
         total, failures = results[f"failed_{mode}"]
         kinds = [", ".join(f"{n} {k}" for k, n in sorted(r[5].items())) or "0" for r in results[mode]]
         kernel = results[f"kernel_{mode}"]
-        print(f"  {mode}: {total} failed in the whole mode; per window: {' | '.join(kinds)}")
+        print(f"  {mode}: {total} failed in the whole mode, {results[f'slow_{mode}']} took over 1 s (ok or failed); "
+              f"per window: {' | '.join(kinds)}")
         print("    kernel: " + "; ".join(f"{label} {kernel.get((side, name), 0)}" for side, name, label in KERNEL))
         first = failures[0]["at"] if failures else 0.0
         for f in failures[:12]:
@@ -417,12 +432,14 @@ def main(quick: bool, targets: int, runs: int, seconds: float, n_drains: int) ->
             results["drain_floor"] = drains(b, n_drains)
             for mode, checks in (("direct", {"direct": {**tcp, "via": "direct"}}), ("tunnel", {"tunnel": tcp})):
                 k0, f0, w0 = kernel_counters(b), b.health(False)["checks"]["failed"], time.time()
+                s0 = slow_checks(b, 1.0)
                 b.put(services(*layout, **checks))
                 settle(b, "up", 60)
                 results[mode] = [measure(b, seconds, napi) for _ in range(runs)]
                 results[f"drain_{mode}"] = drains(b, n_drains)
                 # The whole mode (settling, windows, drains): every failed check, with its reason.
-                k1, end = kernel_counters(b), b.health(False)
+                k1, end, s1 = kernel_counters(b), b.health(False), slow_checks(b, 1.0)
+                results[f"slow_{mode}"] = s1 - s0
                 results[f"kernel_{mode}"] = {k: k1.get(k, 0) - k0.get(k, 0) for k in k1}
                 results[f"failed_{mode}"] = (end["checks"]["failed"] - f0,
                                              [f for f in end["recent_failures"] if f["at"] >= w0])
