@@ -177,7 +177,23 @@ def test_each_attempt_gets_its_whole_timeout_when_a_turn_launches_a_burst(clock:
             s._turn()
         assert [round(f.at - 1.7e9 - began[f.key], 6) for f in failures] == [1.6] * 5   # failed at start + timeout
         assert [round(f.latency, 6) for f in failures] == [1.6] * 5, failures
-        assert s.stats.failed_by == {"timeout": 5}
+        assert {k: n for k, n in s.stats.failed_by.items() if n} == {"timeout": 5}
         assert all(f.error == "timeout after 1.6 s (connecting)" for f in failures)
     finally:
         s.stop()
+
+
+@pytest.mark.parametrize("error,kind", [
+    ("timeout after 1 s (connecting)", "timeout"), ("timeout after 0.5 s (receiving)", "timeout"),
+    ("connect: connection refused", "refused"), ("receive: connection refused", "refused"),
+    ("receive: connection reset by peer", "reset"), ("connect: no route to host", "unreachable"),
+    ("connect: network is unreachable", "unreachable"), ("TLS: CERTIFICATE_VERIFY_FAILED", "tls"),
+    ("HTTP 503 (expected 200-399)", "http"), ("HTTP: malformed response (bad status line)", "http"),
+    ("body does not contain 'ok'", "http"), ("connection closed before a response", "http"),
+    ("the first 64 KiB of the body do not contain 'ok'", "http"), ("DNS: NXDOMAIN", "dns"),
+    ("send: broken pipe", "error"), ("ValueError: odd reply", "error"),
+])
+def test_every_failure_text_of_the_probers_has_its_kind(error: str, kind: str) -> None:
+    from l4lb.health.probe import FAILURE_KINDS, failure_kind
+
+    assert failure_kind(error) == kind and kind in FAILURE_KINDS

@@ -122,4 +122,9 @@ def health(app: App, services: tuple[str, ...]) -> None:
             for s in data["services"] if s["checked"] for b in s["backends"] if b.get("key")]
     lines.append(table(["SERVICE", "BACKEND", "STATE", "HEALTH", "SINCE", "LAST ERROR"], rows) if rows
                  else "no checked backends")
+    checks = data.get("checks")
+    if checks and checks.get("failed"):
+        kinds = ", ".join(f"{k} {n}" for k, n in sorted(checks.get("failed_by", {}).items()) if n)
+        lines.append(f"checks since the start: {checks['ok']} ok, {checks['failed']} failed ({kinds}); "
+                     "the newest failures with their source ports: -o json, recent_failures")
     click.echo("\n".join(lines))

@@ -41,6 +41,9 @@ BODY_LIMIT = 64 * 1024
 _FAMILY = {4: socket.AF_INET, 6: socket.AF_INET6}
 
 
+FAILURE_KINDS = ("timeout", "refused", "reset", "unreachable", "tls", "http", "dns", "error")
+
+
 def failure_kind(error: str) -> str:
     """The class of a failed check's error text, for counters (a bounded set of
     label values; the text itself is kept per probe and in the recent failures):

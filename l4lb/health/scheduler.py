@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 
 from l4lb.health.machine import Damping, ProbeState, Transition
 from l4lb.health.overlay import Health
-from l4lb.health.probe import ATTEMPTS, Attempt, LocalError, Route, failure_kind
+from l4lb.health.probe import ATTEMPTS, FAILURE_KINDS, Attempt, LocalError, Route, failure_kind
 from l4lb.health.targets import ProbeSpec, Timing
 
 log = logging.getLogger("l4lbd.health")
@@ -78,7 +78,9 @@ class LoopStats:
     late: int = 0
     not_run: int = 0
     results: dict[str, int] = field(default_factory=lambda: {"ok": 0, "failed": 0})
-    failed_by: dict[str, int] = field(default_factory=dict)   # failure_kind -> count
+    # failure_kind -> count; every kind from the start, so that the dict never changes
+    # size while the flusher thread pickles it (and every metric series exists at 0).
+    failed_by: dict[str, int] = field(default_factory=lambda: dict.fromkeys(FAILURE_KINDS, 0))
     states: dict[str, int] = field(default_factory=dict)   # probes by state (filled when sent)
 
 
@@ -285,7 +287,7 @@ class Scheduler:
         stats = self.stats
         if not ok:
             kind = failure_kind(error)
-            stats.failed_by[kind] = stats.failed_by.get(kind, 0) + 1
+            stats.failed_by[kind] += 1
             if self._on_failure is not None:
                 self._on_failure(Failure(job.key, error, wall, latency, attempt.source_port()))
         self._drop(job)
