@@ -197,3 +197,78 @@ def test_every_failure_text_of_the_probers_has_its_kind(error: str, kind: str) -
     from l4lb.health.probe import FAILURE_KINDS, failure_kind
 
     assert failure_kind(error) == kind and kind in FAILURE_KINDS
+
+
+class Answered(Attempt):
+    """A backend that answers at once: its byte is waiting when the loop looks."""
+
+    cost = 0.0   # fake seconds that starting one takes (a busy machine)
+
+    def start(self) -> int | tuple[bool, str]:
+        self.sock, self.peer = socket.socketpair()
+        self.sock.setblocking(False)
+        self.peer.send(b"x")
+        Answered.clock.t += self.cost
+        return EPOLLIN
+
+    def event(self, mask: int) -> int | tuple[bool, str]:
+        return True, ""
+
+    def close(self) -> None:
+        super().close()
+        self.peer.close()
+
+
+def test_answers_are_taken_while_a_burst_of_checks_starts(clock: Clock, monkeypatch: pytest.MonkeyPatch) -> None:
+    """1,000 checks due at once (a loop that fell behind), each start taking 1 ms:
+    the answers are taken between batches of starts, so no check waits for the
+    whole burst (it took 1 s, twice the timeout, when every start came first)."""
+    durations: list[float] = []
+    monkeypatch.setattr(Answered, "clock", clock, raising=False)
+    monkeypatch.setattr(Answered, "cost", 0.001)
+    monkeypatch.setitem(sched.ATTEMPTS, CheckType.tcp, Answered)
+    s = sched.Scheduler(lambda t: None, lambda cfg, ok, seconds: durations.append(seconds))
+    s._ep = FakeEpoll(s._ep, clock, iter([]))
+    try:
+        s.update({spec(i).key: sched.ProbeConfig(spec(i), Timing(10.0, 0.5, 1, 3), Route()) for i in range(1000)})
+        while len(durations) < 1000:
+            s._turn()
+        assert s.stats.results == {"ok": 1000, "failed": 0}
+        assert max(durations) <= 0.3, max(durations)   # a batch of starts (256 ms here), not the burst
+    finally:
+        s.stop()
+
+
+def test_an_answer_that_came_while_the_loop_was_busy_is_no_timeout(clock: Clock,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Probe 0 (timeout 1 s) answers half a second after its start, while the loop
+    is busy with probe 1's answer for a whole second (a stalled box): past probe
+    0's deadline. The loop looks at the sockets again before it expires
+    deadlines: a success, not a timeout."""
+    attempts: dict[str, Any] = {}
+
+    class Peers(Silent):
+        def start(self) -> int | tuple[bool, str]:
+            r = super().start()
+            attempts[self.key] = self
+            if self.key == spec(1).key:
+                self.peer.send(b"x")       # probe 1 has answered by the next look
+            return r
+
+        def event(self, mask: int) -> int | tuple[bool, str]:
+            if self.key == spec(1).key:
+                attempts[spec(0).key].peer.send(b"x")   # probe 0 answers now ...
+                clock.t += 1.0                          # ... and the loop stalls past its deadline
+            return True, ""
+
+    monkeypatch.setitem(sched.ATTEMPTS, CheckType.tcp, Peers)
+    s = sched.Scheduler(lambda t: None)
+    s._ep = FakeEpoll(s._ep, clock, iter([]))
+    try:
+        s.update({spec(0).key: sched.ProbeConfig(spec(0), Timing(10.0, 1.0, 1, 3), Route()),
+                  spec(1).key: sched.ProbeConfig(spec(1), Timing(10.0, 0.5, 1, 3), Route())})
+        s._turn()                       # both start
+        s._turn()                       # at probe 1's deadline: its answer; meanwhile probe 0's, then the stall
+        assert s.stats.results == {"ok": 2, "failed": 0}, [j.state.last_error for j in s.jobs.values()]
+    finally:
+        s.stop()

@@ -14,6 +14,13 @@ are skipped. An attempt that the LB
 itself cannot start (no socket, no tunnel) is *not run*: no evidence, no
 change.
 
+A turn takes every answer first, looks at the sockets once more, and only
+then expires deadlines that passed before that last look: an answer that
+arrived before its deadline is never a timeout, however late the loop runs.
+It starts at most LAUNCH_BATCH checks before it looks at the sockets again, so
+a burst of due checks (after a stall) does not keep answers waiting; each
+check's timeout runs from its own start.
+
 Probes are added, changed and removed with ``update`` from any thread; the
 loop picks that up at once (an eventfd wakes it). Results and states are read by the API
 from other threads: they are plain attribute reads, updated only here.
@@ -41,6 +48,8 @@ from l4lb.health.targets import ProbeSpec, Timing
 
 log = logging.getLogger("l4lbd.health")
 MAX_EVENTS = 1024
+DRAIN_ROUNDS = 16      # looks at the sockets per turn, at most (MAX_EVENTS each)
+LAUNCH_BATCH = 256     # checks started per turn, at most
 
 
 @dataclass(frozen=True)
@@ -154,20 +163,36 @@ class Scheduler:
         now = time.monotonic()
         due, dl = self._due, self._deadlines
         wait = min(due[0][0] if due else now + 1.0, dl[0][0] if dl else now + 1.0) - now
-        # Every ready socket first (epoll hands out at most MAX_EVENTS per call):
-        # when the loop ran late (a busy machine, the GIL), an answer that
-        # arrived in time must not be taken for a timeout.
+        # Every ready socket first, then one more look for what answered while the
+        # loop was busy with those: a deadline expires only if it passed before
+        # the last look at the sockets (``seen``). When the loop ran late (a busy
+        # machine, the GIL), an answer that arrived before its deadline must not
+        # be taken for a timeout. (epoll hands out at most MAX_EVENTS per call: a
+        # full batch says nothing about what else was ready.)
         events = self._ep.poll(max(wait, 0.0), MAX_EVENTS)
-        while events:
+        seen = -math.inf
+        for _ in range(DRAIN_ROUNDS):
             for fd, mask in events:
                 self._event(fd, mask)
-            events = self._ep.poll(0, MAX_EVENTS) if len(events) == MAX_EVENTS else []
+            look = time.monotonic()
+            events = self._ep.poll(0, MAX_EVENTS)
+            if len(events) < MAX_EVENTS:
+                seen = look   # everything ready at `look` is in `events`
+            if not events:
+                break
+        for fd, mask in events:   # the last look's, when answers kept coming
+            self._event(fd, mask)
         now = time.monotonic()
-        while dl and dl[0][0] <= now:
+        while dl and dl[0][0] <= seen:
             _, _, job, attempt = heapq.heappop(dl)
             if job.running is attempt:
                 self._finish(job, False, f"timeout after {job.config.timing.timeout:g} s ({attempt.stage})")
-        while due and due[0][0] <= now:
+        # At most LAUNCH_BATCH starts per turn: a loop that fell behind (thousands
+        # due at once) goes back to the sockets between batches, so answers are
+        # taken while a burst starts, not after all of it (their durations stay
+        # true, and fewer checks are in flight at once).
+        launched = 0
+        while due and due[0][0] <= now and launched < LAUNCH_BATCH:
             at, _, job = heapq.heappop(due)
             if at != job.due or self.jobs.get(job.key) is not job:
                 continue  # stale: the job was rescheduled (only the entry at job.due counts) or removed
@@ -180,6 +205,7 @@ class Scheduler:
                 self._schedule(job)
                 continue
             self._launch(job, now)
+            launched += 1
 
     def _event(self, fd: int, mask: int) -> None:
         job = self._inflight.get(fd)
