@@ -313,16 +313,19 @@ def slow_checks(b: Bench, over: float) -> int:
     return total
 
 
-def measure(b: Bench, seconds: float, napi: set[int]) -> tuple[float, float, int, int, float, dict[str, int]]:
+def measure(b: Bench, seconds: float, napi: set[int]) -> tuple[float, float, int, int, float, dict[str, int],
+                                                                tuple[float, float]]:
     """Checks/s and daemon CPU % over ``seconds``; failed and late checks in that
-    time; CPU % of the farm's NAPI thread(s); failed checks by kind."""
+    time; CPU % of the farm's NAPI thread(s); failed checks by kind; the window (wall clock)."""
+    w0 = time.time()
     h0, c0, n0, t0 = b.health(False)["checks"], b.cpu_seconds(), threads_cpu_seconds(napi), time.monotonic()
     time.sleep(seconds)
     h1, c1, n1, t1 = b.health(False)["checks"], b.cpu_seconds(), threads_cpu_seconds(napi), time.monotonic()
+    w1 = time.time()
     done = (h1["ok"] + h1["failed"]) - (h0["ok"] + h0["failed"])
     kinds = {k: n - h0["failed_by"].get(k, 0) for k, n in h1["failed_by"].items() if n != h0["failed_by"].get(k, 0)}
     return (done / (t1 - t0), 100 * (c1 - c0) / (t1 - t0), h1["failed"] - h0["failed"], h1["late"] - h0["late"],
-            100 * (n1 - n0) / (t1 - t0), kinds)
+            100 * (n1 - n0) / (t1 - t0), kinds, (w0, w1))
 
 
 def idle_cpu(b: Bench, seconds: float) -> float:
@@ -379,11 +382,11 @@ def mmm(xs: list[float], fmt: str) -> list[str]:
     return [fmt.format(x) for x in (min(xs), statistics.median(xs), max(xs))]
 
 
-def failed_checks(results: dict[str, Any], runs: int, quick: bool) -> None:
+def failed_checks(results: dict[str, Any]) -> None:
     """Why checks failed: by kind per window, and each failed check of the whole
     mode (settling, windows, drains) with its time, backend, error, duration and
     source port; the kernel counters where a lost handshake shows."""
-    print(f"\nFailed checks (every mode from its PUT to the end of its drains; veth qdisc: "
+    print(f"\nFailed checks (every mode from its PUT to the end of its drains, times from the PUT; veth qdisc: "
           f"{'pfifo' if QDISC else 'none (HCB_NO_QDISC)'})")
     for mode in ("direct", "tunnel"):
         total, failures = results[f"failed_{mode}"]
@@ -392,10 +395,12 @@ def failed_checks(results: dict[str, Any], runs: int, quick: bool) -> None:
         print(f"  {mode}: {total} failed in the whole mode, {results[f'slow_{mode}']} took over 1 s (ok or failed); "
               f"per window: {' | '.join(kinds)}")
         print("    kernel: " + "; ".join(f"{label} {kernel.get((side, name), 0)}" for side, name, label in KERNEL))
-        first = failures[0]["at"] if failures else 0.0
+        start, windows = results[f"start_{mode}"], [r[6] for r in results[mode]]
         for f in failures[:12]:
-            print(f"    +{f['at'] - first:7.3f} s  {f['key']}: {f['error']} (after {f['latency_seconds']:.3f} s, "
-                  f"source port {f['source_port']})")
+            where = next((f"window {i + 1}" for i, (a, z) in enumerate(windows) if a <= f["at"] <= z),
+                         "settling" if f["at"] < windows[0][0] else "between windows or drains")
+            print(f"    +{f['at'] - start:7.3f} s ({where})  {f['key']}: {f['error']} "
+                  f"(after {f['latency_seconds']:.3f} s, source port {f['source_port']})")
         if len(failures) > 12:
             print(f"    ... and {len(failures) - 12} more (GET /v1/health keeps the newest 256)")
 
@@ -441,6 +446,7 @@ def main(quick: bool, targets: int, runs: int, seconds: float, n_drains: int) ->
                 k1, end, s1 = kernel_counters(b), b.health(False), slow_checks(b, 1.0)
                 results[f"slow_{mode}"] = s1 - s0
                 results[f"kernel_{mode}"] = {k: k1.get(k, 0) - k0.get(k, 0) for k in k1}
+                results[f"start_{mode}"] = w0
                 results[f"failed_{mode}"] = (end["checks"]["failed"] - f0,
                                              [f for f in end["recent_failures"] if f["at"] >= w0])
             results["tunnel_packets"] = b.health(False)["tunnel"]["packets"]
@@ -485,7 +491,7 @@ def main(quick: bool, targets: int, runs: int, seconds: float, n_drains: int) ->
     table(f"TCP checks every {every:g} s, {runs} window(s) of {seconds:g} s (daemon CPU: user+system of l4lbd "
           "and its probe worker, from /proc, % of one core)", ("min", "median", "max"), rows, quick)
     print(f"  tunnel encapsulator counters: {results['tunnel_packets']}")
-    failed_checks(results, runs, quick)
+    failed_checks(results)
     rows = []
     for key, label in (("drain_floor", "floor: no checks"), ("drain_direct", f"{n_direct * per_direct} direct "
                        "checks running"), ("drain_tunnel", f"{n_tunnel * per_tunnel} tunnel checks running")):
