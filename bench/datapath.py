@@ -21,7 +21,11 @@ Then the verifier's view of each build (xlated / verified instructions) and
 Maglev table builds.
 Run as root: `make bench` or `.venv/bin/python bench/datapath.py` (~3 min);
 `--quick` (2,000 repeats/calls, 64k-entry flow table) runs every step in
-seconds, for tests/test_bench.py: its figures are not measurements.
+seconds, for tests/test_bench.py: its figures are not measurements. It compiles
+four programs instead of seven (each BCC compile costs ~12 s of CPU): the
+nexthop = fib builds and their rows are left out (the same steps as every other
+row; tests/test_nexthop.py compiles and runs the fib build), and one floor
+build (BENCH_UNDO) serves both methods.
 """
 
 from __future__ import annotations
@@ -103,7 +107,8 @@ class Row:
     floor_b: str = ""
 
 
-def rows() -> list[Row]:
+def rows(fib: bool = True) -> list[Row]:
+    """Every row; without `fib`, not those of the nexthop = fib builds (--quick)."""
     out = []
     for fam, encap in (("v4", "floor bare IPIP"), ("v6", "floor bare IP6IP6")):
         step = f"{encap.replace('bare ', '')} + next-flow step"
@@ -121,7 +126,7 @@ def rows() -> list[Row]:
         Row("l4lb 4in6, new connection", "undo_next", "prod", "4in6 new", True, "floor IP6IP6 + next-flow step",
             ip6ip6),
     ]
-    for fam, encap in (("v4", "floor bare IPIP"), ("v6", "floor bare IP6IP6")):
+    for fam, encap in (("v4", "floor bare IPIP"), ("v6", "floor bare IP6IP6")) if fib else ():
         for pkt, what in (("SYN", "SYN, same flow rewritten"), ("non-SYN", "non-SYN, flow-table hit")):
             out.append(Row(f"  fib build {fam} {what}", "fib_undo", "fib_prod", f"{fam} {pkt}", False, encap, encap))
     for name, label, pkt in (
@@ -143,8 +148,8 @@ def rows() -> list[Row]:
 class Bench:
     """The programs, the packets and the flow numbers handed out so far."""
 
-    def __init__(self, env: PacketEnv, repeat: int, calls: int) -> None:
-        self.env, self.repeat, self.calls = env, repeat, calls
+    def __init__(self, env: PacketEnv, repeat: int, calls: int, quick: bool = False) -> None:
+        self.env, self.repeat, self.calls, self.quick = env, repeat, calls, quick
         self.pk = packets()
         self.next_flow = {name: 0 for name in self.pk if name.endswith(" new")}
         self.fds: dict[str, int] = {}
@@ -157,19 +162,25 @@ class Bench:
         cfg = env.dp.cfg
         undo_cfg = dataclasses.replace(cfg, extra_cflags=("-DBENCH_UNDO",))
         # Every build shares the pinned maps (same layout).
-        for name, c in (("undo", undo_cfg),
-                        ("undo_next", dataclasses.replace(undo_cfg, extra_cflags=("-DBENCH_UNDO", "-DBENCH_NEXT_FLOW"))),
-                        ("fib_undo", dataclasses.replace(undo_cfg, nexthop_cache=False)),
-                        ("fib_prod", dataclasses.replace(cfg, nexthop_cache=False))):
+        builds = [("undo", undo_cfg),
+                  ("undo_next", dataclasses.replace(undo_cfg, extra_cflags=("-DBENCH_UNDO", "-DBENCH_NEXT_FLOW")))]
+        if not self.quick:  # --quick leaves out the fib builds (rows(fib=False))
+            builds += [("fib_undo", dataclasses.replace(undo_cfg, nexthop_cache=False)),
+                       ("fib_prod", dataclasses.replace(cfg, nexthop_cache=False))]
+        for name, c in builds:
             self.builds[name] = Datapath(c)
             env.call(self.builds[name].load)
         self.builds = {"prod": env.dp, **self.builds}
         self.fds = {name: dp.prog_fd for name, dp in self.builds.items()}
         self.floor_bpf = []
-        for method, undo in (("A", True), ("B", False)):
+        # B's floors are the plain build; --quick runs B on A's BENCH_UNDO floors (one compile
+        # less: the undo also answers XDP_TX after one pass, and quick figures are no measurement).
+        for method, undo in (("A", True),) if self.quick else (("A", True), ("B", False)):
             b = env.compile_floors(undo=undo)
             self.floor_bpf.append(b)
             self.fds.update({f"{method} {n}": b.load_func(n.encode(), BPF.XDP).fd for n in FLOORS})
+        if self.quick:
+            self.fds.update({f"B {n}": self.fds[f"A {n}"] for n in FLOORS})
 
     def close(self) -> None:
         for name, dp in self.builds.items():
@@ -257,12 +268,12 @@ def main() -> None:
         with PacketEnv(bpffs, n_backends=100, prefix="l4bench", **env_cfg) as env:
             env.apply(services())
             env.call(os.sched_setaffinity, 0, {args.cpu})   # the worker thread runs every test run
-            bench = Bench(env, repeat, calls)
+            bench = Bench(env, repeat, calls, quick)
             try:
                 bench.load()
                 for name in ("v4 non-SYN", "v6 non-SYN", "v4 ranges non-SYN", "4in6 non-SYN"):  # the hit rows' flows
                     env.run(bench.pk[name])
-                table = rows()
+                table = rows(fib=not quick)
                 a: dict[str, list[float]] = {r.label: [] for r in table}
                 b: dict[str, list[float]] = {r.label: [] for r in table}
                 for _ in range(args.runs):
@@ -288,6 +299,8 @@ def main() -> None:
           f"rows: {calls:,} distinct flows per run (client address last byte and port), SYN")
     print(f"{args.runs} runs per row, rows interleaved; min/median/max over runs. Floors: v4 rows against bare IPIP, "
           f"v6 against bare IP6IP6; new-connection rows by A against that floor + the same next-flow step")
+    if quick:
+        print("--quick: no nexthop = fib builds or rows; method B ran the floors' BENCH_UNDO build")
     print_table(table, a, b)
     print(f"\nMethod B's cost per call outside the kernel's timer (v4 non-SYN): the program's run {run_ns:.0f} ns "
           f"(kernel-timed), the C loop's wall time {c_wall:.0f} ns per call (syscall, frame copy-in, xdp_buff set-up), "
