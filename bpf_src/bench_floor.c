@@ -6,9 +6,9 @@
  * (lib/bench.h): the floor of the new-connection rows. bench/traffic.py's
  * floor (MAC swap) lives with its receiver in bench/c/traffic_xdp.c. */
 #include <uapi/linux/bpf.h>
-#include <linux/if_ether.h>
-#include <linux/ip.h>
-#include <linux/ipv6.h>
+#include <uapi/linux/if_ether.h>
+#include <uapi/linux/ip.h>
+#include <uapi/linux/ipv6.h>
 /* The datapath's own flow cache (and so its maps, pinned in a bench-only
  * PIN_DIR): compiled by PacketEnv.compile_floors (l4lb/lab/pktenv.py). */
 #include "lib/flowcache.h"

@@ -32,11 +32,11 @@
 // of L4 DNAT, which gives DSR replies the service port back.
 
 #include <uapi/linux/bpf.h>
-#include <linux/if_ether.h>
-#include <linux/in.h>
-#include <linux/ip.h>
-#include <linux/ipv6.h>
-#include <linux/pkt_cls.h>
+#include <uapi/linux/if_ether.h>
+#include <uapi/linux/in.h>
+#include <uapi/linux/ip.h>
+#include <uapi/linux/ipv6.h>
+#include <uapi/linux/pkt_cls.h>
 
 #define DECAP_V4           0   // outer IPv4 stripped
 #define DECAP_V6           1   // outer IPv6 stripped

@@ -15,7 +15,7 @@
 #include "lib/common.h"
 #include "lib/csum.h"
 #include "lib/hc_maps.h"
-#include <linux/pkt_cls.h>
+#include <uapi/linux/pkt_cls.h>
 
 /* BCC 0.26's helpers.h declares bpf_redirect_neigh with three arguments; the
  * kernel's helper takes four (ifindex, params, plen, flags), and a stray

@@ -273,10 +273,10 @@ def test_decap_passes_what_it_does_not_handle(lab):
 
 L2FWD = r"""
 #include <uapi/linux/bpf.h>
-#include <linux/if_ether.h>
-#include <linux/in.h>
-#include <linux/ip.h>
-#include <linux/udp.h>
+#include <uapi/linux/if_ether.h>
+#include <uapi/linux/in.h>
+#include <uapi/linux/ip.h>
+#include <uapi/linux/udp.h>
 
 struct fwd_cfg { unsigned char dst[6]; unsigned char src[6]; __u32 ifindex; __u32 vip; __u16 port; };
 BPF_ARRAY(cfg, struct fwd_cfg, 1);

@@ -14,10 +14,10 @@
  * Compiled by bench/traffic.py in one object with bpf_src/bench_floor.c
  * (PacketEnv.compile_floors(extra=...): one BCC compile, not two). */
 #include <uapi/linux/bpf.h>
-#include <linux/in.h>
-#include <linux/if_ether.h>
-#include <linux/ip.h>
-#include <linux/ipv6.h>
+#include <uapi/linux/in.h>
+#include <uapi/linux/if_ether.h>
+#include <uapi/linux/ip.h>
+#include <uapi/linux/ipv6.h>
 
 #define SAMPLE_LEN 128
 #define SAMPLE_EVERY 1024

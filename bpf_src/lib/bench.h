@@ -13,9 +13,9 @@
 #pragma once
 
 #include <uapi/linux/bpf.h>
-#include <linux/if_ether.h>
-#include <linux/ip.h>
-#include <linux/ipv6.h>
+#include <uapi/linux/if_ether.h>
+#include <uapi/linux/ip.h>
+#include <uapi/linux/ipv6.h>
 
 static __always_inline int bench_next_flow(struct xdp_md *ctx)
 {
