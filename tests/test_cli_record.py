@@ -469,6 +469,30 @@ def test_a_slow_start_says_what_it_waits_for(monkeypatch: pytest.MonkeyPatch, ca
     assert capsys.readouterr().err == "", "a quick answer: no line"
 
 
+def test_a_notice_late_in_its_own_thread_is_not_said_after_the_answer(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from l4lb.cli import record
+
+    sock = tmp_path / "l4lbd.sock"
+    sock.touch()
+
+    class SlowEndpoint:  # the timer fires, then its thread is held up (a busy machine, the GIL)
+        socket = str(sock)
+
+        @property
+        def url(self) -> None:
+            time.sleep(0.3)
+
+    monkeypatch.setattr(record, "ARMING_NOTICE_S", 0.01)
+    app = SimpleNamespace(client=SimpleNamespace(endpoint=SlowEndpoint()))
+    with record._arming((FILTER,), app):  # type: ignore[arg-type]
+        time.sleep(0.1)                 # answered while the notice's thread is still on its way
+    time.sleep(0.5)
+    assert capsys.readouterr().err == "", "the notice came after the answer (it lands in the status line)"
+
+
 def test_direction_is_passed_shown_and_kept(lab: DaemonLab, api: httpx.Client, tmp_path: Path) -> None:
     rid = ok(lab, "record", "--detach", "--direction", "IN", FILTER).strip()
     assert api.get(f"/v1/recordings/{rid}").json()["direction"] == "in"

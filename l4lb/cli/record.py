@@ -439,13 +439,18 @@ def _arming(filters: tuple[str, ...], app: App | None = None) -> Iterator[None]:
     one line on stderr says what the pause is, rather than silence (not when there is no
     daemon socket to wait for: that error follows at once)."""
     n = sum(len(expand_filter(f)) for f in filters)
+    # The notice is said whole before the answer's lines, or not at all: cancel() cannot
+    # stop a timer that already fired, so both sides take this lock.
+    lock, answered = threading.Lock(), [False]
 
     def say() -> None:
         endpoint = getattr(getattr(app, "client", None), "endpoint", None)
         sock = getattr(endpoint, "socket", None)
         if endpoint is not None and endpoint.url is None and sock is not None and not os.path.exists(sock):
             return
-        click.echo(f"Waiting for l4lbd to arm {n} filter{'s' if n != 1 else ''} in the datapath...", err=True)
+        with lock:
+            if not answered[0]:
+                click.echo(f"Waiting for l4lbd to arm {n} filter{'s' if n != 1 else ''} in the datapath...", err=True)
 
     notice = threading.Timer(ARMING_NOTICE_S, say)
     notice.daemon = True
@@ -454,6 +459,8 @@ def _arming(filters: tuple[str, ...], app: App | None = None) -> Iterator[None]:
         yield
     finally:
         notice.cancel()
+        with lock:
+            answered[0] = True
 
 
 def _check_filters(filters: tuple[str, ...]) -> None:
