@@ -22,7 +22,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
 from pydantic import ValidationError
@@ -414,7 +414,7 @@ class Control:
                 "backends": sum(by_state.values()),
                 "backends_by_state": {k.value: by_state.get(k.value, 0) for k in BackendState},
                 "interfaces": dict(self.interfaces),
-                "limits": self.limits.as_dict(),
+                "limits": asdict(self.limits),
                 "datapath": dp_status,
             }
 

@@ -16,10 +16,6 @@ class Limits:
     max_backends_per_service: int = 1024
     max_backends_total: int = 65536  # (service, backend) pairs the datapath's maps hold
 
-    def as_dict(self) -> dict[str, int]:
-        return {"max_services": self.max_services, "max_backends_per_service": self.max_backends_per_service,
-                "max_backends_total": self.max_backends_total}
-
 
 def limit_issues(
     services: Sequence[Service], limits: Limits, *, list_loc: Loc, item_loc: Callable[[int], Loc],

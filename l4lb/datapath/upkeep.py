@@ -52,7 +52,7 @@ class Upkeep:
         # they stay the same, a full refresh resolves only new addresses. 100,000
         # addresses cost ~5 s of Python each time, every stats_interval.
         self._resolved_from: object | None = None
-        self.skipped = 0  # full refreshes that found nothing changed (tests, status)
+        self.skipped = 0  # full refreshes that found nothing changed (the tests read it)
         self.no_route = Condition(log, "backends have no route (their packets go to the kernel)",
                                   "every backend has a route again")
 
