@@ -149,44 +149,40 @@ def _parse_addr(field: str, token: Any) -> IPNetwork | None:
         raise ValueError(f"{field}: {token!r} is not an IPv4/IPv6 address or prefix ({exc})") from None
 
 
-def _parse_port(field: str, token: Any) -> int:
-    if isinstance(token, bool):
-        raise ValueError(f"{field}: expected a port number, got {token!r}")
-    if isinstance(token, int):
-        value = token
-    elif isinstance(token, str):
-        text = token.strip()
-        if text.lower() in _WILDCARDS:
-            return 0
+def _parse_number(field: str, token: Any, *, what: str, words: dict[str, int], bad: str, top: int,
+                  out_of_range: str) -> int:
+    """A port or protocol: an int, or a string of digits or one of ``words``
+    (the wildcards among them), within 0..top. Bools are not numbers here."""
+    if isinstance(token, bool) or not isinstance(token, (int, str)):
+        raise ValueError(f"{field}: expected {what}, got {token!r}")
+    value = token
+    if isinstance(token, str):
+        text = token.strip().lower()
+        if text in words:
+            return words[text]
         if not _DIGITS.fullmatch(text):
-            raise ValueError(f"{field}: {token!r} is not a port number (0-65535, 0/any/* = any port)")
+            raise ValueError(f"{field}: {token!r} {bad}")
         value = int(text)
-    else:
-        raise ValueError(f"{field}: expected a port number, got {token!r}")
-    if not 0 <= value <= 65535:
-        raise ValueError(f"{field}: port {value} out of range 0-65535 (0 = any port)")
+    if not 0 <= value <= top:
+        raise ValueError(f"{field}: {out_of_range.format(value)}")
     return value
+
+
+_PORT_WORDS = dict.fromkeys(_WILDCARDS, 0)
+_PROTO_WORDS = {**dict.fromkeys(_WILDCARDS, PROTO_ANY), **_PROTO_NAMES}
+
+
+def _parse_port(field: str, token: Any) -> int:
+    return _parse_number(field, token, what="a port number", words=_PORT_WORDS, top=65535,
+                         bad="is not a port number (0-65535, 0/any/* = any port)",
+                         out_of_range="port {} out of range 0-65535 (0 = any port)")
 
 
 def _parse_proto(token: Any) -> int:
-    if isinstance(token, bool):
-        raise ValueError(f"proto: expected a protocol, got {token!r}")
-    if isinstance(token, int):
-        value = token
-    elif isinstance(token, str):
-        text = token.strip().lower()
-        if text in _WILDCARDS:
-            return PROTO_ANY
-        if text in _PROTO_NAMES:
-            return _PROTO_NAMES[text]
-        if not _DIGITS.fullmatch(text):
-            raise ValueError(f"proto: {token!r} is not TCP, UDP, ICMP, ICMPv6, ANY or a protocol number 0-255")
-        value = int(text)
-    else:
-        raise ValueError(f"proto: expected a protocol name or number, got {token!r}")
-    if not 0 <= value <= 255:
-        raise ValueError(f"proto: protocol number {value} out of range 0-255 (0 = any)")
-    return value
+    return _parse_number("proto", token, what="a protocol name or number",
+                         words=_PROTO_WORDS, top=255,
+                         bad="is not TCP, UDP, ICMP, ICMPv6, ANY or a protocol number 0-255",
+                         out_of_range="protocol number {} out of range 0-255 (0 = any)")
 
 
 def _parse_family(token: Any) -> int | None:
