@@ -118,7 +118,7 @@ def health(app: App, services: tuple[str, ...]) -> None:
     if not data.get("enabled", True):
         lines.append("health checks are disabled in the daemon's config ([health] enabled = false)")
     rows = [[s["name"], hostport(b["address"], b["port"]), b["state"], health_cell(b["health"]), ago(b.get("since")),
-             b.get("last_error") or b.get("not_run_reason") or "-"]
+             b.get("not_run_reason") or b.get("last_error") or "-"]
             for s in data["services"] if s["checked"] for b in s["backends"] if b.get("key")]
     lines.append(table(["SERVICE", "BACKEND", "STATE", "HEALTH", "SINCE", "LAST ERROR"], rows) if rows
                  else "no checked backends")

@@ -33,6 +33,7 @@ from pyroute2 import IPRoute
 from l4lb.datapath import netlink
 from l4lb.datapath.config import DatapathConfig, DatapathError
 from l4lb.datapath.loader import Program, ProgramKind, compile_program, remove_stale_pins
+from l4lb.datapath.sources import sources_towards
 from l4lb.datapath.tables import addr_words, words_addr
 
 log = logging.getLogger(__name__)
@@ -87,8 +88,8 @@ class ProbeTunnel:
     def routes(self, addresses: set[str]) -> dict[str, tuple[int, str | None]]:
         """Mark and source address for each backend probed through the tunnel
         (marks are written to the map on first use; sources are the LB's
-        addresses towards them, None where there is no route). The marks of
-        backends not named any more are dropped."""
+        addresses towards them, None where there is no route, looked up in one
+        batch for the new ones). The marks of backends not named any more are dropped."""
         with self._lock:
             for address in [a for a in self._marks if a not in addresses]:
                 try:
@@ -98,20 +99,15 @@ class ProbeTunnel:
                 self._sources.pop(address, None)
             used = set(self._marks.values())
             free = (self.cfg.mark_base | i for i in range(1, MAX_TARGETS + 1) if self.cfg.mark_base | i not in used)
-            out = {}
-            with IPRoute() as ipr:
-                for address in sorted(addresses):
-                    m = self._marks.get(address)
+            for address in sorted(addresses):
+                if address not in self._marks:
+                    m = next(free, None)
                     if m is None:
-                        m = next(free, None)
-                        if m is None:
-                            raise DatapathError(f"more than {MAX_TARGETS} backends are probed through the tunnel")
-                        self._write(m, address)
-                        self._marks[address] = m
-                    if address not in self._sources:
-                        self._sources[address] = netlink.source_towards(ipr, address)
-                    out[address] = (m, self._sources[address])
-            return out
+                        raise DatapathError(f"more than {MAX_TARGETS} backends are probed through the tunnel")
+                    self._write(m, address)
+                    self._marks[address] = m
+            self._sources.update(sources_towards(a for a in addresses if a not in self._sources))
+            return {a: (self._marks[a], self._sources[a]) for a in addresses}
 
     def _write(self, mark: int, address: str) -> None:
         addr = ipaddress.ip_address(address)
@@ -121,10 +117,15 @@ class ProbeTunnel:
         v.family = addr.version
         self._targets[self._targets.Key(mark)] = v
 
-    def refresh_sources(self) -> None:
-        """Routes change: look the sources up again on the next routes()."""
+    def recheck_sources(self) -> dict[str, tuple[str | None, str | None]]:
+        """The box's addresses or routes changed: look every backend's source
+        up again (one batch). Returns address -> (old, new) source for those
+        that changed (None: no route); the next routes() answers the new ones."""
         with self._lock:
-            self._sources.clear()
+            now = sources_towards(self._sources)
+            moved = {a: (self._sources[a], s) for a, s in now.items() if s != self._sources[a]}
+            self._sources = now
+            return moved
 
     def counters(self) -> dict[str, int]:
         assert self.prog is not None

@@ -59,7 +59,7 @@ class ProbeState:
         self.last_at: float | None = None   # wall clock
         self.reason = "restored from the last run" if state is not Health.unknown else "not checked yet"
         self.not_run = 0                        # probes the LB could not start (not the backend's fault)
-        self.not_run_reason: str | None = None
+        self.not_run_reason: str | None = None   # why the probe cannot run now (None once it ran again)
         self._changes: deque[float] = deque()   # monotonic times of up<->down changes
         self._held_until = 0.0                  # monotonic
         self._held_until_wall = 0.0
@@ -71,6 +71,7 @@ class ProbeState:
         """One probe result at monotonic ``now`` / wall clock ``wall``."""
         self.checks += 1
         self.last_ok, self.last_error, self.last_latency, self.last_at = ok, error, latency, wall
+        self.not_run_reason = None   # it runs again: why it could not is history (``not_run`` counts it)
         if ok:
             self.successes += 1
             self.ok_run += 1

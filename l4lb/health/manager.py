@@ -4,7 +4,8 @@
   changed it works out the probes (one per distinct key, l4lb/health/targets.py)
   of the services that changed, and starts, changes or stops them in the
   scheduler. Probes through the tunnel get a mark and a source address from
-  the datapath's ProbeTunnel.
+  the datapath's ProbeTunnel; the sources follow the box's address and route
+  changes (l4lb/health/sources.py).
 * Transitions from the scheduler are written to the health store first, then
   handed to ``Control.set_health`` (the control core's one change path), then
   logged with their reason. A failed apply is retried; nothing is lost.
@@ -30,6 +31,7 @@ from l4lb.health.machine import Damping, Transition
 from l4lb.health.overlay import Health
 from l4lb.health.probe import Route
 from l4lb.health.scheduler import Failure, LoopStats, ProbeConfig
+from l4lb.health.sources import SourceFollower
 from l4lb.health.store import HealthStore
 from l4lb.health.targets import Probe, ProbeSpec, probes_of
 from l4lb.health.worker import Latency, ProbeWorker
@@ -52,6 +54,7 @@ class TunnelLike(Protocol):
     def load(self) -> None: ...
     def routes(self, addresses: set[str]) -> dict[str, tuple[int, str | None]]: ...
     def counters(self) -> dict[str, int]: ...
+    def recheck_sources(self) -> dict[str, tuple[str | None, str | None]]: ...
 
 
 class HealthManager:
@@ -80,6 +83,7 @@ class HealthManager:
         self._stop = False
         self._thread: threading.Thread | None = None
         self._fail_open: frozenset[str] = frozenset()
+        self._sources = SourceFollower(self._wake.set)   # tunnel probes follow address and route changes
 
     def restored_facts(self) -> dict[str, Health]:
         """The last known states, for the overlay the control core starts with."""
@@ -99,6 +103,7 @@ class HealthManager:
         if self._thread is not None:
             self._thread.join(10)
         self.worker.stop()
+        self._sources.stop()
         self.store.close()
 
     def _on_view(self, view: View) -> None:
@@ -132,6 +137,7 @@ class HealthManager:
         """The tunnel is ready: route the tunnel probes that could not run."""
         self.tunnel, self._tunnel_loaded, self.tunnel_error = self._tunnel_loaded, None, None
         self._tunnel_refs = {}
+        self._sources.start()   # before the sources are looked up: no change falls in between
         self._reprobe({k for k, users in self._users.items()
                        if any(p.spec.via == "tunnel" for p in users.values())})
 
@@ -154,6 +160,8 @@ class HealthManager:
                             self._unapplied.update({k: Health.unknown for k in stale})
                 if self._tunnel_loaded is not None:
                     self._tunnel_arrived()
+                if self.tunnel is not None and self._sources.due():
+                    self._follow_sources()
                 self._apply()
                 self._report_fail_open()
             except Exception:  # noqa: BLE001 - keep checking; the next round retries
@@ -223,6 +231,15 @@ class HealthManager:
             # Facts of probes nobody uses any more must not come back with a later service.
             self.store.forget(gone)
             self._unapplied.update({k: Health.unknown for k in gone})
+
+    def _follow_sources(self) -> None:
+        """The box's addresses or routes changed: re-route the tunnel probes whose source moved."""
+        assert self.tunnel is not None
+        tunnel_probes = {k: p.spec.address for k, users in self._users.items()
+                         for p in list(users.values())[:1] if p.spec.via == "tunnel"}
+        keys = self._sources.follow(self.tunnel, self._routes, tunnel_probes)
+        if keys:
+            self._reprobe(keys)
 
     def _update_tunnel(self, new_addrs: set[str]) -> None:
         # Reference counts of backend addresses probed through the tunnel.

@@ -34,6 +34,7 @@ from typing import Any
 
 from l4lb.health.machine import Damping, Transition
 from l4lb.health.overlay import Health
+from l4lb.health.probe import Route
 from l4lb.health.scheduler import Failure, LoopStats, ProbeConfig, Scheduler
 
 log = logging.getLogger("l4lbd.health")
@@ -125,9 +126,11 @@ def serve(conn: Any, damping: Damping, max_in_flight: int, restored: Mapping[str
             now = time.monotonic()
             out = {}
             for key, job in list(sched.jobs.items()):
-                t = job.config.timing
+                t, route = job.config.timing, job.config.route
                 out[key] = {**job.state.to_dict(now), "check": job.config.spec.description,
-                            "interval": t.interval, "timeout": t.timeout, "rise": t.rise, "fall": t.fall}
+                            "interval": t.interval, "timeout": t.timeout, "rise": t.rise, "fall": t.fall,
+                            # the LB's address the probe leaves from (tunnel probes; None: the kernel's choice)
+                            "source": route.source if isinstance(route, Route) else None}
             send(("reply", msg[1], out))
         elif msg[0] == "stop":
             break
