@@ -24,6 +24,7 @@ import httpx
 import pytest
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
 
+from l4lb.lab import netns
 from l4lb.lab.l4lbd import L4lbd, default_config
 from l4lb.lab.topology import Lab
 
@@ -334,7 +335,6 @@ def test_a_late_loop_takes_every_answer_before_any_timeout(hl: HealthLab, monkey
     from l4lb.health import scheduler as sched
     from l4lb.health.probe import Route
     from l4lb.health.targets import ProbeSpec, Timing
-    from l4lb.lab import netns
     from l4lb.models import CheckType
 
     monkeypatch.setattr(sched, "MAX_EVENTS", 4)
@@ -354,3 +354,88 @@ def test_a_late_loop_takes_every_answer_before_any_timeout(hl: HealthLab, monkey
         assert s.stats.results == {"ok": 18, "failed": 0}, [j.state.last_error for j in s.jobs.values()]
     finally:
         s.stop()
+
+
+# --- the LB's own source address changes ----------------------------------------------------------------
+
+NEW4, NEW6 = "192.0.2.60", "2001:db8:0:1::60"
+
+
+def follows(hl: HealthLab, service: str, source: str | None, since: dict[str, int] | None = None) -> bool:
+    """Every backend's probe of ``service`` is bound to ``source`` and, if ``since``
+    (backend -> checks then) is given, has passed a check after that."""
+    for name, b in hl.backends(service).items():
+        if b.get("source") != source:
+            return False
+        if since is not None and not (b["checks"] >= since[name] + 1 and b["last_result"] == "ok"
+                                      and b["not_run_reason"] is None):
+            return False
+    return True
+
+
+def checks(hl: HealthLab, service: str) -> dict[str, int]:
+    return {n: b["checks"] for n, b in hl.backends(service).items()}
+
+
+def test_tunnel_probes_follow_the_lbs_source_address_when_it_changes(hl: HealthLab) -> None:
+    """Renumbering: a new IPv4 address takes over the route to the backends and the
+    old one is removed; an IPv6 address is deprecated beside a new one. The tunnel
+    probes bind the new sources and keep passing (bound to a removed address they
+    could not run; bound to the deprecated one they would keep it)."""
+    lab = hl.lab
+    old4, old6 = lab.lb_ip4, lab.lb_ip6
+    assert follows(hl, "tun", old4) and follows(hl, "web6", old6)
+    mark = len(hl.daemon.log_text())
+    up3 = {"b1": "up", "b2": "up", "b3": "up"}
+    try:
+        netns.run(lab.lb_ns, "ip", "-batch", "-", input=f"addr add {NEW4}/32 dev {lab.lb_if}\n"
+                f"route replace 192.0.2.0/24 dev {lab.lb_if} proto kernel scope link src {NEW4}\n"
+                f"addr del {old4}/24 dev {lab.lb_if}\n")
+        netns.run(lab.lb_ns, "ip", "-6", "-batch", "-", input=f"addr add {NEW6}/64 dev {lab.lb_if} nodad\n"
+                f"addr change {old6}/64 dev {lab.lb_if} nodad preferred_lft 0\n")
+        hl.wait("tunnel probes bound to the new sources", lambda: follows(hl, "tun", NEW4)
+                and follows(hl, "web", NEW4) and follows(hl, "web6", NEW6), 10)
+        at = {s: checks(hl, s) for s in ("tun", "web", "web6")}
+        hl.wait("tunnel checks pass from the new sources", lambda: all(
+            follows(hl, s, NEW4 if s != "web6" else NEW6, at[s]) for s in at), 10)
+        assert hl.health("tun") == hl.health("web") == hl.health("web6") == up3
+        log = hl.daemon.log_text()[mark:]
+        assert re.search(rf"source address {re.escape(old4)} -> {NEW4} towards 3 backend\(s\) \(192\.0\.2\.101, "
+                         r"192\.0\.2\.102, 192\.0\.2\.103\): 12 tunnel probe\(s\) re-routed", log), log
+        assert f"source address {old6} -> {NEW6} towards 3 backend(s)" in log, log
+    finally:
+        netns.run(lab.lb_ns, "ip", "-batch", "-", check=False, input=f"route del 192.0.2.0/24 dev {lab.lb_if} src {NEW4}\n"
+                f"addr add {old4}/24 dev {lab.lb_if}\naddr del {NEW4}/32 dev {lab.lb_if}\n")
+        netns.run(lab.lb_ns, "ip", "-6", "-batch", "-", check=False, input=f"addr change {old6}/64 dev {lab.lb_if} nodad "
+                f"preferred_lft forever\naddr del {NEW6}/64 dev {lab.lb_if}\n")
+    hl.wait("tunnel probes back on the old sources", lambda: follows(hl, "tun", old4) and follows(hl, "web6", old6), 10)
+    at = {s: checks(hl, s) for s in ("tun", "web6")}
+    hl.wait("and passing", lambda: follows(hl, "tun", old4, at["tun"]) and follows(hl, "web6", old6, at["web6"]), 10)
+    assert hl.health("tun") == hl.health("web6") == hl.health("dir") == up3
+
+
+def test_a_backend_without_a_route_is_not_run_and_runs_again_once_it_has_one(hl: HealthLab) -> None:
+    lab = hl.lab
+    b3 = lab.backends["b3"].ip4
+    mark = len(hl.daemon.log_text())
+    lab.run("lb", "ip", "route", "add", "unreachable", f"{b3}/32")
+    try:
+        hl.wait("b3's tunnel probe not run: no route", lambda: hl.backends("tun")["b3"]["not_run_reason"]
+                == f"not run: no route from the LB to {b3}", 10)
+        tun = hl.backends("tun")
+        assert tun["b3"]["source"] is None and tun["b1"]["source"] == tun["b2"]["source"] == lab.lb_ip4
+        time.sleep(FALL * INTERVAL + 0.3)
+        tun = hl.backends("tun")
+        # No evidence either way: b3 keeps its state (its packets could not even leave).
+        assert tun["b3"]["health"] == "up" and tun["b3"]["not_run"] >= FALL, tun["b3"]
+        assert tun["b1"]["not_run_reason"] is None and tun["b1"]["last_result"] == "ok"
+    finally:
+        lab.run("lb", "ip", "route", "del", "unreachable", f"{b3}/32")
+    at = checks(hl, "tun")
+    hl.wait("b3's tunnel probe runs again", lambda: follows(hl, "tun", lab.lb_ip4, at), 10)
+    log = hl.daemon.log_text()[mark:]
+    assert f"source address {lab.lb_ip4} -> no route towards 1 backend(s) ({b3}): 4 tunnel probe(s)" in log, log
+    assert f"source address no route -> {lab.lb_ip4} towards 1 backend(s) ({b3}): 4 tunnel probe(s)" in log, log
+    # Its direct check saw the missing route as failures: it comes back as well.
+    hl.wait("b3 up everywhere", lambda: hl.health("dir")["b3"] == "up" and hl.health("tun")["b3"] == "up",
+            RISE * INTERVAL + 5)
