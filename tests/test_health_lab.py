@@ -388,11 +388,13 @@ def test_tunnel_probes_follow_the_lbs_source_address_when_it_changes(hl: HealthL
     mark = len(hl.daemon.log_text())
     up3 = {"b1": "up", "b2": "up", "b3": "up"}
     try:
-        netns.run(lab.lb_ns, "ip", "-batch", "-", input=f"addr add {NEW4}/32 dev {lab.lb_if}\n"
-                f"route replace 192.0.2.0/24 dev {lab.lb_if} proto kernel scope link src {NEW4}\n"
-                f"addr del {old4}/24 dev {lab.lb_if}\n")
-        netns.run(lab.lb_ns, "ip", "-6", "-batch", "-", input=f"addr add {NEW6}/64 dev {lab.lb_if} nodad\n"
-                f"addr change {old6}/64 dev {lab.lb_if} nodad preferred_lft 0\n")
+        netns.run(lab.lb_ns, "ip", "-batch", "-",
+                  input=f"addr add {NEW4}/32 dev {lab.lb_if}\n"
+                  f"route replace 192.0.2.0/24 dev {lab.lb_if} proto kernel scope link src {NEW4}\n"
+                  f"addr del {old4}/24 dev {lab.lb_if}\n")
+        netns.run(lab.lb_ns, "ip", "-6", "-batch", "-",
+                  input=f"addr add {NEW6}/64 dev {lab.lb_if} nodad\n"
+                  f"addr change {old6}/64 dev {lab.lb_if} nodad preferred_lft 0\n")
         hl.wait("tunnel probes bound to the new sources", lambda: follows(hl, "tun", NEW4)
                 and follows(hl, "web", NEW4) and follows(hl, "web6", NEW6), 10)
         at = {s: checks(hl, s) for s in ("tun", "web", "web6")}
@@ -404,10 +406,12 @@ def test_tunnel_probes_follow_the_lbs_source_address_when_it_changes(hl: HealthL
                          r"192\.0\.2\.102, 192\.0\.2\.103\): 12 tunnel probe\(s\) re-routed", log), log
         assert f"source address {old6} -> {NEW6} towards 3 backend(s)" in log, log
     finally:
-        netns.run(lab.lb_ns, "ip", "-batch", "-", check=False, input=f"route del 192.0.2.0/24 dev {lab.lb_if} src {NEW4}\n"
-                f"addr add {old4}/24 dev {lab.lb_if}\naddr del {NEW4}/32 dev {lab.lb_if}\n")
-        netns.run(lab.lb_ns, "ip", "-6", "-batch", "-", check=False, input=f"addr change {old6}/64 dev {lab.lb_if} nodad "
-                f"preferred_lft forever\naddr del {NEW6}/64 dev {lab.lb_if}\n")
+        netns.run(lab.lb_ns, "ip", "-batch", "-", check=False,
+                  input=f"route del 192.0.2.0/24 dev {lab.lb_if} src {NEW4}\n"
+                  f"addr add {old4}/24 dev {lab.lb_if}\naddr del {NEW4}/32 dev {lab.lb_if}\n")
+        netns.run(lab.lb_ns, "ip", "-6", "-batch", "-", check=False,
+                  input=f"addr change {old6}/64 dev {lab.lb_if} nodad preferred_lft forever\n"
+                  f"addr del {NEW6}/64 dev {lab.lb_if}\n")
     hl.wait("tunnel probes back on the old sources", lambda: follows(hl, "tun", old4) and follows(hl, "web6", old6), 10)
     at = {s: checks(hl, s) for s in ("tun", "web6")}
     hl.wait("and passing", lambda: follows(hl, "tun", old4, at["tun"]) and follows(hl, "web6", old6, at["web6"]), 10)
