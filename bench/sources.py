@@ -101,7 +101,7 @@ def timed(fn: Callable[[list[str]], dict[str, str | None]], addrs: list[str]) ->
 
 
 def fmt_s(x: float) -> str:
-    return f"{x * 1000:,.1f} ms" if x < 10 else f"{x:,.2f} s"
+    return f"{x * 1000:,.1f} ms" if x < 1 else f"{x:,.2f} s"
 
 
 def main() -> None:
