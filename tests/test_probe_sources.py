@@ -178,3 +178,22 @@ def test_netwatch_calls_once_per_burst_of_address_and_route_changes(ns: str) -> 
         netns.run(ns, "ip", "rule", "del", "pref", "600", check=False)
         netns.run(ns, "ip", "-6", "addr", "change", "2001:db8:9::1/64", "dev", "a1", "nodad", "preferred_lft",
                   "forever", check=False)
+
+
+def test_netwatch_works_with_its_descriptor_above_1023(ns: str) -> None:
+    """The daemon raises its descriptor limit and may hold thousands (perf rings,
+    connections): the watch must not depend on select()'s 1024-descriptor ceiling."""
+    held = [os.dup(0) for _ in range(1100)]
+    called = threading.Event()
+    try:
+        w = netns.call_in_netns(ns, NetWatch, called.set, Debounce(settle=0.05, min_gap=0.1))
+        try:
+            assert w._sock.fileno() > 1023
+            netns.run(ns, "ip", "route", "add", "203.0.113.160/28", "via", "192.0.2.254")
+            assert called.wait(5), "no call after a route change (descriptor above 1023)"
+        finally:
+            w.close()
+            netns.run(ns, "ip", "route", "del", "203.0.113.160/28", check=False)
+    finally:
+        for fd in held:
+            os.close(fd)

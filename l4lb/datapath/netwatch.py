@@ -97,6 +97,9 @@ class NetWatch:
         except OSError:
             self._sock.close()
             raise
+        # poll, not select: a daemon holding many descriptors gets this one above 1023.
+        self._poll = select.poll()
+        self._poll.register(self._sock, select.POLLIN)
         self._thread = threading.Thread(target=self._run, name="l4lb-netwatch", daemon=True)
         self._thread.start()
 
@@ -132,7 +135,7 @@ class NetWatch:
                 due = self.debounce.due_at()
             wait = 1.0 if due is None else min(1.0, max(0.0, due - time.monotonic()))
             try:
-                ready, _, _ = select.select([self._sock], [], [], wait)
+                ready = self._poll.poll(wait * 1000)
                 if ready and self._drain():
                     with self._lock:
                         self.debounce.changed(time.monotonic())
