@@ -70,6 +70,19 @@ def test_withdraw_reasons() -> None:
     assert detached[0].reason == planner.NOT_ATTACHED
 
 
+def test_all_backends_down_fail_open_announces_and_says_so_fail_closed_withdraws() -> None:
+    """Health sets the effective weights: fail_closed leaves no usable backend (withdrawn
+    from this box, as a tier wants when only this box sees them down); fail_open keeps
+    them all, so the VIP stays announced and its reason names the services failing open."""
+    closed = svc("web", "198.51.100.10", state="draining")   # every weight 0: what fail_closed leaves
+    opened = svc("dns", "198.51.100.11", 53)
+    v = View(1, DesiredState(services=[closed, opened]), (closed, opened), {"eth0": "native"}, True,
+             fail_open=frozenset({"dns"}))
+    got = by_prefix(planner.plan(v, BoxState(), BGP, 0))
+    assert (got["198.51.100.10/32"].announce, got["198.51.100.10/32"].reason) == (False, "no usable backend: web")
+    assert (got["198.51.100.11/32"].announce, got["198.51.100.11/32"].reason) == (True, "serving (failing open: dns)")
+
+
 def test_drain_is_graceful_then_withdrawn() -> None:
     box = BoxState().with_drain(BOX, Drain(since=100.0, delay=10.0))
     v = view(svc("web", "198.51.100.10"), svc("api", "198.51.100.11"))

@@ -22,6 +22,7 @@ from l4lb.view import View
 
 # Reasons a prefix is not announced (the API and CLI show them as they are).
 SERVING = "serving"
+FAILING_OPEN = "failing open"     # serving, but every backend of these services is down by its checks
 DRAINING = "draining"            # announced, made unattractive; withdrawn at the deadline
 DRAINED = "drained"
 NO_BACKEND = "no usable backend"
@@ -88,7 +89,11 @@ def plan(view: View, box: BoxState, cfg: BgpSection, now: float) -> tuple[Prefix
                               cfg.drain_med if cfg.drain_med is not None else med, cfg.drain_prepend,
                               drain.withdraw_at))
         else:
-            out.append(Prefix(prefix, names, True, SERVING, tuple(sorted(communities)), med))
+            # Failing open: every backend down by its checks, all kept (on_all_down = fail_open),
+            # so the VIP stays announced; the reason says so (fail_closed withdraws instead).
+            failing = sorted(s.name for s in wanted if s.name in view.fail_open)
+            reason = f"{SERVING} ({FAILING_OPEN}: {', '.join(failing)})" if failing else SERVING
+            out.append(Prefix(prefix, names, True, reason, tuple(sorted(communities)), med))
     return tuple(sorted(out, key=lambda p: (p.family, p.prefix)))
 
 

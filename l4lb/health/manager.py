@@ -270,7 +270,7 @@ class HealthManager:
             return f"not run: {self.tunnel_error or 'no mark for ' + spec.address}"
         mark, source = r
         if source is None:
-            return f"not run: no route from the LB to {spec.address}"
+            return Route(mark, None, no_route=spec.address)   # a failed check each time, not "not run"
         return Route(mark, source)
 
     def _apply(self) -> None:

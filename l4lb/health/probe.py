@@ -72,10 +72,15 @@ class LocalError(Exception):
 
 @dataclass(frozen=True)
 class Route:
-    """How a probe's socket leaves the LB: ``mark`` and ``source`` for the tunnel."""
+    """How a probe's socket leaves the LB: ``mark`` and ``source`` for the tunnel.
+    ``no_route``: the LB has no route to the tunnel's backend, so client traffic
+    to it cannot leave either; each check fails at once (as a direct probe's
+    connect does with "no route to host"), and a box whose backends are all
+    unreachable from it stops serving them (and, with BGP, withdraws)."""
 
     mark: int = 0
     source: str | None = None
+    no_route: str | None = None   # the backend's address, when the LB has no route to it
 
 
 def _hostport(host: str, port: int) -> str:
@@ -121,6 +126,8 @@ class Attempt:
         return s
 
     def _connect(self, kind: int) -> int | tuple[bool, str]:
+        if self.route.no_route is not None:
+            return False, f"connect: no route from the LB to {self.route.no_route}"
         s = self._socket(kind)
         err = s.connect_ex((self.spec.dest, self.spec.port))
         if err == errno.EINPROGRESS:

@@ -9,8 +9,8 @@ health room watches for address, route and rule changes
 (l4lb/datapath/netwatch.py: netlink events, debounced), looks every tunnel
 backend's source up again in one batch (l4lb/datapath/sources.py) and
 re-routes exactly the probes whose source moved. One that lost its route
-reports "not run: no route from the LB to ..." (no evidence: its state
-stays); one that got a route back runs again.
+fails its checks ("connect: no route from the LB to ...": client traffic to
+it cannot leave either); one that got a route back runs from its source again.
 
 The manager calls ``due()`` every round of its thread, and ``follow()`` when
 it says so; everything here runs in that thread except ``_changed`` (the
