@@ -99,6 +99,21 @@ def rss_mb(pid: int) -> dict[str, float]:
 # --- measuring ---------------------------------------------------------------------------------
 
 
+def tree_cpu(pid: int) -> float:
+    """User + system CPU seconds of ``pid`` and its live descendants (the Maglev workers)."""
+    total, todo = 0.0, [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+            for task in Path(f"/proc/{p}/task").iterdir():
+                todo += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:  # gone meanwhile
+            pass
+    return total
+
+
 def pct(xs: list[float], p: float) -> float:
     s = sorted(xs)
     return s[min(len(s) - 1, max(0, int(round(p / 100 * len(s) + 0.5)) - 1))]
@@ -293,6 +308,14 @@ def main(n_services: int, n_backends: int, n_drains: int, quick: bool) -> None:
             if maps["services"]["used"] != n_services or maps["backends"]["used"] != n_services * n_backends:
                 raise RuntimeError(f"datapath does not hold the document: {maps}")
             put_phases = phases(lab.log_text(), int(r.headers["x-l4lb-revision"]))
+            # The same document again (automation pushing the whole state): nothing changes.
+            with lab.client(timeout=600) as c:
+                c0, t0 = tree_cpu(lab.proc.pid), time.perf_counter()
+                again = c.put("/v1/state", json=doc)
+                again_s, again_cpu = time.perf_counter() - t0, tree_cpu(lab.proc.pid) - c0
+                again.raise_for_status()
+            if again.headers["x-l4lb-revision"] != r.headers["x-l4lb-revision"]:
+                raise RuntimeError("an identical PUT made a new revision")
             assert lab.proc is not None
             settle = 0.0 if quick else lab.config["stats_interval"] + 1  # the sampler gives freed heap back
             time.sleep(settle)
@@ -329,6 +352,8 @@ def main(n_services: int, n_backends: int, n_drains: int, quick: bool) -> None:
     core = sum(put_phases.get(k, 0.0) for k in ("plan", "store", "datapath"))
     if core:
         row("    API: HTTP, body validation, answer (total - server)", f"{(put_s - core) * 1e3:.1f} ms")
+    row("the same document again (no change): request total", f"{again_s:.2f} s")
+    row("  CPU of l4lbd + its Maglev workers for it", f"{again_cpu:.2f} s")
     print_drains("Drain latency, 1 service", one, judge)
     print_drains(f"Drain latency, {n_services} x {n_backends}", big, judge)
     print(f"\nFull replacement: every backend of the {n_services} x {n_backends} document another one, "

@@ -603,3 +603,7 @@ def test_prefetched_tables_are_used_by_the_apply_and_are_the_right_ones(env, mon
         for sport in range(5000, 5010):
             v, out, _ = env.run(frame(CLIENT4, VIP4, TCP(sport=sport, dport=s.port, flags="S")))
             assert v == XDP_TX and Ether(out)[IP].dst == expected_backend(s, CLIENT4, sport)
+    # The same document again, parsed into new objects (a PUT of the whole state that
+    # changes nothing): equal services are not built again.
+    env.call(env.dp.prefetch, [Service.model_validate(s.model_dump()) for s in services])
+    assert env.dp._builder.weights == {} and env.dp._builder.prefetched is None, "unchanged services were looked at"
