@@ -51,11 +51,11 @@ link set a1 up
 link set a1p up
 addr add 192.0.2.250/24 dev a0
 addr add 192.0.2.251/24 dev a0
-addr add 100.64.0.1/24 dev a1
+addr add 203.0.113.250/32 dev a1
 route add 203.0.113.0/24 via 192.0.2.254
 route add 198.51.100.0/24 via 192.0.2.254 src 192.0.2.251
 rule add to 198.51.100.128/25 lookup 100 pref 500
-route add 198.51.100.128/25 via 100.64.0.254 table 100
+route add 198.51.100.128/25 via 203.0.113.254 dev a1 onlink table 100
 rule add fwmark 0x4C480000/0xffff0000 lookup 19528 pref 1000
 route add default dev a1 table 19528
 """
