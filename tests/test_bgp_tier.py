@@ -45,6 +45,8 @@ import subprocess
 import tempfile
 import threading
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -53,12 +55,15 @@ import pytest
 from l4lb.lab import netns
 from l4lb.lab.frr import FrrRouter
 from l4lb.lab.tier import BFD_MS, BFD_MULT, Box, Tier
-from l4lb.lab.topology import Lab
+from l4lb.lab.topology import VIPS4, Lab
 
 pytestmark = [pytest.mark.netns, pytest.mark.bpf]
 
 L4LBCTL = str(Path(os.sys.executable).with_name("l4lbctl"))
 UDP = 5353
+# Two more IPv4 VIPs held by the backends, each with a health-checked service of its own
+# (on_all_down fail_closed and fail_open), put on the tier by TestHealthInTheTier only.
+HC_CLOSED, HC_OPEN = "198.51.100.12", "198.51.100.13"
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +72,8 @@ def tier(bpffs: Path, lab_decap):
         pytest.fail("BIRD 2 is not installed: run scripts/setup.sh (apt-get install bird2)", pytrace=False)
     if FrrRouter.missing():
         pytest.fail(FrrRouter.missing(), pytrace=False)
-    with Lab(clients=1, backends=3, lbs=3, router=True, routers=2, prefix="l4bgp", decap=lab_decap) as lab:
+    with Lab(clients=1, backends=3, lbs=3, router=True, routers=2, prefix="l4bgp", decap=lab_decap,
+             vips4=(*VIPS4, HC_CLOSED, HC_OPEN)) as lab:
         addrs = [h.ip4 for h in lab.backends.values()]
         addrs6 = [h.ip6 for h in lab.backends.values()]
         services = [
@@ -99,8 +105,8 @@ def all_boxes(t: Tier) -> set[str]:
 
 
 def every_prefix(t: Tier) -> list[tuple[str, set[str]]]:
-    """Every VIP prefix of the tier, with the router's next hops when every box announces it."""
-    return ([(f"{v}/32", t.addresses(4)) for v in t.lab.vips4]
+    """Every VIP prefix of the tier's services, with the router's next hops when every box announces it."""
+    return ([(f"{v}/32", t.addresses(4)) for v in VIPS4]
             + [(f"{v}/128", t.addresses(6)) for v in t.lab.vips6])
 
 
@@ -333,7 +339,7 @@ def drain_every_backend(box: Box, service: str, addresses: list[str]) -> dict[st
 
 
 def test_service_without_usable_backend_is_withdrawn_from_that_box_only(tier: Tier) -> None:
-    vip10, vip11 = (f"{v}/32" for v in tier.lab.vips4)
+    vip10, vip11 = (f"{v}/32" for v in VIPS4)
     box = tier.boxes["lb3"]
     doc = drain_every_backend(box, "web11", [b.ip4 for b in tier.lab.backends.values()])
     try:
@@ -391,6 +397,191 @@ def test_ipv6_vip_without_usable_backend_is_withdrawn_from_that_box_only(tier: T
         cp = ctl(tier, "apply", "-f", str(path), boxes=["lb2"])
         assert cp.returncode == 0, cp.stdout + cp.stderr
     tier.wait_nexthops(vip61, tier.addresses(6))
+
+
+# --- health checks in the tier: a box that cannot reach its backends ----------------------------------------
+
+# fall x interval (1.5 s) well beyond the route watch's reaction (0.2 s): the checks go down because
+# they fail with "no route", not because the checks in flight at the change timed out.
+HC_INTERVAL, HC_FALL, HC_RISE = 0.5, 3, 2
+
+
+def hc_services(lab: Lab) -> list[dict[str, Any]]:
+    """A service on each of the two extra VIPs, tunnel tcp checks to VIP:80 on every backend."""
+    backends = [{"address": b.ip4} for b in lab.backends.values()]
+    check = {"type": "tcp", "interval": HC_INTERVAL, "rise": HC_RISE, "fall": HC_FALL}
+    return [{"name": "hc12", "vip": HC_CLOSED, "port": 80, "backends": backends,
+             "health": {**check, "on_all_down": "fail_closed"}},
+            {"name": "hc13", "vip": HC_OPEN, "port": 80, "backends": backends,
+             "health": {**check, "on_all_down": "fail_open"}}]
+
+
+def hc_report(box: Box, service: str) -> dict[str, Any]:
+    """``service``'s entry of the box's GET /v1/health, with the report's own fail_open list."""
+    with box.l4lbd.client() as c:
+        rep = c.get("/v1/health").json()
+    svc = next(s for s in rep["services"] if s["name"] == service)
+    return {**svc, "report_fail_open": rep["fail_open"], "backends": {b["address"]: b for b in svc["backends"]}}
+
+
+def bgp_prefix(box: Box, prefix: str) -> dict[str, Any]:
+    with box.l4lbd.client() as c:
+        return next(p for p in c.get("/v1/bgp").json()["prefixes"] if p["prefix"] == prefix)
+
+
+def wait_until(what: str, ok: Callable[[], bool], timeout: float, box: Box | None = None) -> float:
+    """Poll ``ok`` every 50 ms; the seconds it took, or AssertionError naming ``what`` (and the box's log)."""
+    t0 = time.monotonic()
+    while not ok():
+        if time.monotonic() - t0 > timeout:
+            raise AssertionError(f"{what}: not within {timeout} s" + (f"\n{box.l4lbd.log_tail(30)}" if box else ""))
+        time.sleep(0.05)
+    return time.monotonic() - t0
+
+
+def every_backend(box: Box, service: str, health: str) -> bool:
+    return all(b["health"] == health for b in hc_report(box, service)["backends"].values())
+
+
+def failing_for_no_route(box: Box, service: str, addresses: list[str]) -> dict[str, Any]:
+    """Wait until every backend of ``service`` is down on ``box`` and its checks fail for want of a
+    route (not "not run"); the service's health entry then.
+
+    The first failures may be timeouts: a check in flight when the route went lost its packets.
+    Once the box's route watch has re-routed the probes (0.2 s after the change when quiet,
+    later under load), every check fails at once with "no route"."""
+    want = {a: ("down", f"connect: no route from the LB to {a}", None) for a in addresses}
+    got: dict[str, Any] = {}
+
+    def now() -> bool:
+        got.update(hc_report(box, service))
+        return {a: (b["health"], b["last_error"], b["not_run_reason"]) for a, b in got["backends"].items()} == want
+    try:
+        wait_until(f"{box.name}: {service}'s checks fail with no route", now, 10, box)
+    except AssertionError as e:
+        raise AssertionError(f"{e}\n{got}") from None
+    return got
+
+
+@contextmanager
+def unreachable_from(t: Tier, box: Box, addresses: list[str]) -> Iterator[float]:
+    """The box (alone) loses its routes to ``addresses`` (``ip route add unreachable``); yields the
+    monotonic time of the change; the routes come back on the way out."""
+    t0 = time.monotonic()
+    for a in addresses:
+        t.lab.run(box.ns, "ip", "route", "add", "unreachable", f"{a}/32")
+    try:
+        yield t0
+    finally:
+        for a in addresses:
+            t.lab.run(box.ns, "ip", "route", "del", "unreachable", f"{a}/32", check=False)
+
+
+@pytest.fixture(scope="class")
+def hc(tier: Tier) -> Iterator[list[str]]:
+    """The two health-checked services applied to every box (one document, ``l4lbctl apply``),
+    every check passing and both VIPs announced by every box; the tier's document again after."""
+    with tier.boxes["lb"].l4lbd.client() as c:
+        services = c.get("/v1/state").json()["services"]
+    path = tier.workdir / "hc.json"
+    path.write_text(json.dumps({"services": services + hc_services(tier.lab)}))
+    cp = ctl(tier, "apply", "-f", str(path))
+    assert cp.returncode == 0, cp.stdout + cp.stderr
+    try:
+        # Each box compiles its probe tunnel once a check needs it (seconds); then every probe reports.
+        for name, box in tier.boxes.items():
+            wait_until(f"{name}: every backend of hc12 and hc13 up",
+                       lambda box=box: every_backend(box, "hc12", "up") and every_backend(box, "hc13", "up"),
+                       120, box)
+        for vip in (HC_CLOSED, HC_OPEN):
+            tier.wait_nexthops(f"{vip}/32", all_boxes(tier))
+        yield [b.ip4 for b in tier.lab.backends.values()]
+    finally:
+        path.write_text(json.dumps({"services": services}))
+        cp = ctl(tier, "apply", "-f", str(path))
+        assert cp.returncode == 0, cp.stdout + cp.stderr
+        for vip in (HC_CLOSED, HC_OPEN):
+            tier.wait_nexthops(f"{vip}/32", set())
+
+
+class TestHealthInTheTier:
+    """Health checks drain a box's backends by themselves, and BGP acts on it: a box that
+    loses its routes to the backends (the others do not) fails its tunnel checks with
+    "no route", and with ``on_all_down: fail_closed`` withdraws the VIP, the other boxes
+    taking its traffic; with ``fail_open`` it keeps announcing and says so (README, BGP:
+    "Every backend down by this box's checks")."""
+
+    def test_fail_closed_a_box_that_cannot_reach_its_backends_leaves_ecmp_and_comes_back(
+            self, tier: Tier, hc: list[str]) -> None:
+        lab, box = tier.lab, tier.boxes["lb3"]
+        prefix, others = f"{HC_CLOSED}/32", all_boxes(tier) - {box.ip}
+        watch = HopWatch(tier, prefix)
+        watch.start()
+        try:
+            with unreachable_from(tier, box, hc) as t0:
+                tier.wait_nexthops(prefix, others, timeout=30)
+                gone = time.monotonic() - t0
+                rep = failing_for_no_route(box, "hc12", hc)
+                assert not rep["fail_open"] and rep["on_all_down"] == "fail_closed", rep
+                p = bgp_prefix(box, prefix)
+                assert (p["state"], p["reason"]) == ("withdrawn", "no usable backend: hc12"), p
+                # Only this box: the others' checks pass and they announce it; nothing else moved.
+                for other in (b for b in tier.boxes.values() if b is not box):
+                    assert every_backend(other, "hc12", "up"), other.name
+                    p = bgp_prefix(other, prefix)
+                    assert (p["state"], p["reason"]) == ("announced", "serving"), (other.name, p)
+                for p, hops in every_prefix(tier):
+                    assert tier.nexthops(p) == hops, p
+                # Every request through the router is served, none reaches the box that cannot serve.
+                before = {n: packets(tier, n, "hc12") for n in tier.boxes}
+                for port in range(44000, 44024):
+                    r = lab.curl("c1", lab.url(HC_CLOSED), local_port=port)
+                    assert r.ok and r.backend in lab.backends, (port, r.returncode, r.stderr)
+                got = {n: packets(tier, n, "hc12") - before[n] for n in tier.boxes}
+                assert got[box.name] == 0 and all(v > 0 for n, v in got.items() if n != box.name), got
+            t1 = time.monotonic()
+            tier.wait_nexthops(prefix, all_boxes(tier), timeout=30)
+            back = time.monotonic() - t1
+            # One backend up is enough to announce again; the others rise in their own time.
+            wait_until("lb3: every backend of hc12 up again", lambda: every_backend(box, "hc12", "up"), 30, box)
+            p = bgp_prefix(box, prefix)
+            assert (p["state"], p["reason"]) == ("announced", "serving"), p
+        finally:
+            watch.stop_flag.set()
+            watch.join(30)
+        print(f"\nbox lost its routes to the backends: router dropped its next hop {gone * 1000:.0f} ms after the "
+              f"route change (checks every {HC_INTERVAL:g} s, fall {HC_FALL}); back {back * 1000:.0f} ms after "
+              f"the routes returned (rise {HC_RISE})")
+        # The router's next hops: every box, then exactly that box gone, then every box again.
+        assert watch.seen == [all_boxes(tier), others, all_boxes(tier)], watch.seen
+
+    def test_fail_open_the_box_keeps_announcing_and_says_it_is_failing_open(
+            self, tier: Tier, hc: list[str]) -> None:
+        box, prefix = tier.boxes["lb3"], f"{HC_OPEN}/32"
+        watch = HopWatch(tier, prefix)
+        watch.start()
+        try:
+            with unreachable_from(tier, box, hc):
+                wait_until("lb3 fails hc13 open", lambda: hc_report(box, "hc13")["fail_open"], 30, box)
+                rep = failing_for_no_route(box, "hc13", hc)
+                assert rep["fail_open"] and "hc13" in rep["report_fail_open"], rep
+                # The planner runs in its own thread: its reason follows the health change.
+                wait_until("lb3's reason for hc13", lambda: bgp_prefix(box, prefix)["reason"]
+                           == "serving (failing open: hc13)", 10, box)
+                assert bgp_prefix(box, prefix)["state"] == "announced"
+                with box.l4lbd.client() as c:
+                    metrics = c.get("/metrics").text
+                assert 'l4lb_service_fail_open{service="hc13"} 1.0' in metrics, metrics
+                assert (f'l4lb_bgp_prefix_announced{{prefix="{prefix}",reason="serving (failing open: hc13)",'
+                        'state="announced"} 1.0') in metrics
+                assert tier.nexthops(prefix) == all_boxes(tier)
+            wait_until("lb3 no longer fails hc13 open", lambda: every_backend(box, "hc13", "up"), 30, box)
+            wait_until("lb3's reason for hc13", lambda: bgp_prefix(box, prefix)["reason"] == "serving", 10, box)
+            assert not hc_report(box, "hc13")["fail_open"]
+        finally:
+            watch.stop_flag.set()
+            watch.join(30)
+        assert watch.seen == [all_boxes(tier)], f"the router's next hops for {prefix} changed: {watch.seen}"
 
 
 def test_box_drain_moves_new_traffic_off_before_the_withdraw(tier: Tier) -> None:
@@ -536,7 +727,7 @@ def test_detach_withdraws_every_vip_before_removing_xdp(tier: Tier) -> None:
     cp = box.l4lbd.run_cli("--detach")
     assert cp.returncode == 0 and "every VIP withdrawn from BGP" in cp.stdout, cp.stdout + cp.stderr
     for router in ("router", "router2"):
-        for vip in tier.lab.vips4:
+        for vip in VIPS4:
             tier.wait_nexthops(f"{vip}/32", lambda h: box.ip not in h and len(h) > 0, timeout=5, router=router)
         for vip in tier.lab.vips6:
             tier.wait_nexthops(f"{vip}/128", lambda h: box.ip6 not in h and len(h) > 0, timeout=5, router=router)
