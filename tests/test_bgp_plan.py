@@ -312,6 +312,33 @@ def test_a_failed_hand_over_to_the_speaker_is_retried(tmp_path: Path) -> None:
         r.stop()
 
 
+def test_an_announced_prefix_whose_reason_changes_stays_announced(tmp_path: Path) -> None:
+    """serving -> serving (failing open: web) is a health change that leaves the speaker's text as
+    it was, so no read-back follows at once: the prefix must not show "pending" (nor drop out of
+    the announced list that ``fleet status`` compares) until the next poll, up to poll_interval later."""
+    slow = DUAL.model_copy(update={"poll_interval": 60.0})
+    bird = FakeBird()
+    r = Reconciler(slow, bird, BoxStore(tmp_path / "box.json"))
+    web = svc("web", "198.51.100.10")
+    r.on_view(view(web))
+    r.start()
+    try:
+        deadline = time.monotonic() + 30  # a bound for a stuck thread, not a timing claim
+        while _states(r) != {"198.51.100.10/32": "announced"}:   # the first pass polls at once
+            assert time.monotonic() < deadline, r.status()
+            time.sleep(0.02)
+        since, text = r.status()["prefixes"][0]["since"], bird.text
+        r.on_view(View(2, DesiredState(services=[web]), (web,), {"eth0": "native"}, True, runtime=1,
+                       fail_open=frozenset({"web"})))
+        while (p := r.status()["prefixes"][0])["reason"] != "serving (failing open: web)":
+            assert time.monotonic() < deadline, r.status()
+            time.sleep(0.02)
+        assert bird.text == text   # nothing new for the speaker
+        assert p["state"] == "announced" and p["since"] >= since, p
+    finally:
+        r.stop()
+
+
 def test_fleet_coverage_names_the_boxes_announcing_each_prefix() -> None:
     def st(announced: list[str], withdrawn: list[str] = ()) -> dict:
         return {"bgp": {"announced": announced, "withdrawn": list(withdrawn)}}

@@ -487,6 +487,7 @@ def hc(tier: Tier) -> Iterator[list[str]]:
     path.write_text(json.dumps({"services": services + hc_services(tier.lab)}))
     cp = ctl(tier, "apply", "-f", str(path))
     assert cp.returncode == 0, cp.stdout + cp.stderr
+    t0 = time.monotonic()
     try:
         # Each box compiles its probe tunnel once a check needs it (seconds); then every probe reports.
         for name, box in tier.boxes.items():
@@ -495,6 +496,7 @@ def hc(tier: Tier) -> Iterator[list[str]]:
                        120, box)
         for vip in (HC_CLOSED, HC_OPEN):
             tier.wait_nexthops(f"{vip}/32", all_boxes(tier))
+        print(f"\nhealth-checked services on every box, checks up and announced in {time.monotonic() - t0:.1f} s")
         yield [b.ip4 for b in tier.lab.backends.values()]
     finally:
         path.write_text(json.dumps({"services": services}))

@@ -188,9 +188,14 @@ class Reconciler:
             st = PrefixStatus(p.prefix, p.services, state, p.reason, p.communities, p.med, p.prepend,
                               p.withdraw_at, now)
             old = self._prefixes.get(p.prefix)
-            if old is not None and old.reason == st.reason and (
-                    old.state == state or (state == PENDING and old.state == ANNOUNCED)):
-                st.state, st.since = old.state, old.since  # unchanged (an announced one stays so until a poll says)
+            if old is not None and (old.state == state or (state == PENDING and old.state == ANNOUNCED)):
+                # An announced prefix stays so until a poll says otherwise, whatever its reason now
+                # (serving -> failing open changes nothing at the speaker, and no poll follows at once).
+                st.state = old.state
+                if old.reason == st.reason:
+                    st.since = old.since   # unchanged
+                else:
+                    self._last_change = now
             else:
                 self._last_change = now
             new[p.prefix] = st
