@@ -429,14 +429,27 @@ def bgp_prefix(box: Box, prefix: str) -> dict[str, Any]:
         return next(p for p in c.get("/v1/bgp").json()["prefixes"] if p["prefix"] == prefix)
 
 
-def wait_until(what: str, ok: Callable[[], bool], timeout: float, box: Box | None = None) -> float:
-    """Poll ``ok`` every 50 ms; the seconds it took, or AssertionError naming ``what`` (and the box's log)."""
+def wait_until(what: str, ok: Callable[[], bool], timeout: float, box: Box | None = None,
+               t: Tier | None = None) -> float:
+    """Poll ``ok`` every 50 ms; the seconds it took, or AssertionError naming ``what`` (and what the box says)."""
     t0 = time.monotonic()
     while not ok():
         if time.monotonic() - t0 > timeout:
-            raise AssertionError(f"{what}: not within {timeout} s" + (f"\n{box.l4lbd.log_tail(30)}" if box else ""))
+            raise AssertionError(f"{what}: not within {timeout} s" + (hc_said(box, t) if box else ""))
         time.sleep(0.05)
     return time.monotonic() - t0
+
+
+def hc_said(box: Box, t: Tier | None) -> str:
+    """What a box says about its checks (for a failure message)."""
+    with box.l4lbd.client() as c:
+        rep = c.get("/v1/health").json()
+    checks = {s["name"]: {b["address"]: (b["health"], b.get("last_result"), b.get("last_error"),
+                                         b.get("not_run_reason"), b.get("source")) for b in s["backends"]}
+              for s in rep["services"] if s["name"] in ("hc12", "hc13")}
+    routes = t.lab.run(box.ns, "ip", "route", "show").stdout if t is not None else ""
+    return (f"\n--- {box.name}'s checks ---\n{json.dumps(checks, indent=1)}\ntunnel: {rep.get('tunnel')}\n"
+            f"--- {box.name}'s routes ---\n{routes}--- {box.name}'s l4lbd ---\n{box.l4lbd.log_tail(30)}")
 
 
 def every_backend(box: Box, service: str, health: str) -> bool:
@@ -521,7 +534,8 @@ class TestHealthInTheTier:
         watch.start()
         try:
             with unreachable_from(tier, box, hc) as t0:
-                tier.wait_nexthops(prefix, others, timeout=30)
+                wait_until(f"the router drops {box.name}'s next hop for {prefix}",
+                           lambda: tier.nexthops(prefix) == others, 30, box, tier)
                 gone = time.monotonic() - t0
                 rep = failing_for_no_route(box, "hc12", hc)
                 assert not rep["fail_open"] and rep["on_all_down"] == "fail_closed", rep
@@ -564,7 +578,7 @@ class TestHealthInTheTier:
         watch.start()
         try:
             with unreachable_from(tier, box, hc):
-                wait_until("lb3 fails hc13 open", lambda: hc_report(box, "hc13")["fail_open"], 30, box)
+                wait_until("lb3 fails hc13 open", lambda: hc_report(box, "hc13")["fail_open"], 30, box, tier)
                 rep = failing_for_no_route(box, "hc13", hc)
                 assert rep["fail_open"] and "hc13" in rep["report_fail_open"], rep
                 # The planner runs in its own thread: its reason follows the health change.
