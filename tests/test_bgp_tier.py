@@ -19,7 +19,12 @@ kernel routes and real traffic:
 * losing a box (its link down) is detected by BFD, the router drops its next
   hop, and 100 long-lived connections, some of which ECMP moves to the
   surviving boxes, keep working (0 broken). The convergence time is printed;
-* ``l4lbd --detach`` (stopping for good) withdraws the box's VIPs.
+* ``l4lbd --detach`` (stopping for good) withdraws the box's VIPs;
+* health checks in the tier: a box that loses its routes to the backends (the
+  others keep theirs) fails its tunnel checks with "no route"; with
+  ``on_all_down: fail_closed`` it withdraws the VIP, the router drops exactly its
+  next hop and the other boxes serve every request, and it comes back with the
+  routes; with ``fail_open`` it keeps announcing and says it is failing open.
 
 FRR: a second router runs FRR 8.4 with the README's FRR example, peering
 with the same boxes: it installs the same ECMP routes (IPv6 via the boxes'
