@@ -449,11 +449,14 @@ def hc_said(box: Box, t: Tier | None) -> str:
     """What a box says about its checks (for a failure message)."""
     with box.l4lbd.client() as c:
         rep = c.get("/v1/health").json()
-    checks = {s["name"]: {b["address"]: (b["health"], b.get("last_result"), b.get("last_error"),
-                                         b.get("not_run_reason"), b.get("source")) for b in s["backends"]}
+    # Whether the checks still run (checks, last_check_at) and what they say, per backend.
+    checks = {s["name"]: {b["address"]: {k: b.get(k) for k in ("health", "checks", "last_check_at", "last_result",
+                                                               "last_error", "not_run", "not_run_reason", "source")}
+                          for b in s["backends"]}
               for s in rep["services"] if s["name"] in ("hc12", "hc13")}
     routes = t.lab.run(box.ns, "ip", "route", "show").stdout if t is not None else ""
-    return (f"\n--- {box.name}'s checks ---\n{json.dumps(checks, indent=1)}\ntunnel: {rep.get('tunnel')}\n"
+    return (f"\n--- {box.name}'s checks (at {time.time():.3f}) ---\n{json.dumps(checks, indent=1)}\n"
+            f"tunnel: {rep.get('tunnel')}\nchecks: {rep.get('checks')}\n"
             f"--- {box.name}'s routes ---\n{routes}--- {box.name}'s l4lbd ---\n{box.l4lbd.log_tail(30)}")
 
 
