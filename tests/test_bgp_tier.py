@@ -254,8 +254,8 @@ def test_ipv6_flows_spread_over_boxes_reach_the_backends_and_replies_go_direct(t
     assert "gateway" not in route and route["dev"] == "eth0", route
     # TCP (curl -6): every connection served, the backend sees the client's own address.
     web_before = {n: packets(tier, n, "web6") for n in tier.boxes}
-    for port in range(43100, 43115):
-        r = lab.curl("c1", lab.url(vip), local_port=port, args=["-6"])
+    for _ in range(15):   # ephemeral client ports: a fixed one can be in TIME_WAIT from an earlier test
+        r = lab.curl("c1", lab.url(vip), args=["-6"])
         assert r.ok and r.backend in lab.backends, (r.returncode, r.stderr)
         assert (r.fields["client_ip"], r.fields["local_ip"]) == (c1, vip), r.fields
     via = {n for n in tier.boxes if packets(tier, n, "web6") > web_before[n]}
@@ -558,9 +558,11 @@ class TestHealthInTheTier:
                     assert tier.nexthops(p) == hops, p
                 # Every request through the router is served, none reaches the box that cannot serve.
                 before = {n: packets(tier, n, "hc12") for n in tier.boxes}
-                for port in range(44000, 44024):
-                    r = lab.curl("c1", lab.url(HC_CLOSED), local_port=port)
-                    assert r.ok and r.backend in lab.backends, (port, r.returncode, r.stderr)
+                # Ephemeral client ports (each connection a new flow for the router's L4 hash): a fixed
+                # --local-port can still be held by an earlier connection in TIME_WAIT (curl: bind failed).
+                for i in range(24):
+                    r = lab.curl("c1", lab.url(HC_CLOSED))
+                    assert r.ok and r.backend in lab.backends, (i, r.returncode, r.stderr)
                 got = {n: packets(tier, n, "hc12") - before[n] for n in tier.boxes}
                 assert got[box.name] == 0 and all(v > 0 for n, v in got.items() if n != box.name), got
             t1 = time.monotonic()
