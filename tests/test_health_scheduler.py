@@ -7,6 +7,7 @@ real probers."""
 from __future__ import annotations
 
 import socket
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -110,6 +111,28 @@ def test_a_probe_due_again_while_its_attempt_runs_keeps_running(clock: Clock,
         assert s.stats.results["failed"] == s.stats.started - (job.running is not None)
     finally:
         s.stop()
+
+
+def test_a_deadline_passing_between_the_last_look_and_now_does_not_stall_the_loop(
+        clock: Clock, monkeypatch: pytest.MonkeyPatch) -> None:
+    """timeout == interval and a check started 0.3 s late: in the next turn the
+    probe is due again while its attempt runs, and that attempt's deadline falls
+    after the loop's last look at the sockets but before ``now`` (so it is not
+    expired yet). The probe was put back at ``now`` and taken again by the same
+    turn, forever: the loop spun and every check of the box stopped (seen in the
+    tier lab: 24 million "late" in 30 s). The turn must end, and the probe go on."""
+    s = scheduler(clock, Silent, [0.0, 0.3, 0.1, 0.3], monkeypatch)
+    try:
+        s.update({spec().key: sched.ProbeConfig(spec(), Timing(1.0, 1.0, rise=1, fall=2), Route())})
+        turns = threading.Thread(target=lambda: [s._turn() for _ in range(12)], daemon=True)
+        turns.start()
+        turns.join(10)
+        assert not turns.is_alive(), f"the loop is stuck in one turn: {s.stats.late} late"
+        job = s.jobs[spec().key]
+        assert job.state.state is Health.down and s.stats.late <= 12, (job.state.checks, s.stats)
+    finally:
+        if not turns.is_alive():
+            s.stop()
 
 
 def test_a_shorter_interval_keeps_one_queue_entry_per_probe(clock: Clock, monkeypatch: pytest.MonkeyPatch) -> None:

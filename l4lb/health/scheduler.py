@@ -192,6 +192,7 @@ class Scheduler:
         # taken while a burst starts, not after all of it (their durations stay
         # true, and fewer checks are in flight at once).
         launched = 0
+        waiting: list[Job] = []
         while due and due[0][0] <= now and launched < LAUNCH_BATCH:
             at, _, job = heapq.heappop(due)
             if at != job.due or self.jobs.get(job.key) is not job:
@@ -199,13 +200,18 @@ class Scheduler:
             if job.running is not None:
                 # Due again while its attempt still runs (the loop ran late, or timeout ==
                 # interval): it starts once that attempt ends, at its deadline at the latest.
-                # Dropping the entry here would stop the probe for good.
+                # Dropping the entry here would stop the probe for good. Queued again only
+                # after this loop: a deadline that passed after the last look at the
+                # sockets (not expired above) would put it back at ``now``, and this loop
+                # would take it again, forever (every probe of the box stopped).
                 self.stats.late += 1
                 job.due = max(job.running.deadline, now)
-                self._schedule(job)
+                waiting.append(job)
                 continue
             self._launch(job, now)
             launched += 1
+        for job in waiting:
+            self._schedule(job)
 
     def _event(self, fd: int, mask: int) -> None:
         job = self._inflight.get(fd)
