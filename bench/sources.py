@@ -8,7 +8,7 @@ backend addresses (every IPv4 documentation host first, then IPv6 from
 2001:db8:ff01::/112):
 
 * before: one ``ip route get`` per address over pyroute2, one IPRoute socket
-  for all (``l4lb.datapath.netlink.source_towards``, what the daemon did);
+  for all (``before()`` below: what the daemon did until it had the batch);
 * after: the batch (``l4lb.datapath.sources.sources_towards``): per address a
   UDP connect, getsockname and a disconnect (three syscalls, nothing sent);
 * floor: one ``getsockname`` per address on a connected socket (one trivial
@@ -36,8 +36,8 @@ if str(_ROOT) not in sys.path:
     sys.path.insert(0, str(_ROOT))
 
 from pyroute2 import IPRoute  # noqa: E402
+from pyroute2.netlink.exceptions import NetlinkError  # noqa: E402
 
-from l4lb.datapath.netlink import source_towards  # noqa: E402
 from l4lb.datapath.sources import sources_towards  # noqa: E402
 from l4lb.lab import netns  # noqa: E402
 
@@ -80,8 +80,16 @@ def addresses(n: int) -> list[str]:
 
 
 def before(addrs: list[str]) -> dict[str, str | None]:
+    """One ``ip route get`` per address over one pyroute2 socket (the daemon's old way)."""
+    out: dict[str, str | None] = {}
     with IPRoute() as ipr:
-        return {a: source_towards(ipr, a) for a in addrs}
+        for a in addrs:
+            try:
+                routes = ipr.route("get", dst=a)
+            except NetlinkError:
+                routes = []   # no route
+            out[a] = routes[0].get_attr("RTA_PREFSRC") if routes else None
+    return out
 
 
 def after(addrs: list[str]) -> dict[str, str | None]:

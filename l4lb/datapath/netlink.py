@@ -218,11 +218,3 @@ def ensure_mark_routing(ipr: IPRoute, mark: int, mask: int, table: int, priority
         ipr.route("replace", family=family, dst="0.0.0.0/0" if family == socket.AF_INET else "::/0",
                   table=table, oif=oif)
 
-
-def source_towards(ipr: IPRoute, addr: str) -> str | None:
-    """The LB's own address the kernel would use towards ``addr`` (None: no route)."""
-    try:
-        routes = ipr.route("get", dst=addr)
-    except NetlinkError:
-        return None
-    return routes[0].get_attr("RTA_PREFSRC") if routes else None
